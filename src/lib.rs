@@ -1,4 +1,12 @@
 //! edgepair: a primary–backup edge-computing simulator with a failover test harness.
 #![warn(missing_docs)]
 
+pub mod cli;
+pub mod client;
+pub mod clock;
+pub mod compute;
+pub mod failover;
+pub mod net;
+pub mod node;
 pub mod protocol;
+pub mod report;

@@ -234,6 +234,23 @@ pub enum Frame {
         /// Identity of the acknowledged message; `None` for a seed-dialect publish.
         id: Option<MsgId>,
     },
+    /// `STATUS`: asks a node for its state (used by the harness to await readiness).
+    StatusQuery,
+    /// `STATUS|role|epoch|link|held|inflight`: a node's state. `link` is `up`, `down` (a backup
+    /// is configured but not connected) or `none`; `held` counts replicated messages a backup
+    /// holds; `inflight` counts messages a primary has accepted but not yet delivered.
+    Status {
+        /// Current role.
+        role: Role,
+        /// Current epoch.
+        epoch: u64,
+        /// State of the replication link or, on a backup, whether it has seen its primary.
+        link: String,
+        /// Messages held for the primary (backup).
+        held: u64,
+        /// Messages accepted and not yet delivered (primary).
+        inflight: u64,
+    },
     /// `ERR|reason`: the last frame was refused; nothing was stored.
     Err {
         /// Human-readable reason.
@@ -298,11 +315,7 @@ fn number(s: &str, what: &'static str) -> Result<u64, ProtocolError> {
 }
 
 /// Splits `line` into the verb and at most `n` further fields, the last one taking the rest.
-fn fields<'a>(
-    line: &'a str,
-    verb: &'static str,
-    n: usize,
-) -> Result<Vec<&'a str>, ProtocolError> {
+fn fields<'a>(line: &'a str, verb: &'static str, n: usize) -> Result<Vec<&'a str>, ProtocolError> {
     let parts: Vec<&str> = line.splitn(n + 1, '|').skip(1).collect();
     if parts.len() < n {
         return Err(ProtocolError::MissingFields(verb, n));
@@ -366,7 +379,15 @@ impl Frame {
                 }
             }
             "REPLICATE" | "CLEAR" => {
-                let f = fields(line, if verb == "CLEAR" { "CLEAR" } else { "REPLICATE" }, 2)?;
+                let f = fields(
+                    line,
+                    if verb == "CLEAR" {
+                        "CLEAR"
+                    } else {
+                        "REPLICATE"
+                    },
+                    2,
+                )?;
                 let topic = s(non_empty(f[0], "topic")?);
                 let payload = s(f[1]);
                 if verb == "CLEAR" {
@@ -413,6 +434,17 @@ impl Frame {
                         publisher: s(non_empty(f[0], "publisher")?),
                         seq: number(f[1], "seq")?,
                     }),
+                }
+            }
+            "STATUS" if line == "STATUS" => Frame::StatusQuery,
+            "STATUS" => {
+                let f = fields(line, "STATUS", 5)?;
+                Frame::Status {
+                    role: Role::parse(f[0])?,
+                    epoch: number(f[1], "epoch")?,
+                    link: s(f[2]),
+                    held: number(f[3], "held")?,
+                    inflight: number(f[4], "inflight")?,
                 }
             }
             "ERR" => Frame::Err {
@@ -480,6 +512,18 @@ impl Frame {
             Frame::Pong => write!(out, "PONG"),
             Frame::Ack { id: None } => write!(out, "ACK"),
             Frame::Ack { id: Some(id) } => write!(out, "ACK|{}|{}", id.publisher, id.seq),
+            Frame::StatusQuery => write!(out, "STATUS"),
+            Frame::Status {
+                role,
+                epoch,
+                link,
+                held,
+                inflight,
+            } => write!(
+                out,
+                "STATUS|{}|{epoch}|{link}|{held}|{inflight}",
+                role.as_str()
+            ),
             Frame::Err { reason } => write!(out, "ERR|{reason}"),
         };
         out.push('\n');
@@ -548,16 +592,6 @@ impl Encoder<Frame> for FrameCodec {
         let mut s = String::new();
         frame.encode_into(&mut s);
         dst.put_slice(s.as_bytes());
-        Ok(())
-    }
-}
-
-/// Encodes an already-encoded line (shared between many subscribers) as-is.
-impl Encoder<std::sync::Arc<str>> for FrameCodec {
-    type Error = ProtocolError;
-
-    fn encode(&mut self, line: std::sync::Arc<str>, dst: &mut BytesMut) -> Result<(), ProtocolError> {
-        dst.put_slice(line.as_bytes());
         Ok(())
     }
 }

@@ -1,0 +1,414 @@
+//! What the thin binaries share: logging, signal handling, address forms and option groups.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::compute::{parse_duration, Compute, ComputeMode, ComputeRange};
+use crate::net::Net;
+use crate::node::{self, NodeConfig};
+use crate::protocol::Role;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), so stdout stays free for data.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM, so every binary stops the same clean way.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => tokio::select! {
+                    _ = tokio::signal::ctrl_c() => info!("Ctrl-C: stopping"),
+                    _ = term.recv() => info!("SIGTERM: stopping"),
+                },
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        t.cancel();
+    });
+    token
+}
+
+/// Accepts `host:port` as given, and a bare port as `localhost:PORT`.
+pub fn addr(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty address".into());
+    }
+    if s.parse::<u16>().is_ok() {
+        return Ok(format!("localhost:{s}"));
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(s.to_string()),
+        _ => Err(format!("address '{s}': expected HOST:PORT or PORT")),
+    }
+}
+
+/// Options shared by the `primary` and `backup` binaries.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerOpts {
+    /// Simulated compute time per message in ms: `MIN..MAX`, or one number (`0` = none).
+    #[arg(long, default_value = "50..150")]
+    pub compute: ComputeRange,
+    /// `sleep` models work done elsewhere; `spin` burns this node's CPU.
+    #[arg(long, value_enum, default_value_t = ComputeMode::Sleep)]
+    pub compute_mode: ComputeMode,
+    /// Concurrent compute tasks (0 = unlimited; 1 = the seed's serial node).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Seed for the compute-time draws, for reproducible runs.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// How often the backup pings the primary.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub ping_interval: Duration,
+    /// How long a PING may go unanswered before the primary counts as hung.
+    #[arg(long, value_parser = parse_duration, default_value = "300ms")]
+    pub ping_timeout: Duration,
+    /// How long the primary waits for the backup to store a message before running degraded.
+    #[arg(long, value_parser = parse_duration, default_value = "250ms")]
+    pub repl_timeout: Duration,
+    /// Interface to listen on. Default loopback only; `--bind` alone listens on all interfaces
+    /// (0.0.0.0), for nodes on different hosts.
+    #[arg(long, num_args = 0..=1, default_value = "127.0.0.1", default_missing_value = "0.0.0.0")]
+    pub bind: String,
+}
+
+/// Runs a broker binary to completion; the exit code says whether it started.
+pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCode {
+    init_tracing();
+    let peer = match addr(peer) {
+        Ok(p) => p,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let shutdown = shutdown_on_signals();
+        let listen = format!("{}:{port}", opts.bind);
+        let listener = match Net::Tokio.bind(&listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                error!("cannot listen on {listen}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let compute = Compute::new(opts.compute, opts.compute_mode, opts.seed, opts.workers);
+        let mut cfg = NodeConfig::new(role, Some(peer), compute);
+        cfg.ping_interval = opts.ping_interval;
+        cfg.ping_timeout = opts.ping_timeout;
+        cfg.repl_timeout = opts.repl_timeout;
+        match node::run(listener, cfg, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!("{e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Options shared by the publishing binaries.
+#[derive(Debug, Clone, Args)]
+pub struct PublishOpts {
+    /// How long to wait for an ACK before switching to the other broker.
+    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    pub ack_timeout: Duration,
+    /// How many of the last messages to resend after switching broker (unacknowledged ones are
+    /// always resent).
+    #[arg(long, default_value_t = 5)]
+    pub resend: usize,
+    /// Publisher id carried by every message (default: unique per process).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Give up when nothing was acknowledged for this long after the last message.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub give_up: Duration,
+}
+
+/// `test-publisher`: numbered messages at a fixed rate.
+#[derive(Debug, clap::Parser)]
+#[command(name = "test-publisher", version)]
+pub struct TestPublisherCli {
+    /// Topic to publish on.
+    pub topic: String,
+    /// Primary broker (HOST:PORT or PORT).
+    #[arg(value_parser = addr)]
+    pub primary: String,
+    /// Backup broker (HOST:PORT or PORT).
+    #[arg(value_parser = addr)]
+    pub backup: String,
+    /// Messages per second; the schedule is drift-free (message n leaves at start + n/rate).
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// Stop after N messages; exit 0 once all are acknowledged, 1 if any never was.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Print only switches and the final summary, not one line per ACK.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Publishing options.
+    #[command(flatten)]
+    pub opts: PublishOpts,
+}
+
+/// `publisher`: one message.
+#[derive(Debug, clap::Parser)]
+#[command(name = "publisher", version)]
+pub struct PublisherCli {
+    /// Topic to publish on.
+    pub topic: String,
+    /// Message body (may contain `|`, not a newline).
+    pub payload: String,
+    /// Primary broker (HOST:PORT or PORT).
+    #[arg(value_parser = addr)]
+    pub primary: String,
+    /// Backup broker (HOST:PORT or PORT).
+    #[arg(value_parser = addr)]
+    pub backup: String,
+    /// Publishing options.
+    #[command(flatten)]
+    pub opts: PublishOpts,
+}
+
+/// `subscriber`: listens to both brokers at once.
+#[derive(Debug, clap::Parser)]
+#[command(name = "subscriber", version)]
+pub struct SubscriberCli {
+    /// Topic to follow.
+    pub topic: String,
+    /// Primary broker (HOST:PORT or PORT).
+    #[arg(value_parser = addr)]
+    pub primary: String,
+    /// Backup broker (HOST:PORT or PORT).
+    #[arg(value_parser = addr)]
+    pub backup: String,
+    /// Also write one CSV row per delivery to FILE (columns in README.md).
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<std::path::PathBuf>,
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            error!("cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
+fn check_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() || topic.contains(['|', '\n', '\r']) {
+        Err(format!(
+            "topic '{topic}': must be non-empty without '|' or newlines"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+fn publisher_config(
+    topic: String,
+    primary: String,
+    backup: String,
+    o: &PublishOpts,
+) -> crate::client::PublisherConfig {
+    crate::client::PublisherConfig {
+        topic,
+        brokers: crate::client::Brokers { primary, backup },
+        id: o.id.clone().unwrap_or_else(crate::client::new_publisher_id),
+        ack_timeout: o.ack_timeout,
+        resend: o.resend,
+        give_up: o.give_up,
+        net: Net::Tokio,
+    }
+}
+
+/// Runs the `test-publisher` binary.
+pub fn test_publisher(cli: TestPublisherCli) -> ExitCode {
+    init_tracing();
+    if let Err(e) = check_topic(&cli.topic) {
+        error!("{e}");
+        return ExitCode::from(2);
+    }
+    if !(cli.rate.is_finite() && cli.rate > 0.0) {
+        error!("--rate must be a positive number of messages per second");
+        return ExitCode::from(2);
+    }
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    rt.block_on(async move {
+        let shutdown = shutdown_on_signals();
+        let cfg = publisher_config(cli.topic, cli.primary, cli.backup, &cli.opts);
+        info!("publisher {} at {} msg/s", cfg.id, cli.rate);
+        let (in_tx, in_rx) = tokio::sync::mpsc::channel(1024);
+        let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+        let quiet = cli.quiet;
+        let printer = tokio::spawn(async move {
+            while let Some(e) = ev_rx.recv().await {
+                if !(quiet && matches!(e, crate::client::PubEvent::Acked { .. })) {
+                    crate::client::print_event(&e);
+                }
+            }
+        });
+        // The producer stops on a signal; the publisher then still collects outstanding ACKs
+        // (for up to --give-up) so that a clean stop loses nothing.
+        let stop = shutdown.clone();
+        let period = Duration::from_secs_f64(1.0 / cli.rate);
+        let count = cli.count;
+        let producer = tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let mut seq = 0u64;
+            loop {
+                if count.is_some_and(|c| seq >= c) {
+                    break;
+                }
+                let at = start + period.mul_f64(seq as f64);
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep_until(at) => {}
+                }
+                seq += 1;
+                if in_tx.send((seq, seq.to_string())).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let hard_stop = CancellationToken::new();
+        let summary = crate::client::run_publisher(cfg, in_rx, ev_tx, hard_stop.clone()).await;
+        let _ = producer.await;
+        let _ = printer.await;
+        println!(
+            "published {}, acknowledged {}, unacknowledged {}{}",
+            summary.published,
+            summary.acked,
+            summary.unacked.len(),
+            if summary.unacked.is_empty() {
+                String::new()
+            } else {
+                format!(" ({:?})", summary.unacked)
+            }
+        );
+        if summary.unacked.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    })
+}
+
+/// Runs the `publisher` binary: one message, exit 0 once acknowledged.
+pub fn publisher(cli: PublisherCli) -> ExitCode {
+    init_tracing();
+    if let Err(e) = check_topic(&cli.topic) {
+        error!("{e}");
+        return ExitCode::from(2);
+    }
+    if cli.payload.contains(['\n', '\r']) {
+        error!("payload must not contain a newline (it ends the frame)");
+        return ExitCode::from(2);
+    }
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    rt.block_on(async move {
+        let shutdown = shutdown_on_signals();
+        let cfg = publisher_config(cli.topic, cli.primary, cli.backup, &cli.opts);
+        let (in_tx, in_rx) = tokio::sync::mpsc::channel(1);
+        let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+        let _ = in_tx.send((1, cli.payload)).await;
+        drop(in_tx);
+        let printer = tokio::spawn(async move {
+            while let Some(e) = ev_rx.recv().await {
+                crate::client::print_event(&e);
+            }
+        });
+        let summary = crate::client::run_publisher(cfg, in_rx, ev_tx, shutdown).await;
+        let _ = printer.await;
+        if summary.acked == 1 {
+            ExitCode::SUCCESS
+        } else {
+            error!("message was not acknowledged");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+/// Runs the `subscriber` binary until Ctrl-C or SIGTERM.
+pub fn subscriber(cli: SubscriberCli) -> ExitCode {
+    init_tracing();
+    if let Err(e) = check_topic(&cli.topic) {
+        error!("{e}");
+        return ExitCode::from(2);
+    }
+    let csv = match &cli.csv {
+        None => None,
+        Some(p) => match std::fs::File::create(p) {
+            Ok(f) => {
+                let w: Box<dyn std::io::Write + Send> = Box::new(std::io::BufWriter::new(f));
+                Some(csv::Writer::from_writer(w))
+            }
+            Err(e) => {
+                error!("cannot create {}: {e}", p.display());
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    rt.block_on(async move {
+        let shutdown = shutdown_on_signals();
+        let cfg = crate::client::SubscriberConfig {
+            topic: cli.topic,
+            brokers: crate::client::Brokers {
+                primary: cli.primary,
+                backup: cli.backup,
+            },
+            net: Net::Tokio,
+        };
+        let out = std::io::BufWriter::new(std::io::stdout());
+        match crate::client::run_subscriber(cfg, out, csv, shutdown).await {
+            Ok(n) => {
+                info!("stopped after {n} deliveries");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                error!("{e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,15 @@
+//! Wall-clock access, kept in one place.
+//!
+//! Latency is measured across processes (publisher send time against subscriber receive time), so
+//! it needs the wall clock, not a monotonic one. Everything that stamps a message goes through
+//! [`now_us`], which a simulated run can later replace with simulated time.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Microseconds since the Unix epoch on the wall clock.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

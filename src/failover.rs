@@ -1,0 +1,176 @@
+//! When should a backup take over? A sans-IO failure detector.
+//!
+//! The backup polls the primary with `PING` every `ping_interval`. The detector never touches a
+//! socket or reads the clock: the node tells it what it saw (`now` included) and it answers what
+//! to do next, so every rule below is tested without a network (see the tests at the bottom).
+//!
+//! The rules:
+//! * a `PONG` arms the detector: a backup that has never seen its primary does not take over on
+//!   its own just because it was started first;
+//! * a `PING` that gets no answer within `ping_timeout` is a hang (SIGSTOP, overload): take over;
+//! * a refused connection or a link closed by the peer is *evidence* of a crash, but also what a
+//!   flaky link looks like, so it triggers an immediate probe (a fresh connection and a `PING`);
+//!   the backup takes over only when the probe fails too. A crash thus costs one round trip
+//!   instead of up to a whole polling interval;
+//! * a publish that reaches a backup is probed the same way, armed or not: either the primary is
+//!   alive (the backup forwards the message to it) or the backup takes over and serves it.
+
+use std::time::{Duration, Instant};
+
+/// What the node observed about the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evidence {
+    /// A `PING` went unanswered for `ping_timeout`.
+    Timeout,
+    /// The connection was refused, reset or closed by the primary.
+    Closed,
+    /// A publisher sent a message to this backup (it could not reach the primary, or chose not to).
+    Publish,
+}
+
+/// What the node should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing: keep polling.
+    Wait,
+    /// Open a fresh connection to the primary and `PING` it now, then report with
+    /// [`Detector::on_probe`].
+    Probe,
+    /// The primary is gone: become the primary.
+    TakeOver,
+}
+
+/// Failure detector state for one backup.
+#[derive(Debug, Clone)]
+pub struct Detector {
+    interval: Duration,
+    /// Set by the first `PONG`; until then only a publish can trigger a takeover.
+    armed: bool,
+    /// Once taken over, every later observation is moot.
+    taken_over: bool,
+    next_ping: Instant,
+}
+
+impl Detector {
+    /// A detector that sends its first `PING` at `now`.
+    pub fn new(interval: Duration, now: Instant) -> Self {
+        Detector {
+            interval,
+            armed: false,
+            taken_over: false,
+            next_ping: now,
+        }
+    }
+
+    /// When the next `PING` is due, or `None` once this node has taken over.
+    pub fn next_ping(&self) -> Option<Instant> {
+        (!self.taken_over).then_some(self.next_ping)
+    }
+
+    /// Whether the primary has answered at least once.
+    pub fn is_armed(&self) -> bool {
+        self.armed
+    }
+
+    /// Whether this node has decided to take over.
+    pub fn has_taken_over(&self) -> bool {
+        self.taken_over
+    }
+
+    /// A `PING` was sent at `now`: schedule the next one a full interval later (drift-free
+    /// polling is not needed; the interval bounds detection time either way).
+    pub fn on_ping_sent(&mut self, now: Instant) {
+        self.next_ping = now + self.interval;
+    }
+
+    /// The primary answered.
+    pub fn on_pong(&mut self) {
+        self.armed = true;
+    }
+
+    /// Something suggests the primary is gone.
+    pub fn on_evidence(&mut self, e: Evidence) -> Verdict {
+        if self.taken_over {
+            return Verdict::Wait;
+        }
+        match e {
+            Evidence::Timeout if self.armed => self.take_over(),
+            Evidence::Timeout => Verdict::Wait,
+            Evidence::Closed if self.armed => Verdict::Probe,
+            Evidence::Closed => Verdict::Wait,
+            Evidence::Publish => Verdict::Probe,
+        }
+    }
+
+    /// Result of a probe requested by [`Verdict::Probe`]: `alive` if the primary answered `PONG`.
+    pub fn on_probe(&mut self, alive: bool) -> Verdict {
+        if self.taken_over {
+            return Verdict::Wait;
+        }
+        if alive {
+            self.armed = true;
+            Verdict::Wait
+        } else {
+            self.take_over()
+        }
+    }
+
+    fn take_over(&mut self) -> Verdict {
+        self.taken_over = true;
+        Verdict::TakeOver
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn det() -> (Detector, Instant) {
+        let t0 = Instant::now();
+        (Detector::new(Duration::from_secs(1), t0), t0)
+    }
+
+    #[test]
+    fn backup_waits_for_a_primary_it_has_never_seen() {
+        let (mut d, _) = det();
+        assert_eq!(d.on_evidence(Evidence::Timeout), Verdict::Wait);
+        assert_eq!(d.on_evidence(Evidence::Closed), Verdict::Wait);
+        assert!(!d.has_taken_over());
+    }
+
+    #[test]
+    fn backup_takes_over_after_an_unanswered_ping() {
+        let (mut d, _) = det();
+        d.on_pong();
+        assert_eq!(d.on_evidence(Evidence::Timeout), Verdict::TakeOver);
+        assert!(d.has_taken_over());
+        assert_eq!(d.next_ping(), None);
+        assert_eq!(d.on_evidence(Evidence::Timeout), Verdict::Wait);
+    }
+
+    #[test]
+    fn closed_link_is_confirmed_by_a_probe_before_takeover() {
+        let (mut d, _) = det();
+        d.on_pong();
+        assert_eq!(d.on_evidence(Evidence::Closed), Verdict::Probe);
+        assert_eq!(d.on_probe(true), Verdict::Wait);
+        assert!(!d.has_taken_over());
+        assert_eq!(d.on_evidence(Evidence::Closed), Verdict::Probe);
+        assert_eq!(d.on_probe(false), Verdict::TakeOver);
+    }
+
+    #[test]
+    fn publish_at_backup_probes_even_when_unarmed() {
+        let (mut d, _) = det();
+        assert_eq!(d.on_evidence(Evidence::Publish), Verdict::Probe);
+        assert_eq!(d.on_probe(false), Verdict::TakeOver);
+    }
+
+    #[test]
+    fn pings_are_spaced_by_the_interval() {
+        let (mut d, t0) = det();
+        assert_eq!(d.next_ping(), Some(t0));
+        d.on_ping_sent(t0);
+        assert_eq!(d.next_ping(), Some(t0 + Duration::from_secs(1)));
+    }
+}

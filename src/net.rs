@@ -1,0 +1,76 @@
+//! The seam between node logic and the network.
+//!
+//! This is the only file that names socket types. Nodes and clients ask a [`Net`] to bind and to
+//! connect and get back boxed byte streams, so the same logic can later run over a simulated
+//! network (turmoil) by adding a variant here, without touching the protocol or node code.
+
+use std::io;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A bidirectional byte stream: what every connection of this crate is made of.
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
+
+/// A connection, whatever carries it.
+pub type BoxStream = Pin<Box<dyn Stream>>;
+
+/// How nodes reach each other.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Net {
+    /// Real TCP through tokio.
+    #[default]
+    Tokio,
+}
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// A real TCP listener.
+    Tokio(tokio::net::TcpListener),
+}
+
+impl Net {
+    /// Binds a listener on `addr` (`host:port`; port 0 picks a free port).
+    pub async fn bind(&self, addr: &str) -> io::Result<Listener> {
+        match self {
+            Net::Tokio => Ok(Listener::Tokio(tokio::net::TcpListener::bind(addr).await?)),
+        }
+    }
+
+    /// Connects to `addr`, giving up after `timeout` so a hung peer cannot stall the caller.
+    pub async fn connect(&self, addr: &str, timeout: Duration) -> io::Result<BoxStream> {
+        match self {
+            Net::Tokio => {
+                let s = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+                // Frames are small and latency matters more than packet count.
+                s.set_nodelay(true)?;
+                Ok(Box::pin(s))
+            }
+        }
+    }
+}
+
+impl Listener {
+    /// Waits for the next connection; returns the stream and the peer's address for logs.
+    pub async fn accept(&self) -> io::Result<(BoxStream, String)> {
+        match self {
+            Listener::Tokio(l) => {
+                let (s, peer) = l.accept().await?;
+                s.set_nodelay(true)?;
+                Ok((Box::pin(s), peer.to_string()))
+            }
+        }
+    }
+
+    /// The address actually bound (useful after binding port 0).
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        match self {
+            Listener::Tokio(l) => l.local_addr(),
+        }
+    }
+}

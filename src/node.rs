@@ -1,0 +1,1172 @@
+//! A broker node: the primary and the backup are the same code in different roles.
+//!
+//! Keeping one type for both roles is what lets a backup *become* the primary in place: on
+//! takeover it flips its role, replays what it holds through the very pipeline the primary used,
+//! and goes on serving. The life of a message on the primary:
+//!
+//! 1. **accept** — a `PUB`/`PUBLISH` arrives; it gets a replication id (`mid`, arrival order) and,
+//!    if it carries an identity already seen, is recognised as a resend and not processed again;
+//! 2. **replicate** — `REPL` goes to the backup over one FIFO link; the publisher's `ACK` waits
+//!    for the backup's `STORED` (or for the link to be declared dead: the node then runs
+//!    *degraded*, says so in its log, and acknowledges anyway);
+//! 3. **compute** — a simulated task of 50–150 ms runs in one of `workers` slots;
+//! 4. **deliver** — results leave in per-publisher order (a reorder stage holds back a fast task
+//!    that overtook a slow one) to every subscriber of the topic, then `CLR` tells the backup to
+//!    forget the message.
+//!
+//! The backup stores `REPL`s, drops them on `CLR`, polls the primary with `PING`, and decides
+//! when to take over with the sans-IO [`Detector`](crate::failover::Detector).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+use tokio::time::{timeout, Instant};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::clock::now_us;
+use crate::compute::Compute;
+use crate::failover::{Detector, Evidence, Verdict};
+use crate::net::{BoxStream, Listener, Net};
+use crate::protocol::{Frame, FrameCodec, MsgId, Role, Stamps, PROTOCOL_VERSION};
+
+/// Most connections a node serves at once; more are told `ERR` and closed. With
+/// [`MAX_FRAME`](crate::protocol::MAX_FRAME) this bounds the memory idle or half-sent frames can pin.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// Frames queued for one connection before a subscriber counts as too slow and is disconnected
+/// (it reconnects and sees a gap, rather than holding up everyone else's deliveries).
+pub const CONNECTION_QUEUE: usize = 8192;
+
+/// Everything a node needs to know at start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Role at start: the `primary` binary starts as primary, `backup` as backup.
+    pub role: Role,
+    /// The other node: the backup's address for a primary, the primary's for a backup.
+    pub peer: Option<String>,
+    /// The compute stage.
+    pub compute: Compute,
+    /// How often a backup pings its primary.
+    pub ping_interval: Duration,
+    /// How long a `PING` (or a probe) may go unanswered before the primary counts as hung.
+    pub ping_timeout: Duration,
+    /// How long the primary waits for `STORED` before it declares the backup link dead and
+    /// acknowledges degraded. Kept well under the publishers' ack timeout so a hung backup does
+    /// not make publishers fail over from a healthy primary.
+    pub repl_timeout: Duration,
+    /// How a backup forwarding a publish waits for the primary's `ACK`.
+    pub forward_timeout: Duration,
+    /// The network to use.
+    pub net: Net,
+}
+
+impl NodeConfig {
+    /// Defaults of the seed scenario for a node in `role` whose peer is `peer`.
+    pub fn new(role: Role, peer: Option<String>, compute: Compute) -> Self {
+        NodeConfig {
+            role,
+            peer,
+            compute,
+            ping_interval: Duration::from_secs(1),
+            ping_timeout: Duration::from_millis(300),
+            repl_timeout: Duration::from_millis(250),
+            forward_timeout: Duration::from_millis(1000),
+            net: Net::Tokio,
+        }
+    }
+}
+
+/// One accepted message as a node keeps it.
+#[derive(Debug)]
+struct Message {
+    /// Replication id on the node that accepted it (0 for a seed `REPLICATE`).
+    mid: u64,
+    topic: String,
+    id: MsgId,
+    sent_us: u64,
+    payload: String,
+    /// When this node received it.
+    received_us: u64,
+}
+
+/// A place in a publisher's delivery queue: filled when the message's compute task ends.
+#[derive(Debug)]
+struct Slot {
+    mid: u64,
+    done: Option<(Arc<Message>, Stamps)>,
+}
+
+/// Identities already accepted from one publisher, to recognise resends after a failover.
+///
+/// Everything at or below `floor` was seen; `above` holds seen sequence numbers past a hole.
+/// Memory stays bounded by [`Seen::MAX_ABOVE`].
+#[derive(Debug, Default)]
+struct Seen {
+    floor: u64,
+    above: BTreeSet<u64>,
+}
+
+impl Seen {
+    const MAX_ABOVE: usize = 4096;
+
+    /// Records `seq`; false if it was seen before.
+    fn insert(&mut self, seq: u64) -> bool {
+        if seq <= self.floor || !self.above.insert(seq) {
+            return false;
+        }
+        while self.above.remove(&(self.floor + 1)) {
+            self.floor += 1;
+        }
+        while self.above.len() > Self::MAX_ABOVE {
+            if let Some(first) = self.above.pop_first() {
+                self.floor = first;
+            }
+        }
+        true
+    }
+}
+
+/// A subscriber registered on a topic.
+#[derive(Debug)]
+struct Sub {
+    conn: u64,
+    /// Seed subscribers get bare payload lines, identified ones `MSG` frames.
+    legacy: bool,
+    tx: mpsc::Sender<Out>,
+    /// Cancelled to disconnect a subscriber that cannot keep up.
+    kick: CancellationToken,
+}
+
+/// What the replication link carries to the backup.
+#[derive(Debug)]
+enum LinkMsg {
+    Repl(Arc<Message>),
+    Clr(Arc<Message>),
+}
+
+/// State of the link to the backup, watched by publishes waiting for `STORED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LinkState {
+    /// Changes every time a link comes up, so waiters notice a reconnect.
+    generation: u64,
+    up: bool,
+    /// Highest `mid` the backup confirmed on this link.
+    confirmed: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    role: Option<Role>,
+    epoch: u64,
+    next_mid: u64,
+    next_conn: u64,
+    topics: HashMap<String, Vec<Sub>>,
+    /// Primary: the link to the backup, `None` while degraded.
+    link: Option<mpsc::UnboundedSender<LinkMsg>>,
+    /// Primary: accepted and not yet delivered; replayed to a backup that (re)connects.
+    inflight: BTreeMap<u64, Arc<Message>>,
+    /// Primary: delivery queues per publisher, the reorder stage.
+    order: HashMap<String, VecDeque<Slot>>,
+    /// Backup: replicated messages not yet cleared, by arrival order.
+    held: BTreeMap<u64, Arc<Message>>,
+    /// Backup: primary's `mid` → key in `held`.
+    held_by_mid: HashMap<u64, u64>,
+    next_held: u64,
+    /// Identities accepted (primary) or stored (backup), per publisher.
+    seen: HashMap<String, Seen>,
+    /// Backup: whether the primary ever answered.
+    armed: bool,
+    delivered: u64,
+    kicked: u64,
+}
+
+/// The node shared by all its tasks.
+#[derive(Debug)]
+struct Node {
+    cfg: NodeConfig,
+    state: Mutex<State>,
+    link_state: watch::Sender<LinkState>,
+    /// Signalled when the primary's replication link into this backup closes.
+    link_closed: Notify,
+    /// Failure detector of a backup.
+    detector: Mutex<Detector>,
+    /// Serialises takeover decisions so that a burst of publishes probes once.
+    decide: tokio::sync::Mutex<()>,
+    shutdown: CancellationToken,
+}
+
+/// An item a connection's writer sends, in order.
+#[derive(Debug)]
+enum Out {
+    /// A line ready to go (shared between subscribers of one message).
+    Line(Arc<str>),
+    /// An answer still being worked out (an `ACK` waiting for `STORED`).
+    Pending(oneshot::Receiver<Frame>),
+}
+
+impl Out {
+    fn frame(f: Frame) -> Out {
+        Out::Line(f.encode().into())
+    }
+}
+
+/// Runs a node on an already-bound listener until `shutdown` is cancelled.
+///
+/// The listener is bound by the caller so tests can bind port 0 and read the port back, and a
+/// simulated network can supply its own.
+pub async fn run(
+    listener: Listener,
+    cfg: NodeConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let role = cfg.role;
+    let node = Arc::new(Node {
+        detector: Mutex::new(Detector::new(cfg.ping_interval, std::time::Instant::now())),
+        state: Mutex::new(State {
+            role: Some(role),
+            epoch: 1,
+            next_mid: 1,
+            ..State::default()
+        }),
+        link_state: watch::channel(LinkState {
+            generation: 0,
+            up: false,
+            confirmed: 0,
+        })
+        .0,
+        link_closed: Notify::new(),
+        decide: tokio::sync::Mutex::new(()),
+        shutdown: shutdown.clone(),
+        cfg,
+    });
+    let addr = listener.local_addr()?;
+    info!(
+        "{} listening on {addr} (compute {} ms, peer {})",
+        role.as_str(),
+        node.cfg.compute.range(),
+        node.cfg.peer.as_deref().unwrap_or("none")
+    );
+    match (role, node.cfg.peer.clone()) {
+        (Role::Primary, Some(backup)) => {
+            tokio::spawn(node.clone().replication_link(backup));
+        }
+        (Role::Primary, None) => warn!("no backup configured: running degraded"),
+        (Role::Backup, Some(primary)) => {
+            tokio::spawn(node.clone().poll_primary(primary));
+        }
+        (Role::Backup, None) => warn!("backup without a primary address: will never take over"),
+    }
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(10);
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    warn!("refusing {peer}: {MAX_CONNECTIONS} connections open");
+                    tokio::spawn(refuse(stream));
+                    continue;
+                };
+                let node = node.clone();
+                tokio::spawn(async move {
+                    node.connection(stream, peer).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait and try again rather than spin.
+                warn!("accept failed: {e}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+    let st = node.lock();
+    info!(
+        "stopping: {} as {} in epoch {}, delivered {}, holding {}, in flight {}",
+        addr,
+        st.role.map(Role::as_str).unwrap_or("?"),
+        st.epoch,
+        st.delivered,
+        st.held.len(),
+        st.inflight.len()
+    );
+    Ok(())
+}
+
+async fn refuse(stream: BoxStream) {
+    let mut w = FramedWrite::new(stream, FrameCodec::default());
+    let _ = w
+        .send(Frame::Err {
+            reason: "too many connections".into(),
+        })
+        .await;
+}
+
+/// Writes a connection's outgoing items in order, coalescing whatever is already queued into one
+/// write.
+async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Out>) {
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    while let Some(mut item) = rx.recv().await {
+        loop {
+            match item {
+                Out::Line(l) => buf.extend_from_slice(l.as_bytes()),
+                Out::Pending(p) => {
+                    if !buf.is_empty() && w.write_all(&buf).await.is_err() {
+                        return;
+                    }
+                    buf.clear();
+                    if let Ok(f) = p.await {
+                        buf.extend_from_slice(f.encode().as_bytes());
+                    }
+                }
+            }
+            if buf.len() >= 64 * 1024 {
+                break;
+            }
+            match rx.try_recv() {
+                Ok(next) => item = next,
+                Err(_) => break,
+            }
+        }
+        if w.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = w.shutdown().await;
+}
+
+impl Node {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; keep serving what we can rather than cascade.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn role(&self) -> Role {
+        self.lock().role.unwrap_or(Role::Backup)
+    }
+
+    /// Serves one connection: reads frames, answers in order, registers subscribers.
+    async fn connection(self: Arc<Self>, stream: BoxStream, peer: String) {
+        let (r, w) = tokio::io::split(stream);
+        let mut reader = FramedRead::new(r, FrameCodec::default());
+        let (tx, rx) = mpsc::channel::<Out>(CONNECTION_QUEUE);
+        let writer = tokio::spawn(write_loop(w, rx));
+        let kick = self.shutdown.child_token();
+        let conn = {
+            let mut st = self.lock();
+            st.next_conn += 1;
+            st.next_conn
+        };
+        let mut is_link = false;
+        debug!("connection {conn} from {peer}");
+        loop {
+            let next = tokio::select! {
+                _ = kick.cancelled() => break,
+                n = reader.next() => n,
+            };
+            match next {
+                None => break,
+                Some(Ok(frame)) => {
+                    if !self.handle(frame, conn, &tx, &kick, &mut is_link).await {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    debug!("connection {conn} from {peer}: {e}");
+                    let _ = tx
+                        .send(Out::frame(Frame::Err {
+                            reason: e.to_string(),
+                        }))
+                        .await;
+                    if e.is_fatal() {
+                        break;
+                    }
+                }
+            }
+        }
+        if is_link {
+            info!("replication link from the primary closed");
+            self.link_closed.notify_one();
+        }
+        {
+            let mut st = self.lock();
+            for subs in st.topics.values_mut() {
+                subs.retain(|s| s.conn != conn);
+            }
+        }
+        drop(tx);
+        let _ = writer.await;
+        debug!("connection {conn} from {peer} closed");
+    }
+
+    /// Handles one frame; false closes the connection.
+    async fn handle(
+        self: &Arc<Self>,
+        frame: Frame,
+        conn: u64,
+        tx: &mpsc::Sender<Out>,
+        kick: &CancellationToken,
+        is_link: &mut bool,
+    ) -> bool {
+        let reply = |f: Frame| tx.send(Out::frame(f));
+        let sent = match frame {
+            Frame::Publish { .. } | Frame::Pub { .. } => {
+                let out = self.publish(frame).await;
+                tx.send(out).await
+            }
+            Frame::Subscribe { ref topic } | Frame::Sub { ref topic } => {
+                let legacy = matches!(frame, Frame::Subscribe { .. });
+                info!(
+                    "subscriber {conn} on '{topic}'{}",
+                    if legacy { " (seed dialect)" } else { "" }
+                );
+                self.lock()
+                    .topics
+                    .entry(topic.clone())
+                    .or_default()
+                    .push(Sub {
+                        conn,
+                        legacy,
+                        tx: tx.clone(),
+                        kick: kick.clone(),
+                    });
+                Ok(())
+            }
+            Frame::Ping => reply(Frame::Pong).await,
+            Frame::StatusQuery => reply(self.status()).await,
+            Frame::Hello {
+                version,
+                role,
+                epoch,
+            } => {
+                info!("peer says hello: {version} {} epoch {epoch}", role.as_str());
+                *is_link = role == Role::Primary;
+                let (my_role, my_epoch) = {
+                    let st = self.lock();
+                    (st.role.unwrap_or(Role::Backup), st.epoch)
+                };
+                reply(Frame::Hello {
+                    version: PROTOCOL_VERSION.into(),
+                    role: my_role,
+                    epoch: my_epoch,
+                })
+                .await
+            }
+            Frame::Repl {
+                mid,
+                topic,
+                id,
+                sent_us,
+                payload,
+            } => {
+                let stored = self.store(Message {
+                    mid,
+                    topic,
+                    id,
+                    sent_us,
+                    payload,
+                    received_us: now_us(),
+                });
+                reply(if stored {
+                    Frame::Stored { mid }
+                } else {
+                    Frame::Err {
+                        reason: "not a backup".into(),
+                    }
+                })
+                .await
+            }
+            Frame::Replicate { topic, payload } => {
+                *is_link = true;
+                let stored = self.store(Message {
+                    mid: 0,
+                    topic,
+                    id: MsgId::anonymous(),
+                    sent_us: 0,
+                    payload,
+                    received_us: now_us(),
+                });
+                reply(if stored {
+                    Frame::Ack { id: None }
+                } else {
+                    Frame::Err {
+                        reason: "not a backup".into(),
+                    }
+                })
+                .await
+            }
+            Frame::Clr { mid } => {
+                let mut st = self.lock();
+                if let Some(key) = st.held_by_mid.remove(&mid) {
+                    st.held.remove(&key);
+                }
+                Ok(())
+            }
+            Frame::Clear { topic, payload } => {
+                let mut st = self.lock();
+                let key = st
+                    .held
+                    .iter()
+                    .find(|(_, m)| m.mid == 0 && m.topic == topic && m.payload == payload)
+                    .map(|(k, _)| *k);
+                if let Some(k) = key {
+                    st.held.remove(&k);
+                }
+                Ok(())
+            }
+            other @ (Frame::Msg { .. }
+            | Frame::Bare(_)
+            | Frame::Stored { .. }
+            | Frame::Pong
+            | Frame::Ack { .. }
+            | Frame::Status { .. }
+            | Frame::Err { .. }) => {
+                let verb = other.encode();
+                let verb = verb.split(['|', '\n']).next().unwrap_or("?").to_string();
+                reply(Frame::Err {
+                    reason: format!("unexpected {verb} from a client"),
+                })
+                .await
+            }
+        };
+        sent.is_ok()
+    }
+
+    fn status(&self) -> Frame {
+        let st = self.lock();
+        let role = st.role.unwrap_or(Role::Backup);
+        let link = match role {
+            Role::Primary if self.cfg.peer.is_none() => "none",
+            Role::Primary if st.link.is_some() => "up",
+            Role::Primary => "down",
+            Role::Backup if st.armed => "armed",
+            Role::Backup => "waiting",
+        };
+        Frame::Status {
+            role,
+            epoch: st.epoch,
+            link: link.into(),
+            held: st.held.len() as u64,
+            inflight: st.inflight.len() as u64,
+        }
+    }
+
+    /// A backup stores a replicated message; false if this node is not a backup any more.
+    fn store(&self, msg: Message) -> bool {
+        let mut st = self.lock();
+        if st.role != Some(Role::Backup) {
+            return false;
+        }
+        if msg.mid != 0 && st.held_by_mid.contains_key(&msg.mid) {
+            return true;
+        }
+        if !msg.id.is_anonymous() {
+            st.seen
+                .entry(msg.id.publisher.clone())
+                .or_default()
+                .insert(msg.id.seq);
+        }
+        st.next_held += 1;
+        let key = st.next_held;
+        if msg.mid != 0 {
+            st.held_by_mid.insert(msg.mid, key);
+        }
+        st.held.insert(key, Arc::new(msg));
+        true
+    }
+
+    /// Handles a publish in either role and returns what to answer, possibly still pending.
+    async fn publish(self: &Arc<Self>, frame: Frame) -> Out {
+        if self.role() == Role::Backup {
+            match self.publish_at_backup(&frame).await {
+                Some(out) => return out,
+                None => {} // we took over: serve it as the primary
+            }
+        }
+        let (topic, id, sent_us, payload, legacy) = match frame {
+            Frame::Pub {
+                topic,
+                id,
+                sent_us,
+                payload,
+            } => (topic, id, sent_us, payload, false),
+            Frame::Publish { topic, payload } => {
+                (topic, MsgId::anonymous(), now_us(), payload, true)
+            }
+            _ => {
+                return Out::frame(Frame::Err {
+                    reason: "not a publish".into(),
+                })
+            }
+        };
+        let ack = Frame::Ack {
+            id: (!legacy).then(|| id.clone()),
+        };
+        let wait = self.accept(topic, id, sent_us, payload);
+        match wait {
+            None => Out::frame(ack),
+            Some(mid) => {
+                let (otx, orx) = oneshot::channel();
+                let node = self.clone();
+                tokio::spawn(async move {
+                    node.wait_stored(mid).await;
+                    let _ = otx.send(ack);
+                });
+                Out::Pending(orx)
+            }
+        }
+    }
+
+    /// A publish reached this backup. Either the primary is alive (forward the message to it and
+    /// relay its answer) or it is not (take over: `None`, the caller serves it as primary).
+    async fn publish_at_backup(self: &Arc<Self>, frame: &Frame) -> Option<Out> {
+        let Some(primary) = self.cfg.peer.clone() else {
+            return Some(Out::frame(Frame::Err {
+                reason: "backup has no primary to forward to".into(),
+            }));
+        };
+        for _attempt in 0..2 {
+            {
+                let _g = self.decide.lock().await;
+                if self.role() == Role::Primary {
+                    return None;
+                }
+                let verdict = self.detect(Evidence::Publish);
+                if verdict == Verdict::Probe {
+                    let alive = self.probe(&primary).await;
+                    let v = self.detect_probe(alive);
+                    if v == Verdict::TakeOver {
+                        self.take_over("a publish arrived and the primary does not answer");
+                        return None;
+                    }
+                }
+            }
+            match self.forward(&primary, frame).await {
+                Ok(f) => return Some(Out::frame(f)),
+                Err(e) => warn!("forwarding a publish to the primary failed: {e}"),
+            }
+        }
+        Some(Out::frame(Frame::Err {
+            reason: "primary alive but not accepting; retry".into(),
+        }))
+    }
+
+    /// Sends one publish to the primary on a fresh connection and returns its answer.
+    async fn forward(&self, primary: &str, frame: &Frame) -> anyhow::Result<Frame> {
+        let t = self.cfg.forward_timeout;
+        let stream = self.cfg.net.connect(primary, t).await?;
+        let mut framed = tokio_util::codec::Framed::new(stream, FrameCodec::default());
+        framed.send(frame.clone()).await?;
+        match timeout(t, framed.next()).await {
+            Ok(Some(Ok(f @ Frame::Ack { .. }))) => Ok(f),
+            Ok(Some(Ok(other))) => anyhow::bail!("primary answered {}", other.encode().trim_end()),
+            Ok(Some(Err(e))) => Err(e.into()),
+            Ok(None) => anyhow::bail!("primary closed the connection"),
+            Err(_) => anyhow::bail!("primary did not answer within {t:?}"),
+        }
+    }
+
+    /// Accepts a publish on the primary. Returns the `mid` whose `STORED` the `ACK` must wait
+    /// for, or `None` to acknowledge at once (degraded, or a resend of a message already safe).
+    fn accept(
+        self: &Arc<Self>,
+        topic: String,
+        id: MsgId,
+        sent_us: u64,
+        payload: String,
+    ) -> Option<u64> {
+        let mut st = self.lock();
+        if !id.is_anonymous() {
+            let fresh = st
+                .seen
+                .entry(id.publisher.clone())
+                .or_default()
+                .insert(id.seq);
+            if !fresh {
+                // A resend. Every earlier message went down the link before this point, so once
+                // the last one is stored, so is this one.
+                debug!("resend of {}:{} recognised", id.publisher, id.seq);
+                return st.link.as_ref().map(|_| st.next_mid - 1);
+            }
+        }
+        let mid = st.next_mid;
+        st.next_mid += 1;
+        let msg = Arc::new(Message {
+            mid,
+            topic,
+            id,
+            sent_us,
+            payload,
+            received_us: now_us(),
+        });
+        let wait = match &st.link {
+            Some(link) => link.send(LinkMsg::Repl(msg.clone())).is_ok().then_some(mid),
+            None => None,
+        };
+        self.enqueue(&mut st, msg);
+        wait
+    }
+
+    /// Puts an accepted message into the compute stage and its publisher's delivery queue.
+    fn enqueue(self: &Arc<Self>, st: &mut State, msg: Arc<Message>) {
+        let mid = msg.mid;
+        st.inflight.insert(mid, msg.clone());
+        st.order
+            .entry(msg.id.publisher.clone())
+            .or_default()
+            .push_back(Slot { mid, done: None });
+        let node = self.clone();
+        tokio::spawn(async move {
+            let cs = now_us();
+            node.cfg.compute.run().await;
+            let ce = now_us();
+            node.computed(msg, cs, ce);
+        });
+    }
+
+    /// Waits until the backup has stored `mid`, or the link is declared dead.
+    async fn wait_stored(&self, mid: u64) {
+        let mut rx = self.link_state.subscribe();
+        let start = rx.borrow().generation;
+        let deadline = Instant::now() + self.cfg.repl_timeout;
+        loop {
+            {
+                let s = *rx.borrow_and_update();
+                if !s.up || s.generation != start || s.confirmed >= mid {
+                    return;
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    warn!(
+                        "backup did not store message {mid} within {:?}: dropping the link, running degraded",
+                        self.cfg.repl_timeout
+                    );
+                    self.link_down(start);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Marks the link of `generation` dead (if it is still the current one).
+    fn link_down(&self, generation: u64) {
+        let mut st = self.lock();
+        let cur = *self.link_state.borrow();
+        if cur.generation == generation && cur.up {
+            st.link = None;
+            self.link_state.send_modify(|s| s.up = false);
+        }
+    }
+
+    /// A compute task ended: deliver everything of this publisher that is now ready, in order.
+    fn computed(&self, msg: Arc<Message>, cs: u64, ce: u64) {
+        let mut st = self.lock();
+        let epoch = st.epoch;
+        let key = msg.id.publisher.clone();
+        let Some(queue) = st.order.get_mut(&key) else {
+            return;
+        };
+        if let Some(slot) = queue.iter_mut().find(|s| s.mid == msg.mid) {
+            let stamps = Stamps {
+                epoch,
+                received_us: msg.received_us,
+                compute_start_us: cs,
+                compute_end_us: ce,
+            };
+            slot.done = Some((msg, stamps));
+        }
+        let mut ready = Vec::new();
+        while queue.front().is_some_and(|s| s.done.is_some()) {
+            if let Some(Slot { done: Some(d), .. }) = queue.pop_front() {
+                ready.push(d);
+            }
+        }
+        if queue.is_empty() {
+            st.order.remove(&key);
+        }
+        for (m, stamps) in ready {
+            self.deliver(&mut st, &m, stamps);
+            st.inflight.remove(&m.mid);
+            if let Some(link) = &st.link {
+                let _ = link.send(LinkMsg::Clr(m));
+            }
+        }
+    }
+
+    /// Sends one message to every subscriber of its topic. Runs under the state lock so that
+    /// deliveries leave in the order they were decided; it never waits: a subscriber whose queue
+    /// is full is disconnected instead.
+    fn deliver(&self, st: &mut State, m: &Message, stamps: Stamps) {
+        st.delivered += 1;
+        let Some(subs) = st.topics.get_mut(&m.topic) else {
+            return;
+        };
+        let mut msg_line: Option<Arc<str>> = None;
+        let mut bare_line: Option<Arc<str>> = None;
+        let mut kicked = 0;
+        subs.retain(|s| {
+            let line = if s.legacy {
+                bare_line
+                    .get_or_insert_with(|| Frame::Bare(m.payload.clone()).encode().into())
+                    .clone()
+            } else {
+                msg_line
+                    .get_or_insert_with(|| {
+                        Frame::Msg {
+                            topic: m.topic.clone(),
+                            id: m.id.clone(),
+                            sent_us: m.sent_us,
+                            stamps,
+                            payload: m.payload.clone(),
+                        }
+                        .encode()
+                        .into()
+                    })
+                    .clone()
+            };
+            match s.tx.try_send(Out::Line(line)) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    warn!(
+                        "subscriber {} is {CONNECTION_QUEUE} frames behind: disconnecting it",
+                        s.conn
+                    );
+                    s.kick.cancel();
+                    kicked += 1;
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        st.kicked += kicked;
+    }
+
+    /// Becomes the primary: new epoch, then replay every held message in its original order
+    /// through the compute stage and on to subscribers.
+    fn take_over(self: &Arc<Self>, why: &str) {
+        let mut st = self.lock();
+        if st.role == Some(Role::Primary) {
+            return;
+        }
+        st.role = Some(Role::Primary);
+        st.epoch += 1;
+        let held = std::mem::take(&mut st.held);
+        st.held_by_mid.clear();
+        warn!(
+            "TAKEOVER: {why}; now primary in epoch {}, replaying {} held message(s) in order",
+            st.epoch,
+            held.len()
+        );
+        for (_, m) in held {
+            let mid = st.next_mid;
+            st.next_mid += 1;
+            let msg = Arc::new(Message {
+                mid,
+                topic: m.topic.clone(),
+                id: m.id.clone(),
+                sent_us: m.sent_us,
+                payload: m.payload.clone(),
+                received_us: m.received_us,
+            });
+            self.enqueue(&mut st, msg);
+        }
+        warn!("running degraded: no backup after takeover");
+    }
+
+    fn detect(&self, e: Evidence) -> Verdict {
+        self.detector
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .on_evidence(e)
+    }
+
+    fn detect_probe(&self, alive: bool) -> Verdict {
+        if alive {
+            self.lock().armed = true;
+        }
+        self.detector
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .on_probe(alive)
+    }
+
+    /// Opens a fresh connection to the primary and pings it: true if it answered in time.
+    async fn probe(&self, primary: &str) -> bool {
+        let t = self.cfg.ping_timeout;
+        let attempt = async {
+            let stream = self.cfg.net.connect(primary, t).await.ok()?;
+            let mut framed = tokio_util::codec::Framed::new(stream, FrameCodec::default());
+            framed.send(Frame::Ping).await.ok()?;
+            match framed.next().await {
+                Some(Ok(Frame::Pong)) => Some(()),
+                _ => None,
+            }
+        };
+        timeout(t, attempt).await.ok().flatten().is_some()
+    }
+
+    /// The backup's polling loop: one `PING` per interval on a kept-open connection, plus an
+    /// immediate probe when the replication link closes.
+    async fn poll_primary(self: Arc<Self>, primary: String) {
+        let t = self.cfg.ping_timeout;
+        let mut conn: Option<tokio_util::codec::Framed<BoxStream, FrameCodec>> = None;
+        let mut logged_waiting = false;
+        loop {
+            let next = self
+                .detector
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .next_ping();
+            let Some(next) = next else { return };
+            let evidence = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = self.link_closed.notified() => Some(Evidence::Closed),
+                _ = tokio::time::sleep_until(next.into()) => {
+                    self.detector.lock().unwrap_or_else(|p| p.into_inner())
+                        .on_ping_sent(std::time::Instant::now());
+                    let ping = async {
+                        if conn.is_none() {
+                            let s = self.cfg.net.connect(&primary, t).await.map_err(|_| Evidence::Closed)?;
+                            conn = Some(tokio_util::codec::Framed::new(s, FrameCodec::default()));
+                        }
+                        let Some(c) = conn.as_mut() else { return Err(Evidence::Closed) };
+                        c.send(Frame::Ping).await.map_err(|_| Evidence::Closed)?;
+                        match timeout(t, c.next()).await {
+                            Ok(Some(Ok(Frame::Pong))) => Ok(()),
+                            Ok(_) => Err(Evidence::Closed),
+                            Err(_) => Err(Evidence::Timeout),
+                        }
+                    };
+                    match ping.await {
+                        Ok(()) => {
+                            let first = !self.lock().armed;
+                            self.lock().armed = true;
+                            self.detector.lock().unwrap_or_else(|p| p.into_inner()).on_pong();
+                            if first {
+                                info!("primary {primary} answers: following it");
+                            }
+                            logged_waiting = false;
+                            None
+                        }
+                        Err(e) => {
+                            conn = None;
+                            Some(e)
+                        }
+                    }
+                }
+            };
+            let Some(e) = evidence else { continue };
+            let _g = self.decide.lock().await;
+            if self.role() == Role::Primary {
+                return;
+            }
+            let mut verdict = self.detect(e);
+            if verdict == Verdict::Probe {
+                info!("primary link closed or refused: probing {primary}");
+                let alive = self.probe(&primary).await;
+                verdict = self.detect_probe(alive);
+            }
+            match verdict {
+                Verdict::TakeOver => {
+                    let why = match e {
+                        Evidence::Timeout => format!("primary did not answer PING within {t:?}"),
+                        _ => "primary connection closed and probe failed".to_string(),
+                    };
+                    self.take_over(&why);
+                    return;
+                }
+                Verdict::Wait if !self.lock().armed && !logged_waiting => {
+                    info!("waiting for primary {primary} to come up");
+                    logged_waiting = true;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The primary's link to its backup: connect, introduce ourselves, replay what is in flight,
+    /// then stream `REPL`/`CLR` and collect `STORED`, reconnecting forever.
+    async fn replication_link(self: Arc<Self>, backup: String) {
+        let mut backoff = Duration::from_millis(100);
+        let mut legacy = false;
+        let mut ever_up = false;
+        let mut said_degraded = false;
+        loop {
+            if self.shutdown.is_cancelled() || self.role() != Role::Primary {
+                return;
+            }
+            let stream = match self.cfg.net.connect(&backup, Duration::from_secs(1)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    if !said_degraded {
+                        warn!("backup {backup} unreachable ({e}): running degraded, retrying");
+                        said_degraded = true;
+                    }
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let mut framed = tokio_util::codec::Framed::new(stream, FrameCodec::default());
+            if !legacy {
+                let epoch = self.lock().epoch;
+                let hello = Frame::Hello {
+                    version: PROTOCOL_VERSION.into(),
+                    role: Role::Primary,
+                    epoch,
+                };
+                let answer = match framed.send(hello).await {
+                    Ok(()) => timeout(Duration::from_secs(1), framed.next()).await,
+                    Err(_) => continue,
+                };
+                match answer {
+                    Ok(Some(Ok(Frame::Hello {
+                        role: Role::Backup, ..
+                    }))) => {}
+                    Ok(Some(Ok(Frame::Hello {
+                        role: Role::Primary,
+                        epoch,
+                        ..
+                    }))) => {
+                        error!("peer {backup} is itself primary (epoch {epoch}): not replicating to it");
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        continue;
+                    }
+                    _ => {
+                        warn!("backup {backup} does not speak {PROTOCOL_VERSION}: using seed REPLICATE/CLEAR");
+                        legacy = true;
+                        continue;
+                    }
+                }
+            }
+            backoff = Duration::from_millis(100);
+            said_degraded = false;
+            let (tx, rx) = mpsc::unbounded_channel();
+            let generation;
+            {
+                let mut st = self.lock();
+                for m in st.inflight.values() {
+                    let _ = tx.send(LinkMsg::Repl(m.clone()));
+                }
+                info!(
+                    "replication link to backup {backup} up{}; {} message(s) in flight sent",
+                    if ever_up { " again" } else { "" },
+                    st.inflight.len()
+                );
+                st.link = Some(tx);
+                let mut g = 0;
+                self.link_state.send_modify(|s| {
+                    s.generation += 1;
+                    s.up = true;
+                    s.confirmed = 0;
+                    g = s.generation;
+                });
+                generation = g;
+            }
+            ever_up = true;
+            let err = self.run_link(framed, rx, legacy).await;
+            self.link_down(generation);
+            if !self.shutdown.is_cancelled() {
+                warn!("replication link to backup lost ({err}): running degraded");
+                said_degraded = true;
+            }
+        }
+    }
+
+    /// Drives one established replication link until it fails.
+    async fn run_link(
+        &self,
+        framed: tokio_util::codec::Framed<BoxStream, FrameCodec>,
+        mut rx: mpsc::UnboundedReceiver<LinkMsg>,
+        legacy: bool,
+    ) -> String {
+        let (mut sink, mut stream) = framed.split();
+        let write = async {
+            while let Some(m) = rx.recv().await {
+                let (f, mid) = match (&m, legacy) {
+                    (LinkMsg::Repl(m), false) => (
+                        Frame::Repl {
+                            mid: m.mid,
+                            topic: m.topic.clone(),
+                            id: m.id.clone(),
+                            sent_us: m.sent_us,
+                            payload: m.payload.clone(),
+                        },
+                        None,
+                    ),
+                    (LinkMsg::Repl(m), true) => (
+                        Frame::Replicate {
+                            topic: m.topic.clone(),
+                            payload: m.payload.clone(),
+                        },
+                        Some(m.mid),
+                    ),
+                    (LinkMsg::Clr(m), false) => (Frame::Clr { mid: m.mid }, None),
+                    (LinkMsg::Clr(m), true) => (
+                        Frame::Clear {
+                            topic: m.topic.clone(),
+                            payload: m.payload.clone(),
+                        },
+                        None,
+                    ),
+                };
+                if let Err(e) = sink.feed(f).await {
+                    return format!("write: {e}");
+                }
+                if rx.is_empty() {
+                    if let Err(e) = sink.flush().await {
+                        return format!("write: {e}");
+                    }
+                }
+                // A seed backup never confirms; a written frame is the best we can know.
+                if let Some(mid) = mid {
+                    self.link_state
+                        .send_modify(|s| s.confirmed = s.confirmed.max(mid));
+                }
+            }
+            "link closed locally".to_string()
+        };
+        let read = async {
+            while let Some(f) = stream.next().await {
+                match f {
+                    Ok(Frame::Stored { mid }) => {
+                        self.link_state
+                            .send_modify(|s| s.confirmed = s.confirmed.max(mid));
+                    }
+                    Ok(Frame::Ack { .. }) => {}
+                    Ok(other) => {
+                        return format!("backup answered {}", other.encode().trim_end());
+                    }
+                    Err(e) => return format!("read: {e}"),
+                }
+            }
+            "backup closed the link".to_string()
+        };
+        tokio::select! {
+            e = write => e,
+            e = read => e,
+            _ = self.shutdown.cancelled() => "shutdown".to_string(),
+        }
+    }
+}
