@@ -10,3 +10,4 @@ pub mod net;
 pub mod node;
 pub mod protocol;
 pub mod report;
+// pub mod harness;

@@ -1,0 +1,193 @@
+//! Helpers shared by the integration tests: free ports, real binaries as child processes that
+//! are killed by PID when the test ends, readiness by `STATUS`/log line, and a raw line client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A port nothing listens on right now (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running binary of this crate. Its stderr is collected so tests can await log lines; the
+/// process is killed (by its PID) when the guard drops.
+pub struct ChildGuard {
+    pub child: Child,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+    pub name: String,
+}
+
+/// Starts `target/<profile>/<name>` with `args`.
+pub fn spawn_bin(name: &str, args: &[&str]) -> ChildGuard {
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin(name))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    if let Some(err) = child.stderr.take() {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Ok(mut l) = lines.lock() {
+                    l.push(line);
+                }
+            }
+        });
+    }
+    ChildGuard {
+        child,
+        stderr: lines,
+        name: name.to_string(),
+    }
+}
+
+impl ChildGuard {
+    /// Waits (up to 10 s) until a stderr line contains `needle`.
+    pub fn wait_stderr(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self
+                .stderr
+                .lock()
+                .map(|l| l.iter().any(|x| x.contains(needle)))
+                .unwrap_or(false)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never logged '{needle}'; log: {:?}",
+                self.name,
+                self.stderr.lock().map(|l| l.clone()).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends `sig` to the process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw line-protocol connection.
+pub struct LineConn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl LineConn {
+    /// Connects, retrying for up to 10 s while the broker starts.
+    pub fn connect(addr: &str) -> LineConn {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match TcpStream::connect(addr) {
+                Ok(s) => {
+                    let writer = s.try_clone().expect("clone stream");
+                    return LineConn {
+                        reader: BufReader::new(s),
+                        writer,
+                    };
+                }
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "cannot connect to {addr}: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// Writes `line` and a newline.
+    pub fn send_line(&mut self, line: &str) {
+        self.send_bytes(format!("{line}\n").as_bytes());
+    }
+
+    /// Writes raw bytes.
+    pub fn send_bytes(&mut self, b: &[u8]) {
+        let _ = self.writer.write_all(b);
+        let _ = self.writer.flush();
+    }
+
+    /// Reads one line (without its newline); `None` on timeout or EOF.
+    pub fn read_line(&mut self, limit: Duration) -> Option<String> {
+        self.reader.get_ref().set_read_timeout(Some(limit)).ok()?;
+        let mut s = String::new();
+        match self.reader.read_line(&mut s) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(s.trim_end_matches(['\n', '\r']).to_string()),
+        }
+    }
+}
+
+/// Waits (up to 10 s) until the broker at `addr` reports `role` and `link` in `STATUS`.
+pub fn wait_status(addr: &str, role: &str, link: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let want = format!("STATUS|{role}|");
+    let mut last = None;
+    loop {
+        if let Ok(s) = TcpStream::connect(addr) {
+            let mut c = LineConn {
+                reader: BufReader::new(s.try_clone().expect("clone")),
+                writer: s,
+            };
+            c.send_line("STATUS");
+            last = c.read_line(Duration::from_secs(1));
+            if let Some(l) = &last {
+                if l.starts_with(&want) && l.split('|').nth(3) == Some(link) {
+                    return;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{addr} never reached {role}/{link}; last STATUS: {last:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
