@@ -26,6 +26,10 @@ use crate::net::{BoxStream, Net};
 use crate::protocol::{Frame, FrameCodec, MsgId};
 use crate::report::Delivery;
 
+/// Most unacknowledged messages a publisher keeps; past it, it stops taking input until ACKs
+/// come back, so a publisher whose brokers are both down does not grow without bound.
+pub const MAX_WINDOW: usize = 65_536;
+
 /// The brokers a client talks to, in order of preference.
 #[derive(Debug, Clone)]
 pub struct Brokers {
@@ -223,7 +227,7 @@ pub async fn run_publisher(
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            msg = input.recv(), if input_open => match msg {
+            msg = input.recv(), if input_open && pending.len() < MAX_WINDOW => match msg {
                 None => {
                     input_open = false;
                     last_progress = Instant::now();
