@@ -43,6 +43,11 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// (it reconnects and sees a gap, rather than holding up everyone else's deliveries).
 pub const CONNECTION_QUEUE: usize = 8192;
 
+/// A gap this long between two watchdog ticks means the process was paused (SIGSTOP, a frozen
+/// VM), long enough for the backup to have taken over: a primary then checks with its peer
+/// before it delivers anything. Shorter than the backup's quickest takeover after a missed ping.
+pub const STALL: Duration = Duration::from_millis(250);
+
 /// Everything a node needs to know at start.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -182,6 +187,15 @@ struct State {
     seen: HashMap<String, Seen>,
     /// Backup: whether the primary ever answered.
     armed: bool,
+    /// Backup: replication links from the primary, closed at takeover so that a primary that
+    /// was merely paused learns at once, when it wakes, that it lost its role.
+    link_conns: Vec<CancellationToken>,
+    /// Primary: last tick of the stall watchdog (see [`Node::watchdog`]).
+    last_tick: Option<std::time::Instant>,
+    /// Primary: this process was paused; deliveries wait until the peer confirms our role.
+    suspect: bool,
+    /// Primary: results held back while `suspect`.
+    fenced: Vec<(Arc<Message>, Stamps)>,
     delivered: u64,
     kicked: u64,
 }
@@ -262,6 +276,7 @@ pub async fn run(
         }
         (Role::Backup, None) => warn!("backup without a primary address: will never take over"),
     }
+    tokio::spawn(node.clone().watchdog());
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -452,7 +467,16 @@ impl Node {
                 epoch,
             } => {
                 info!("peer says hello: {version} {} epoch {epoch}", role.as_str());
-                *is_link = role == Role::Primary;
+                if role == Role::Primary {
+                    let mine = self.lock().epoch;
+                    if self.role() == Role::Primary && epoch > mine {
+                        self.step_down(epoch, "a primary of a newer epoch says hello");
+                    }
+                    if self.role() == Role::Backup {
+                        *is_link = true;
+                        self.lock().link_conns.push(kick.clone());
+                    }
+                }
                 let (my_role, my_epoch) = {
                     let st = self.lock();
                     (st.role.unwrap_or(Role::Backup), st.epoch)
@@ -774,7 +798,7 @@ impl Node {
     }
 
     /// A compute task ended: deliver everything of this publisher that is now ready, in order.
-    fn computed(&self, msg: Arc<Message>, cs: u64, ce: u64) {
+    fn computed(self: &Arc<Self>, msg: Arc<Message>, cs: u64, ce: u64) {
         let mut st = self.lock();
         let epoch = st.epoch;
         let key = msg.id.publisher.clone();
@@ -798,6 +822,13 @@ impl Node {
         }
         if queue.is_empty() {
             st.order.remove(&key);
+        }
+        if st.role != Some(Role::Primary) {
+            return;
+        }
+        if self.stalled(&mut st) {
+            st.fenced.extend(ready);
+            return;
         }
         for (m, stamps) in ready {
             self.deliver(&mut st, &m, stamps);
@@ -885,7 +916,142 @@ impl Node {
             });
             self.enqueue(&mut st, msg);
         }
-        warn!("running degraded: no backup after takeover");
+        for k in st.link_conns.drain(..) {
+            k.cancel();
+        }
+        st.last_tick = Some(std::time::Instant::now());
+        drop(st);
+        match self.cfg.peer.clone() {
+            Some(peer) => {
+                warn!("running degraded until {peer} comes back as our backup");
+                tokio::spawn(self.clone().replication_link(peer));
+            }
+            None => warn!("running degraded: no backup after takeover"),
+        }
+    }
+
+    /// Gives up the primary role to a node of a newer epoch and becomes its backup. Results not
+    /// yet delivered are dropped: every acknowledged one is held by the new primary, and the
+    /// unacknowledged ones are resent by their publishers.
+    fn step_down(self: &Arc<Self>, epoch: u64, why: &str) {
+        let mut st = self.lock();
+        if st.role != Some(Role::Primary) {
+            return;
+        }
+        warn!(
+            "STEP DOWN: {why}; epoch {} → {epoch}, now backup; dropping {} undelivered result(s)",
+            st.epoch,
+            st.inflight.len()
+        );
+        st.role = Some(Role::Backup);
+        st.epoch = st.epoch.max(epoch);
+        st.inflight.clear();
+        st.order.clear();
+        st.fenced.clear();
+        st.suspect = false;
+        st.link = None;
+        st.armed = true;
+        self.link_state.send_modify(|s| s.up = false);
+        drop(st);
+        {
+            let mut d = self.detector.lock().unwrap_or_else(|p| p.into_inner());
+            *d = Detector::new(self.cfg.ping_interval, std::time::Instant::now());
+            d.on_pong();
+        }
+        if let Some(peer) = self.cfg.peer.clone() {
+            tokio::spawn(self.clone().poll_primary(peer));
+        }
+    }
+
+    /// True if this primary must not deliver now because the process was paused (SIGSTOP, a VM
+    /// freeze): while it slept, the backup may have taken over. Starts a check with the peer.
+    fn stalled(self: &Arc<Self>, st: &mut State) -> bool {
+        if self.cfg.peer.is_none() {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        if let Some(t) = st.last_tick {
+            if now.duration_since(t) > STALL && !st.suspect {
+                warn!(
+                    "this process was paused for {:?}: holding deliveries until the peer confirms our role",
+                    now.duration_since(t)
+                );
+                st.suspect = true;
+                tokio::spawn(self.clone().fence_check());
+            }
+        }
+        st.suspect
+    }
+
+    /// Ticks so that a pause of the whole process shows up as a late tick (see [`STALL`]).
+    async fn watchdog(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(STALL / 5);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let mut st = self.lock();
+            if st.role == Some(Role::Primary) {
+                self.stalled(&mut st);
+            }
+            st.last_tick = Some(std::time::Instant::now());
+        }
+    }
+
+    /// After a pause: ask the peer who is primary. A newer epoch there means step down; a backup
+    /// (or no answer: running degraded) means we are still primary, so deliver what was held.
+    async fn fence_check(self: Arc<Self>) {
+        let Some(peer) = self.cfg.peer.clone() else {
+            return;
+        };
+        let epoch = self.lock().epoch;
+        let t = Duration::from_secs(1);
+        let answer = async {
+            let stream = self.cfg.net.connect(&peer, t).await.ok()?;
+            let mut f = tokio_util::codec::Framed::new(stream, FrameCodec::default());
+            f.send(Frame::Hello {
+                version: PROTOCOL_VERSION.into(),
+                role: Role::Primary,
+                epoch,
+            })
+            .await
+            .ok()?;
+            match timeout(t, f.next()).await {
+                Ok(Some(Ok(Frame::Hello { role, epoch, .. }))) => Some((role, epoch)),
+                _ => None,
+            }
+        }
+        .await;
+        match answer {
+            Some((Role::Primary, e)) if e > epoch => {
+                self.step_down(e, "after a pause, the peer is primary in a newer epoch");
+            }
+            other => {
+                let mut st = self.lock();
+                if st.role != Some(Role::Primary) {
+                    return;
+                }
+                info!(
+                    "after the pause the peer {}: still primary, delivering {} held result(s)",
+                    match other {
+                        Some((r, _)) => format!("is {}", r.as_str()),
+                        None => "does not answer".to_string(),
+                    },
+                    st.fenced.len()
+                );
+                st.suspect = false;
+                let fenced = std::mem::take(&mut st.fenced);
+                for (m, stamps) in fenced {
+                    self.deliver(&mut st, &m, stamps);
+                    st.inflight.remove(&m.mid);
+                    if let Some(link) = &st.link {
+                        let _ = link.send(LinkMsg::Clr(m));
+                    }
+                }
+            }
+        }
     }
 
     fn detect(&self, e: Evidence) -> Verdict {
@@ -1046,7 +1212,12 @@ impl Node {
                         epoch,
                         ..
                     }))) => {
-                        error!("peer {backup} is itself primary (epoch {epoch}): not replicating to it");
+                        let mine = self.lock().epoch;
+                        if epoch > mine {
+                            self.step_down(epoch, "the peer is primary in a newer epoch");
+                            return;
+                        }
+                        error!("peer {backup} is itself primary (epoch {epoch}, ours {mine}): not replicating to it");
                         tokio::select! {
                             _ = self.shutdown.cancelled() => return,
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
