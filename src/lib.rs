@@ -11,3 +11,4 @@ pub mod node;
 pub mod protocol;
 pub mod report;
 // pub mod harness;
+pub mod proxy;
