@@ -15,7 +15,9 @@
 //! * a publish that reaches a backup is probed the same way, armed or not: either the primary is
 //!   alive (the backup forwards the message to it) or the backup takes over and serves it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// What the node observed about the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -191,7 +191,7 @@ struct State {
     /// was merely paused learns at once, when it wakes, that it lost its role.
     link_conns: Vec<CancellationToken>,
     /// Primary: last tick of the stall watchdog (see [`Node::watchdog`]).
-    last_tick: Option<std::time::Instant>,
+    last_tick: Option<Instant>,
     /// Primary: this process was paused; deliveries wait until the peer confirms our role.
     suspect: bool,
     /// Primary: results held back while `suspect`.
@@ -241,7 +241,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let role = cfg.role;
     let node = Arc::new(Node {
-        detector: Mutex::new(Detector::new(cfg.ping_interval, std::time::Instant::now())),
+        detector: Mutex::new(Detector::new(cfg.ping_interval, Instant::now())),
         state: Mutex::new(State {
             role: Some(role),
             epoch: 1,
@@ -919,7 +919,7 @@ impl Node {
         for k in st.link_conns.drain(..) {
             k.cancel();
         }
-        st.last_tick = Some(std::time::Instant::now());
+        st.last_tick = Some(Instant::now());
         drop(st);
         match self.cfg.peer.clone() {
             Some(peer) => {
@@ -955,7 +955,7 @@ impl Node {
         drop(st);
         {
             let mut d = self.detector.lock().unwrap_or_else(|p| p.into_inner());
-            *d = Detector::new(self.cfg.ping_interval, std::time::Instant::now());
+            *d = Detector::new(self.cfg.ping_interval, Instant::now());
             d.on_pong();
         }
         if let Some(peer) = self.cfg.peer.clone() {
@@ -969,7 +969,7 @@ impl Node {
         if self.cfg.peer.is_none() {
             return false;
         }
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         if let Some(t) = st.last_tick {
             if now.duration_since(t) > STALL && !st.suspect {
                 warn!(
@@ -996,7 +996,7 @@ impl Node {
             if st.role == Some(Role::Primary) {
                 self.stalled(&mut st);
             }
-            st.last_tick = Some(std::time::Instant::now());
+            st.last_tick = Some(Instant::now());
         }
     }
 
@@ -1102,9 +1102,9 @@ impl Node {
             let evidence = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = self.link_closed.notified() => Some(Evidence::Closed),
-                _ = tokio::time::sleep_until(next.into()) => {
+                _ = tokio::time::sleep_until(next) => {
                     self.detector.lock().unwrap_or_else(|p| p.into_inner())
-                        .on_ping_sent(std::time::Instant::now());
+                        .on_ping_sent(Instant::now());
                     let ping = async {
                         if conn.is_none() {
                             let s = self.cfg.net.connect(&primary, t).await.map_err(|_| Evidence::Closed)?;
