@@ -6,8 +6,12 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Microseconds since the Unix epoch on the wall clock.
+/// Microseconds since the Unix epoch on the wall clock; inside a turmoil simulation, the
+/// simulation's own clock, so that simulated runs are reproducible.
 pub fn now_us() -> u64 {
+    if let Some(d) = turmoil::since_epoch() {
+        return d.as_micros() as u64;
+    }
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)

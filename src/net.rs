@@ -23,13 +23,17 @@ pub enum Net {
     /// Real TCP through tokio.
     #[default]
     Tokio,
+    /// turmoil's simulated TCP: hosts are addressed by name (`primary:8080`), time is virtual,
+    /// and faults (crash, partition, hold, latency) are injected by the simulator.
+    Sim,
 }
 
 /// A bound listening socket.
-#[derive(Debug)]
 pub enum Listener {
     /// A real TCP listener.
     Tokio(tokio::net::TcpListener),
+    /// A simulated listener.
+    Sim(turmoil::net::TcpListener),
 }
 
 impl Net {
@@ -37,6 +41,7 @@ impl Net {
     pub async fn bind(&self, addr: &str) -> io::Result<Listener> {
         match self {
             Net::Tokio => Ok(Listener::Tokio(tokio::net::TcpListener::bind(addr).await?)),
+            Net::Sim => Ok(Listener::Sim(turmoil::net::TcpListener::bind(addr).await?)),
         }
     }
 
@@ -51,6 +56,21 @@ impl Net {
                 s.set_nodelay(true)?;
                 Ok(Box::pin(s))
             }
+            Net::Sim => {
+                let s = tokio::time::timeout(timeout, turmoil::net::TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+                Ok(Box::pin(s))
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listener::Tokio(l) => l.fmt(f),
+            Listener::Sim(l) => write!(f, "SimListener({:?})", l.local_addr().ok()),
         }
     }
 }
@@ -64,6 +84,10 @@ impl Listener {
                 s.set_nodelay(true)?;
                 Ok((Box::pin(s), peer.to_string()))
             }
+            Listener::Sim(l) => {
+                let (s, peer) = l.accept().await?;
+                Ok((Box::pin(s), peer.to_string()))
+            }
         }
     }
 
@@ -71,6 +95,7 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
         match self {
             Listener::Tokio(l) => l.local_addr(),
+            Listener::Sim(l) => l.local_addr(),
         }
     }
 }
