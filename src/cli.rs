@@ -399,8 +399,11 @@ pub fn subscriber(cli: SubscriberCli) -> ExitCode {
             },
             net: Net::Tokio,
         };
-        let out = std::io::BufWriter::new(std::io::stdout());
-        match crate::client::run_subscriber(cfg, out, csv, shutdown).await {
+        let mut sink = crate::client::PrintSink {
+            out: std::io::BufWriter::new(std::io::stdout()),
+            csv,
+        };
+        match crate::client::run_subscriber(cfg, &mut sink, shutdown).await {
             Ok(n) => {
                 info!("stopped after {n} deliveries");
                 ExitCode::SUCCESS

@@ -330,12 +330,62 @@ pub struct SubscriberConfig {
     pub net: Net,
 }
 
-/// Runs a subscriber until `shutdown`: prints one line per delivery to `out` (`[PRIMARY] 17`,
-/// `[BACKUP] 18 (duplicate)`) and, if given, writes one CSV row per delivery to `csv`.
+/// Where a subscriber puts its deliveries.
+pub trait DeliverySink {
+    /// One delivery, duplicates included.
+    fn delivery(&mut self, d: &Delivery) -> anyhow::Result<()>;
+    /// Called when no more deliveries are queued right now: a good moment to flush.
+    fn idle(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// Keeps every delivery in memory (tests, simulations).
+impl DeliverySink for Vec<Delivery> {
+    fn delivery(&mut self, d: &Delivery) -> anyhow::Result<()> {
+        self.push(d.clone());
+        Ok(())
+    }
+}
+
+/// What the `subscriber` binary does with a delivery: one line to `out` (`[PRIMARY] 17`,
+/// `[BACKUP] 18 (duplicate)`) and, if given, one CSV row.
+pub struct PrintSink<W: Write> {
+    /// Human-readable lines.
+    pub out: W,
+    /// CSV rows (columns of [`Delivery`]).
+    pub csv: Option<csv::Writer<Box<dyn Write + Send>>>,
+}
+
+impl<W: Write> DeliverySink for PrintSink<W> {
+    fn delivery(&mut self, d: &Delivery) -> anyhow::Result<()> {
+        writeln!(
+            self.out,
+            "[{}] {}{}",
+            d.source.to_uppercase(),
+            d.payload,
+            if d.duplicate { " (duplicate)" } else { "" }
+        )?;
+        if let Some(w) = self.csv.as_mut() {
+            w.serialize(d)?;
+        }
+        Ok(())
+    }
+
+    fn idle(&mut self) -> anyhow::Result<()> {
+        self.out.flush()?;
+        if let Some(w) = self.csv.as_mut() {
+            w.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a subscriber until `shutdown`, handing every delivery to `sink`. Returns how many
+/// deliveries there were.
 pub async fn run_subscriber(
     cfg: SubscriberConfig,
-    mut out: impl Write,
-    mut csv: Option<csv::Writer<Box<dyn Write + Send>>>,
+    sink: &mut impl DeliverySink,
     shutdown: CancellationToken,
 ) -> anyhow::Result<u64> {
     let (tx, mut rx) = mpsc::channel::<(usize, Frame, u64)>(4096);
@@ -361,7 +411,6 @@ pub async fn run_subscriber(
         let Some((src, frame, received_at_us)) = next else {
             break;
         };
-        let label = broker_name(src).to_uppercase();
         let d = match frame {
             Frame::Msg {
                 topic,
@@ -390,26 +439,12 @@ pub async fn run_subscriber(
             _ => continue,
         };
         count += 1;
-        writeln!(
-            out,
-            "[{label}] {}{}",
-            d.payload,
-            if d.duplicate { " (duplicate)" } else { "" }
-        )?;
-        if let Some(w) = csv.as_mut() {
-            w.serialize(&d)?;
-        }
+        sink.delivery(&d)?;
         if rx.is_empty() {
-            out.flush()?;
-            if let Some(w) = csv.as_mut() {
-                w.flush()?;
-            }
+            sink.idle()?;
         }
     }
-    out.flush()?;
-    if let Some(w) = csv.as_mut() {
-        w.flush()?;
-    }
+    sink.idle()?;
     Ok(count)
 }
 

@@ -6,11 +6,15 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Where simulated wall time starts (2025-01-01T00:00:00Z): fixed, so that a simulation's trace
+/// is the same bit for bit on every run of the same seed.
+pub const SIM_EPOCH_US: u64 = 1_735_689_600_000_000;
+
 /// Microseconds since the Unix epoch on the wall clock; inside a turmoil simulation, the
 /// simulation's own clock, so that simulated runs are reproducible.
 pub fn now_us() -> u64 {
-    if let Some(d) = turmoil::since_epoch() {
-        return d.as_micros() as u64;
+    if let Some(d) = turmoil::sim_elapsed() {
+        return SIM_EPOCH_US + d.as_micros() as u64;
     }
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -614,9 +614,9 @@ impl Node {
     /// Handles a publish in either role and returns what to answer, possibly still pending.
     async fn publish(self: &Arc<Self>, frame: Frame) -> Out {
         if self.role() == Role::Backup {
-            match self.publish_at_backup(&frame).await {
-                Some(out) => return out,
-                None => {} // we took over: serve it as the primary
+            // `None`: we took over, so serve it as the primary.
+            if let Some(out) = self.publish_at_backup(&frame).await {
+                return out;
             }
         }
         let (topic, id, sent_us, payload, legacy) = match frame {
