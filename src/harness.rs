@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -27,6 +27,7 @@ use crate::clock::now_us;
 use crate::compute::{parse_duration, ComputeRange};
 use crate::net::Net;
 use crate::protocol::{Frame, FrameCodec, Role};
+use crate::proxy::{self, Fault};
 use crate::report;
 
 /// Signal used to fail the primary.
@@ -63,6 +64,55 @@ impl KillSignal {
     }
 }
 
+/// The fault a harness run injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// SIGKILL the primary (the seed's test).
+    KillPrimary,
+    /// SIGTERM the primary.
+    TermPrimary,
+    /// SIGSTOP the primary for `--hang-for`, then SIGCONT: it must not deliver in a stale epoch.
+    HangPrimary,
+    /// SIGKILL the backup: the primary runs degraded and loses nothing.
+    KillBackup,
+    /// SIGKILL the primary, restart it after `--restart-after`: it must rejoin as backup.
+    RestartPrimary,
+    /// Blackhole the primary↔backup link for `--fault-for` (both may serve: reported as is).
+    PartitionPeers,
+    /// Add `--delay` each way on the primary↔backup link for `--fault-for`.
+    SlowLink,
+}
+
+impl Scenario {
+    /// Every scenario, in the order the matrix runs them.
+    pub const ALL: [Scenario; 7] = [
+        Scenario::KillPrimary,
+        Scenario::TermPrimary,
+        Scenario::HangPrimary,
+        Scenario::KillBackup,
+        Scenario::RestartPrimary,
+        Scenario::PartitionPeers,
+        Scenario::SlowLink,
+    ];
+
+    /// Name as given on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::KillPrimary => "kill-primary",
+            Scenario::TermPrimary => "term-primary",
+            Scenario::HangPrimary => "hang-primary",
+            Scenario::KillBackup => "kill-backup",
+            Scenario::RestartPrimary => "restart-primary",
+            Scenario::PartitionPeers => "partition-peers",
+            Scenario::SlowLink => "slow-link",
+        }
+    }
+
+    fn uses_proxies(self) -> bool {
+        matches!(self, Scenario::PartitionPeers | Scenario::SlowLink)
+    }
+}
+
 /// Options of a harness run; defaults are the seed's scenario.
 #[derive(Debug, Clone, Args)]
 pub struct HarnessOpts {
@@ -75,9 +125,25 @@ pub struct HarnessOpts {
     /// Messages per second of the test publisher.
     #[arg(long, default_value_t = 10.0)]
     pub rate: f64,
-    /// Signal that fails the primary.
-    #[arg(long, value_enum, default_value_t = KillSignal::Kill)]
-    pub signal: KillSignal,
+    /// What goes wrong at `--kill-at` (see README). `--signal` picks among the primary faults.
+    #[arg(long, value_enum, default_value_t = Scenario::KillPrimary)]
+    pub scenario: Scenario,
+    /// Signal that fails the primary: KILL (crash), TERM (clean stop) or STOP (hang; resumed
+    /// after `--hang-for`). Shorthand for `--scenario kill-primary|term-primary|hang-primary`.
+    #[arg(long, value_enum)]
+    pub signal: Option<KillSignal>,
+    /// How long a hung primary stays stopped before SIGCONT.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    pub hang_for: Duration,
+    /// How long after its kill a node is restarted (`restart-primary`, chaos).
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    pub restart_after: Duration,
+    /// How long a network fault lasts (`partition-peers`, `slow-link`).
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    pub fault_for: Duration,
+    /// Delay added each way by `slow-link`.
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    pub delay: Duration,
     /// Compute time per message on the brokers, ms (`MIN..MAX`, a number, or `0`).
     #[arg(long, default_value = "50..150")]
     pub compute: ComputeRange,
@@ -282,7 +348,11 @@ fn spawn(
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot start {}", path.display()))?;
-    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    // Appended, so a restarted node's log follows its earlier life in one file.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))?;
     let log = Arc::new(std::sync::Mutex::new(std::io::BufWriter::new(log)));
     let out = child.stdout.take();
     let err = child.stderr.take();
@@ -354,12 +424,68 @@ fn watch_lines(
     });
 }
 
+/// One step of a fault plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Send a signal to node 0 (started as primary) or 1 (started as backup).
+    Signal(usize, KillSignal),
+    /// Resume a stopped node.
+    Resume(usize),
+    /// Start a killed node again with its original command line.
+    Restart(usize),
+    /// Set the fault of both peer-link proxies.
+    Link(Fault),
+}
+
+/// The fault plan of a scenario: what to do, when (from the first message).
+fn plan(opts: &HarnessOpts, scenario: Scenario) -> Vec<(Duration, Action)> {
+    let t = opts.kill_at;
+    match scenario {
+        Scenario::KillPrimary => vec![(t, Action::Signal(0, KillSignal::Kill))],
+        Scenario::TermPrimary => vec![(t, Action::Signal(0, KillSignal::Term))],
+        Scenario::HangPrimary => vec![
+            (t, Action::Signal(0, KillSignal::Stop)),
+            (t + opts.hang_for, Action::Resume(0)),
+        ],
+        Scenario::KillBackup => vec![(t, Action::Signal(1, KillSignal::Kill))],
+        Scenario::RestartPrimary => vec![
+            (t, Action::Signal(0, KillSignal::Kill)),
+            (t + opts.restart_after, Action::Restart(0)),
+        ],
+        Scenario::PartitionPeers => vec![
+            (t, Action::Link(Fault::Blackhole)),
+            (t + opts.fault_for, Action::Link(Fault::Pass)),
+        ],
+        Scenario::SlowLink => vec![
+            (t, Action::Link(Fault::Delay(opts.delay))),
+            (t + opts.fault_for, Action::Link(Fault::Pass)),
+        ],
+    }
+}
+
+/// The scenario a run uses: `--signal` overrides the primary-fault scenarios.
+pub fn effective_scenario(opts: &HarnessOpts) -> Scenario {
+    match (opts.signal, opts.scenario) {
+        (Some(KillSignal::Kill), Scenario::KillPrimary | Scenario::TermPrimary | Scenario::HangPrimary) => {
+            Scenario::KillPrimary
+        }
+        (Some(KillSignal::Term), Scenario::KillPrimary | Scenario::TermPrimary | Scenario::HangPrimary) => {
+            Scenario::TermPrimary
+        }
+        (Some(KillSignal::Stop), Scenario::KillPrimary | Scenario::TermPrimary | Scenario::HangPrimary) => {
+            Scenario::HangPrimary
+        }
+        (_, s) => s,
+    }
+}
+
 /// Runs the whole scenario and writes the report. The returned analysis says whether anything
 /// was missing; the caller turns that into the exit status.
 pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     if !(opts.rate.is_finite() && opts.rate > 0.0) {
         bail!("--rate must be a positive number of messages per second");
     }
+    let scenario = effective_scenario(&opts);
     let bin_dir = match &opts.bin_dir {
         Some(d) => d.clone(),
         None => std::env::current_exe()?
@@ -369,7 +495,11 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     };
     for b in ["primary", "backup", "subscriber", "test-publisher"] {
         if !bin_dir.join(b).exists() {
-            bail!("{} not found in {} (build with `cargo build --release --bins`)", b, bin_dir.display());
+            bail!(
+                "{} not found in {} (build with `cargo build --release --bins`)",
+                b,
+                bin_dir.display()
+            );
         }
     }
     let started_us = now_us();
@@ -391,22 +521,38 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     let backup = format!("127.0.0.1:{bp}");
     let publisher_id = format!("harness-{}", utc_stamp(started_us));
     let total = opts.kill_at + opts.after;
+    let faults = plan(&opts, scenario);
     println!(
-        "failover test: primary {primary}, backup {backup}, topic {}, {} msg/s, {} at {:?}, {:?} after; writing {}",
+        "failover test '{}': primary {primary}, backup {backup}, topic {}, {} msg/s, fault at {:?}, {:?} after; writing {}",
+        scenario.name(),
         opts.topic,
         opts.rate,
-        opts.signal.name(),
         opts.kill_at,
         opts.after,
         dir.display()
     );
+
+    // Peer links go through fault proxies when the scenario needs them.
+    let stop_proxies = tokio_util::sync::CancellationToken::new();
+    let _stop_proxies_guard = stop_proxies.clone().drop_guard();
+    let mut proxies = Vec::new();
+    let (primary_sees_backup, backup_sees_primary) = if scenario.uses_proxies() {
+        let to_backup = proxy::start(Net::Tokio, "127.0.0.1:0", backup.clone(), stop_proxies.clone()).await?;
+        let to_primary = proxy::start(Net::Tokio, "127.0.0.1:0", primary.clone(), stop_proxies.clone()).await?;
+        let addrs = (to_backup.addr.clone(), to_primary.addr.clone());
+        proxies.push(to_backup);
+        proxies.push(to_primary);
+        addrs
+    } else {
+        (backup.clone(), primary.clone())
+    };
 
     let (ltx, lrx) = mpsc::unbounded_channel();
     let counters = Arc::new(Counters::default());
     let takeover_us = Arc::new(AtomicU64::new(0));
     watch_lines(lrx, counters.clone(), takeover_us.clone());
 
-    let mut broker_args = |port: u16, peer: &str, seed_offset: u64| {
+    let broker_args = |port: u16, peer: &str, seed_offset: u64| {
         let mut a = vec![
             port.to_string(),
             peer.to_string(),
@@ -419,19 +565,27 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         }
         a
     };
-    let pargs = broker_args(pp, &backup, 0);
-    let bargs = broker_args(bp, &primary, 1);
+    let node_args = [
+        broker_args(pp, &primary_sees_backup, 0),
+        broker_args(bp, &backup_sees_primary, 1),
+    ];
+    let node_bins = ["primary", "backup"];
     let mut procs: Vec<Proc> = Vec::new();
-    procs.push(spawn(&bin_dir, "primary", &pargs, &dir, ltx.clone())?);
-    procs.push(spawn(&bin_dir, "backup", &bargs, &dir, ltx.clone())?);
+    procs.push(spawn(&bin_dir, "primary", &node_args[0], &dir, ltx.clone())?);
+    procs.push(spawn(&bin_dir, "backup", &node_args[1], &dir, ltx.clone())?);
     let (pa, ba) = (primary.clone(), backup.clone());
-    wait_until("the primary and backup to pair up", Duration::from_secs(10), &mut procs, || {
-        let (pa, ba) = (pa.clone(), ba.clone());
-        async move {
-            matches!(status(&pa).await, Some((Role::Primary, l)) if l == "up")
-                && matches!(status(&ba).await, Some((Role::Backup, l)) if l == "armed")
-        }
-    })
+    wait_until(
+        "the primary and backup to pair up",
+        Duration::from_secs(10),
+        &mut procs,
+        || {
+            let (pa, ba) = (pa.clone(), ba.clone());
+            async move {
+                matches!(status(&pa).await, Some((Role::Primary, l)) if l == "up")
+                    && matches!(status(&ba).await, Some((Role::Backup, l)) if l == "armed")
+            }
+        },
+    )
     .await?;
     let csv_path = dir.join("deliveries.csv");
     let sargs = vec![
@@ -443,10 +597,15 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     ];
     procs.push(spawn(&bin_dir, "subscriber", &sargs, &dir, ltx.clone())?);
     let c = counters.clone();
-    wait_until("the subscriber to reach both brokers", Duration::from_secs(10), &mut procs, || {
-        let n = c.subscribed.load(Ordering::Relaxed);
-        async move { n >= 2 }
-    })
+    wait_until(
+        "the subscriber to reach both brokers",
+        Duration::from_secs(10),
+        &mut procs,
+        || {
+            let n = c.subscribed.load(Ordering::Relaxed);
+            async move { n >= 2 }
+        },
+    )
     .await?;
     let targs = vec![
         opts.topic.clone(),
@@ -462,26 +621,44 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     let run_start_us = now_us();
     let run_start = Instant::now();
     procs.push(spawn(&bin_dir, "test-publisher", &targs, &dir, ltx.clone())?);
-    drop(ltx);
 
-    // Progress until the end of the publishing window; the kill happens on the way.
+    // Progress until the end of the publishing window; the faults happen on the way.
     let progress = Progress::new(total, opts.no_progress);
-    let mut kill_us = None;
+    let mut fault_us = None;
+    let mut next = 0;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         let elapsed = run_start.elapsed();
-        if kill_us.is_none() && elapsed >= opts.kill_at {
-            procs[0].signal(opts.signal.number());
-            procs[0].stopped = opts.signal == KillSignal::Stop;
-            kill_us = Some(now_us());
-            progress.println(&format!(
-                "{:>6.2}s  {} sent to the primary (pid {})",
-                elapsed.as_secs_f64(),
-                opts.signal.name(),
-                procs[0].pid().unwrap_or(0)
-            ));
+        while next < faults.len() && elapsed >= faults[next].0 {
+            let (_, action) = faults[next];
+            next += 1;
+            fault_us.get_or_insert_with(now_us);
+            let what = match action {
+                Action::Signal(i, sig) => {
+                    procs[i].signal(sig.number());
+                    procs[i].stopped = sig == KillSignal::Stop;
+                    format!("{} sent to the {} (pid {})", sig.name(), node_bins[i], procs[i].pid().unwrap_or(0))
+                }
+                Action::Resume(i) => {
+                    procs[i].signal(libc::SIGCONT);
+                    procs[i].stopped = false;
+                    format!("SIGCONT sent to the {}", node_bins[i])
+                }
+                Action::Restart(i) => {
+                    let _ = procs[i].child.wait().await;
+                    procs[i] = spawn(&bin_dir, node_bins[i], &node_args[i], &dir, ltx.clone())?;
+                    format!("{} restarted (pid {})", node_bins[i], procs[i].pid().unwrap_or(0))
+                }
+                Action::Link(f) => {
+                    for p in &proxies {
+                        p.set(f);
+                    }
+                    format!("primary<->backup link: {f:?}")
+                }
+            };
+            progress.println(&format!("{:>6.2}s  {what}", elapsed.as_secs_f64()));
         }
         if elapsed >= total {
             break;
@@ -491,6 +668,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
             progress.finish();
             bail!("test-publisher exited early ({st}): see test-publisher.log");
         }
+        let wake = faults.get(next).map(|f| run_start + f.0).unwrap_or(run_start + total);
         tokio::select! {
             _ = &mut ctrl_c => {
                 progress.finish();
@@ -500,10 +678,14 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
                 bail!("interrupted: all processes stopped; partial output in {}", dir.display());
             }
             _ = tick.tick() => {}
-            _ = tokio::time::sleep_until(run_start + opts.kill_at), if kill_us.is_none() => {}
+            _ = tokio::time::sleep_until(wake) => {}
         }
     }
     progress.finish();
+    drop(ltx);
+    for p in &proxies {
+        p.set(Fault::Pass);
+    }
 
     // Stop publishing; the publisher still collects outstanding ACKs before it exits.
     let pub_status = procs[3].stop(Duration::from_secs(10)).await;
@@ -518,7 +700,8 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         if published > 0 && seen >= published {
             break;
         }
-        let delivered = counters.by_primary.load(Ordering::Relaxed) + counters.by_backup.load(Ordering::Relaxed);
+        let delivered = counters.by_primary.load(Ordering::Relaxed)
+            + counters.by_backup.load(Ordering::Relaxed);
         if delivered != last_total {
             last_total = delivered;
             quiet_since = Instant::now();
@@ -534,7 +717,9 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         procs[i].stop(Duration::from_secs(3)).await;
     }
     if !pub_status.is_some_and(|s| s.success()) {
-        println!("note: the test publisher reported unacknowledged messages (see test-publisher.log)");
+        println!(
+            "note: the test publisher reported unacknowledged messages (see test-publisher.log)"
+        );
     }
 
     let deliveries = report::read_deliveries(&csv_path)?;
@@ -543,23 +728,25 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         publisher: Some(publisher_id),
         start_us: run_start_us,
         end_us,
-        kill_at_us: kill_us,
+        kill_at_us: fault_us,
         publish_period_us: (1e6 / opts.rate) as u64,
-        scenario: format!("{}-primary", opts.signal.name().trim_start_matches("SIG").to_lowercase()),
-        signal: opts.signal.name().to_string(),
+        scenario: scenario.name().to_string(),
+        signal: match faults.first().map(|f| f.1) {
+            Some(Action::Signal(_, s)) => s.name().to_string(),
+            Some(Action::Link(f)) => format!("{f:?}"),
+            _ => String::new(),
+        },
     };
     let analysis = report::analyze(&deliveries, &info);
     report::write_reports(&dir, &analysis, &deliveries, &info)?;
-    let mut f = tokio::fs::File::create(dir.join("table.txt")).await?;
     let table = report::render_table(&analysis);
-    f.write_all(table.as_bytes()).await?;
+    std::fs::write(dir.join("table.txt"), &table)?;
     println!("{table}");
     let takeover = takeover_us.load(Ordering::Relaxed);
-    if let (Some(k), true) = (kill_us, takeover > 0) {
+    if let (Some(k), true) = (fault_us, takeover > 0) {
         println!(
-            "backup logged TAKEOVER {:.0} ms after the {}",
+            "backup logged TAKEOVER {:.0} ms after the fault",
             (takeover.saturating_sub(k)) as f64 / 1000.0,
-            opts.signal.name()
         );
     }
     println!("report: {}", dir.display());

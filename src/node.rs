@@ -1224,7 +1224,22 @@ impl Node {
                         }
                         continue;
                     }
+                    Err(_) => {
+                        // No answer at all: a hung backup, not a seed one. Stay degraded and
+                        // try again rather than mistake it for a seed backup.
+                        if !said_degraded {
+                            warn!("backup {backup} accepts connections but does not answer: running degraded");
+                            said_degraded = true;
+                        }
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
                     _ => {
+                        // It answered, but not with HELLO (or closed): a seed backup.
                         warn!("backup {backup} does not speak {PROTOCOL_VERSION}: using seed REPLICATE/CLEAR");
                         legacy = true;
                         continue;
