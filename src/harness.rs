@@ -307,7 +307,12 @@ async fn status(addr: &str) -> Option<(Role, String)> {
 }
 
 /// Waits until `ready` holds, checking the children are still alive; fails after `limit`.
-async fn wait_until<F, Fut>(what: &str, limit: Duration, procs: &mut [Proc], mut ready: F) -> anyhow::Result<()>
+async fn wait_until<F, Fut>(
+    what: &str,
+    limit: Duration,
+    procs: &mut [Proc],
+    mut ready: F,
+) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -319,7 +324,11 @@ where
         }
         for p in procs.iter_mut() {
             if let Ok(Some(st)) = p.child.try_wait() {
-                bail!("{} exited ({st}) while waiting for {what}: see {}.log", p.name, p.name);
+                bail!(
+                    "{} exited ({st}) while waiting for {what}: see {}.log",
+                    p.name,
+                    p.name
+                );
             }
         }
         if Instant::now() > deadline {
@@ -341,7 +350,10 @@ fn spawn(
     let path = bin_dir.join(name);
     let mut child = Command::new(&path)
         .args(args)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -357,8 +369,14 @@ fn spawn(
     let out = child.stdout.take();
     let err = child.stderr.take();
     for (is_out, pipe) in [
-        (true, out.map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
-        (false, err.map(|e| Box::new(e) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
+        (
+            true,
+            out.map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ),
+        (
+            false,
+            err.map(|e| Box::new(e) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ),
     ] {
         let Some(pipe) = pipe else { continue };
         let log = log.clone();
@@ -406,17 +424,28 @@ fn watch_lines(
                 }
                 ("test-publisher", true) => {
                     if let Some(rest) = line.strip_prefix("ACK ") {
-                        if rest.split(' ').next().and_then(|n| n.parse::<u64>().ok()).is_some() {
+                        if rest
+                            .split(' ')
+                            .next()
+                            .and_then(|n| n.parse::<u64>().ok())
+                            .is_some()
+                        {
                             c.acked.fetch_add(1, Ordering::Relaxed);
                         }
                     } else if let Some(rest) = line.strip_prefix("published ") {
-                        if let Some(n) = rest.split(',').next().and_then(|n| n.trim().parse().ok()) {
+                        if let Some(n) = rest.split(',').next().and_then(|n| n.trim().parse().ok())
+                        {
                             c.published.store(n, Ordering::Relaxed);
                         }
                     }
                 }
                 ("backup", false) if line.contains("TAKEOVER") => {
-                    let _ = takeover_us.compare_exchange(0, now_us(), Ordering::Relaxed, Ordering::Relaxed);
+                    let _ = takeover_us.compare_exchange(
+                        0,
+                        now_us(),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
                 }
                 _ => {}
             }
@@ -466,15 +495,18 @@ fn plan(opts: &HarnessOpts, scenario: Scenario) -> Vec<(Duration, Action)> {
 /// The scenario a run uses: `--signal` overrides the primary-fault scenarios.
 pub fn effective_scenario(opts: &HarnessOpts) -> Scenario {
     match (opts.signal, opts.scenario) {
-        (Some(KillSignal::Kill), Scenario::KillPrimary | Scenario::TermPrimary | Scenario::HangPrimary) => {
-            Scenario::KillPrimary
-        }
-        (Some(KillSignal::Term), Scenario::KillPrimary | Scenario::TermPrimary | Scenario::HangPrimary) => {
-            Scenario::TermPrimary
-        }
-        (Some(KillSignal::Stop), Scenario::KillPrimary | Scenario::TermPrimary | Scenario::HangPrimary) => {
-            Scenario::HangPrimary
-        }
+        (
+            Some(KillSignal::Kill),
+            Scenario::KillPrimary | Scenario::TermPrimary | Scenario::HangPrimary,
+        ) => Scenario::KillPrimary,
+        (
+            Some(KillSignal::Term),
+            Scenario::KillPrimary | Scenario::TermPrimary | Scenario::HangPrimary,
+        ) => Scenario::TermPrimary,
+        (
+            Some(KillSignal::Stop),
+            Scenario::KillPrimary | Scenario::TermPrimary | Scenario::HangPrimary,
+        ) => Scenario::HangPrimary,
         (_, s) => s,
     }
 }
@@ -537,8 +569,20 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     let _stop_proxies_guard = stop_proxies.clone().drop_guard();
     let mut proxies = Vec::new();
     let (primary_sees_backup, backup_sees_primary) = if scenario.uses_proxies() {
-        let to_backup = proxy::start(Net::Tokio, "127.0.0.1:0", backup.clone(), stop_proxies.clone()).await?;
-        let to_primary = proxy::start(Net::Tokio, "127.0.0.1:0", primary.clone(), stop_proxies.clone()).await?;
+        let to_backup = proxy::start(
+            Net::Tokio,
+            "127.0.0.1:0",
+            backup.clone(),
+            stop_proxies.clone(),
+        )
+        .await?;
+        let to_primary = proxy::start(
+            Net::Tokio,
+            "127.0.0.1:0",
+            primary.clone(),
+            stop_proxies.clone(),
+        )
+        .await?;
         let addrs = (to_backup.addr.clone(), to_primary.addr.clone());
         proxies.push(to_backup);
         proxies.push(to_primary);
@@ -571,7 +615,13 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     ];
     let node_bins = ["primary", "backup"];
     let mut procs: Vec<Proc> = Vec::new();
-    procs.push(spawn(&bin_dir, "primary", &node_args[0], &dir, ltx.clone())?);
+    procs.push(spawn(
+        &bin_dir,
+        "primary",
+        &node_args[0],
+        &dir,
+        ltx.clone(),
+    )?);
     procs.push(spawn(&bin_dir, "backup", &node_args[1], &dir, ltx.clone())?);
     let (pa, ba) = (primary.clone(), backup.clone());
     wait_until(
@@ -620,7 +670,13 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     ];
     let run_start_us = now_us();
     let run_start = Instant::now();
-    procs.push(spawn(&bin_dir, "test-publisher", &targs, &dir, ltx.clone())?);
+    procs.push(spawn(
+        &bin_dir,
+        "test-publisher",
+        &targs,
+        &dir,
+        ltx.clone(),
+    )?);
 
     // Progress until the end of the publishing window; the faults happen on the way.
     let progress = Progress::new(total, opts.no_progress);
@@ -639,7 +695,12 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
                 Action::Signal(i, sig) => {
                     procs[i].signal(sig.number());
                     procs[i].stopped = sig == KillSignal::Stop;
-                    format!("{} sent to the {} (pid {})", sig.name(), node_bins[i], procs[i].pid().unwrap_or(0))
+                    format!(
+                        "{} sent to the {} (pid {})",
+                        sig.name(),
+                        node_bins[i],
+                        procs[i].pid().unwrap_or(0)
+                    )
                 }
                 Action::Resume(i) => {
                     procs[i].signal(libc::SIGCONT);
@@ -649,7 +710,11 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
                 Action::Restart(i) => {
                     let _ = procs[i].child.wait().await;
                     procs[i] = spawn(&bin_dir, node_bins[i], &node_args[i], &dir, ltx.clone())?;
-                    format!("{} restarted (pid {})", node_bins[i], procs[i].pid().unwrap_or(0))
+                    format!(
+                        "{} restarted (pid {})",
+                        node_bins[i],
+                        procs[i].pid().unwrap_or(0)
+                    )
                 }
                 Action::Link(f) => {
                     for p in &proxies {
@@ -668,7 +733,10 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
             progress.finish();
             bail!("test-publisher exited early ({st}): see test-publisher.log");
         }
-        let wake = faults.get(next).map(|f| run_start + f.0).unwrap_or(run_start + total);
+        let wake = faults
+            .get(next)
+            .map(|f| run_start + f.0)
+            .unwrap_or(run_start + total);
         tokio::select! {
             _ = &mut ctrl_c => {
                 progress.finish();
@@ -780,9 +848,7 @@ impl Progress {
         use std::io::IsTerminal;
         let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
             let b = indicatif::ProgressBar::new(total.as_millis() as u64);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{bar:30.cyan/blue} {msg}",
-            ) {
+            if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:30.cyan/blue} {msg}") {
                 b.set_style(style);
             }
             b
