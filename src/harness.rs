@@ -170,6 +170,23 @@ pub struct HarnessOpts {
     /// No live progress line.
     #[arg(long)]
     pub no_progress: bool,
+    /// Run every scenario one after the other (each `--repeat` times) and write `matrix.csv`
+    /// and `matrix.md`. Unless `--kill-at`/`--after` are given, each run uses 5 s + 6 s.
+    #[arg(long)]
+    pub matrix: bool,
+    /// Matrix: runs per scenario.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Chaos mode: `--cycles` random self-healing faults against whichever node is active,
+    /// one every `--cycle`, reproducible from `--seed`.
+    #[arg(long)]
+    pub chaos: bool,
+    /// Chaos: number of faults.
+    #[arg(long, default_value_t = 10)]
+    pub cycles: usize,
+    /// Chaos: time between two faults.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub cycle: Duration,
 }
 
 /// What a harness run produced.
@@ -179,6 +196,8 @@ pub struct Outcome {
     pub analysis: report::Analysis,
     /// Where the files were written.
     pub dir: PathBuf,
+    /// Chaos mode: what each cycle did.
+    pub chaos: Vec<ChaosEvent>,
 }
 
 /// Live counters fed by the children's output.
@@ -292,8 +311,13 @@ fn utc_stamp(us: u64) -> String {
     )
 }
 
-/// Asks a broker for its `STATUS`.
+/// Asks a broker for its role and link state.
 async fn status(addr: &str) -> Option<(Role, String)> {
+    status_full(addr).await.map(|(r, l, _)| (r, l))
+}
+
+/// Asks a broker for its `STATUS`, epoch included.
+async fn status_full(addr: &str) -> Option<(Role, String, u64)> {
     let s = Net::Tokio
         .connect(addr, Duration::from_millis(300))
         .await
@@ -301,7 +325,9 @@ async fn status(addr: &str) -> Option<(Role, String)> {
     let mut f = Framed::new(s, FrameCodec::default());
     f.send(Frame::StatusQuery).await.ok()?;
     match tokio::time::timeout(Duration::from_millis(500), f.next()).await {
-        Ok(Some(Ok(Frame::Status { role, link, .. }))) => Some((role, link)),
+        Ok(Some(Ok(Frame::Status {
+            role, link, epoch, ..
+        }))) => Some((role, link, epoch)),
         _ => None,
     }
 }
@@ -464,6 +490,89 @@ enum Action {
     Restart(usize),
     /// Set the fault of both peer-link proxies.
     Link(Fault),
+    /// A chaos fault, aimed when it fires at whichever node is then active (or standing by).
+    Chaos(ChaosFault),
+}
+
+/// The faults chaos mode draws from. Each heals itself: a killed node is restarted after
+/// `--restart-after`, a stopped one resumed after `--hang-for`, a link fault lifted after
+/// `--fault-for`, so the pair must survive fault after fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChaosFault {
+    /// SIGKILL the active node, restart it later.
+    KillActive,
+    /// SIGTERM the active node, restart it later.
+    TermActive,
+    /// SIGSTOP the active node, SIGCONT later.
+    HangActive,
+    /// SIGKILL the standby node, restart it later.
+    KillStandby,
+    /// Blackhole the peer link for a while.
+    Partition,
+    /// Delay the peer link for a while.
+    SlowLink,
+}
+
+impl ChaosFault {
+    const ALL: [ChaosFault; 6] = [
+        ChaosFault::KillActive,
+        ChaosFault::TermActive,
+        ChaosFault::HangActive,
+        ChaosFault::KillStandby,
+        ChaosFault::Partition,
+        ChaosFault::SlowLink,
+    ];
+
+    /// Name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChaosFault::KillActive => "kill-active",
+            ChaosFault::TermActive => "term-active",
+            ChaosFault::HangActive => "hang-active",
+            ChaosFault::KillStandby => "kill-standby",
+            ChaosFault::Partition => "partition-peers",
+            ChaosFault::SlowLink => "slow-link",
+        }
+    }
+}
+
+/// One chaos fault as it happened, for `chaos.csv`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChaosEvent {
+    /// Cycle number, from 1.
+    pub cycle: usize,
+    /// When, µs since the Unix epoch.
+    pub at_us: u64,
+    /// Seconds since the first message.
+    pub at_s: f64,
+    /// The fault.
+    pub fault: &'static str,
+    /// Port label of the node hit (`primary` = the port the primary started on), or `link`.
+    pub target: &'static str,
+    /// Port label of the active node when the fault hit.
+    pub active_before: &'static str,
+    /// Fault → first delivery from the other node, when the active node was hit.
+    pub failover_gap_ms: Option<f64>,
+    /// Longest silence the subscriber saw from the fault to the next fault.
+    pub longest_silence_ms: f64,
+    /// Deliveries in that window.
+    pub delivered: u64,
+}
+
+/// A reproducible chaos plan: `cycles` faults, one per `cycle` period, drawn from `seed`.
+fn chaos_plan(opts: &HarnessOpts, seed: u64) -> Vec<(Duration, Action)> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..opts.cycles)
+        .map(|c| {
+            let jitter = Duration::from_millis(rng.gen_range(0..500));
+            let f = ChaosFault::ALL[rng.gen_range(0..ChaosFault::ALL.len())];
+            (
+                opts.kill_at + opts.cycle * c as u32 + jitter,
+                Action::Chaos(f),
+            )
+        })
+        .collect()
 }
 
 /// The fault plan of a scenario: what to do, when (from the first message).
@@ -552,11 +661,20 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     let primary = format!("127.0.0.1:{pp}");
     let backup = format!("127.0.0.1:{bp}");
     let publisher_id = format!("harness-{}", utc_stamp(started_us));
-    let total = opts.kill_at + opts.after;
-    let faults = plan(&opts, scenario);
+    let chaos_seed = opts.seed.unwrap_or(started_us);
+    let (total, mut faults) = if opts.chaos {
+        (
+            opts.kill_at + opts.cycle * opts.cycles as u32 + opts.after,
+            chaos_plan(&opts, chaos_seed),
+        )
+    } else {
+        (opts.kill_at + opts.after, plan(&opts, scenario))
+    };
+    let mut chaos_events: Vec<ChaosEvent> = Vec::new();
+    let label = ["primary", "backup"];
     println!(
         "failover test '{}': primary {primary}, backup {backup}, topic {}, {} msg/s, fault at {:?}, {:?} after; writing {}",
-        scenario.name(),
+        if opts.chaos { format!("chaos, {} cycles, seed {chaos_seed}", opts.cycles) } else { scenario.name().to_string() },
         opts.topic,
         opts.rate,
         opts.kill_at,
@@ -568,7 +686,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     let stop_proxies = tokio_util::sync::CancellationToken::new();
     let _stop_proxies_guard = stop_proxies.clone().drop_guard();
     let mut proxies = Vec::new();
-    let (primary_sees_backup, backup_sees_primary) = if scenario.uses_proxies() {
+    let (primary_sees_backup, backup_sees_primary) = if opts.chaos || scenario.uses_proxies() {
         let to_backup = proxy::start(
             Net::Tokio,
             "127.0.0.1:0",
@@ -688,9 +806,68 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     loop {
         let elapsed = run_start.elapsed();
         while next < faults.len() && elapsed >= faults[next].0 {
-            let (_, action) = faults[next];
+            let (_, mut action) = faults[next];
             next += 1;
             fault_us.get_or_insert_with(now_us);
+            let mut chaos_note = String::new();
+            if let Action::Chaos(kind) = action {
+                // Aim at whichever node is active now, and schedule the healing step.
+                let active = active_node(&primary, &backup).await;
+                let standby = 1 - active;
+                let heal_at = |d: Duration| elapsed + d;
+                let (act, target, heal) = match kind {
+                    ChaosFault::KillActive => (
+                        Action::Signal(active, KillSignal::Kill),
+                        label[active],
+                        Some((heal_at(opts.restart_after), Action::Restart(active))),
+                    ),
+                    ChaosFault::TermActive => (
+                        Action::Signal(active, KillSignal::Term),
+                        label[active],
+                        Some((heal_at(opts.restart_after), Action::Restart(active))),
+                    ),
+                    ChaosFault::HangActive => (
+                        Action::Signal(active, KillSignal::Stop),
+                        label[active],
+                        Some((heal_at(opts.hang_for), Action::Resume(active))),
+                    ),
+                    ChaosFault::KillStandby => (
+                        Action::Signal(standby, KillSignal::Kill),
+                        label[standby],
+                        Some((heal_at(opts.restart_after), Action::Restart(standby))),
+                    ),
+                    ChaosFault::Partition => (
+                        Action::Link(Fault::Blackhole),
+                        "link",
+                        Some((heal_at(opts.fault_for), Action::Link(Fault::Pass))),
+                    ),
+                    ChaosFault::SlowLink => (
+                        Action::Link(Fault::Delay(opts.delay)),
+                        "link",
+                        Some((heal_at(opts.fault_for), Action::Link(Fault::Pass))),
+                    ),
+                };
+                if let Some(h) = heal {
+                    let pos = faults[next..]
+                        .iter()
+                        .position(|f| f.0 > h.0)
+                        .map_or(faults.len(), |p| next + p);
+                    faults.insert(pos, h);
+                }
+                chaos_events.push(ChaosEvent {
+                    cycle: chaos_events.len() + 1,
+                    at_us: now_us(),
+                    at_s: elapsed.as_secs_f64(),
+                    fault: kind.name(),
+                    target,
+                    active_before: label[active],
+                    failover_gap_ms: None,
+                    longest_silence_ms: 0.0,
+                    delivered: 0,
+                });
+                chaos_note = format!("chaos cycle {}: {} → ", chaos_events.len(), kind.name());
+                action = act;
+            }
             let what = match action {
                 Action::Signal(i, sig) => {
                     procs[i].signal(sig.number());
@@ -708,6 +885,10 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
                     format!("SIGCONT sent to the {}", node_bins[i])
                 }
                 Action::Restart(i) => {
+                    if let Ok(None) = procs[i].child.try_wait() {
+                        // Still running (a TERM not yet honoured): make sure it is gone.
+                        let _ = procs[i].child.kill().await;
+                    }
                     let _ = procs[i].child.wait().await;
                     procs[i] = spawn(&bin_dir, node_bins[i], &node_args[i], &dir, ltx.clone())?;
                     format!(
@@ -722,8 +903,12 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
                     }
                     format!("primary<->backup link: {f:?}")
                 }
+                Action::Chaos(_) => String::new(),
             };
-            progress.println(&format!("{:>6.2}s  {what}", elapsed.as_secs_f64()));
+            progress.println(&format!(
+                "{:>6.2}s  {chaos_note}{what}",
+                elapsed.as_secs_f64()
+            ));
         }
         if elapsed >= total {
             break;
@@ -798,7 +983,11 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         end_us,
         kill_at_us: fault_us,
         publish_period_us: (1e6 / opts.rate) as u64,
-        scenario: scenario.name().to_string(),
+        scenario: if opts.chaos {
+            format!("chaos ({} cycles, seed {chaos_seed})", opts.cycles)
+        } else {
+            scenario.name().to_string()
+        },
         signal: match faults.first().map(|f| f.1) {
             Some(Action::Signal(_, s)) => s.name().to_string(),
             Some(Action::Link(f)) => format!("{f:?}"),
@@ -807,7 +996,21 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     };
     let analysis = report::analyze(&deliveries, &info);
     report::write_reports(&dir, &analysis, &deliveries, &info)?;
-    let table = report::render_table(&analysis);
+    let mut table = report::render_table(&analysis);
+    if opts.chaos {
+        chaos_cycles(
+            &mut chaos_events,
+            &deliveries,
+            info.publisher.as_deref(),
+            end_us,
+        );
+        let mut w = csv::Writer::from_path(dir.join("chaos.csv"))?;
+        for e in &chaos_events {
+            w.serialize(e)?;
+        }
+        w.flush()?;
+        table.push_str(&render_chaos(&chaos_events));
+    }
     std::fs::write(dir.join("table.txt"), &table)?;
     println!("{table}");
     let takeover = takeover_us.load(Ordering::Relaxed);
@@ -818,7 +1021,194 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         );
     }
     println!("report: {}", dir.display());
-    Ok(Outcome { analysis, dir })
+    Ok(Outcome {
+        analysis,
+        dir,
+        chaos: chaos_events,
+    })
+}
+
+/// Index (0 = started as primary, 1 = started as backup) of the node that is primary now: the
+/// one answering `STATUS` as primary in the highest epoch; 0 if neither answers.
+async fn active_node(primary: &str, backup: &str) -> usize {
+    let epoch = |s: Option<(Role, String, u64)>| match s {
+        Some((Role::Primary, _, e)) => Some(e),
+        _ => None,
+    };
+    let (a, b) = (
+        epoch(status_full(primary).await),
+        epoch(status_full(backup).await),
+    );
+    match (a, b) {
+        (Some(x), Some(y)) if y > x => 1,
+        (None, Some(_)) => 1,
+        _ => 0,
+    }
+}
+
+/// Fills each chaos cycle's figures from the deliveries: the failover gap when the active node
+/// was hit, and the longest silence and delivery count until the next fault.
+fn chaos_cycles(
+    events: &mut [ChaosEvent],
+    all: &[report::Delivery],
+    publisher: Option<&str>,
+    end_us: u64,
+) {
+    let mut rows: Vec<&report::Delivery> = all
+        .iter()
+        .filter(|d| publisher.is_none_or(|p| d.publisher == p))
+        .collect();
+    rows.sort_by_key(|d| d.received_at_us);
+    let bounds: Vec<u64> = events.iter().map(|e| e.at_us).chain([end_us]).collect();
+    for (i, e) in events.iter_mut().enumerate() {
+        let (from, to) = (bounds[i], bounds[i + 1]);
+        let window: Vec<&&report::Delivery> = rows
+            .iter()
+            .filter(|d| d.received_at_us >= from && d.received_at_us < to)
+            .collect();
+        e.delivered = window.len() as u64;
+        let mut last = from;
+        let mut longest = 0;
+        for d in &window {
+            longest = longest.max(d.received_at_us - last);
+            last = d.received_at_us;
+        }
+        if i + 1 < bounds.len() - 1 {
+            // Silence running into the next fault counts; after the last one the run just ends.
+            longest = longest.max(to.saturating_sub(last));
+        }
+        e.longest_silence_ms = longest as f64 / 1000.0;
+        if e.target == e.active_before {
+            e.failover_gap_ms = window
+                .iter()
+                .find(|d| d.source != e.active_before)
+                .map(|d| (d.received_at_us - from) as f64 / 1000.0);
+        }
+    }
+}
+
+/// The per-cycle table printed after a chaos run.
+fn render_chaos(events: &[ChaosEvent]) -> String {
+    let mut s = String::from(
+        "\n  cycle  at (s)  fault            target   failover gap  longest silence  delivered\n",
+    );
+    for e in events {
+        s.push_str(&format!(
+            "  {:>5}  {:>6.1}  {:<16} {:<8} {:>12}  {:>12.0} ms  {:>9}\n",
+            e.cycle,
+            e.at_s,
+            e.fault,
+            e.target,
+            e.failover_gap_ms
+                .map_or("-".to_string(), |g| format!("{g:.0} ms")),
+            e.longest_silence_ms,
+            e.delivered
+        ));
+    }
+    s
+}
+
+/// Runs every scenario (`--repeat` times each) and writes `matrix.csv` and `matrix.md` under
+/// `<out>/<timestamp>/`, one sub-folder per run. Ok(true) when nothing was missing anywhere
+/// except where a partition is allowed to lose (it is reported, not judged).
+pub async fn run_matrix(mut opts: HarnessOpts) -> anyhow::Result<bool> {
+    if opts.kill_at == Duration::from_secs(30) && opts.after == Duration::from_secs(10) {
+        opts.kill_at = Duration::from_secs(5);
+        opts.after = Duration::from_secs(6);
+    }
+    let base = match &opts.out_dir {
+        Some(d) => d.clone(),
+        None => opts.out.join(format!("{}-matrix", utc_stamp(now_us()))),
+    };
+    std::fs::create_dir_all(&base)?;
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    let mut all_ok = true;
+    for sc in Scenario::ALL {
+        for r in 1..=opts.repeat.max(1) {
+            let mut o = opts.clone();
+            o.scenario = sc;
+            o.signal = None;
+            o.port = 0;
+            o.no_progress = true;
+            o.out_dir = Some(base.join(if opts.repeat > 1 {
+                format!("{}-{r}", sc.name())
+            } else {
+                sc.name().to_string()
+            }));
+            let out = run(o).await?;
+            let a = &out.analysis;
+            if sc != Scenario::PartitionPeers && !a.verdict_ok {
+                all_ok = false;
+            }
+            rows.push(MatrixRow {
+                scenario: sc.name().to_string(),
+                run: r,
+                verdict: if a.verdict_ok { "PASS" } else { "FAIL" }.to_string(),
+                published: a.published,
+                missing: a.missing.len() as u64,
+                duplicates: a.duplicates,
+                failover_gap_ms: a.failover_gap_ms,
+                longest_silence_ms: a.longest_silence_ms,
+                p99_ms: a.latency.p99_ms,
+            });
+        }
+    }
+    let mut w = csv::Writer::from_path(base.join("matrix.csv"))?;
+    for r in &rows {
+        w.serialize(r)?;
+    }
+    w.flush()?;
+    let mut md = String::from(
+        "| scenario | run | verdict | published | missing | duplicates | failover gap (ms) | longest silence (ms) | p99 latency (ms) |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} |\n",
+            r.scenario,
+            r.run,
+            r.verdict,
+            r.published,
+            r.missing,
+            r.duplicates,
+            r.failover_gap_ms
+                .map_or("-".to_string(), |g| format!("{g:.0}")),
+            r.longest_silence_ms,
+            r.p99_ms
+        ));
+    }
+    std::fs::write(base.join("matrix.md"), &md)?;
+    println!("\n{md}");
+    println!(
+        "matrix: {} runs in {:.0} s; written to {}",
+        rows.len(),
+        started.elapsed().as_secs_f64(),
+        base.display()
+    );
+    Ok(all_ok)
+}
+
+/// One row of `matrix.csv`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MatrixRow {
+    /// Scenario name.
+    pub scenario: String,
+    /// Run number within the scenario.
+    pub run: usize,
+    /// PASS or FAIL.
+    pub verdict: String,
+    /// Messages published.
+    pub published: u64,
+    /// Messages missing.
+    pub missing: u64,
+    /// Duplicate deliveries.
+    pub duplicates: u64,
+    /// Fault → first backup delivery.
+    pub failover_gap_ms: Option<f64>,
+    /// Longest silence.
+    pub longest_silence_ms: f64,
+    /// p99 end-to-end latency.
+    pub p99_ms: f64,
 }
 
 /// Distinct sequence numbers of `publisher` in the CSV so far (0 if it cannot be read yet).

@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use edgepair::harness::{run, HarnessOpts};
+use edgepair::harness::{run, run_matrix, HarnessOpts};
 
 /// Runs primary, backup, subscriber and a test publisher, fails the primary, and reports.
 #[derive(Parser)]
@@ -22,6 +22,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if cli.opts.matrix {
+        return match rt.block_on(run_matrix(cli.opts)) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("harness: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match rt.block_on(run(cli.opts)) {
         Ok(o) if o.analysis.verdict_ok => ExitCode::SUCCESS,
         Ok(_) => ExitCode::FAILURE,
