@@ -646,7 +646,16 @@ impl Node {
                 let node = self.clone();
                 tokio::spawn(async move {
                     node.wait_stored(mid).await;
-                    let _ = otx.send(ack);
+                    // A node that lost its role while waiting must not promise anything: the
+                    // publisher will resend to the new primary.
+                    let answer = if node.role() == Role::Primary && !node.lock().suspect {
+                        ack
+                    } else {
+                        Frame::Err {
+                            reason: "not primary any more; resend to the other broker".into(),
+                        }
+                    };
+                    let _ = otx.send(answer);
                 });
                 Out::Pending(orx)
             }
@@ -1238,10 +1247,23 @@ impl Node {
                         backoff = (backoff * 2).min(Duration::from_secs(1));
                         continue;
                     }
-                    _ => {
-                        // It answered, but not with HELLO (or closed): a seed backup.
-                        warn!("backup {backup} does not speak {PROTOCOL_VERSION}: using seed REPLICATE/CLEAR");
+                    Ok(Some(Ok(other))) => {
+                        // It answered, but not with HELLO: a seed backup.
+                        warn!(
+                            "backup {backup} answered {} to HELLO: using seed REPLICATE/CLEAR",
+                            other.encode().trim_end()
+                        );
                         legacy = true;
+                        continue;
+                    }
+                    Ok(_) => {
+                        // Closed or broke without a word: not there yet (or a proxy in front of
+                        // a node that is down). Try again later.
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
                         continue;
                     }
                 }
@@ -1271,11 +1293,20 @@ impl Node {
                 generation = g;
             }
             ever_up = true;
+            let up_since = Instant::now();
             let err = self.run_link(framed, rx, legacy).await;
             self.link_down(generation);
             if !self.shutdown.is_cancelled() {
                 warn!("replication link to backup lost ({err}): running degraded");
                 said_degraded = true;
+            }
+            if up_since.elapsed() < Duration::from_secs(1) {
+                // A link that drops at once would otherwise be retried in a tight loop.
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }
