@@ -209,6 +209,8 @@ struct Counters {
     duplicates: AtomicU64,
     subscribed: AtomicU64,
     published: AtomicU64,
+    /// Lines in which a broker said it runs without a backup (or lost its role).
+    events: std::sync::Mutex<Vec<String>>,
 }
 
 /// A child process killed by PID when dropped, so nothing outlives the harness.
@@ -465,13 +467,27 @@ fn watch_lines(
                         }
                     }
                 }
-                ("backup", false) if line.contains("TAKEOVER") => {
-                    let _ = takeover_us.compare_exchange(
-                        0,
-                        now_us(),
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
+                ("primary" | "backup", false)
+                    if line.contains("running degraded")
+                        || line.contains("STEP DOWN")
+                        || line.contains("TAKEOVER") =>
+                {
+                    if let Ok(mut ev) = c.events.lock() {
+                        // Keep the message, not the timestamp and level prefix.
+                        let msg = line
+                            .split_once("  ")
+                            .map_or(line.as_str(), |(_, m)| m.trim_start());
+                        let msg = msg.split_once(' ').map_or(msg, |(_, m)| m);
+                        ev.push(format!("{name}: {msg}"));
+                    }
+                    if name == "backup" && line.contains("TAKEOVER") {
+                        let _ = takeover_us.compare_exchange(
+                            0,
+                            now_us(),
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                    }
                 }
                 _ => {}
             }
@@ -1014,6 +1030,19 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     std::fs::write(dir.join("table.txt"), &table)?;
     println!("{table}");
     let takeover = takeover_us.load(Ordering::Relaxed);
+    if let Ok(ev) = counters.events.lock() {
+        if !ev.is_empty() {
+            let mut notes =
+                String::from("\nrole changes and degraded periods (from the brokers' logs):\n");
+            for e in ev.iter() {
+                notes.push_str(&format!("  {e}\n"));
+            }
+            print!("{notes}");
+            let mut t = std::fs::read_to_string(dir.join("table.txt")).unwrap_or_default();
+            t.push_str(&notes);
+            std::fs::write(dir.join("table.txt"), t)?;
+        }
+    }
     if let (Some(k), true) = (fault_us, takeover > 0) {
         println!(
             "backup logged TAKEOVER {:.0} ms after the fault",
