@@ -291,7 +291,7 @@ fn pick_ports(base: u16) -> anyhow::Result<(u16, u16)> {
 }
 
 /// UTC timestamp for folder names, e.g. `20261124T120501Z`, without a date crate.
-fn utc_stamp(us: u64) -> String {
+pub fn utc_stamp(us: u64) -> String {
     let secs = (us / 1_000_000) as i64;
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);

@@ -1,6 +1,7 @@
 //! edgepair: a primary–backup edge-computing simulator with a failover test harness.
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod clock;

@@ -1,0 +1,573 @@
+//! Benchmarks that print figures: relay throughput and latency, fan-out, memory per subscriber,
+//! and the 10 Hz compute scenario.
+//!
+//! Brokers run as real child processes (`primary`, `backup` from the bench binary's folder) on
+//! loopback; the bench's own clients are lean on purpose (they write pre-formatted frames and
+//! count lines) so that the figures measure the brokers, not the client. Every figure is the
+//! median of `--runs` runs. These are measurements, not tests: the machine is shared and noisy,
+//! so compare figures taken in one run.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use crate::clock::now_us;
+
+/// Options of the `bench` binary.
+#[derive(Debug, Clone, Args)]
+pub struct BenchOpts {
+    /// Runs per figure; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Messages for the throughput figure.
+    #[arg(long, default_value_t = 200_000)]
+    pub messages: u64,
+    /// Publisher window: unacknowledged messages in flight.
+    #[arg(long, default_value_t = 1000)]
+    pub window: u64,
+    /// Rate of the paced latency figure, msg/s.
+    #[arg(long, default_value_t = 5000)]
+    pub paced_rate: u64,
+    /// Length of the paced latency run.
+    #[arg(long, value_parser = crate::compute::parse_duration, default_value = "5s")]
+    pub paced_for: Duration,
+    /// Subscribers of the fan-out figure.
+    #[arg(long, default_value_t = 1000)]
+    pub fanout: usize,
+    /// Length of the 10 Hz compute scenario per setting.
+    #[arg(long, value_parser = crate::compute::parse_duration, default_value = "60s")]
+    pub compute_for: Duration,
+    /// Shorter everything (1 run, 50,000 messages, 2 s paced, 10 s compute) for a quick look.
+    #[arg(long)]
+    pub quick: bool,
+    /// Only these figures (comma-separated: throughput,latency,fanout,rss,compute).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Where the CSV goes.
+    #[arg(long, default_value = "results/bench")]
+    pub out: PathBuf,
+    /// Folder holding the `primary` and `backup` binaries (default: the bench's own folder).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// A broker child process, killed when dropped.
+struct Broker {
+    child: Child,
+    addr: String,
+}
+
+impl Broker {
+    fn rss_kib(&self) -> Option<u64> {
+        let pid = self.child.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn wait_ready(addr: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(s) = TcpStream::connect(addr).await {
+            let (r, mut w) = s.into_split();
+            w.write_all(b"STATUS\n").await?;
+            let mut line = String::new();
+            let mut r = BufReader::new(r);
+            if tokio::time::timeout(Duration::from_secs(1), r.read_line(&mut line))
+                .await
+                .is_ok()
+                && (line.contains("|up|") || line.contains("|none|") || line.contains("|armed|"))
+            {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("broker at {addr} not ready")
+}
+
+/// Starts a solo primary (`replicated = false`) or a primary + backup pair on free ports.
+async fn start(
+    bin_dir: &Path,
+    replicated: bool,
+    compute: &str,
+    workers: Option<usize>,
+) -> anyhow::Result<Vec<Broker>> {
+    let (pp, bp) = (free_port()?, free_port()?);
+    let spawn = |name: &str, port: u16, peer: u16| -> anyhow::Result<Broker> {
+        let mut cmd = Command::new(bin_dir.join(name));
+        cmd.args([
+            port.to_string(),
+            format!("127.0.0.1:{peer}"),
+            "--compute".into(),
+            compute.into(),
+        ]);
+        if let Some(w) = workers {
+            cmd.args(["--workers".to_string(), w.to_string()]);
+        }
+        let child = cmd
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {name} from {}", bin_dir.display()))?;
+        Ok(Broker {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+        })
+    };
+    // A solo primary points at a port nothing listens on: it runs degraded, acknowledging at once.
+    let solo_peer = free_port()?;
+    let mut v = vec![spawn(
+        "primary",
+        pp,
+        if replicated { bp } else { solo_peer },
+    )?];
+    if replicated {
+        v.push(spawn("backup", bp, pp)?);
+    }
+    wait_ready(&v[0].addr).await?;
+    if replicated {
+        // Wait until the pair is linked.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = TcpStream::connect(&v[0].addr).await?;
+            let (r, mut w) = s.into_split();
+            w.write_all(b"STATUS\n").await?;
+            let mut line = String::new();
+            BufReader::new(r).read_line(&mut line).await?;
+            if line.contains("|up|") {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("primary and backup did not pair up");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(v)
+}
+
+/// A subscriber connection; the write half is kept so the broker does not see it close.
+struct SubConn {
+    r: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    _w: tokio::net::tcp::OwnedWriteHalf,
+}
+
+/// A subscriber connection that has sent `SUB` and been registered (checked with a `PING`).
+async fn subscribe(addr: &str, topic: &str) -> anyhow::Result<SubConn> {
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (r, mut w) = s.into_split();
+    w.write_all(format!("SUB|{topic}\nPING\n").as_bytes())
+        .await?;
+    let mut r = BufReader::new(r);
+    let mut line = String::new();
+    r.read_line(&mut line).await?;
+    if line.trim_end() != "PONG" {
+        bail!("subscribe: unexpected answer {line:?}");
+    }
+    Ok(SubConn { r, _w: w })
+}
+
+const PAYLOAD_LEN: usize = 64;
+
+fn payload(seq: u64) -> String {
+    let mut p = format!("{seq:020}");
+    while p.len() < PAYLOAD_LEN {
+        p.push('x');
+    }
+    p
+}
+
+/// Sends `n` messages as fast as a window of `window` unacknowledged messages allows; returns
+/// delivered msg/s measured from the first send to the last delivery, and how many arrived.
+async fn throughput(addr: &str, n: u64, window: u64) -> anyhow::Result<(f64, u64)> {
+    let mut sub = subscribe(addr, "bench").await?;
+    let counter = tokio::spawn(async move {
+        let mut buf = Vec::with_capacity(64 * 1024);
+        let mut got = 0u64;
+        let mut last = Instant::now();
+        while got < n {
+            buf.clear();
+            match tokio::time::timeout(Duration::from_secs(5), sub.r.read_until(b'\n', &mut buf))
+                .await
+            {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(_)) => {
+                    got += 1;
+                    last = Instant::now();
+                }
+            }
+        }
+        (got, last)
+    });
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (r, mut w) = s.into_split();
+    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0u64);
+    let acker = tokio::spawn(async move {
+        let mut r = BufReader::with_capacity(64 * 1024, r);
+        let mut line = Vec::new();
+        let mut acked = 0u64;
+        while acked < n {
+            line.clear();
+            match r.read_until(b'\n', &mut line).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    acked += 1;
+                    if acked.is_multiple_of(64) || acked == n {
+                        let _ = acked_tx.send(acked);
+                    }
+                }
+            }
+        }
+    });
+    let start = Instant::now();
+    let sent_us = now_us();
+    let mut seq = 0u64;
+    let mut out = Vec::with_capacity(256 * 1024);
+    while seq < n {
+        let acked = *acked_rx.borrow();
+        let room = (acked + window).saturating_sub(seq).min(n - seq);
+        if room == 0 {
+            if acked_rx.changed().await.is_err() {
+                break;
+            }
+            continue;
+        }
+        out.clear();
+        for _ in 0..room {
+            seq += 1;
+            out.extend_from_slice(
+                format!("PUB|bench|b|{seq}|{sent_us}|{}\n", payload(seq)).as_bytes(),
+            );
+        }
+        w.write_all(&out).await?;
+    }
+    let (got, last) = counter.await?;
+    acker.abort();
+    let secs = last.duration_since(start).as_secs_f64().max(1e-9);
+    Ok((got as f64 / secs, got))
+}
+
+/// Sends at a fixed rate for `dur` and returns the publish→deliver latency histogram (µs).
+async fn paced_latency(addr: &str, rate: u64, dur: Duration) -> anyhow::Result<Histogram<u64>> {
+    let mut sub = subscribe(addr, "lat").await?;
+    let n = (rate as f64 * dur.as_secs_f64()) as u64;
+    let reader = tokio::spawn(async move {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
+        let mut line = String::new();
+        let mut got = 0;
+        while got < n {
+            line.clear();
+            match tokio::time::timeout(Duration::from_secs(5), sub.r.read_line(&mut line)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(_)) => {
+                    got += 1;
+                    let now = now_us();
+                    // MSG|topic|publisher|seq|sent_us|...
+                    if let Some(sent) = line.split('|').nth(4).and_then(|s| s.parse::<u64>().ok()) {
+                        if let Some(h) = h.as_mut() {
+                            let _ = h.record(now.saturating_sub(sent).max(1));
+                        }
+                    }
+                }
+            }
+        }
+        h
+    });
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (r, mut w) = s.into_split();
+    let drain = tokio::spawn(async move {
+        let mut r = BufReader::new(r);
+        let mut line = Vec::new();
+        while r.read_until(b'\n', &mut line).await.unwrap_or(0) > 0 {
+            line.clear();
+        }
+    });
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    for seq in 1..=n {
+        tokio::time::sleep_until(start + period.mul_f64(seq as f64)).await;
+        let line = format!("PUB|lat|l|{seq}|{}|{}\n", now_us(), payload(seq));
+        w.write_all(line.as_bytes()).await?;
+    }
+    let h = reader.await?.context("histogram")?;
+    drain.abort();
+    Ok(h)
+}
+
+/// One message to `subs` subscribers at `rate` msg/s for `dur`: p99 over messages of the spread
+/// between the first and the last subscriber to receive it, and how many deliveries were lost.
+async fn fanout(addr: &str, subs: usize, rate: u64, dur: Duration) -> anyhow::Result<(f64, u64)> {
+    let n = (rate as f64 * dur.as_secs_f64()) as u64;
+    let mut readers = Vec::with_capacity(subs);
+    for _ in 0..subs {
+        readers.push(subscribe(addr, "fan").await?);
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
+    for mut r in readers {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut line = String::new();
+            for _ in 0..n {
+                line.clear();
+                match tokio::time::timeout(Duration::from_secs(5), r.r.read_line(&mut line)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                    Ok(Ok(_)) => {
+                        let at = now_us();
+                        if let Some(seq) = line.split('|').nth(3).and_then(|s| s.parse().ok()) {
+                            let _ = tx.send((seq, at));
+                        }
+                    }
+                }
+            }
+        });
+    }
+    drop(tx);
+    let s = TcpStream::connect(addr).await?;
+    let (r, mut w) = s.into_split();
+    let drain = tokio::spawn(async move {
+        let mut r = BufReader::new(r);
+        let mut line = Vec::new();
+        while r.read_until(b'\n', &mut line).await.unwrap_or(0) > 0 {
+            line.clear();
+        }
+    });
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    for seq in 1..=n {
+        tokio::time::sleep_until(start + period.mul_f64(seq as f64)).await;
+        w.write_all(format!("PUB|fan|f|{seq}|{}|{}\n", now_us(), payload(seq)).as_bytes())
+            .await?;
+    }
+    let mut first_last: std::collections::HashMap<u64, (u64, u64, usize)> = Default::default();
+    while let Some((seq, at)) = rx.recv().await {
+        let e = first_last.entry(seq).or_insert((at, at, 0));
+        e.0 = e.0.min(at);
+        e.1 = e.1.max(at);
+        e.2 += 1;
+    }
+    drain.abort();
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut delivered = 0u64;
+    for (_, (a, b, c)) in first_last {
+        h.record((b - a).max(1))?;
+        delivered += c as u64;
+    }
+    let lost = n * subs as u64 - delivered;
+    Ok((h.value_at_quantile(0.99) as f64 / 1000.0, lost))
+}
+
+/// RSS growth of the broker per idle subscriber connection, KiB.
+async fn rss_per_subscriber(b: &Broker, subs: usize) -> anyhow::Result<f64> {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = b.rss_kib().context("cannot read the broker's RSS")?;
+    let mut keep = Vec::with_capacity(subs);
+    for _ in 0..subs {
+        keep.push(subscribe(&b.addr, "idle").await?);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = b.rss_kib().context("cannot read the broker's RSS")?;
+    drop(keep);
+    Ok((after.saturating_sub(before)) as f64 / subs as f64)
+}
+
+/// The 10 Hz scenario with compute: p50 and p99 latency (ms) over `dur`.
+async fn compute_scenario(addr: &str, dur: Duration) -> anyhow::Result<(f64, f64)> {
+    let h = paced_latency(addr, 10, dur).await?;
+    Ok((
+        h.value_at_quantile(0.5) as f64 / 1000.0,
+        h.value_at_quantile(0.99) as f64 / 1000.0,
+    ))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// One printed figure.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Figure {
+    /// What was measured.
+    pub figure: String,
+    /// Setup (solo / replicated / workers).
+    pub setup: String,
+    /// Median value.
+    pub value: f64,
+    /// Unit.
+    pub unit: String,
+    /// The target from the performance issue, for comparison.
+    pub target: String,
+    /// The values of every run.
+    pub runs: String,
+}
+
+/// Runs the benchmarks, prints each figure as it comes, and writes the CSV.
+pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
+    if o.quick {
+        o.runs = 1;
+        o.messages = o.messages.min(50_000);
+        o.paced_for = o.paced_for.min(Duration::from_secs(2));
+        o.compute_for = o.compute_for.min(Duration::from_secs(10));
+        o.fanout = o.fanout.min(1000);
+    }
+    let bin_dir = match &o.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("bench binary has no folder")?
+            .to_path_buf(),
+    };
+    let want = |f: &str| o.only.is_empty() || o.only.iter().any(|x| x == f);
+    let mut figs: Vec<Figure> = Vec::new();
+    let mut push = |figure: &str, setup: &str, runs: Vec<f64>, unit: &str, target: &str| {
+        let f = Figure {
+            figure: figure.into(),
+            setup: setup.into(),
+            value: median(runs.clone()),
+            unit: unit.into(),
+            target: target.into(),
+            runs: runs
+                .iter()
+                .map(|v| format!("{v:.1}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
+        println!(
+            "{:<28} {:<12} {:>12.1} {:<8} (target {}; runs {})",
+            f.figure, f.setup, f.value, f.unit, f.target, f.runs
+        );
+        figs.push(f);
+    };
+    println!(
+        "machine: {} cores; {} run(s) per figure, medians",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        o.runs
+    );
+    for (replicated, setup) in [(false, "solo"), (true, "replicated")] {
+        if want("throughput") {
+            let mut runs = Vec::new();
+            for _ in 0..o.runs {
+                let b = start(&bin_dir, replicated, "0", None).await?;
+                let (rate, got) = throughput(&b[0].addr, o.messages, o.window).await?;
+                if got < o.messages {
+                    println!("  ({setup}: only {got} of {} delivered)", o.messages);
+                }
+                runs.push(rate);
+            }
+            let target = if replicated {
+                ">= 1,000,000"
+            } else {
+                ">= 2,300,000"
+            };
+            push("throughput (delivered)", setup, runs, "msg/s", target);
+        }
+        if want("latency") {
+            let (mut p50, mut p99, mut p999, mut max) = (vec![], vec![], vec![], vec![]);
+            for _ in 0..o.runs {
+                let b = start(&bin_dir, replicated, "0", None).await?;
+                let h = paced_latency(&b[0].addr, o.paced_rate, o.paced_for).await?;
+                p50.push(h.value_at_quantile(0.5) as f64);
+                p99.push(h.value_at_quantile(0.99) as f64);
+                p999.push(h.value_at_quantile(0.999) as f64);
+                max.push(h.max() as f64);
+            }
+            let t99 = if replicated { "<= 150" } else { "<= 90" };
+            let name = format!("latency @{}/s", o.paced_rate);
+            push(&format!("{name} p50"), setup, p50, "us", "-");
+            push(&format!("{name} p99"), setup, p99, "us", t99);
+            push(&format!("{name} p99.9"), setup, p999, "us", "-");
+            push(&format!("{name} max"), setup, max, "us", "-");
+        }
+    }
+    if want("fanout") {
+        let (mut spread, mut lost) = (vec![], vec![]);
+        for _ in 0..o.runs {
+            let b = start(&bin_dir, false, "0", None).await?;
+            let (s, l) = fanout(&b[0].addr, o.fanout, 100, Duration::from_secs(5)).await?;
+            spread.push(s);
+            lost.push(l as f64);
+        }
+        push(
+            &format!("fan-out {} spread p99", o.fanout),
+            "solo",
+            spread,
+            "ms",
+            "<= 10",
+        );
+        push(
+            &format!("fan-out {} lost", o.fanout),
+            "solo",
+            lost,
+            "msgs",
+            "0",
+        );
+    }
+    if want("rss") {
+        let mut runs = Vec::new();
+        for _ in 0..o.runs {
+            let b = start(&bin_dir, false, "0", None).await?;
+            runs.push(rss_per_subscriber(&b[0], o.fanout).await?);
+        }
+        push("RSS per idle subscriber", "solo", runs, "KiB", "<= 16");
+    }
+    if want("compute") {
+        for (workers, setup) in [(Some(1), "workers 1"), (None, "default")] {
+            let (mut p50, mut p99) = (vec![], vec![]);
+            for _ in 0..o.runs {
+                let b = start(&bin_dir, true, "50..150", workers).await?;
+                let (a, z) = compute_scenario(&b[0].addr, o.compute_for).await?;
+                p50.push(a);
+                p99.push(z);
+            }
+            let (t50, t99) = if workers.is_none() {
+                ("<= 102", "<= 152")
+            } else {
+                ("-", "-")
+            };
+            push("10 Hz compute p50", setup, p50, "ms", t50);
+            push("10 Hz compute p99", setup, p99, "ms", t99);
+        }
+    }
+    std::fs::create_dir_all(&o.out)?;
+    let path = o
+        .out
+        .join(format!("{}.csv", crate::harness::utc_stamp(now_us())));
+    let mut w = csv::Writer::from_path(&path)?;
+    for f in &figs {
+        w.serialize(f)?;
+    }
+    w.flush()?;
+    println!("written to {}", path.display());
+    Ok(figs)
+}
