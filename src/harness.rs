@@ -218,6 +218,8 @@ struct Proc {
     name: &'static str,
     child: Child,
     stopped: bool,
+    /// The tasks copying its output; awaited after it exits so no last line is missed.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -241,7 +243,12 @@ impl Proc {
         }
         self.signal(libc::SIGTERM);
         match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(Ok(st)) => Some(st),
+            Ok(Ok(st)) => {
+                for r in self.readers.drain(..) {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
+                }
+                Some(st)
+            }
             _ => {
                 tracing::warn!("{} did not stop within {grace:?}: killing it", self.name);
                 let _ = self.child.kill().await;
@@ -396,6 +403,7 @@ fn spawn(
     let log = Arc::new(std::sync::Mutex::new(std::io::BufWriter::new(log)));
     let out = child.stdout.take();
     let err = child.stderr.take();
+    let mut readers = Vec::new();
     for (is_out, pipe) in [
         (
             true,
@@ -409,7 +417,7 @@ fn spawn(
         let Some(pipe) = pipe else { continue };
         let log = log.clone();
         let lines = lines.clone();
-        tokio::spawn(async move {
+        readers.push(tokio::spawn(async move {
             let mut r = BufReader::new(pipe).lines();
             while let Ok(Some(line)) = r.next_line().await {
                 if let Ok(mut l) = log.lock() {
@@ -419,12 +427,13 @@ fn spawn(
                 }
                 let _ = lines.send((name, is_out, line));
             }
-        });
+        }));
     }
     Ok(Proc {
         name,
         child,
         stopped: false,
+        readers,
     })
 }
 
@@ -958,7 +967,21 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
 
     // Stop publishing; the publisher still collects outstanding ACKs before it exits.
     let pub_status = procs[3].stop(Duration::from_secs(10)).await;
-    let published = counters.published.load(Ordering::Relaxed);
+    // The publisher's own summary line says how many it produced; read it from its log, which
+    // is complete once its output readers are done.
+    let published = std::fs::read_to_string(dir.join("test-publisher.log"))
+        .ok()
+        .and_then(|log| {
+            log.lines().rev().find_map(|l| {
+                l.strip_prefix("published ")?
+                    .split(',')
+                    .next()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+        })
+        .unwrap_or_else(|| counters.published.load(Ordering::Relaxed));
     // Drain: wait until the subscriber has seen every published sequence number or has been
     // quiet for two seconds.
     let drain_deadline = Instant::now() + Duration::from_secs(10);

@@ -939,22 +939,24 @@ impl Node {
         }
     }
 
-    /// Gives up the primary role to a node of a newer epoch and becomes its backup. Results not
-    /// yet delivered are dropped: every acknowledged one is held by the new primary, and the
-    /// unacknowledged ones are resent by their publishers.
+    /// Gives up the primary role to a node of a newer epoch and becomes its backup. Messages
+    /// accepted here and not yet delivered are handed to the new primary, which drops those it
+    /// already holds (by identity): a message this node acknowledged while it ran degraded (in a
+    /// partition, say) is thus not lost when it steps down.
     fn step_down(self: &Arc<Self>, epoch: u64, why: &str) {
         let mut st = self.lock();
         if st.role != Some(Role::Primary) {
             return;
         }
         warn!(
-            "STEP DOWN: {why}; epoch {} → {epoch}, now backup; dropping {} undelivered result(s)",
+            "STEP DOWN: {why}; epoch {} → {epoch}, now backup; handing {} undelivered message(s) to the new primary",
             st.epoch,
             st.inflight.len()
         );
         st.role = Some(Role::Backup);
         st.epoch = st.epoch.max(epoch);
-        st.inflight.clear();
+        let undelivered: Vec<Arc<Message>> =
+            std::mem::take(&mut st.inflight).into_values().collect();
         st.order.clear();
         st.fenced.clear();
         st.suspect = false;
@@ -968,8 +970,71 @@ impl Node {
             d.on_pong();
         }
         if let Some(peer) = self.cfg.peer.clone() {
+            if !undelivered.is_empty() {
+                tokio::spawn(self.clone().hand_over(peer.clone(), undelivered));
+            }
             tokio::spawn(self.clone().poll_primary(peer));
         }
+    }
+
+    /// Sends messages this node accepted as primary to the new primary, in their original order,
+    /// retrying for a few seconds; each must be acknowledged.
+    async fn hand_over(self: Arc<Self>, peer: String, msgs: Vec<Arc<Message>>) {
+        for attempt in 1..=10 {
+            match self.forward_all(&peer, &msgs).await {
+                Ok(()) => {
+                    info!(
+                        "handed {} message(s) over to the new primary {peer}",
+                        msgs.len()
+                    );
+                    return;
+                }
+                Err(e) => {
+                    warn!("handing messages over to {peer} failed (attempt {attempt}): {e}");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                    }
+                }
+            }
+        }
+        error!(
+            "could not hand {} message(s) over to {peer}: they are lost unless their publishers resend them",
+            msgs.len()
+        );
+    }
+
+    async fn forward_all(&self, peer: &str, msgs: &[Arc<Message>]) -> anyhow::Result<()> {
+        let t = self.cfg.forward_timeout;
+        let stream = self.cfg.net.connect(peer, t).await?;
+        let mut framed = tokio_util::codec::Framed::new(stream, FrameCodec::default());
+        for m in msgs {
+            let f = if m.id.is_anonymous() {
+                Frame::Publish {
+                    topic: m.topic.clone(),
+                    payload: m.payload.clone(),
+                }
+            } else {
+                Frame::Pub {
+                    topic: m.topic.clone(),
+                    id: m.id.clone(),
+                    sent_us: m.sent_us,
+                    payload: m.payload.clone(),
+                }
+            };
+            framed.feed(f).await?;
+        }
+        framed.flush().await?;
+        for _ in msgs {
+            match timeout(t, framed.next()).await {
+                Ok(Some(Ok(Frame::Ack { .. }))) => {}
+                Ok(Some(Ok(other))) => anyhow::bail!("answered {}", other.encode().trim_end()),
+                Ok(Some(Err(e))) => return Err(e.into()),
+                Ok(None) => anyhow::bail!("connection closed"),
+                Err(_) => anyhow::bail!("no answer within {t:?}"),
+            }
+        }
+        Ok(())
     }
 
     /// True if this primary must not deliver now because the process was paused (SIGSTOP, a VM
