@@ -96,7 +96,7 @@ async fn wait_ready(addr: &str) -> anyhow::Result<()> {
             if tokio::time::timeout(Duration::from_secs(1), r.read_line(&mut line))
                 .await
                 .is_ok()
-                && (line.contains("|up|") || line.contains("|none|") || line.contains("|armed|"))
+                && line.starts_with("STATUS|")
             {
                 return Ok(());
             }
@@ -126,10 +126,17 @@ async fn start(
             cmd.args(["--workers".to_string(), w.to_string()]);
         }
         let child = cmd
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(if std::env::var("BENCH_LOG").is_ok() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {name} from {}", bin_dir.display()))?;
@@ -330,9 +337,12 @@ async fn fanout(addr: &str, subs: usize, rate: u64, dur: Duration) -> anyhow::Re
         readers.push(subscribe(addr, "fan").await?);
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
-    for mut r in readers {
+    for r in readers {
         let tx = tx.clone();
         tokio::spawn(async move {
+            // Move the whole connection in (not just its reader): dropping the write half
+            // would close the subscription.
+            let mut r = r;
             let mut line = String::new();
             for _ in 0..n {
                 line.clear();
