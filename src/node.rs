@@ -148,6 +148,16 @@ struct Sub {
     kick: CancellationToken,
 }
 
+/// A publish whose `ACK` waits for the backup to store message `mid`.
+#[derive(Debug)]
+struct PendingAck {
+    mid: u64,
+    tx: oneshot::Sender<Frame>,
+    ack: Frame,
+    /// When to give up on the backup and run degraded.
+    deadline: Instant,
+}
+
 /// What the replication link carries to the backup.
 #[derive(Debug)]
 enum LinkMsg {
@@ -161,8 +171,6 @@ struct LinkState {
     /// Changes every time a link comes up, so waiters notice a reconnect.
     generation: u64,
     up: bool,
-    /// Highest `mid` the backup confirmed on this link.
-    confirmed: u64,
 }
 
 #[derive(Debug, Default)]
@@ -196,6 +204,10 @@ struct State {
     suspect: bool,
     /// Primary: results held back while `suspect`.
     fenced: Vec<(Arc<Message>, Stamps)>,
+    /// Primary: publishes waiting for the backup's `STORED`, in `mid` order.
+    acks: VecDeque<PendingAck>,
+    /// Primary: every `mid` up to this one is stored by the backup or already delivered.
+    confirmed: u64,
     delivered: u64,
     kicked: u64,
 }
@@ -251,7 +263,6 @@ pub async fn run(
         link_state: watch::channel(LinkState {
             generation: 0,
             up: false,
-            confirmed: 0,
         })
         .0,
         link_closed: Notify::new(),
@@ -638,28 +649,7 @@ impl Node {
         let ack = Frame::Ack {
             id: (!legacy).then(|| id.clone()),
         };
-        let wait = self.accept(topic, id, sent_us, payload);
-        match wait {
-            None => Out::frame(ack),
-            Some(mid) => {
-                let (otx, orx) = oneshot::channel();
-                let node = self.clone();
-                tokio::spawn(async move {
-                    node.wait_stored(mid).await;
-                    // A node that lost its role while waiting must not promise anything: the
-                    // publisher will resend to the new primary.
-                    let answer = if node.role() == Role::Primary && !node.lock().suspect {
-                        ack
-                    } else {
-                        Frame::Err {
-                            reason: "not primary any more; resend to the other broker".into(),
-                        }
-                    };
-                    let _ = otx.send(answer);
-                });
-                Out::Pending(orx)
-            }
-        }
+        self.accept(topic, id, sent_us, payload, ack)
     }
 
     /// A publish reached this backup. Either the primary is alive (forward the message to it and
@@ -711,45 +701,90 @@ impl Node {
         }
     }
 
-    /// Accepts a publish on the primary. Returns the `mid` whose `STORED` the `ACK` must wait
-    /// for, or `None` to acknowledge at once (degraded, or a resend of a message already safe).
+    /// Accepts a publish on the primary and returns its answer: the `ACK` at once when running
+    /// degraded (or for a resend of a message already safe with no link), otherwise an answer
+    /// that comes when the backup has stored the message (see [`Node::stored`]).
     fn accept(
         self: &Arc<Self>,
         topic: String,
         id: MsgId,
         sent_us: u64,
         payload: String,
-    ) -> Option<u64> {
+        ack: Frame,
+    ) -> Out {
         let mut st = self.lock();
-        if !id.is_anonymous() {
-            let fresh = st
+        let wait = if !id.is_anonymous()
+            && !st
                 .seen
                 .entry(id.publisher.clone())
                 .or_default()
-                .insert(id.seq);
-            if !fresh {
-                // A resend. Every earlier message went down the link before this point, so once
-                // the last one is stored, so is this one.
-                debug!("resend of {}:{} recognised", id.publisher, id.seq);
-                return st.link.as_ref().map(|_| st.next_mid - 1);
+                .insert(id.seq)
+        {
+            // A resend. Every earlier message went down the link before this point, so once
+            // the last one is stored, so is this one.
+            debug!("resend of {}:{} recognised", id.publisher, id.seq);
+            let last = st.next_mid - 1;
+            st.link
+                .as_ref()
+                .and_then(|_| (last > st.confirmed).then_some(last))
+        } else {
+            let mid = st.next_mid;
+            st.next_mid += 1;
+            let msg = Arc::new(Message {
+                mid,
+                topic,
+                id,
+                sent_us,
+                payload,
+                received_us: now_us(),
+            });
+            let wait = match &st.link {
+                Some(link) => link.send(LinkMsg::Repl(msg.clone())).is_ok().then_some(mid),
+                None => None,
+            };
+            self.enqueue(&mut st, msg);
+            wait
+        };
+        match wait {
+            None => Out::frame(ack),
+            Some(mid) => {
+                let (tx, rx) = oneshot::channel();
+                st.acks.push_back(PendingAck {
+                    mid,
+                    tx,
+                    ack,
+                    deadline: Instant::now() + self.cfg.repl_timeout,
+                });
+                Out::Pending(rx)
             }
         }
-        let mid = st.next_mid;
-        st.next_mid += 1;
-        let msg = Arc::new(Message {
-            mid,
-            topic,
-            id,
-            sent_us,
-            payload,
-            received_us: now_us(),
-        });
-        let wait = match &st.link {
-            Some(link) => link.send(LinkMsg::Repl(msg.clone())).is_ok().then_some(mid),
-            None => None,
-        };
-        self.enqueue(&mut st, msg);
-        wait
+    }
+
+    /// The backup confirmed everything up to `mid`: answer the publishes waiting for it.
+    fn stored(&self, mid: u64) {
+        let mut st = self.lock();
+        st.confirmed = st.confirmed.max(mid);
+        while st.acks.front().is_some_and(|a| a.mid <= mid) {
+            if let Some(a) = st.acks.pop_front() {
+                let _ = a.tx.send(a.ack);
+            }
+        }
+    }
+
+    /// Answers every publish still waiting for `STORED`: with its `ACK` when this node is still
+    /// primary (the link is gone, so it runs degraded), with `ERR` when it lost its role (the
+    /// publisher then resends to the new primary).
+    fn release_acks(st: &mut State) {
+        let keep_role = st.role == Some(Role::Primary) && !st.suspect;
+        for a in st.acks.drain(..) {
+            let _ = a.tx.send(if keep_role {
+                a.ack
+            } else {
+                Frame::Err {
+                    reason: "not primary any more; resend to the other broker".into(),
+                }
+            });
+        }
     }
 
     /// Puts an accepted message into the compute stage and its publisher's delivery queue.
@@ -760,6 +795,13 @@ impl Node {
             .entry(msg.id.publisher.clone())
             .or_default()
             .push_back(Slot { mid, done: None });
+        if self.cfg.compute.range().is_off() {
+            // Pure relay: no task to wait for, deliver in place (still through the reorder
+            // stage, so a message never overtakes an earlier one still computing).
+            let now = now_us();
+            self.finish(st, msg, now, now);
+            return;
+        }
         let node = self.clone();
         tokio::spawn(async move {
             let cs = now_us();
@@ -769,33 +811,6 @@ impl Node {
         });
     }
 
-    /// Waits until the backup has stored `mid`, or the link is declared dead.
-    async fn wait_stored(&self, mid: u64) {
-        let mut rx = self.link_state.subscribe();
-        let start = rx.borrow().generation;
-        let deadline = Instant::now() + self.cfg.repl_timeout;
-        loop {
-            {
-                let s = *rx.borrow_and_update();
-                if !s.up || s.generation != start || s.confirmed >= mid {
-                    return;
-                }
-            }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    warn!(
-                        "backup did not store message {mid} within {:?}: dropping the link, running degraded",
-                        self.cfg.repl_timeout
-                    );
-                    self.link_down(start);
-                    return;
-                }
-            }
-        }
-    }
-
     /// Marks the link of `generation` dead (if it is still the current one).
     fn link_down(&self, generation: u64) {
         let mut st = self.lock();
@@ -803,12 +818,18 @@ impl Node {
         if cur.generation == generation && cur.up {
             st.link = None;
             self.link_state.send_modify(|s| s.up = false);
+            Self::release_acks(&mut st);
         }
     }
 
     /// A compute task ended: deliver everything of this publisher that is now ready, in order.
     fn computed(self: &Arc<Self>, msg: Arc<Message>, cs: u64, ce: u64) {
         let mut st = self.lock();
+        self.finish(&mut st, msg, cs, ce);
+    }
+
+    /// The body of [`Node::computed`], for callers that hold the state lock already.
+    fn finish(self: &Arc<Self>, st: &mut State, msg: Arc<Message>, cs: u64, ce: u64) {
         let epoch = st.epoch;
         let key = msg.id.publisher.clone();
         let Some(queue) = st.order.get_mut(&key) else {
@@ -835,12 +856,12 @@ impl Node {
         if st.role != Some(Role::Primary) {
             return;
         }
-        if self.stalled(&mut st) {
+        if self.stalled(st) {
             st.fenced.extend(ready);
             return;
         }
         for (m, stamps) in ready {
-            self.deliver(&mut st, &m, stamps);
+            self.deliver(st, &m, stamps);
             st.inflight.remove(&m.mid);
             if let Some(link) = &st.link {
                 let _ = link.send(LinkMsg::Clr(m));
@@ -955,6 +976,7 @@ impl Node {
         );
         st.role = Some(Role::Backup);
         st.epoch = st.epoch.max(epoch);
+        Self::release_acks(&mut st);
         let undelivered: Vec<Arc<Message>> =
             std::mem::take(&mut st.inflight).into_values().collect();
         st.order.clear();
@@ -1070,7 +1092,17 @@ impl Node {
             if st.role == Some(Role::Primary) {
                 self.stalled(&mut st);
             }
-            st.last_tick = Some(Instant::now());
+            let now = Instant::now();
+            st.last_tick = Some(now);
+            if let Some(a) = st.acks.front().filter(|a| a.deadline <= now) {
+                warn!(
+                    "backup did not store message {} within {:?}: dropping the link, running degraded",
+                    a.mid, self.cfg.repl_timeout
+                );
+                let generation = self.link_state.borrow().generation;
+                drop(st);
+                self.link_down(generation);
+            }
         }
     }
 
@@ -1348,11 +1380,12 @@ impl Node {
                     st.inflight.len()
                 );
                 st.link = Some(tx);
+                // Everything below the oldest message in flight was delivered already.
+                st.confirmed = st.inflight.keys().next().map_or(st.next_mid - 1, |m| m - 1);
                 let mut g = 0;
                 self.link_state.send_modify(|s| {
                     s.generation += 1;
                     s.up = true;
-                    s.confirmed = 0;
                     g = s.generation;
                 });
                 generation = g;
@@ -1423,8 +1456,7 @@ impl Node {
                 }
                 // A seed backup never confirms; a written frame is the best we can know.
                 if let Some(mid) = mid {
-                    self.link_state
-                        .send_modify(|s| s.confirmed = s.confirmed.max(mid));
+                    self.stored(mid);
                 }
             }
             "link closed locally".to_string()
@@ -1432,10 +1464,7 @@ impl Node {
         let read = async {
             while let Some(f) = stream.next().await {
                 match f {
-                    Ok(Frame::Stored { mid }) => {
-                        self.link_state
-                            .send_modify(|s| s.confirmed = s.confirmed.max(mid));
-                    }
+                    Ok(Frame::Stored { mid }) => self.stored(mid),
                     Ok(Frame::Ack { .. }) => {}
                     Ok(other) => {
                         return format!("backup answered {}", other.encode().trim_end());
