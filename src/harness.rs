@@ -1020,13 +1020,18 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         publisher: Some(publisher_id),
         start_us: run_start_us,
         end_us,
-        kill_at_us: fault_us,
+        // A chaos run has many faults: no single failover gap, per-cycle figures instead.
+        kill_at_us: if opts.chaos { None } else { fault_us },
         publish_period_us: (1e6 / opts.rate) as u64,
         scenario: if opts.chaos {
             format!("chaos ({} cycles, seed {chaos_seed})", opts.cycles)
         } else {
             scenario.name().to_string()
         },
+        marks: chaos_events
+            .iter()
+            .map(|e| (e.at_us, e.fault.to_string()))
+            .collect(),
         signal: match faults.first().map(|f| f.1) {
             Some(Action::Signal(_, s)) => s.name().to_string(),
             Some(Action::Link(f)) => format!("{f:?}"),
@@ -1314,9 +1319,9 @@ impl Progress {
             c.by_backup.load(Ordering::Relaxed),
             c.duplicates.load(Ordering::Relaxed),
             if elapsed < kill_at {
-                format!("kill in {:.1}s", (kill_at - elapsed).as_secs_f64())
+                format!("fault in {:.1}s", (kill_at - elapsed).as_secs_f64())
             } else {
-                "primary down".to_string()
+                "fault injected".to_string()
             }
         );
         match &self.bar {

@@ -117,6 +117,9 @@ pub struct RunInfo {
     pub scenario: String,
     /// The fault (`SIGKILL`, …).
     pub signal: String,
+    /// Faults of a chaos run (µs since the Unix epoch, name), drawn as lines on the pictures.
+    #[serde(default)]
+    pub marks: Vec<(u64, String)>,
 }
 
 /// Latency percentiles in milliseconds.
@@ -509,6 +512,43 @@ fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("plotting failed: {e}")
 }
 
+/// Draws a thin vertical line at each chaos fault, with one legend entry for all of them.
+fn draw_marks<DB: DrawingBackend>(
+    chart: &mut ChartContext<
+        '_,
+        DB,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+    info: &RunInfo,
+    ymax: f64,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    if info.marks.is_empty() {
+        return Ok(());
+    }
+    let n = info.marks.len();
+    let lines: Vec<Vec<(f64, f64)>> = info
+        .marks
+        .iter()
+        .map(|(at, _)| {
+            let x = secs(*at, info.start_us);
+            vec![(x, 0.0), (x, ymax)]
+        })
+        .collect();
+    chart
+        .draw_series(
+            lines
+                .into_iter()
+                .map(|l| PathElement::new(l, DUP_COLOUR.mix(0.45).stroke_width(2))),
+        )
+        .map_err(plot_err)?
+        .label(format!("faults ({n})"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], DUP_COLOUR.mix(0.45).stroke_width(2)));
+    Ok(())
+}
+
 fn timeline_svg(
     path: &Path,
     a: &Analysis,
@@ -576,6 +616,7 @@ fn timeline_svg(
                 PathElement::new(vec![(x, y), (x + 12, y)], FAULT_COLOUR.stroke_width(2))
             });
     }
+    draw_marks(&mut chart, info, ymax)?;
     for (name, colour) in [("primary", PRIMARY_COLOUR), ("backup", BACKUP_COLOUR)] {
         let pts: Vec<(f64, f64)> = rows
             .iter()
@@ -655,6 +696,7 @@ fn latency_svg(path: &Path, rows: &[&Delivery], info: &RunInfo) -> anyhow::Resul
                 PathElement::new(vec![(x, y), (x + 12, y)], FAULT_COLOUR.stroke_width(2))
             });
     }
+    draw_marks(&mut chart, info, ymax)?;
     for (name, colour) in [("primary", PRIMARY_COLOUR), ("backup", BACKUP_COLOUR)] {
         let pts: Vec<(f64, f64)> = rows
             .iter()
@@ -715,6 +757,7 @@ mod tests {
             publish_period_us: 100_000,
             scenario: "kill-primary".into(),
             signal: "SIGKILL".into(),
+            marks: Vec::new(),
         }
     }
 
