@@ -33,7 +33,7 @@ use crate::clock::now_us;
 use crate::compute::Compute;
 use crate::failover::{Detector, Evidence, Verdict};
 use crate::net::{BoxStream, Listener, Net};
-use crate::protocol::{Frame, FrameCodec, MsgId, Role, Stamps, PROTOCOL_VERSION};
+use crate::protocol::{Frame, FrameCodec, LenientCodec, MsgId, Role, Stamps, PROTOCOL_VERSION};
 
 /// Most connections a node serves at once; more are told `ERR` and closed. With
 /// [`MAX_FRAME`](crate::protocol::MAX_FRAME) this bounds the memory idle or half-sent frames can pin.
@@ -386,7 +386,7 @@ impl Node {
     /// Serves one connection: reads frames, answers in order, registers subscribers.
     async fn connection(self: Arc<Self>, stream: BoxStream, peer: String) {
         let (r, w) = tokio::io::split(stream);
-        let mut reader = FramedRead::new(r, FrameCodec::default());
+        let mut reader = FramedRead::new(r, LenientCodec::default());
         let (tx, rx) = mpsc::channel::<Out>(CONNECTION_QUEUE);
         let writer = tokio::spawn(write_loop(w, rx));
         let kick = self.shutdown.child_token();
@@ -404,12 +404,12 @@ impl Node {
             };
             match next {
                 None => break,
-                Some(Ok(frame)) => {
+                Some(Ok(Ok(frame))) => {
                     if !self.handle(frame, conn, &tx, &kick, &mut is_link).await {
                         break;
                     }
                 }
-                Some(Err(e)) => {
+                Some(Ok(Err(e))) | Some(Err(e)) => {
                     debug!("connection {conn} from {peer}: {e}");
                     let _ = tx
                         .send(Out::frame(Frame::Err {

@@ -595,3 +595,34 @@ impl Encoder<Frame> for FrameCodec {
         Ok(())
     }
 }
+
+/// A [`FrameCodec`] for servers: a bad line comes out as an item, `Ok(Some(Err(e)))`, instead of
+/// a stream error, because a framed stream ends for good after its first error. Only fatal
+/// errors ([`ProtocolError::is_fatal`]) end the stream.
+#[derive(Debug, Default)]
+pub struct LenientCodec(FrameCodec);
+
+impl LenientCodec {
+    fn lift(
+        r: Result<Option<Frame>, ProtocolError>,
+    ) -> Result<Option<Result<Frame, ProtocolError>>, ProtocolError> {
+        match r {
+            Ok(f) => Ok(f.map(Ok)),
+            Err(e) if !e.is_fatal() => Ok(Some(Err(e))),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Decoder for LenientCodec {
+    type Item = Result<Frame, ProtocolError>;
+    type Error = ProtocolError;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Self::Item>, ProtocolError> {
+        Self::lift(self.0.decode(buf))
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Self::Item>, ProtocolError> {
+        Self::lift(self.0.decode_eof(buf))
+    }
+}

@@ -545,7 +545,12 @@ where
         )
         .map_err(plot_err)?
         .label(format!("faults ({n})"))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], DUP_COLOUR.mix(0.45).stroke_width(2)));
+        .legend(|(x, y)| {
+            PathElement::new(
+                vec![(x, y), (x + 12, y)],
+                DUP_COLOUR.mix(0.45).stroke_width(2),
+            )
+        });
     Ok(())
 }
 

@@ -1,0 +1,139 @@
+//! Any byte sequence on a broker's port gets `ERR|reason` or a closed connection, never a panic
+//! and never a stall of other clients. Raw TCP against a real `primary` process.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{free_port, spawn_bin, wait_status, ChildGuard, LineConn};
+
+/// A primary with no backup listening (degraded: it acknowledges at once), compute off.
+fn primary() -> (ChildGuard, String) {
+    let (pp, dead) = (free_port(), free_port());
+    let addr = format!("127.0.0.1:{pp}");
+    let g = spawn_bin(
+        "primary",
+        &[
+            &pp.to_string(),
+            &format!("127.0.0.1:{dead}"),
+            "--compute",
+            "0",
+        ],
+    );
+    wait_status(&addr, "primary", "down");
+    (g, addr)
+}
+
+fn expect_err(c: &mut LineConn, what: &str) {
+    let l = c.read_line(Duration::from_secs(5));
+    assert!(
+        l.as_deref().is_some_and(|l| l.starts_with("ERR|")),
+        "{what}: expected ERR, got {l:?}"
+    );
+}
+
+#[test]
+fn each_bad_line_gets_err_and_the_connection_goes_on() {
+    let (mut p, addr) = primary();
+    let mut c = LineConn::connect(&addr);
+    c.send_bytes(b"PU\xffBLISH|t|x\n");
+    expect_err(&mut c, "non-UTF-8");
+    c.send_line("");
+    expect_err(&mut c, "empty line");
+    c.send_line("FROBNICATE|x");
+    expect_err(&mut c, "unknown verb");
+    c.send_line("PUBLISH||x");
+    expect_err(&mut c, "empty topic");
+    c.send_line("PUBLISH|t");
+    expect_err(&mut c, "missing payload field");
+    c.send_line("PUB|t|p|notanumber|1|x");
+    expect_err(&mut c, "bad seq");
+    c.send_line("SUBSCRIBE|");
+    expect_err(&mut c, "empty subscribe topic");
+    for broker_only in ["ACK", "PONG", "MSG|t|p|1|1||x", "STORED|1"] {
+        c.send_line(broker_only);
+        expect_err(&mut c, broker_only);
+    }
+    // The same connection still works.
+    c.send_line("PING");
+    assert_eq!(c.read_line(Duration::from_secs(5)).as_deref(), Some("PONG"));
+    c.send_line("PUB|t|p|1|1|ok");
+    assert_eq!(
+        c.read_line(Duration::from_secs(5)).as_deref(),
+        Some("ACK|p|1")
+    );
+    assert!(p.alive(), "the broker died");
+}
+
+#[test]
+fn random_garbage_never_kills_the_broker() {
+    let (mut p, addr) = primary();
+    // A small deterministic generator: no dependency, same bytes every run.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..20 {
+        let mut c = LineConn::connect(&addr);
+        let junk: Vec<u8> = (0..4096)
+            .map(|_| match next() % 20 {
+                0 => b'\n',
+                1 => b'|',
+                _ => (next() % 256) as u8,
+            })
+            .collect();
+        c.send_bytes(&junk);
+        c.send_bytes(b"\nPING\n");
+        // Skip the ERR lines (and any ACK a lucky PUBLISH earned) until the PONG.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut ponged = false;
+        while Instant::now() < deadline {
+            match c.read_line(Duration::from_secs(5)) {
+                Some(l) if l == "PONG" => {
+                    ponged = true;
+                    break;
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        assert!(ponged, "a connection fed garbage stopped answering PING");
+        assert!(p.alive(), "the broker died on garbage");
+    }
+    let mut c = LineConn::connect(&addr);
+    c.send_line("PING");
+    assert_eq!(c.read_line(Duration::from_secs(5)).as_deref(), Some("PONG"));
+}
+
+#[test]
+fn half_frames_and_floods_do_not_stall_other_clients() {
+    let (mut p, addr) = primary();
+    // One client holds half a frame open, forever.
+    let mut half = TcpStream::connect(&addr).expect("connect");
+    half.write_all(b"PUBLISH|t|never-fin").expect("write");
+    // Another sends 100 KB without a newline: ERR, then closed.
+    let mut flood = LineConn::connect(&addr);
+    flood.send_bytes(&vec![b'z'; 100 * 1024]);
+    expect_err(&mut flood, "over-long frame");
+    assert_eq!(flood.read_line(Duration::from_secs(5)), None, "not closed");
+    // A third client is served at once.
+    let start = Instant::now();
+    let mut ok = LineConn::connect(&addr);
+    ok.send_line("PUBLISH|t|hello");
+    assert_eq!(ok.read_line(Duration::from_secs(2)).as_deref(), Some("ACK"));
+    assert!(start.elapsed() < Duration::from_secs(2));
+    // A half frame closed by its sender does not hurt either.
+    let mut gone = TcpStream::connect(&addr).expect("connect");
+    gone.write_all(b"PUB|t|p|1|").expect("write");
+    drop(gone);
+    drop(half);
+    let mut c = LineConn::connect(&addr);
+    c.send_line("PING");
+    assert_eq!(c.read_line(Duration::from_secs(5)).as_deref(), Some("PONG"));
+    assert!(p.alive());
+}

@@ -1,0 +1,276 @@
+//! The wire protocol on its own: every frame of both dialects, and every way a frame can be bad.
+//! No sockets: the parser and the codec are pure.
+
+use bytes::BytesMut;
+use edgepair::protocol::{Frame, FrameCodec, MsgId, ProtocolError, Role, Stamps, MAX_FRAME};
+use tokio_util::codec::Decoder;
+
+fn parse(s: &str) -> Result<Frame, ProtocolError> {
+    Frame::parse(s.as_bytes())
+}
+
+fn id(p: &str, s: u64) -> MsgId {
+    MsgId {
+        publisher: p.into(),
+        seq: s,
+    }
+}
+
+#[test]
+fn seed_frames_parse_as_the_seed_writes_them() {
+    assert_eq!(
+        parse("PUBLISH|topicC|17").ok(),
+        Some(Frame::Publish {
+            topic: "topicC".into(),
+            payload: "17".into()
+        })
+    );
+    assert_eq!(
+        parse("SUBSCRIBE|topicC").ok(),
+        Some(Frame::Subscribe {
+            topic: "topicC".into()
+        })
+    );
+    assert_eq!(
+        parse("REPLICATE|t|a").ok(),
+        Some(Frame::Replicate {
+            topic: "t".into(),
+            payload: "a".into()
+        })
+    );
+    assert_eq!(
+        parse("CLEAR|t|a").ok(),
+        Some(Frame::Clear {
+            topic: "t".into(),
+            payload: "a".into()
+        })
+    );
+    assert_eq!(parse("PING").ok(), Some(Frame::Ping));
+    assert_eq!(parse("PING||").ok(), Some(Frame::Ping));
+    assert_eq!(parse("PONG").ok(), Some(Frame::Pong));
+    assert_eq!(parse("ACK").ok(), Some(Frame::Ack { id: None }));
+}
+
+#[test]
+fn every_frame_round_trips_through_encode_and_parse() {
+    let stamps = Stamps {
+        epoch: 2,
+        received_us: 10,
+        compute_start_us: 11,
+        compute_end_us: 12,
+    };
+    let frames = vec![
+        Frame::Publish {
+            topic: "t".into(),
+            payload: "x|y".into(),
+        },
+        Frame::Pub {
+            topic: "t".into(),
+            id: id("p1", 7),
+            sent_us: 123,
+            payload: "a|b|c".into(),
+        },
+        Frame::Subscribe { topic: "t".into() },
+        Frame::Sub { topic: "t".into() },
+        Frame::Msg {
+            topic: "t".into(),
+            id: id("p1", 7),
+            sent_us: 123,
+            stamps,
+            payload: "with|pipes".into(),
+        },
+        Frame::Replicate {
+            topic: "t".into(),
+            payload: "p".into(),
+        },
+        Frame::Clear {
+            topic: "t".into(),
+            payload: "p".into(),
+        },
+        Frame::Repl {
+            mid: 9,
+            topic: "t".into(),
+            id: id("p1", 7),
+            sent_us: 1,
+            payload: "".into(),
+        },
+        Frame::Stored { mid: 9 },
+        Frame::Clr { mid: 9 },
+        Frame::Hello {
+            version: "edgepair/1".into(),
+            role: Role::Backup,
+            epoch: 3,
+        },
+        Frame::StatusQuery,
+        Frame::Status {
+            role: Role::Primary,
+            epoch: 2,
+            link: "up".into(),
+            held: 0,
+            inflight: 4,
+        },
+        Frame::Ping,
+        Frame::Pong,
+        Frame::Ack { id: None },
+        Frame::Ack {
+            id: Some(id("p1", 7)),
+        },
+        Frame::Err {
+            reason: "bad seq".into(),
+        },
+    ];
+    for f in frames {
+        let line = f.encode();
+        assert!(line.ends_with('\n'));
+        let back = Frame::parse(line.trim_end_matches('\n').as_bytes());
+        assert_eq!(back.ok(), Some(f.clone()), "{line:?}");
+    }
+}
+
+#[test]
+fn payload_keeps_its_pipes_and_may_be_empty() {
+    match parse("PUB|t|p|1|2|a|b||c") {
+        Ok(Frame::Pub { payload, .. }) => assert_eq!(payload, "a|b||c"),
+        other => panic!("{other:?}"),
+    }
+    match parse("PUBLISH|t|") {
+        Ok(Frame::Publish { payload, .. }) => assert_eq!(payload, ""),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn carriage_return_before_newline_is_ignored() {
+    assert_eq!(parse("PING\r").ok(), Some(Frame::Ping));
+    assert_eq!(
+        parse("SUBSCRIBE|t\r").ok(),
+        Some(Frame::Subscribe { topic: "t".into() })
+    );
+}
+
+#[test]
+fn bad_frames_get_specific_errors() {
+    assert!(matches!(
+        Frame::parse(&[0x50, 0xff, 0xfe]),
+        Err(ProtocolError::NotUtf8)
+    ));
+    assert!(matches!(parse(""), Err(ProtocolError::Empty)));
+    assert!(matches!(
+        parse("PUBLISH||x"),
+        Err(ProtocolError::EmptyField("topic"))
+    ));
+    assert!(matches!(
+        parse("PUB|t||1|1|x"),
+        Err(ProtocolError::EmptyField("publisher"))
+    ));
+    assert!(matches!(
+        parse("PUBLISH|t"),
+        Err(ProtocolError::MissingFields("PUBLISH", 2))
+    ));
+    assert!(matches!(
+        parse("PUB|t|p|notanumber|1|x"),
+        Err(ProtocolError::BadField("seq"))
+    ));
+    assert!(matches!(
+        parse("STORED|-1"),
+        Err(ProtocolError::BadField("mid"))
+    ));
+    assert!(matches!(
+        parse("HELLO|edgepair/1|king|1"),
+        Err(ProtocolError::BadField("role"))
+    ));
+    assert!(matches!(
+        parse("publish|t|x"),
+        Err(ProtocolError::UnknownVerb(_))
+    ));
+    // None of these close the connection.
+    for bad in ["", "NOPE", "PUBLISH||x", "PUB|t|p|x|1|y"] {
+        assert!(!parse(bad).err().is_some_and(|e| e.is_fatal()), "{bad}");
+    }
+}
+
+#[test]
+fn a_very_long_unknown_verb_is_cut_in_the_error() {
+    let verb = "X".repeat(10_000);
+    match parse(&verb) {
+        Err(e @ ProtocolError::UnknownVerb(_)) => assert!(e.to_string().len() < 100, "{e}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn decode_all(codec: &mut FrameCodec, buf: &mut BytesMut) -> Vec<Result<Frame, String>> {
+    let mut out = Vec::new();
+    loop {
+        match codec.decode(buf) {
+            Ok(Some(f)) => out.push(Ok(f)),
+            Ok(None) => return out,
+            Err(e) => {
+                let fatal = e.is_fatal();
+                out.push(Err(e.to_string()));
+                if fatal {
+                    return out;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn codec_reassembles_frames_split_across_reads() {
+    let mut codec = FrameCodec::default();
+    let mut buf = BytesMut::new();
+    let mut got = Vec::new();
+    for chunk in ["PUB|t|p|", "1|5|he", "llo\nPI", "NG\n", "PONG"] {
+        buf.extend_from_slice(chunk.as_bytes());
+        got.extend(decode_all(&mut codec, &mut buf));
+    }
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(matches!(&got[0], Ok(Frame::Pub { payload, .. }) if payload == "hello"));
+    assert_eq!(got[1], Ok(Frame::Ping));
+    // "PONG" without its newline is a half frame: nothing yet, an error at EOF.
+    assert!(matches!(
+        codec.decode_eof(&mut buf),
+        Err(ProtocolError::Incomplete)
+    ));
+}
+
+#[test]
+fn codec_yields_every_frame_of_one_buffer_and_survives_bad_lines() {
+    let mut codec = FrameCodec::default();
+    let mut buf = BytesMut::from(&b"PING\nBOGUS\n\xff\xfe\nPONG\n"[..]);
+    let got = decode_all(&mut codec, &mut buf);
+    assert_eq!(got.len(), 4);
+    assert_eq!(got[0], Ok(Frame::Ping));
+    assert!(got[1].as_ref().is_err_and(|e| e.contains("unknown verb")));
+    assert!(got[2].as_ref().is_err_and(|e| e.contains("UTF-8")));
+    assert_eq!(got[3], Ok(Frame::Pong));
+}
+
+#[test]
+fn over_long_frames_are_refused_with_or_without_a_newline() {
+    let mut codec = FrameCodec::default();
+    let mut buf = BytesMut::from(vec![b'a'; MAX_FRAME + 10].as_slice());
+    assert!(matches!(
+        codec.decode(&mut buf),
+        Err(ProtocolError::TooLong)
+    ));
+
+    let mut codec = FrameCodec::default();
+    let mut line = vec![b'a'; MAX_FRAME];
+    line.push(b'\n');
+    let mut buf = BytesMut::from(line.as_slice());
+    let err = codec.decode(&mut buf);
+    assert!(matches!(err, Err(ProtocolError::TooLong)));
+    assert!(err.err().is_some_and(|e| e.is_fatal()));
+
+    // Just under the limit is fine.
+    let mut codec = FrameCodec::default();
+    let mut line = b"PUBLISH|t|".to_vec();
+    line.extend(std::iter::repeat_n(b'x', MAX_FRAME - line.len() - 1));
+    line.push(b'\n');
+    let mut buf = BytesMut::from(line.as_slice());
+    assert!(matches!(
+        codec.decode(&mut buf),
+        Ok(Some(Frame::Publish { .. }))
+    ));
+}
