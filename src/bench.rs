@@ -280,6 +280,34 @@ async fn throughput(addr: &str, n: u64, window: u64) -> anyhow::Result<(f64, u64
     Ok((got as f64 / secs, got))
 }
 
+/// Publishes `n` messages on `topic` at `rate` msg/s on one pipelined connection (each stamped
+/// with its send time) and returns the task that reads, and ignores, the broker's `ACK`s.
+async fn publish_paced(
+    addr: &str,
+    topic: &str,
+    rate: u64,
+    n: u64,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (r, mut w) = s.into_split();
+    let drain = tokio::spawn(async move {
+        let mut r = BufReader::new(r);
+        let mut line = Vec::new();
+        while r.read_until(b'\n', &mut line).await.unwrap_or(0) > 0 {
+            line.clear();
+        }
+    });
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    for seq in 1..=n {
+        tokio::time::sleep_until(start + period.mul_f64(seq as f64)).await;
+        let line = format!("PUB|{topic}|p|{seq}|{}|{}\n", now_us(), payload(seq));
+        w.write_all(line.as_bytes()).await?;
+    }
+    Ok(drain)
+}
+
 /// Sends at a fixed rate for `dur` and returns the publish→deliver latency histogram (µs).
 async fn paced_latency(addr: &str, rate: u64, dur: Duration) -> anyhow::Result<Histogram<u64>> {
     let mut sub = subscribe(addr, "lat").await?;
@@ -306,23 +334,7 @@ async fn paced_latency(addr: &str, rate: u64, dur: Duration) -> anyhow::Result<H
         }
         h
     });
-    let s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
-    let (r, mut w) = s.into_split();
-    let drain = tokio::spawn(async move {
-        let mut r = BufReader::new(r);
-        let mut line = Vec::new();
-        while r.read_until(b'\n', &mut line).await.unwrap_or(0) > 0 {
-            line.clear();
-        }
-    });
-    let period = Duration::from_secs_f64(1.0 / rate as f64);
-    let start = Instant::now();
-    for seq in 1..=n {
-        tokio::time::sleep_until(start + period.mul_f64(seq as f64)).await;
-        let line = format!("PUB|lat|l|{seq}|{}|{}\n", now_us(), payload(seq));
-        w.write_all(line.as_bytes()).await?;
-    }
+    let drain = publish_paced(addr, "lat", rate, n).await?;
     let h = reader.await?.context("histogram")?;
     drain.abort();
     Ok(h)
@@ -359,22 +371,7 @@ async fn fanout(addr: &str, subs: usize, rate: u64, dur: Duration) -> anyhow::Re
         });
     }
     drop(tx);
-    let s = TcpStream::connect(addr).await?;
-    let (r, mut w) = s.into_split();
-    let drain = tokio::spawn(async move {
-        let mut r = BufReader::new(r);
-        let mut line = Vec::new();
-        while r.read_until(b'\n', &mut line).await.unwrap_or(0) > 0 {
-            line.clear();
-        }
-    });
-    let period = Duration::from_secs_f64(1.0 / rate as f64);
-    let start = Instant::now();
-    for seq in 1..=n {
-        tokio::time::sleep_until(start + period.mul_f64(seq as f64)).await;
-        w.write_all(format!("PUB|fan|f|{seq}|{}|{}\n", now_us(), payload(seq)).as_bytes())
-            .await?;
-    }
+    let drain = publish_paced(addr, "fan", rate, n).await?;
     let mut first_last: std::collections::HashMap<u64, (u64, u64, usize)> = Default::default();
     while let Some((seq, at)) = rx.recv().await {
         let e = first_last.entry(seq).or_insert((at, at, 0));

@@ -48,6 +48,39 @@ pub const CONNECTION_QUEUE: usize = 8192;
 /// before it delivers anything. Shorter than the backup's quickest takeover after a missed ping.
 pub const STALL: Duration = Duration::from_millis(250);
 
+/// A doubling wait between retries, capped, and cut short by shutdown.
+#[derive(Debug)]
+struct Backoff {
+    first: Duration,
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(first: Duration, max: Duration) -> Self {
+        Backoff {
+            first,
+            next: first,
+            max,
+        }
+    }
+
+    /// Back to the shortest wait, after a success.
+    fn reset(&mut self) {
+        self.next = self.first;
+    }
+
+    /// Waits, doubling the next wait; false if shutdown came first.
+    async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
 /// Everything a node needs to know at start.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -289,7 +322,7 @@ pub async fn run(
     }
     tokio::spawn(node.clone().watchdog());
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut backoff = Duration::from_millis(10);
+    let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -297,7 +330,7 @@ pub async fn run(
         };
         match accepted {
             Ok((stream, peer)) => {
-                backoff = Duration::from_millis(10);
+                backoff.reset();
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     warn!("refusing {peer}: {MAX_CONNECTIONS} connections open");
                     tokio::spawn(refuse(stream));
@@ -311,9 +344,10 @@ pub async fn run(
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait and try again rather than spin.
-                warn!("accept failed: {e}; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                warn!("accept failed: {e}; retrying");
+                if !backoff.wait(&shutdown).await {
+                    break;
+                }
             }
         }
     }
@@ -1274,7 +1308,7 @@ impl Node {
     /// The primary's link to its backup: connect, introduce ourselves, replay what is in flight,
     /// then stream `REPL`/`CLR` and collect `STORED`, reconnecting forever.
     async fn replication_link(self: Arc<Self>, backup: String) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         let mut legacy = false;
         let mut ever_up = false;
         let mut said_degraded = false;
@@ -1289,11 +1323,9 @@ impl Node {
                         warn!("backup {backup} unreachable ({e}): running degraded, retrying");
                         said_degraded = true;
                     }
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !backoff.wait(&self.shutdown).await {
+                        return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             };
@@ -1337,11 +1369,9 @@ impl Node {
                             warn!("backup {backup} accepts connections but does not answer: running degraded");
                             said_degraded = true;
                         }
-                        tokio::select! {
-                            _ = self.shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(backoff) => {}
+                        if !backoff.wait(&self.shutdown).await {
+                            return;
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
                         continue;
                     }
                     Ok(Some(Ok(other))) => {
@@ -1356,16 +1386,14 @@ impl Node {
                     Ok(_) => {
                         // Closed or broke without a word: not there yet (or a proxy in front of
                         // a node that is down). Try again later.
-                        tokio::select! {
-                            _ = self.shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(backoff) => {}
+                        if !backoff.wait(&self.shutdown).await {
+                            return;
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
                         continue;
                     }
                 }
             }
-            backoff = Duration::from_millis(100);
+            backoff.reset();
             said_degraded = false;
             let (tx, rx) = mpsc::unbounded_channel();
             let generation;
@@ -1400,11 +1428,9 @@ impl Node {
             }
             if up_since.elapsed() < Duration::from_secs(1) {
                 // A link that drops at once would otherwise be retried in a tight loop.
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                if !backoff.wait(&self.shutdown).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }

@@ -22,6 +22,8 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context};
 use hdrhistogram::Histogram;
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -512,6 +514,63 @@ fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("plotting failed: {e}")
 }
 
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A chart with the house style: caption, time on x, `y_desc` on y, no minor grid.
+fn new_chart<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    title: String,
+    xmax: f64,
+    ymax: f64,
+    y_desc: &str,
+) -> anyhow::Result<Chart<'a, 'b>> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..xmax, 0f64..ymax)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the first message")
+        .y_desc(y_desc)
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(plot_err)?;
+    Ok(chart)
+}
+
+/// The fault of a single-fault run: a grey vertical line at `kx` seconds.
+fn draw_fault(chart: &mut Chart<'_, '_>, kx: f64, ymax: f64, signal: &str) -> anyhow::Result<()> {
+    chart
+        .draw_series(LineSeries::new(
+            vec![(kx, 0.0), (kx, ymax)],
+            FAULT_COLOUR.stroke_width(2),
+        ))
+        .map_err(plot_err)?
+        .label(format!("{signal} at {kx:.1} s"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], FAULT_COLOUR.stroke_width(2)));
+    Ok(())
+}
+
+/// Draws the legend and writes the file.
+fn finish_chart<'a, 'b>(
+    mut chart: Chart<'a, 'b>,
+    root: &'a DrawingArea<SVGBackend<'b>, Shift>,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.3))
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
 /// Draws a thin vertical line at each chaos fault, with one legend entry for all of them.
 fn draw_marks<DB: DrawingBackend>(
     chart: &mut ChartContext<
@@ -581,21 +640,7 @@ fn timeline_svg(
         a.failover_gap_ms
             .map_or("-".into(), |g| format!("{g:.0} ms"))
     );
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..xmax, 0f64..ymax)
-        .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds since the first message")
-        .y_desc("sequence number")
-        .y_label_formatter(&|v| format!("{v:.0}"))
-        .light_line_style(WHITE.mix(0.0))
-        .draw()
-        .map_err(plot_err)?;
+    let mut chart = new_chart(&root, title, xmax, ymax, "sequence number")?;
     if let Some(k) = info.kill_at_us {
         let kx = secs(k, info.start_us);
         if let Some(g) = a.failover_gap_ms {
@@ -610,16 +655,7 @@ fn timeline_svg(
                     Rectangle::new([(x, y - 5), (x + 12, y + 5)], DUP_COLOUR.mix(0.3).filled())
                 });
         }
-        chart
-            .draw_series(LineSeries::new(
-                vec![(kx, 0.0), (kx, ymax)],
-                FAULT_COLOUR.stroke_width(2),
-            ))
-            .map_err(plot_err)?
-            .label(format!("{} at {kx:.1} s", info.signal))
-            .legend(|(x, y)| {
-                PathElement::new(vec![(x, y), (x + 12, y)], FAULT_COLOUR.stroke_width(2))
-            });
+        draw_fault(&mut chart, kx, ymax, &info.signal)?;
     }
     draw_marks(&mut chart, info, ymax)?;
     for (name, colour) in [("primary", PRIMARY_COLOUR), ("backup", BACKUP_COLOUR)] {
@@ -649,15 +685,7 @@ fn timeline_svg(
         .map_err(plot_err)?
         .label(format!("duplicate ({n})"))
         .legend(|(x, y)| Cross::new((x + 6, y), 4, DUP_COLOUR.stroke_width(2)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK.mix(0.3))
-        .draw()
-        .map_err(plot_err)?;
-    root.present().map_err(plot_err)?;
-    Ok(())
+    finish_chart(chart, &root)
 }
 
 fn latency_svg(path: &Path, rows: &[&Delivery], info: &RunInfo) -> anyhow::Result<()> {
@@ -670,36 +698,11 @@ fn latency_svg(path: &Path, rows: &[&Delivery], info: &RunInfo) -> anyhow::Resul
         .max(1.0);
     let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("{} — end-to-end latency of every delivery", info.scenario),
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..xmax, 0f64..ymax)
-        .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds since the first message")
-        .y_desc("latency, ms")
-        .y_label_formatter(&|v| format!("{v:.0}"))
-        .light_line_style(WHITE.mix(0.0))
-        .draw()
-        .map_err(plot_err)?;
+    let title = format!("{} — end-to-end latency of every delivery", info.scenario);
+    let mut chart = new_chart(&root, title, xmax, ymax, "latency, ms")?;
     if let Some(k) = info.kill_at_us {
         let kx = secs(k, info.start_us);
-        chart
-            .draw_series(LineSeries::new(
-                vec![(kx, 0.0), (kx, ymax)],
-                FAULT_COLOUR.stroke_width(2),
-            ))
-            .map_err(plot_err)?
-            .label(format!("{} at {kx:.1} s", info.signal))
-            .legend(|(x, y)| {
-                PathElement::new(vec![(x, y), (x + 12, y)], FAULT_COLOUR.stroke_width(2))
-            });
+        draw_fault(&mut chart, kx, ymax, &info.signal)?;
     }
     draw_marks(&mut chart, info, ymax)?;
     for (name, colour) in [("primary", PRIMARY_COLOUR), ("backup", BACKUP_COLOUR)] {
@@ -719,15 +722,7 @@ fn latency_svg(path: &Path, rows: &[&Delivery], info: &RunInfo) -> anyhow::Resul
             .label(format!("from {name}"))
             .legend(move |(x, y)| Circle::new((x + 6, y), 3, colour.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK.mix(0.3))
-        .draw()
-        .map_err(plot_err)?;
-    root.present().map_err(plot_err)?;
-    Ok(())
+    finish_chart(chart, &root)
 }
 
 #[cfg(test)]
