@@ -169,6 +169,31 @@ pub async fn run_publisher(
             warn!("giving up: nothing acknowledged for {:?}", cfg.give_up);
             break;
         }
+        // With no connection, keep taking input (it is sent on the next connection) so that a
+        // publisher whose brokers are all down still sees its input end and can give up.
+        if conn.is_none() && input_open {
+            loop {
+                if pending.len() >= MAX_WINDOW {
+                    break;
+                }
+                match input.try_recv() {
+                    Ok((seq, payload)) => {
+                        remember(&mut pending, &mut recent, cfg.resend, seq, payload);
+                        summary.published += 1;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        input_open = false;
+                        last_progress = Instant::now();
+                        break;
+                    }
+                }
+            }
+            if !input_open && last_progress.elapsed() > cfg.give_up {
+                warn!("giving up: nothing acknowledged for {:?}", cfg.give_up);
+                break;
+            }
+        }
         // (Re)connect when there is anything to send.
         if conn.is_none() && (!pending.is_empty() || input_open) {
             let addr = cfg.brokers.addr(target).to_string();
@@ -233,14 +258,9 @@ pub async fn run_publisher(
                     last_progress = Instant::now();
                 }
                 Some((seq, payload)) => {
-                    let sent_us = now_us();
                     summary.published += 1;
+                    let sent_us = remember(&mut pending, &mut recent, cfg.resend, seq, payload.clone());
                     let f = frame(seq, &payload, sent_us);
-                    pending.insert(seq, Pending { payload: payload.clone(), sent_us, last_sent: Instant::now() });
-                    recent.push_back((seq, payload, sent_us));
-                    while recent.len() > cfg.resend {
-                        recent.pop_front();
-                    }
                     if let Some(c) = conn.as_mut() {
                         if c.send(f).await.is_err() {
                             conn = None;
@@ -283,6 +303,31 @@ pub async fn run_publisher(
     }
     summary.unacked = pending.keys().copied().collect();
     summary
+}
+
+/// Records a new message as unacknowledged and among the last `resend` sent; returns its send
+/// time.
+fn remember(
+    pending: &mut BTreeMap<u64, Pending>,
+    recent: &mut VecDeque<(u64, String, u64)>,
+    resend: usize,
+    seq: u64,
+    payload: String,
+) -> u64 {
+    let sent_us = now_us();
+    pending.insert(
+        seq,
+        Pending {
+            payload: payload.clone(),
+            sent_us,
+            last_sent: Instant::now(),
+        },
+    );
+    recent.push_back((seq, payload, sent_us));
+    while recent.len() > resend {
+        recent.pop_front();
+    }
+    sent_us
 }
 
 fn switch(events: &mpsc::UnboundedSender<PubEvent>, from: usize, reason: &str) -> usize {
