@@ -436,7 +436,7 @@ pub async fn run_subscriber(
     let (tx, mut rx) = mpsc::channel::<(usize, Frame, u64)>(4096);
     for i in 0..2 {
         let addr = cfg.brokers.addr(i).to_string();
-        tokio::spawn(follow(
+        crate::net::spawn(follow(
             cfg.net,
             i,
             addr,

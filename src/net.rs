@@ -99,3 +99,20 @@ impl Listener {
         }
     }
 }
+
+/// Spawns a task on the current runtime. Inside a turmoil simulation it goes on the host's
+/// `LocalSet`, whose tasks are kept in one list in spawn order: tokio's shared task list is
+/// sharded by task id, a process-wide counter, so the order in which a crashed host's tasks
+/// (and their sockets) are dropped would depend on what ran before in the same process, and two
+/// runs of one seed would diverge.
+pub fn spawn<F>(f: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    if turmoil::in_simulation() {
+        tokio::task::spawn_local(f)
+    } else {
+        tokio::spawn(f)
+    }
+}

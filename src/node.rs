@@ -312,15 +312,15 @@ pub async fn run(
     );
     match (role, node.cfg.peer.clone()) {
         (Role::Primary, Some(backup)) => {
-            tokio::spawn(node.clone().replication_link(backup));
+            crate::net::spawn(node.clone().replication_link(backup));
         }
         (Role::Primary, None) => warn!("no backup configured: running degraded"),
         (Role::Backup, Some(primary)) => {
-            tokio::spawn(node.clone().poll_primary(primary));
+            crate::net::spawn(node.clone().poll_primary(primary));
         }
         (Role::Backup, None) => warn!("backup without a primary address: will never take over"),
     }
-    tokio::spawn(node.clone().watchdog());
+    crate::net::spawn(node.clone().watchdog());
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
@@ -333,11 +333,11 @@ pub async fn run(
                 backoff.reset();
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     warn!("refusing {peer}: {MAX_CONNECTIONS} connections open");
-                    tokio::spawn(refuse(stream));
+                    crate::net::spawn(refuse(stream));
                     continue;
                 };
                 let node = node.clone();
-                tokio::spawn(async move {
+                crate::net::spawn(async move {
                     node.connection(stream, peer).await;
                     drop(permit);
                 });
@@ -422,7 +422,7 @@ impl Node {
         let (r, w) = tokio::io::split(stream);
         let mut reader = FramedRead::new(r, LenientCodec::default());
         let (tx, rx) = mpsc::channel::<Out>(CONNECTION_QUEUE);
-        let writer = tokio::spawn(write_loop(w, rx));
+        let writer = crate::net::spawn(write_loop(w, rx));
         let kick = self.shutdown.child_token();
         let conn = {
             let mut st = self.lock();
@@ -837,7 +837,7 @@ impl Node {
             return;
         }
         let node = self.clone();
-        tokio::spawn(async move {
+        crate::net::spawn(async move {
             let cs = now_us();
             node.cfg.compute.run().await;
             let ce = now_us();
@@ -988,7 +988,7 @@ impl Node {
         match self.cfg.peer.clone() {
             Some(peer) => {
                 warn!("running degraded until {peer} comes back as our backup");
-                tokio::spawn(self.clone().replication_link(peer));
+                crate::net::spawn(self.clone().replication_link(peer));
             }
             None => warn!("running degraded: no backup after takeover"),
         }
@@ -1027,9 +1027,9 @@ impl Node {
         }
         if let Some(peer) = self.cfg.peer.clone() {
             if !undelivered.is_empty() {
-                tokio::spawn(self.clone().hand_over(peer.clone(), undelivered));
+                crate::net::spawn(self.clone().hand_over(peer.clone(), undelivered));
             }
-            tokio::spawn(self.clone().poll_primary(peer));
+            crate::net::spawn(self.clone().poll_primary(peer));
         }
     }
 
@@ -1107,7 +1107,7 @@ impl Node {
                     now.duration_since(t)
                 );
                 st.suspect = true;
-                tokio::spawn(self.clone().fence_check());
+                crate::net::spawn(self.clone().fence_check());
             }
         }
         st.suspect
