@@ -28,6 +28,15 @@ pub enum Evidence {
     Closed,
     /// A publisher sent a message to this backup (it could not reach the primary, or chose not to).
     Publish,
+    /// The peer answers but is a backup too, and this node [`outranks`] it: nobody serves.
+    NoPrimary,
+}
+
+/// Whether this node should be the one to take over when both nodes are backups (say, after
+/// the primary was restarted and came back in its binary's backup role): the newer epoch wins,
+/// and on a tie the node started as primary.
+pub fn outranks(my_epoch: u64, started_as_primary: bool, peer_epoch: u64) -> bool {
+    my_epoch > peer_epoch || (my_epoch == peer_epoch && started_as_primary)
 }
 
 /// What the node should do next.
@@ -101,6 +110,7 @@ impl Detector {
             Evidence::Closed if self.armed => Verdict::Probe,
             Evidence::Closed => Verdict::Wait,
             Evidence::Publish => Verdict::Probe,
+            Evidence::NoPrimary => self.take_over(),
         }
     }
 
@@ -166,6 +176,16 @@ mod tests {
         let (mut d, _) = det();
         assert_eq!(d.on_evidence(Evidence::Publish), Verdict::Probe);
         assert_eq!(d.on_probe(false), Verdict::TakeOver);
+    }
+
+    #[test]
+    fn when_both_are_backups_the_newer_epoch_then_the_born_primary_takes_over() {
+        assert!(outranks(4, false, 1));
+        assert!(!outranks(1, true, 4));
+        assert!(outranks(2, true, 2));
+        assert!(!outranks(2, false, 2));
+        let (mut d, _) = det();
+        assert_eq!(d.on_evidence(Evidence::NoPrimary), Verdict::TakeOver);
     }
 
     #[test]

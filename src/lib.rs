@@ -13,3 +13,4 @@ pub mod node;
 pub mod protocol;
 pub mod proxy;
 pub mod report;
+pub mod sim;

@@ -228,6 +228,9 @@ struct State {
     seen: HashMap<String, Seen>,
     /// Backup: whether the primary ever answered.
     armed: bool,
+    /// Backup: the peer introduced itself with `HELLO`, so it answers `STATUS` (a seed primary
+    /// only answers `PING`).
+    peer_speaks_status: bool,
     /// Backup: replication links from the primary, closed at takeover so that a primary that
     /// was merely paused learns at once, when it wakes, that it lost its role.
     link_conns: Vec<CancellationToken>,
@@ -514,12 +517,21 @@ impl Node {
                 info!("peer says hello: {version} {} epoch {epoch}", role.as_str());
                 if role == Role::Primary {
                     let mine = self.lock().epoch;
-                    if self.role() == Role::Primary && epoch > mine {
-                        self.step_down(epoch, "a primary of a newer epoch says hello");
+                    let newer = epoch > mine || (epoch == mine && self.cfg.role == Role::Backup);
+                    if self.role() == Role::Primary && newer {
+                        self.step_down(
+                            epoch,
+                            "a primary of a newer (or equal, born-primary) epoch says hello",
+                        );
                     }
                     if self.role() == Role::Backup {
                         *is_link = true;
-                        self.lock().link_conns.push(kick.clone());
+                        let mut st = self.lock();
+                        st.link_conns.push(kick.clone());
+                        st.peer_speaks_status = true;
+                        // Follow the primary's epoch, so that our own takeover, if it comes,
+                        // starts a newer one than any it has seen (a restarted node starts at 1).
+                        st.epoch = st.epoch.max(epoch);
                     }
                 }
                 let (my_role, my_epoch) = {
@@ -1013,6 +1025,10 @@ impl Node {
         Self::release_acks(&mut st);
         let undelivered: Vec<Arc<Message>> =
             std::mem::take(&mut st.inflight).into_values().collect();
+        // Forget which identities we accepted: the undelivered ones are about to come back to us
+        // as forwarded publishes if the peer steps down in turn, and must not be taken for
+        // resends. As a backup we relearn identities from what the new primary replicates.
+        st.seen.clear();
         st.order.clear();
         st.fenced.clear();
         st.suspect = false;
@@ -1217,13 +1233,54 @@ impl Node {
         let attempt = async {
             let stream = self.cfg.net.connect(primary, t).await.ok()?;
             let mut framed = tokio_util::codec::Framed::new(stream, FrameCodec::default());
-            framed.send(Frame::Ping).await.ok()?;
-            match framed.next().await {
-                Some(Ok(Frame::Pong)) => Some(()),
-                _ => None,
-            }
+            self.ask(&mut framed).await.ok()
         };
-        timeout(t, attempt).await.ok().flatten().is_some()
+        match timeout(t, attempt).await.ok().flatten() {
+            None => false,
+            Some(answer) => !self.nobody_serves(answer),
+        }
+    }
+
+    /// One liveness question on an open connection: `STATUS` to a peer of ours (so we also learn
+    /// whether it is primary), `PING` to a seed primary. `Ok(Some((role, epoch)))` or `Ok(None)`
+    /// (alive, role unknown); `Err` says what failed.
+    async fn ask(
+        &self,
+        c: &mut tokio_util::codec::Framed<BoxStream, FrameCodec>,
+    ) -> Result<Option<(Role, u64)>, Evidence> {
+        let t = self.cfg.ping_timeout;
+        let status = self.lock().peer_speaks_status;
+        let q = if status {
+            Frame::StatusQuery
+        } else {
+            Frame::Ping
+        };
+        c.send(q).await.map_err(|_| Evidence::Closed)?;
+        match timeout(t, c.next()).await {
+            Ok(Some(Ok(Frame::Pong))) => Ok(None),
+            Ok(Some(Ok(Frame::Status { role, epoch, .. }))) => Ok(Some((role, epoch))),
+            Ok(_) => Err(Evidence::Closed),
+            Err(_) => Err(Evidence::Timeout),
+        }
+    }
+
+    /// True if the peer answered as a backup that this node outranks: nobody serves, so this
+    /// node must take over.
+    fn nobody_serves(&self, answer: Option<(Role, u64)>) -> bool {
+        match answer {
+            Some((Role::Backup, peer_epoch)) => {
+                let mine = self.lock().epoch;
+                let outranks =
+                    crate::failover::outranks(mine, self.cfg.role == Role::Primary, peer_epoch);
+                if outranks {
+                    warn!(
+                        "the peer is a backup too (epoch {peer_epoch}, ours {mine}): nobody serves"
+                    );
+                }
+                outranks
+            }
+            _ => false,
+        }
     }
 
     /// The backup's polling loop: one `PING` per interval on a kept-open connection, plus an
@@ -1251,12 +1308,11 @@ impl Node {
                             conn = Some(tokio_util::codec::Framed::new(s, FrameCodec::default()));
                         }
                         let Some(c) = conn.as_mut() else { return Err(Evidence::Closed) };
-                        c.send(Frame::Ping).await.map_err(|_| Evidence::Closed)?;
-                        match timeout(t, c.next()).await {
-                            Ok(Some(Ok(Frame::Pong))) => Ok(()),
-                            Ok(_) => Err(Evidence::Closed),
-                            Err(_) => Err(Evidence::Timeout),
+                        let answer = self.ask(c).await?;
+                        if self.nobody_serves(answer) {
+                            return Err(Evidence::NoPrimary);
                         }
+                        Ok(())
                     };
                     match ping.await {
                         Ok(()) => {
@@ -1291,6 +1347,9 @@ impl Node {
                 Verdict::TakeOver => {
                     let why = match e {
                         Evidence::Timeout => format!("primary did not answer PING within {t:?}"),
+                        Evidence::NoPrimary => {
+                            "the peer is a backup too and we outrank it".to_string()
+                        }
                         _ => "primary connection closed and probe failed".to_string(),
                     };
                     self.take_over(&why);
@@ -1343,16 +1402,35 @@ impl Node {
                 };
                 match answer {
                     Ok(Some(Ok(Frame::Hello {
-                        role: Role::Backup, ..
-                    }))) => {}
+                        role: Role::Backup,
+                        epoch,
+                        ..
+                    }))) => {
+                        // A backup that has followed a newer reign than ours (we were restarted
+                        // and forgot it): ours is a new reign, numbered after it.
+                        let mut st = self.lock();
+                        if epoch > st.epoch {
+                            info!(
+                                "backup {backup} has seen epoch {epoch}: we now reign in epoch {}",
+                                epoch + 1
+                            );
+                            st.epoch = epoch + 1;
+                            // Say hello again so the backup learns the new epoch before it
+                            // could ever take over (and start the same epoch itself).
+                            continue;
+                        }
+                    }
                     Ok(Some(Ok(Frame::Hello {
                         role: Role::Primary,
                         epoch,
                         ..
                     }))) => {
                         let mine = self.lock().epoch;
-                        if epoch > mine {
-                            self.step_down(epoch, "the peer is primary in a newer epoch");
+                        if epoch > mine || (epoch == mine && self.cfg.role == Role::Backup) {
+                            self.step_down(
+                                epoch,
+                                "the peer is primary in a newer (or equal, born-primary) epoch",
+                            );
                             return;
                         }
                         error!("peer {backup} is itself primary (epoch {epoch}, ours {mine}): not replicating to it");
