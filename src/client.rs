@@ -503,7 +503,7 @@ async fn follow(
     shutdown: CancellationToken,
 ) {
     let name = broker_name(src);
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Duration::from_millis(10);
     let mut was_connected = false;
     loop {
         if shutdown.is_cancelled() {
@@ -519,7 +519,7 @@ async fn follow(
             {
                 info!("subscribed to '{topic}' on {name} ({addr})");
                 was_connected = true;
-                backoff = Duration::from_millis(50);
+                backoff = Duration::from_millis(10);
                 loop {
                     let f = tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -542,7 +542,7 @@ async fn follow(
                 }
                 info!("lost {name} ({addr}); reconnecting");
             }
-        } else if !was_connected && backoff >= Duration::from_millis(800) {
+        } else if !was_connected && backoff == Duration::from_millis(250) {
             // Say it once the broker has stayed away for a while, not on every retry.
             info!("{name} ({addr}) not reachable yet; retrying");
         }
@@ -550,6 +550,6 @@ async fn follow(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(1));
+        backoff = (backoff * 2).min(Duration::from_millis(250));
     }
 }

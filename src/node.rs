@@ -231,6 +231,8 @@ struct State {
     /// Backup: the peer introduced itself with `HELLO`, so it answers `STATUS` (a seed primary
     /// only answers `PING`).
     peer_speaks_status: bool,
+    /// Backup: incarnation of the primary whose messages we hold.
+    following: u64,
     /// Backup: replication links from the primary, closed at takeover so that a primary that
     /// was merely paused learns at once, when it wakes, that it lost its role.
     link_conns: Vec<CancellationToken>,
@@ -252,6 +254,9 @@ struct State {
 #[derive(Debug)]
 struct Node {
     cfg: NodeConfig,
+    /// Start time of this process (µs): sent in `HELLO`, and the first replication id, so that
+    /// ids of two lives of one primary never collide at its backup.
+    incarnation: u64,
     state: Mutex<State>,
     link_state: watch::Sender<LinkState>,
     /// Signalled when the primary's replication link into this backup closes.
@@ -288,12 +293,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let role = cfg.role;
+    let incarnation = now_us().max(1);
     let node = Arc::new(Node {
+        incarnation,
         detector: Mutex::new(Detector::new(cfg.ping_interval, Instant::now())),
         state: Mutex::new(State {
             role: Some(role),
             epoch: 1,
-            next_mid: 1,
+            next_mid: incarnation,
             ..State::default()
         }),
         link_state: watch::channel(LinkState {
@@ -513,6 +520,7 @@ impl Node {
                 version,
                 role,
                 epoch,
+                incarnation,
             } => {
                 info!("peer says hello: {version} {} epoch {epoch}", role.as_str());
                 if role == Role::Primary {
@@ -529,6 +537,23 @@ impl Node {
                         let mut st = self.lock();
                         st.link_conns.push(kick.clone());
                         st.peer_speaks_status = true;
+                        if st.following != incarnation {
+                            // A new life of our primary: what we hold from its previous life it
+                            // no longer knows about. Hand it over rather than keep it forever.
+                            let orphans: Vec<Arc<Message>> =
+                                std::mem::take(&mut st.held).into_values().collect();
+                            st.held_by_mid.clear();
+                            if st.following != 0 && !orphans.is_empty() {
+                                warn!(
+                                    "primary restarted: handing {} message(s) it replicated before to its new life",
+                                    orphans.len()
+                                );
+                                if let Some(peer) = self.cfg.peer.clone() {
+                                    crate::net::spawn(self.clone().hand_over(peer, orphans));
+                                }
+                            }
+                            st.following = incarnation;
+                        }
                         // Follow the primary's epoch, so that our own takeover, if it comes,
                         // starts a newer one than any it has seen (a restarted node starts at 1).
                         st.epoch = st.epoch.max(epoch);
@@ -540,6 +565,7 @@ impl Node {
                 };
                 reply(Frame::Hello {
                     version: PROTOCOL_VERSION.into(),
+                    incarnation: self.incarnation,
                     role: my_role,
                     epoch: my_epoch,
                 })
@@ -1169,6 +1195,7 @@ impl Node {
             let mut f = tokio_util::codec::Framed::new(stream, FrameCodec::default());
             f.send(Frame::Hello {
                 version: PROTOCOL_VERSION.into(),
+                incarnation: self.incarnation,
                 role: Role::Primary,
                 epoch,
             })
@@ -1393,6 +1420,7 @@ impl Node {
                 let epoch = self.lock().epoch;
                 let hello = Frame::Hello {
                     version: PROTOCOL_VERSION.into(),
+                    incarnation: self.incarnation,
                     role: Role::Primary,
                     epoch,
                 };

@@ -216,7 +216,8 @@ pub enum Frame {
         /// Replication id to drop.
         mid: u64,
     },
-    /// `HELLO|edgepair/1|role|epoch`: opens a broker-to-broker link and says who is speaking.
+    /// `HELLO|edgepair/1|role|epoch|incarnation`: opens a broker-to-broker link and says who is
+    /// speaking.
     Hello {
         /// Protocol name and version, [`PROTOCOL_VERSION`] for this crate.
         version: String,
@@ -224,6 +225,9 @@ pub enum Frame {
         role: Role,
         /// Epoch of the sender.
         epoch: u64,
+        /// Changes every time the sender's process starts (0 if not given), so a backup can tell
+        /// that its primary was restarted and forgot the messages it had replicated.
+        incarnation: u64,
     },
     /// `PING` (the seed also sends `PING||`): liveness probe, answered `PONG`.
     Ping,
@@ -417,10 +421,15 @@ impl Frame {
             },
             "HELLO" => {
                 let f = fields(line, "HELLO", 3)?;
+                let (epoch, incarnation) = match f[2].split_once('|') {
+                    Some((e, i)) => (number(e, "epoch")?, number(i, "incarnation")?),
+                    None => (number(f[2], "epoch")?, 0),
+                };
                 Frame::Hello {
                     version: s(non_empty(f[0], "version")?),
                     role: Role::parse(f[1])?,
-                    epoch: number(f[2], "epoch")?,
+                    epoch,
+                    incarnation,
                 }
             }
             // The seed's backup writes `PING||`; anything after the verb is ignored.
@@ -507,7 +516,12 @@ impl Frame {
                 version,
                 role,
                 epoch,
-            } => write!(out, "HELLO|{version}|{}|{epoch}", role.as_str()),
+                incarnation,
+            } => write!(
+                out,
+                "HELLO|{version}|{}|{epoch}|{incarnation}",
+                role.as_str()
+            ),
             Frame::Ping => write!(out, "PING"),
             Frame::Pong => write!(out, "PONG"),
             Frame::Ack { id: None } => write!(out, "ACK"),

@@ -100,6 +100,7 @@ fn every_frame_round_trips_through_encode_and_parse() {
             version: "edgepair/1".into(),
             role: Role::Backup,
             epoch: 3,
+            incarnation: 1_795_000_000_000_000,
         },
         Frame::StatusQuery,
         Frame::Status {
@@ -125,6 +126,19 @@ fn every_frame_round_trips_through_encode_and_parse() {
         let back = Frame::parse(line.trim_end_matches('\n').as_bytes());
         assert_eq!(back.ok(), Some(f.clone()), "{line:?}");
     }
+}
+
+#[test]
+fn hello_without_an_incarnation_still_parses() {
+    assert_eq!(
+        parse("HELLO|edgepair/1|primary|2").ok(),
+        Some(Frame::Hello {
+            version: "edgepair/1".into(),
+            role: Role::Primary,
+            epoch: 2,
+            incarnation: 0
+        })
+    );
 }
 
 #[test]
