@@ -81,6 +81,12 @@ impl Backoff {
     }
 }
 
+/// How long a node that has just started holds its first results (with compute on): long
+/// enough for subscribers that lost it while it was down to reconnect (their backoff is capped
+/// at 250 ms), so that what it delivers first, often messages handed over from its previous
+/// life, is not missed.
+pub const STARTUP_GRACE: Duration = Duration::from_millis(300);
+
 /// Everything a node needs to know at start.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -257,6 +263,8 @@ struct Node {
     /// Start time of this process (µs): sent in `HELLO`, and the first replication id, so that
     /// ids of two lives of one primary never collide at its backup.
     incarnation: u64,
+    /// When this node started; see [`STARTUP_GRACE`].
+    started: Instant,
     state: Mutex<State>,
     link_state: watch::Sender<LinkState>,
     /// Signalled when the primary's replication link into this backup closes.
@@ -296,6 +304,7 @@ pub async fn run(
     let incarnation = now_us().max(1);
     let node = Arc::new(Node {
         incarnation,
+        started: Instant::now(),
         detector: Mutex::new(Detector::new(cfg.ping_interval, Instant::now())),
         state: Mutex::new(State {
             role: Some(role),
@@ -879,6 +888,9 @@ impl Node {
             let cs = now_us();
             node.cfg.compute.run().await;
             let ce = now_us();
+            // Subscribers that lost this node when it went down reconnect within their backoff
+            // (250 ms); a node that has just started holds its first results until then.
+            tokio::time::sleep_until(node.started + STARTUP_GRACE).await;
             node.computed(msg, cs, ce);
         });
     }
