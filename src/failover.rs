@@ -39,6 +39,22 @@ pub fn outranks(my_epoch: u64, started_as_primary: bool, peer_epoch: u64) -> boo
     my_epoch > peer_epoch || (my_epoch == peer_epoch && started_as_primary)
 }
 
+/// The epoch a node reigns in when it becomes primary after `current`.
+///
+/// Epochs are owned: a node started as primary only ever reigns in odd epochs, one started as
+/// backup only in even ones. Two nodes that take over at the same moment (a slow link makes
+/// each think the other is gone) thus never share an epoch: the higher one wins and the other
+/// steps down as soon as they speak, and a subscriber can always tell the reigns apart.
+pub fn next_epoch(current: u64, started_as_primary: bool) -> u64 {
+    let want = u64::from(started_as_primary);
+    let e = current + 1;
+    if e % 2 == want {
+        e
+    } else {
+        e + 1
+    }
+}
+
 /// What the node should do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -186,6 +202,20 @@ mod tests {
         assert!(!outranks(2, false, 2));
         let (mut d, _) = det();
         assert_eq!(d.on_evidence(Evidence::NoPrimary), Verdict::TakeOver);
+    }
+
+    #[test]
+    fn two_nodes_taking_over_at_once_never_share_an_epoch() {
+        for current in 0..20 {
+            let p = next_epoch(current, true);
+            let b = next_epoch(current, false);
+            assert_ne!(p, b);
+            assert!(p > current && p <= current + 2 && p % 2 == 1);
+            assert!(b > current && b <= current + 2 && b.is_multiple_of(2));
+        }
+        // The usual story keeps small numbers: primary in 1, backup takes over in 2.
+        assert_eq!(next_epoch(1, false), 2);
+        assert_eq!(next_epoch(2, true), 3);
     }
 
     #[test]

@@ -1009,7 +1009,7 @@ impl Node {
             return;
         }
         st.role = Some(Role::Primary);
-        st.epoch += 1;
+        st.epoch = crate::failover::next_epoch(st.epoch, self.cfg.role == Role::Primary);
         let held = std::mem::take(&mut st.held);
         st.held_by_mid.clear();
         warn!(
@@ -1450,11 +1450,12 @@ impl Node {
                         // and forgot it): ours is a new reign, numbered after it.
                         let mut st = self.lock();
                         if epoch > st.epoch {
+                            let ours =
+                                crate::failover::next_epoch(epoch, self.cfg.role == Role::Primary);
                             info!(
-                                "backup {backup} has seen epoch {epoch}: we now reign in epoch {}",
-                                epoch + 1
+                                "backup {backup} has seen epoch {epoch}: we now reign in epoch {ours}"
                             );
-                            st.epoch = epoch + 1;
+                            st.epoch = ours;
                             // Say hello again so the backup learns the new epoch before it
                             // could ever take over (and start the same epoch itself).
                             continue;
