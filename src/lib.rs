@@ -14,3 +14,4 @@ pub mod protocol;
 pub mod proxy;
 pub mod report;
 pub mod sim;
+pub mod simreport;

@@ -161,6 +161,11 @@ impl Seen {
 
     /// Records `seq`; false if it was seen before.
     fn insert(&mut self, seq: u64) -> bool {
+        if seq == self.floor + 1 && self.above.is_empty() {
+            // The common case: the next message of a publisher, no hole.
+            self.floor = seq;
+            return true;
+        }
         if seq <= self.floor || !self.above.insert(seq) {
             return false;
         }
@@ -173,6 +178,15 @@ impl Seen {
             }
         }
         true
+    }
+}
+
+/// Records `seq` of `publisher` in `seen`; false if it was seen before. Allocates the
+/// publisher's key only the first time it is met.
+fn record_seen(seen: &mut HashMap<String, Seen>, publisher: &str, seq: u64) -> bool {
+    match seen.get_mut(publisher) {
+        Some(s) => s.insert(seq),
+        None => seen.entry(publisher.to_string()).or_default().insert(seq),
     }
 }
 
@@ -216,6 +230,9 @@ struct LinkState {
 struct State {
     role: Option<Role>,
     epoch: u64,
+    /// Counts this node's takeovers: tasks that belong to one reign (the replication link)
+    /// end when it does.
+    reign: u64,
     next_mid: u64,
     next_conn: u64,
     topics: HashMap<String, Vec<Sub>>,
@@ -279,15 +296,16 @@ struct Node {
 /// An item a connection's writer sends, in order.
 #[derive(Debug)]
 enum Out {
-    /// A line ready to go (shared between subscribers of one message).
-    Line(Arc<str>),
+    /// A line ready to go (shared between subscribers of one message: cloning `Bytes` copies a
+    /// pointer, not the payload).
+    Line(bytes::Bytes),
     /// An answer still being worked out (an `ACK` waiting for `STORED`).
     Pending(oneshot::Receiver<Frame>),
 }
 
 impl Out {
     fn frame(f: Frame) -> Out {
-        Out::Line(f.encode().into())
+        Out::Line(f.encode().into_bytes().into())
     }
 }
 
@@ -331,7 +349,7 @@ pub async fn run(
     );
     match (role, node.cfg.peer.clone()) {
         (Role::Primary, Some(backup)) => {
-            crate::net::spawn(node.clone().replication_link(backup));
+            crate::net::spawn(node.clone().replication_link(backup, 0));
         }
         (Role::Primary, None) => warn!("no backup configured: running degraded"),
         (Role::Backup, Some(primary)) => {
@@ -399,14 +417,23 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Out>
     while let Some(mut item) = rx.recv().await {
         loop {
             match item {
-                Out::Line(l) => buf.extend_from_slice(l.as_bytes()),
-                Out::Pending(p) => {
-                    if !buf.is_empty() && w.write_all(&buf).await.is_err() {
-                        return;
-                    }
-                    buf.clear();
-                    if let Ok(f) = p.await {
-                        buf.extend_from_slice(f.encode().as_bytes());
+                Out::Line(l) => buf.extend_from_slice(&l),
+                Out::Pending(mut p) => {
+                    // Usually the answer is there already (a pipelining publisher's ACKs come
+                    // in bursts): take it without flushing what is queued.
+                    let answer = match p.try_recv() {
+                        Ok(f) => Some(f),
+                        Err(oneshot::error::TryRecvError::Closed) => None,
+                        Err(oneshot::error::TryRecvError::Empty) => {
+                            if !buf.is_empty() && w.write_all(&buf).await.is_err() {
+                                return;
+                            }
+                            buf.clear();
+                            p.await.ok()
+                        }
+                    };
+                    if let Some(f) = answer {
+                        f.encode_into_bytes(&mut buf);
                     }
                 }
             }
@@ -430,6 +457,12 @@ impl Node {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock is a bug; keep serving what we can rather than cascade.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this node is primary in the reign numbered `reign` (see [`State::reign`]).
+    fn reigns(&self, reign: u64) -> bool {
+        let st = self.lock();
+        st.role == Some(Role::Primary) && st.reign == reign
     }
 
     fn role(&self) -> Role {
@@ -689,10 +722,7 @@ impl Node {
             return true;
         }
         if !msg.id.is_anonymous() {
-            st.seen
-                .entry(msg.id.publisher.clone())
-                .or_default()
-                .insert(msg.id.seq);
+            record_seen(&mut st.seen, &msg.id.publisher, msg.id.seq);
         }
         st.next_held += 1;
         let key = st.next_held;
@@ -794,13 +824,7 @@ impl Node {
         ack: Frame,
     ) -> Out {
         let mut st = self.lock();
-        let wait = if !id.is_anonymous()
-            && !st
-                .seen
-                .entry(id.publisher.clone())
-                .or_default()
-                .insert(id.seq)
-        {
+        let wait = if !id.is_anonymous() && !record_seen(&mut st.seen, &id.publisher, id.seq) {
             // A resend. Every earlier message went down the link before this point, so once
             // the last one is stored, so is this one.
             debug!("resend of {}:{} recognised", id.publisher, id.seq);
@@ -871,6 +895,26 @@ impl Node {
     /// Puts an accepted message into the compute stage and its publisher's delivery queue.
     fn enqueue(self: &Arc<Self>, st: &mut State, msg: Arc<Message>) {
         let mid = msg.mid;
+        if self.cfg.compute.range().is_off()
+            && st.role == Some(Role::Primary)
+            && !st.order.contains_key(&msg.id.publisher)
+            && !self.stalled(st)
+        {
+            // Pure relay, nothing of this publisher waiting ahead of it, free to deliver: the
+            // reorder stage and the in-flight map would hold it for no time at all.
+            let now = now_us();
+            let stamps = Stamps {
+                epoch: st.epoch,
+                received_us: msg.received_us,
+                compute_start_us: now,
+                compute_end_us: now,
+            };
+            self.deliver(st, &msg, stamps);
+            if let Some(link) = &st.link {
+                let _ = link.send(LinkMsg::Clr(msg));
+            }
+            return;
+        }
         st.inflight.insert(mid, msg.clone());
         st.order
             .entry(msg.id.publisher.clone())
@@ -961,26 +1005,24 @@ impl Node {
         let Some(subs) = st.topics.get_mut(&m.topic) else {
             return;
         };
-        let mut msg_line: Option<Arc<str>> = None;
-        let mut bare_line: Option<Arc<str>> = None;
+        let mut msg_line: Option<bytes::Bytes> = None;
+        let mut bare_line: Option<bytes::Bytes> = None;
         let mut kicked = 0;
         subs.retain(|s| {
             let line = if s.legacy {
                 bare_line
-                    .get_or_insert_with(|| Frame::Bare(m.payload.clone()).encode().into())
+                    .get_or_insert_with(|| {
+                        let mut b = Vec::with_capacity(m.payload.len() + 1);
+                        b.extend_from_slice(m.payload.as_bytes());
+                        b.push(b'\n');
+                        b.into()
+                    })
                     .clone()
             } else {
                 msg_line
                     .get_or_insert_with(|| {
-                        Frame::Msg {
-                            topic: m.topic.clone(),
-                            id: m.id.clone(),
-                            sent_us: m.sent_us,
-                            stamps,
-                            payload: m.payload.clone(),
-                        }
-                        .encode()
-                        .into()
+                        crate::protocol::msg_line(&m.topic, &m.id, m.sent_us, &stamps, &m.payload)
+                            .into()
                     })
                     .clone()
             };
@@ -1009,6 +1051,8 @@ impl Node {
             return;
         }
         st.role = Some(Role::Primary);
+        st.reign += 1;
+        let reign = st.reign;
         st.epoch = crate::failover::next_epoch(st.epoch, self.cfg.role == Role::Primary);
         let held = std::mem::take(&mut st.held);
         st.held_by_mid.clear();
@@ -1038,7 +1082,7 @@ impl Node {
         match self.cfg.peer.clone() {
             Some(peer) => {
                 warn!("running degraded until {peer} comes back as our backup");
-                crate::net::spawn(self.clone().replication_link(peer));
+                crate::net::spawn(self.clone().replication_link(peer, reign));
             }
             None => warn!("running degraded: no backup after takeover"),
         }
@@ -1405,13 +1449,17 @@ impl Node {
 
     /// The primary's link to its backup: connect, introduce ourselves, replay what is in flight,
     /// then stream `REPL`/`CLR` and collect `STORED`, reconnecting forever.
-    async fn replication_link(self: Arc<Self>, backup: String) {
+    ///
+    /// One loop per reign: a loop left over from an earlier reign (it was waiting to reconnect
+    /// when the node stepped down, then the node took over again) ends instead of fighting the
+    /// new one for the link.
+    async fn replication_link(self: Arc<Self>, backup: String, reign: u64) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         let mut legacy = false;
         let mut ever_up = false;
         let mut said_degraded = false;
         loop {
-            if self.shutdown.is_cancelled() || self.role() != Role::Primary {
+            if self.shutdown.is_cancelled() || !self.reigns(reign) {
                 return;
             }
             let stream = match self.cfg.net.connect(&backup, Duration::from_secs(1)).await {
@@ -1429,7 +1477,15 @@ impl Node {
             };
             let mut framed = tokio_util::codec::Framed::new(stream, FrameCodec::default());
             if !legacy {
-                let epoch = self.lock().epoch;
+                let epoch = {
+                    // Read with the role: a loop whose reign ended while it connected must not
+                    // announce itself as primary.
+                    let st = self.lock();
+                    if st.role != Some(Role::Primary) || st.reign != reign {
+                        return;
+                    }
+                    st.epoch
+                };
                 let hello = Frame::Hello {
                     version: PROTOCOL_VERSION.into(),
                     incarnation: self.incarnation,
@@ -1518,6 +1574,9 @@ impl Node {
             let generation;
             {
                 let mut st = self.lock();
+                if st.role != Some(Role::Primary) || st.reign != reign {
+                    return;
+                }
                 for m in st.inflight.values() {
                     let _ = tx.send(LinkMsg::Repl(m.clone()));
                 }
@@ -1624,5 +1683,38 @@ impl Node {
             e = read => e,
             _ = self.shutdown.cancelled() => "shutdown".to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_knows_every_sequence_number_it_recorded_in_any_order() {
+        let mut s = Seen::default();
+        for seq in 1..=100 {
+            assert!(s.insert(seq), "{seq} is new");
+        }
+        assert_eq!((s.floor, s.above.len()), (100, 0), "in order: no set at all");
+        assert!(!s.insert(57), "a resend is recognised");
+        assert!(s.insert(103));
+        assert!(s.insert(102));
+        assert!(!s.insert(103));
+        assert!(s.insert(101));
+        assert_eq!((s.floor, s.above.len()), (103, 0), "the hole closed");
+        for seq in 1..=103 {
+            assert!(!s.insert(seq));
+        }
+    }
+
+    #[test]
+    fn seen_allocates_a_publisher_key_once() {
+        let mut seen = HashMap::new();
+        assert!(record_seen(&mut seen, "p", 1));
+        assert!(record_seen(&mut seen, "p", 2));
+        assert!(!record_seen(&mut seen, "p", 1));
+        assert!(record_seen(&mut seen, "q", 1));
+        assert_eq!(seen.len(), 2);
     }
 }

@@ -16,8 +16,6 @@
 //! The payload is always the last field and may itself contain `|`; it may not contain a newline,
 //! which ends the frame. Frames are capped at [`MAX_FRAME`] bytes including the newline.
 
-use std::fmt::Write as _;
-
 use bytes::{Buf, BufMut, BytesMut};
 use thiserror::Error;
 use tokio_util::codec::{Decoder, Encoder};
@@ -78,7 +76,7 @@ pub struct Stamps {
 }
 
 impl Stamps {
-    fn encode(&self, out: &mut String) {
+    fn encode<W: std::fmt::Write>(&self, out: &mut W) {
         let _ = write!(
             out,
             "e={},rx={},cs={},ce={}",
@@ -318,13 +316,29 @@ fn number(s: &str, what: &'static str) -> Result<u64, ProtocolError> {
     s.parse().map_err(|_| ProtocolError::BadField(what))
 }
 
-/// Splits `line` into the verb and at most `n` further fields, the last one taking the rest.
-fn fields<'a>(line: &'a str, verb: &'static str, n: usize) -> Result<Vec<&'a str>, ProtocolError> {
-    let parts: Vec<&str> = line.splitn(n + 1, '|').skip(1).collect();
-    if parts.len() < n {
-        return Err(ProtocolError::MissingFields(verb, n));
+/// Splits `line` into the verb and exactly `N` further fields, the last one taking the rest.
+/// No allocation: this runs once per message on the relay path.
+fn fields<'a, const N: usize>(
+    line: &'a str,
+    verb: &'static str,
+) -> Result<[&'a str; N], ProtocolError> {
+    let mut out = [""; N];
+    let mut rest = line
+        .split_once('|')
+        .map(|(_, r)| r)
+        .ok_or(ProtocolError::MissingFields(verb, N))?;
+    for (i, slot) in out.iter_mut().enumerate() {
+        if i + 1 == N {
+            *slot = rest;
+        } else {
+            let (f, r) = rest
+                .split_once('|')
+                .ok_or(ProtocolError::MissingFields(verb, N))?;
+            *slot = f;
+            rest = r;
+        }
     }
-    Ok(parts)
+    Ok(out)
 }
 
 impl Frame {
@@ -339,14 +353,14 @@ impl Frame {
         let s = String::from;
         Ok(match verb {
             "PUBLISH" => {
-                let f = fields(line, "PUBLISH", 2)?;
+                let f = fields::<2>(line, "PUBLISH")?;
                 Frame::Publish {
                     topic: s(non_empty(f[0], "topic")?),
                     payload: s(f[1]),
                 }
             }
             "PUB" => {
-                let f = fields(line, "PUB", 5)?;
+                let f = fields::<5>(line, "PUB")?;
                 Frame::Pub {
                     topic: s(non_empty(f[0], "topic")?),
                     id: MsgId {
@@ -358,19 +372,19 @@ impl Frame {
                 }
             }
             "SUBSCRIBE" => {
-                let f = fields(line, "SUBSCRIBE", 1)?;
+                let f = fields::<1>(line, "SUBSCRIBE")?;
                 Frame::Subscribe {
                     topic: s(non_empty(f[0], "topic")?),
                 }
             }
             "SUB" => {
-                let f = fields(line, "SUB", 1)?;
+                let f = fields::<1>(line, "SUB")?;
                 Frame::Sub {
                     topic: s(non_empty(f[0], "topic")?),
                 }
             }
             "MSG" => {
-                let f = fields(line, "MSG", 6)?;
+                let f = fields::<6>(line, "MSG")?;
                 Frame::Msg {
                     topic: s(non_empty(f[0], "topic")?),
                     id: MsgId {
@@ -383,14 +397,13 @@ impl Frame {
                 }
             }
             "REPLICATE" | "CLEAR" => {
-                let f = fields(
+                let f = fields::<2>(
                     line,
                     if verb == "CLEAR" {
                         "CLEAR"
                     } else {
                         "REPLICATE"
                     },
-                    2,
                 )?;
                 let topic = s(non_empty(f[0], "topic")?);
                 let payload = s(f[1]);
@@ -401,7 +414,7 @@ impl Frame {
                 }
             }
             "REPL" => {
-                let f = fields(line, "REPL", 6)?;
+                let f = fields::<6>(line, "REPL")?;
                 Frame::Repl {
                     mid: number(f[0], "mid")?,
                     topic: s(non_empty(f[1], "topic")?),
@@ -414,13 +427,13 @@ impl Frame {
                 }
             }
             "STORED" => Frame::Stored {
-                mid: number(fields(line, "STORED", 1)?[0], "mid")?,
+                mid: number(fields::<1>(line, "STORED")?[0], "mid")?,
             },
             "CLR" => Frame::Clr {
-                mid: number(fields(line, "CLR", 1)?[0], "mid")?,
+                mid: number(fields::<1>(line, "CLR")?[0], "mid")?,
             },
             "HELLO" => {
-                let f = fields(line, "HELLO", 3)?;
+                let f = fields::<3>(line, "HELLO")?;
                 let (epoch, incarnation) = match f[2].split_once('|') {
                     Some((e, i)) => (number(e, "epoch")?, number(i, "incarnation")?),
                     None => (number(f[2], "epoch")?, 0),
@@ -437,7 +450,7 @@ impl Frame {
             "PONG" => Frame::Pong,
             "ACK" if line == "ACK" => Frame::Ack { id: None },
             "ACK" => {
-                let f = fields(line, "ACK", 2)?;
+                let f = fields::<2>(line, "ACK")?;
                 Frame::Ack {
                     id: Some(MsgId {
                         publisher: s(non_empty(f[0], "publisher")?),
@@ -447,7 +460,7 @@ impl Frame {
             }
             "STATUS" if line == "STATUS" => Frame::StatusQuery,
             "STATUS" => {
-                let f = fields(line, "STATUS", 5)?;
+                let f = fields::<5>(line, "STATUS")?;
                 Frame::Status {
                     role: Role::parse(f[0])?,
                     epoch: number(f[1], "epoch")?,
@@ -471,6 +484,15 @@ impl Frame {
 
     /// Appends the frame, newline included, to `out`.
     pub fn encode_into(&self, out: &mut String) {
+        self.write_to(out);
+    }
+
+    /// Appends the frame, newline included, to a byte buffer (a connection's write buffer).
+    pub fn encode_into_bytes(&self, out: &mut Vec<u8>) {
+        self.write_to(&mut ByteWriter(out));
+    }
+
+    fn write_to<W: std::fmt::Write>(&self, out: &mut W) {
         let _ = match self {
             Frame::Publish { topic, payload } => write!(out, "PUBLISH|{topic}|{payload}"),
             Frame::Pub {
@@ -492,9 +514,8 @@ impl Frame {
                 stamps,
                 payload,
             } => {
-                let _ = write!(out, "MSG|{topic}|{}|{}|{sent_us}|", id.publisher, id.seq);
-                stamps.encode(out);
-                write!(out, "|{payload}")
+                write_msg_fields(out, topic, id, *sent_us, stamps, payload);
+                Ok(())
             }
             Frame::Bare(payload) => write!(out, "{payload}"),
             Frame::Replicate { topic, payload } => write!(out, "REPLICATE|{topic}|{payload}"),
@@ -540,15 +561,68 @@ impl Frame {
             ),
             Frame::Err { reason } => write!(out, "ERR|{reason}"),
         };
-        out.push('\n');
+        let _ = out.write_char('\n');
+    }
+
+    fn payload_len(&self) -> usize {
+        match self {
+            Frame::Publish { payload, .. }
+            | Frame::Pub { payload, .. }
+            | Frame::Msg { payload, .. }
+            | Frame::Replicate { payload, .. }
+            | Frame::Clear { payload, .. }
+            | Frame::Repl { payload, .. }
+            | Frame::Bare(payload) => payload.len(),
+            _ => 0,
+        }
     }
 
     /// The frame as a line, newline included.
     pub fn encode(&self) -> String {
-        let mut s = String::new();
+        let mut s = String::with_capacity(self.payload_len() + 96);
         self.encode_into(&mut s);
         s
     }
+}
+
+/// `fmt::Write` into a byte buffer, so that frames are formatted straight into a connection's
+/// write buffer.
+struct ByteWriter<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for ByteWriter<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+fn write_msg_fields<W: std::fmt::Write>(
+    out: &mut W,
+    topic: &str,
+    id: &MsgId,
+    sent_us: u64,
+    stamps: &Stamps,
+    payload: &str,
+) {
+    let _ = write!(out, "MSG|{topic}|{}|{}|{sent_us}|", id.publisher, id.seq);
+    stamps.encode(out);
+    let _ = write!(out, "|{payload}");
+}
+
+/// The `MSG` line (newline included) for one delivery, written from borrowed parts: a broker
+/// encodes each message once for all its subscribers without building a [`Frame`] first.
+pub fn msg_line(topic: &str, id: &MsgId, sent_us: u64, stamps: &Stamps, payload: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(topic.len() + id.publisher.len() + payload.len() + 96);
+    write_msg_fields(
+        &mut ByteWriter(&mut out),
+        topic,
+        id,
+        sent_us,
+        stamps,
+        payload,
+    );
+    out.push(b'\n');
+    out
 }
 
 /// Splits a byte stream into lines and parses them; encodes frames on the way out.

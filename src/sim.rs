@@ -59,6 +59,8 @@ pub struct SimConfig {
     pub faults: Vec<FaultKind>,
     /// Backup's ping interval.
     pub ping_interval: Duration,
+    /// How long a `PING` may go unanswered before the backup takes over.
+    pub ping_timeout: Duration,
     /// Publisher's ack timeout.
     pub ack_timeout: Duration,
     /// Publisher's resend window.
@@ -78,6 +80,7 @@ impl Default for SimConfig {
                 FaultKind::Latency,
             ],
             ping_interval: Duration::from_secs(1),
+            ping_timeout: Duration::from_millis(300),
             ack_timeout: Duration::from_millis(500),
             resend: 5,
         }
@@ -123,8 +126,15 @@ pub struct SimResult {
     pub split_brain: u64,
     /// Longest silence at the subscriber, ms.
     pub longest_gap_ms: f64,
-    /// Number of distinct epochs that delivered.
+    /// Number of distinct epochs that delivered, less one.
     pub failovers: u64,
+    /// Longest failover gap, ms (see `failover_gaps_ms`).
+    pub max_failover_gap_ms: f64,
+    /// Silence at the subscriber around each change of reign: from the last delivery before the
+    /// first delivery of a new epoch to that delivery, ms. Includes the publishing period (100 ms
+    /// at 10 msg/s) and the ack timeout a publisher waits before it switches.
+    #[serde(skip)]
+    pub failover_gaps_ms: Vec<f64>,
     /// Violated invariants, empty when the run is clean.
     pub violations: String,
 }
@@ -189,7 +199,7 @@ fn broker(
     seed: u64,
     cfg: &SimConfig,
 ) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = turmoil::Result> + 'static>> {
-    let ping = cfg.ping_interval;
+    let (ping, ping_timeout) = (cfg.ping_interval, cfg.ping_timeout);
     move || {
         Box::pin(async move {
             let listener = Net::Sim.bind(&format!("0.0.0.0:{port}")).await?;
@@ -197,6 +207,7 @@ fn broker(
             let mut c = NodeConfig::new(role, Some(peer.to_string()), compute);
             c.net = Net::Sim;
             c.ping_interval = ping;
+            c.ping_timeout = ping_timeout;
             node::run(listener, c, CancellationToken::new())
                 .await
                 .map_err(|e| e.to_string().into())
@@ -388,6 +399,14 @@ fn check(
             .iter()
             .any(|(a, b)| t >= *a && t <= *b + Duration::from_secs(1))
     };
+    let mut failover_gaps_ms = Vec::new();
+    let mut reigns: BTreeSet<(u64, &str)> = BTreeSet::new();
+    for (i, d) in rows.iter().enumerate() {
+        if reigns.insert((d.epoch, d.source.as_str())) && i > 0 {
+            let before = rows[i - 1].received_at_us;
+            failover_gaps_ms.push(d.received_at_us.saturating_sub(before) as f64 / 1000.0);
+        }
+    }
     let mut epoch_source: HashMap<u64, &str> = HashMap::new();
     let mut newest_other: HashMap<&str, u64> = HashMap::new();
     let (mut stale, mut split_brain) = (0u64, 0u64);
@@ -452,6 +471,8 @@ fn check(
         split_brain,
         longest_gap_ms: longest as f64 / 1000.0,
         failovers,
+        max_failover_gap_ms: failover_gaps_ms.iter().copied().fold(0.0, f64::max),
+        failover_gaps_ms,
         violations: v.join("; "),
     }
 }

@@ -49,3 +49,30 @@ fn simulation_is_reproducible_from_its_seed() {
     // Every field of every delivery, receive times included, is the same.
     assert_eq!(a, b);
 }
+
+#[test]
+fn seeds_run_in_parallel_report_in_seed_order_with_the_same_results() {
+    let cfg = SimConfig {
+        duration: Duration::from_secs(10),
+        ..SimConfig::default()
+    };
+    let seeds = [7, 3, 9, 1];
+    let mut order = Vec::new();
+    let parallel = edgepair::simreport::run_seeds(&seeds, &cfg, 3, |r| order.push(r.seed));
+    assert_eq!(order, seeds, "reported in the order asked");
+    for (r, seed) in parallel.iter().zip(seeds) {
+        let (alone, _) = run_seed(seed, &cfg);
+        assert_eq!(r.seed, seed);
+        assert_eq!(
+            (&r.faults, r.published, r.duplicates, r.longest_gap_ms),
+            (
+                &alone.faults,
+                alone.published,
+                alone.duplicates,
+                alone.longest_gap_ms
+            ),
+            "seed {seed} differs when run beside others"
+        );
+        assert_eq!(r.failover_gaps_ms, alone.failover_gaps_ms);
+    }
+}

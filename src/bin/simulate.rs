@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use edgepair::compute::parse_duration;
-use edgepair::sim::{run_seed, FaultKind, SimConfig};
+use edgepair::sim::{run_seed, FaultKind, SimConfig, SimResult};
+use edgepair::simreport::{self, Axis};
 
 /// Runs seeded fault schedules in simulated time and checks the delivery invariants.
 #[derive(Parser)]
@@ -30,9 +31,47 @@ struct Cli {
         default_value = "crash,restart,partition,hold,latency"
     )]
     faults: Vec<FaultKind>,
-    /// Where `<timestamp>-sim/simulation.csv` goes.
+    /// Backup's ping interval.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    ping_interval: Duration,
+    /// How long a ping may go unanswered before the backup takes over.
+    #[arg(long, value_parser = parse_duration, default_value = "300ms")]
+    ping_timeout: Duration,
+    /// Publisher's ack timeout before it switches brokers.
+    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    ack_timeout: Duration,
+    /// Messages a publisher resends when it switches.
+    #[arg(long, default_value_t = 5)]
+    resend: usize,
+    /// Vary a parameter: `ping-interval=250ms,500ms,1s`, `ping-timeout=…`, `ack-timeout=…` or
+    /// `resend=…`. Repeat for more axes; every combination runs the same seeds.
+    #[arg(long)]
+    sweep: Vec<Axis>,
+    /// Seeds run at once (each is its own single-threaded simulation).
+    #[arg(long, default_value_t = default_jobs())]
+    jobs: usize,
+    /// Where `<timestamp>-sim/` goes.
     #[arg(long, default_value = "results")]
     out: std::path::PathBuf,
+}
+
+fn default_jobs() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn row(r: &SimResult) {
+    println!(
+        "{:>6} {:>5} {:>4} {:>5} {:>4} {:>5} {:>6} {:>8.0}  {}",
+        r.seed,
+        r.published,
+        r.lost,
+        r.duplicates,
+        r.reordered,
+        r.split_brain,
+        r.stale,
+        r.longest_gap_ms,
+        r.faults
+    );
 }
 
 fn main() -> ExitCode {
@@ -46,65 +85,115 @@ fn main() -> ExitCode {
             .with_timer(edgepair::sim::SimTime)
             .try_init();
     }
+    if cli.resend > edgepair::client::MAX_WINDOW {
+        eprintln!(
+            "simulate: --resend {} is more than the {} messages a publisher keeps",
+            cli.resend,
+            edgepair::client::MAX_WINDOW
+        );
+        return ExitCode::from(2);
+    }
     let cfg = SimConfig {
         duration: cli.duration,
         faults: cli.faults.clone(),
+        ping_interval: cli.ping_interval,
+        ping_timeout: cli.ping_timeout,
+        ack_timeout: cli.ack_timeout,
+        resend: cli.resend,
         ..SimConfig::default()
     };
-    let seeds: Vec<u64> = match cli.seed {
-        Some(s) => vec![s],
-        None => (cli.first..cli.first + cli.seeds).collect(),
+    let dir = cli.out.join(format!(
+        "{}-sim",
+        edgepair::harness::utc_stamp(edgepair::clock::now_us())
+    ));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("simulate: cannot create {}: {e}", dir.display());
+        return ExitCode::FAILURE;
+    }
+    let code = if let Some(seed) = cli.seed {
+        replay(&cfg, seed)
+    } else if cli.sweep.is_empty() {
+        batch(&cli, &cfg, &dir)
+    } else {
+        sweep(&cli, &cfg, &dir)
     };
-    let started = std::time::Instant::now();
-    let mut results = Vec::new();
-    let mut bad = Vec::new();
+    println!("written to {}", dir.display());
+    code
+}
+
+fn header() {
     println!(
         "{:>6} {:>5} {:>4} {:>5} {:>4} {:>5} {:>6} {:>8}  faults",
         "seed", "pub", "lost", "dups", "reord", "split", "stale", "gap ms"
     );
-    for s in &seeds {
-        let (r, deliveries) = run_seed(*s, &cfg);
+}
+
+fn replay_command(cfg: &SimConfig, seed: u64) -> String {
+    format!(
+        "cargo run --release --bin simulate -- --seed {seed} --duration {}ms --faults {} --ping-interval {}ms --ping-timeout {}ms --ack-timeout {}ms --resend {}",
+        cfg.duration.as_millis(),
+        cfg.faults
+            .iter()
+            .map(|f| format!("{f:?}").to_lowercase())
+            .collect::<Vec<_>>()
+            .join(","),
+        cfg.ping_interval.as_millis(),
+        cfg.ping_timeout.as_millis(),
+        cfg.ack_timeout.as_millis(),
+        cfg.resend
+    )
+}
+
+/// One seed, with every delivery listed when it violates an invariant.
+fn replay(cfg: &SimConfig, seed: u64) -> ExitCode {
+    header();
+    let (r, deliveries) = run_seed(seed, cfg);
+    row(&r);
+    if r.violations.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    println!("        VIOLATION: {}", r.violations);
+    println!("        replay: {}", replay_command(cfg, seed));
+    for d in &deliveries {
         println!(
-            "{:>6} {:>5} {:>4} {:>5} {:>4} {:>5} {:>6} {:>8.0}  {}",
-            r.seed,
-            r.published,
-            r.lost,
-            r.duplicates,
-            r.reordered,
-            r.split_brain,
-            r.stale,
-            r.longest_gap_ms,
-            r.faults
+            "          t={:>9.3}s {:<7} seq {:>4} epoch {} {}",
+            (d.received_at_us
+                .saturating_sub(edgepair::clock::SIM_EPOCH_US)) as f64
+                / 1e6,
+            d.source,
+            d.seq,
+            d.epoch,
+            if d.duplicate { "dup" } else { "" }
         );
+    }
+    ExitCode::FAILURE
+}
+
+fn seed_range(cli: &Cli) -> Vec<u64> {
+    (cli.first..cli.first.saturating_add(cli.seeds)).collect()
+}
+
+/// A range of seeds: table, CSV, distributions.
+fn batch(cli: &Cli, cfg: &SimConfig, dir: &std::path::Path) -> ExitCode {
+    let seeds = seed_range(cli);
+    let started = std::time::Instant::now();
+    header();
+    let mut bad = Vec::new();
+    let results = simreport::run_seeds(&seeds, cfg, cli.jobs, |r| {
+        row(r);
         if !r.violations.is_empty() {
             println!("        VIOLATION: {}", r.violations);
-            println!(
-                "        replay: cargo run --release --bin simulate -- --seed {} --duration {}s --faults {}",
-                r.seed,
-                cli.duration.as_secs(),
-                cli.faults.iter().map(|f| format!("{f:?}").to_lowercase()).collect::<Vec<_>>().join(",")
-            );
-            if cli.seed.is_some() {
-                for d in &deliveries {
-                    println!(
-                        "          t={:>9.3}s {:<7} seq {:>4} epoch {} {}",
-                        (d.received_at_us - edgepair::clock::SIM_EPOCH_US) as f64 / 1e6,
-                        d.source,
-                        d.seq,
-                        d.epoch,
-                        if d.duplicate { "dup" } else { "" }
-                    );
-                }
-            }
+            println!("        replay: {}", replay_command(cfg, r.seed));
             bad.push(r.seed);
         }
-        results.push(r);
-    }
+    });
     let secs = started.elapsed().as_secs_f64();
     let simulated = cli.duration.as_secs_f64() * seeds.len() as f64;
+    let s = simreport::summarize_as("this run", &results);
     println!(
-        "{} seed(s) in {secs:.1} s ({:.0}x real time); {} with violations{}",
+        "{} seed(s) in {secs:.1} s on {} thread(s) ({:.0}x real time); {} with violations{}",
         seeds.len(),
+        cli.jobs,
         simulated / secs.max(1e-9),
         bad.len(),
         if bad.is_empty() {
@@ -113,22 +202,103 @@ fn main() -> ExitCode {
             format!(": {bad:?}")
         }
     );
-    let dir = cli.out.join(format!(
-        "{}-sim",
-        edgepair::harness::utc_stamp(edgepair::clock::now_us())
-    ));
-    if std::fs::create_dir_all(&dir).is_ok() {
-        if let Ok(mut w) = csv::Writer::from_path(dir.join("simulation.csv")) {
-            for r in &results {
-                let _ = w.serialize(r);
-            }
-            let _ = w.flush();
-            println!("written to {}", dir.join("simulation.csv").display());
-        }
+    println!(
+        "lost {}; failovers/seed {:.2}; failover gap p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; duplicates/seed {:.1}, max {}",
+        s.lost, s.failovers_per_seed, s.gap_p50_ms, s.gap_p99_ms, s.gap_max_ms, s.duplicates_per_seed, s.duplicates_max
+    );
+    if let Err(e) = write_csv(&dir.join("simulation.csv"), &results) {
+        eprintln!("simulate: {e}");
+    }
+    if let Err(e) = simreport::write_distributions(dir, &results) {
+        eprintln!("simulate: {e}");
     }
     if bad.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Every combination of the swept values over the same seeds: table, CSV, plot.
+fn sweep(cli: &Cli, cfg: &SimConfig, dir: &std::path::Path) -> ExitCode {
+    let settings = match simreport::settings(cfg, &cli.sweep) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("simulate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let seeds = seed_range(cli);
+    let started = std::time::Instant::now();
+    let mut rows = Vec::new();
+    let mut all = Vec::new();
+    for (i, setting) in settings.iter().enumerate() {
+        let label = &setting.label;
+        eprintln!(
+            "[{}/{}] {label}: {} seed(s)…",
+            i + 1,
+            settings.len(),
+            seeds.len()
+        );
+        let results = simreport::run_seeds(&seeds, &setting.cfg, cli.jobs, |r| {
+            if !r.violations.is_empty() {
+                eprintln!(
+                    "      seed {}: {}\n      replay: {}",
+                    r.seed,
+                    r.violations,
+                    replay_command(&setting.cfg, r.seed)
+                );
+            }
+        });
+        let s = simreport::summarize(setting, &results);
+        eprintln!(
+            "[{}/{}] {label}: gap p50 {:.0} ms, p99 {:.0} ms; {:.2} failovers/seed; {:.1} duplicates/seed; {} violating seed(s)",
+            i + 1,
+            settings.len(),
+            s.gap_p50_ms,
+            s.gap_p99_ms,
+            s.failovers_per_seed,
+            s.duplicates_per_seed,
+            s.violating_seeds
+        );
+        rows.push(s);
+        all.extend(results);
+    }
+    print!("{}", simreport::render_sweep_table(&rows));
+    println!(
+        "{} setting(s) × {} seed(s) in {:.1} s",
+        settings.len(),
+        seeds.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let mut ok = true;
+    if let Err(e) = write_csv(&dir.join("sweep.csv"), &rows) {
+        eprintln!("simulate: {e}");
+        ok = false;
+    }
+    let x_name = cli.sweep.last().map_or("", |a| a.param.name());
+    if let Err(e) = simreport::sweep_svg(&dir.join("sweep.svg"), x_name, &rows) {
+        eprintln!("simulate: {e}");
+        ok = false;
+    }
+    if let Err(e) = std::fs::write(dir.join("sweep.md"), simreport::render_sweep_table(&rows)) {
+        eprintln!("simulate: {e}");
+        ok = false;
+    }
+    let violating: u64 = rows.iter().map(|r| r.violating_seeds).sum();
+    if ok && violating == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn write_csv<T: serde::Serialize>(path: &std::path::Path, rows: &[T]) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_path(path)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    for r in rows {
+        w.serialize(r)?;
+    }
+    w.flush()?;
+    Ok(())
 }
