@@ -54,6 +54,10 @@ pub struct BenchOpts {
     /// Where the CSV goes.
     #[arg(long, default_value = "results/bench")]
     pub out: PathBuf,
+    /// Runtime threads of each broker, passed as its `--threads` (default: the brokers' own
+    /// default, 1; 0 = one per core).
+    #[arg(long)]
+    pub broker_threads: Option<usize>,
     /// Folder holding the `primary` and `backup` binaries (default: the bench's own folder).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
@@ -112,6 +116,7 @@ async fn start(
     replicated: bool,
     compute: &str,
     workers: Option<usize>,
+    threads: Option<usize>,
 ) -> anyhow::Result<Vec<Broker>> {
     let (pp, bp) = (free_port()?, free_port()?);
     let spawn = |name: &str, port: u16, peer: u16| -> anyhow::Result<Broker> {
@@ -124,6 +129,9 @@ async fn start(
         ]);
         if let Some(w) = workers {
             cmd.args(["--workers".to_string(), w.to_string()]);
+        }
+        if let Some(t) = threads {
+            cmd.args(["--threads".to_string(), t.to_string()]);
         }
         let child = cmd
             .env(
@@ -485,7 +493,7 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         if want("throughput") {
             let mut runs = Vec::new();
             for _ in 0..o.runs {
-                let b = start(&bin_dir, replicated, "0", None).await?;
+                let b = start(&bin_dir, replicated, "0", None, o.broker_threads).await?;
                 let (rate, got) = throughput(&b[0].addr, o.messages, o.window).await?;
                 if got < o.messages {
                     println!("  ({setup}: only {got} of {} delivered)", o.messages);
@@ -502,7 +510,7 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         if want("latency") {
             let (mut p50, mut p99, mut p999, mut max) = (vec![], vec![], vec![], vec![]);
             for _ in 0..o.runs {
-                let b = start(&bin_dir, replicated, "0", None).await?;
+                let b = start(&bin_dir, replicated, "0", None, o.broker_threads).await?;
                 let h = paced_latency(&b[0].addr, o.paced_rate, o.paced_for).await?;
                 p50.push(h.value_at_quantile(0.5) as f64);
                 p99.push(h.value_at_quantile(0.99) as f64);
@@ -520,7 +528,7 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
     if want("fanout") {
         let (mut spread, mut lost) = (vec![], vec![]);
         for _ in 0..o.runs {
-            let b = start(&bin_dir, false, "0", None).await?;
+            let b = start(&bin_dir, false, "0", None, o.broker_threads).await?;
             let (s, l) = fanout(&b[0].addr, o.fanout, 100, Duration::from_secs(5)).await?;
             spread.push(s);
             lost.push(l as f64);
@@ -543,7 +551,7 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
     if want("rss") {
         let mut runs = Vec::new();
         for _ in 0..o.runs {
-            let b = start(&bin_dir, false, "0", None).await?;
+            let b = start(&bin_dir, false, "0", None, o.broker_threads).await?;
             runs.push(rss_per_subscriber(&b[0], o.fanout).await?);
         }
         push("RSS per idle subscriber", "solo", runs, "KiB", "<= 16");
@@ -552,7 +560,7 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         for (workers, setup) in [(Some(1), "workers 1"), (None, "default")] {
             let (mut p50, mut p99) = (vec![], vec![]);
             for _ in 0..o.runs {
-                let b = start(&bin_dir, true, "50..150", workers).await?;
+                let b = start(&bin_dir, true, "50..150", workers, o.broker_threads).await?;
                 let (a, z) = compute_scenario(&b[0].addr, o.compute_for).await?;
                 p50.push(a);
                 p99.push(z);

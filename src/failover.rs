@@ -5,8 +5,9 @@
 //! to do next, so every rule below is tested without a network (see the tests at the bottom).
 //!
 //! The rules:
-//! * a `PONG` arms the detector: a backup that has never seen its primary does not take over on
-//!   its own just because it was started first;
+//! * a `PONG` (or the primary's `HELLO` on its replication link) arms the detector: a backup
+//!   that has never seen its primary does not take over on its own just because it was started
+//!   first. Until then it looks for the primary more often than once per interval;
 //! * a `PING` that gets no answer within `ping_timeout` is a hang (SIGSTOP, overload): take over;
 //! * a refused connection or a link closed by the peer is *evidence* of a crash, but also what a
 //!   flaky link looks like, so it triggers an immediate probe (a fresh connection and a `PING`);
@@ -18,6 +19,9 @@
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+/// First retry of a backup whose primary has not answered yet (see [`Detector::on_ping_sent`]).
+pub const UNARMED_FIRST_RETRY: Duration = Duration::from_millis(100);
 
 /// What the node observed about the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +77,10 @@ pub struct Detector {
     interval: Duration,
     /// Set by the first `PONG`; until then only a publish can trigger a takeover.
     armed: bool,
+    /// Until armed, the wait before the next `PING`: starts short and doubles up to `interval`,
+    /// so a backup started just before its primary follows it within ~100 ms, not a whole
+    /// (possibly long) interval later.
+    unarmed_wait: Duration,
     /// Once taken over, every later observation is moot.
     taken_over: bool,
     next_ping: Instant,
@@ -84,6 +92,7 @@ impl Detector {
         Detector {
             interval,
             armed: false,
+            unarmed_wait: UNARMED_FIRST_RETRY.min(interval),
             taken_over: false,
             next_ping: now,
         }
@@ -105,9 +114,15 @@ impl Detector {
     }
 
     /// A `PING` was sent at `now`: schedule the next one a full interval later (drift-free
-    /// polling is not needed; the interval bounds detection time either way).
+    /// polling is not needed; the interval bounds detection time either way). Until the primary
+    /// has answered once, sooner: see `unarmed_wait`.
     pub fn on_ping_sent(&mut self, now: Instant) {
-        self.next_ping = now + self.interval;
+        if self.armed {
+            self.next_ping = now + self.interval;
+        } else {
+            self.next_ping = now + self.unarmed_wait;
+            self.unarmed_wait = (self.unarmed_wait * 2).min(self.interval);
+        }
     }
 
     /// The primary answered.
@@ -222,7 +237,26 @@ mod tests {
     fn pings_are_spaced_by_the_interval() {
         let (mut d, t0) = det();
         assert_eq!(d.next_ping(), Some(t0));
+        d.on_pong();
         d.on_ping_sent(t0);
         assert_eq!(d.next_ping(), Some(t0 + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_backup_looks_for_its_primary_sooner_until_it_answers() {
+        let t0 = Instant::now();
+        let mut d = Detector::new(Duration::from_secs(10), t0);
+        let mut waits = Vec::new();
+        let mut t = t0;
+        for _ in 0..9 {
+            d.on_ping_sent(t);
+            let next = d.next_ping().unwrap();
+            waits.push((next - t).as_millis());
+            t = next;
+        }
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 6400, 10000, 10000]);
+        d.on_pong();
+        d.on_ping_sent(t);
+        assert_eq!(d.next_ping(), Some(t + Duration::from_secs(10)));
     }
 }

@@ -576,7 +576,16 @@ impl Node {
                     }
                     if self.role() == Role::Backup {
                         *is_link = true;
+                        // A primary that opens its replication link is alive: as good as a PONG.
+                        self.detector
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .on_pong();
                         let mut st = self.lock();
+                        if !st.armed {
+                            info!("primary says hello: following it");
+                        }
+                        st.armed = true;
                         st.link_conns.push(kick.clone());
                         st.peer_speaks_status = true;
                         if st.following != incarnation {
@@ -1696,7 +1705,11 @@ mod tests {
         for seq in 1..=100 {
             assert!(s.insert(seq), "{seq} is new");
         }
-        assert_eq!((s.floor, s.above.len()), (100, 0), "in order: no set at all");
+        assert_eq!(
+            (s.floor, s.above.len()),
+            (100, 0),
+            "in order: no set at all"
+        );
         assert!(!s.insert(57), "a resend is recognised");
         assert!(s.insert(103));
         assert!(s.insert(102));
