@@ -316,12 +316,19 @@ async fn publish_paced(
     Ok(drain)
 }
 
-/// Sends at a fixed rate for `dur` and returns the publish→deliver latency histogram (µs).
-async fn paced_latency(addr: &str, rate: u64, dur: Duration) -> anyhow::Result<Histogram<u64>> {
+/// Sends at a fixed rate for `dur` and returns the publish→deliver latency histogram (µs), and
+/// the histogram of the same latency less the message's compute time as its `MSG` stamps say
+/// (`ce - cs`): what the broker and the network added.
+async fn paced_latency(
+    addr: &str,
+    rate: u64,
+    dur: Duration,
+) -> anyhow::Result<(Histogram<u64>, Histogram<u64>)> {
     let mut sub = subscribe(addr, "lat").await?;
     let n = (rate as f64 * dur.as_secs_f64()) as u64;
     let reader = tokio::spawn(async move {
         let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
+        let mut over = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
         let mut line = String::new();
         let mut got = 0;
         while got < n {
@@ -331,16 +338,32 @@ async fn paced_latency(addr: &str, rate: u64, dur: Duration) -> anyhow::Result<H
                 Ok(Ok(_)) => {
                     got += 1;
                     let now = now_us();
-                    // MSG|topic|publisher|seq|sent_us|...
-                    if let Some(sent) = line.split('|').nth(4).and_then(|s| s.parse::<u64>().ok()) {
-                        if let Some(h) = h.as_mut() {
-                            let _ = h.record(now.saturating_sub(sent).max(1));
+                    // MSG|topic|publisher|seq|sent_us|stamps|payload
+                    let mut f = line.split('|');
+                    let Some(sent) = f.nth(4).and_then(|s| s.parse::<u64>().ok()) else {
+                        continue;
+                    };
+                    let latency = now.saturating_sub(sent).max(1);
+                    if let Some(h) = h.as_mut() {
+                        let _ = h.record(latency);
+                    }
+                    let stamp = |k: &str, s: &str| {
+                        s.split(',')
+                            .find_map(|kv| kv.strip_prefix(k))
+                            .and_then(|v| v.parse::<u64>().ok())
+                    };
+                    if let Some(st) = f.next() {
+                        if let (Some(cs), Some(ce)) = (stamp("cs=", st), stamp("ce=", st)) {
+                            if let Some(o) = over.as_mut() {
+                                let _ =
+                                    o.record(latency.saturating_sub(ce.saturating_sub(cs)).max(1));
+                            }
                         }
                     }
                 }
             }
         }
-        h
+        h.zip(over)
     });
     let drain = publish_paced(addr, "lat", rate, n).await?;
     let h = reader.await?.context("histogram")?;
@@ -412,13 +435,12 @@ async fn rss_per_subscriber(b: &Broker, subs: usize) -> anyhow::Result<f64> {
     Ok((after.saturating_sub(before)) as f64 / subs as f64)
 }
 
-/// The 10 Hz scenario with compute: p50 and p99 latency (ms) over `dur`.
-async fn compute_scenario(addr: &str, dur: Duration) -> anyhow::Result<(f64, f64)> {
-    let h = paced_latency(addr, 10, dur).await?;
-    Ok((
-        h.value_at_quantile(0.5) as f64 / 1000.0,
-        h.value_at_quantile(0.99) as f64 / 1000.0,
-    ))
+/// The 10 Hz scenario with compute over `dur`: p50 and p99 latency (ms), and p50 and p99 of the
+/// latency less each message's own compute time (ms).
+async fn compute_scenario(addr: &str, dur: Duration) -> anyhow::Result<[f64; 4]> {
+    let (h, over) = paced_latency(addr, 10, dur).await?;
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    Ok([ms(&h, 0.5), ms(&h, 0.99), ms(&over, 0.5), ms(&over, 0.99)])
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -511,7 +533,7 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
             let (mut p50, mut p99, mut p999, mut max) = (vec![], vec![], vec![], vec![]);
             for _ in 0..o.runs {
                 let b = start(&bin_dir, replicated, "0", None, o.broker_threads).await?;
-                let h = paced_latency(&b[0].addr, o.paced_rate, o.paced_for).await?;
+                let (h, _) = paced_latency(&b[0].addr, o.paced_rate, o.paced_for).await?;
                 p50.push(h.value_at_quantile(0.5) as f64);
                 p99.push(h.value_at_quantile(0.99) as f64);
                 p999.push(h.value_at_quantile(0.999) as f64);
@@ -558,12 +580,14 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
     }
     if want("compute") {
         for (workers, setup) in [(Some(1), "workers 1"), (None, "default")] {
-            let (mut p50, mut p99) = (vec![], vec![]);
+            let (mut p50, mut p99, mut o50, mut o99) = (vec![], vec![], vec![], vec![]);
             for _ in 0..o.runs {
                 let b = start(&bin_dir, true, "50..150", workers, o.broker_threads).await?;
-                let (a, z) = compute_scenario(&b[0].addr, o.compute_for).await?;
+                let [a, z, oa, oz] = compute_scenario(&b[0].addr, o.compute_for).await?;
                 p50.push(a);
                 p99.push(z);
+                o50.push(oa);
+                o99.push(oz);
             }
             let (t50, t99) = if workers.is_none() {
                 ("<= 102", "<= 152")
@@ -572,6 +596,8 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
             };
             push("10 Hz compute p50", setup, p50, "ms", t50);
             push("10 Hz compute p99", setup, p99, "ms", t99);
+            push("10 Hz less compute p50", setup, o50, "ms", "-");
+            push("10 Hz less compute p99", setup, o99, "ms", "-");
         }
     }
     std::fs::create_dir_all(&o.out)?;

@@ -121,16 +121,19 @@ impl Compute {
         Duration::from_millis(ms)
     }
 
-    /// Runs one task: waits for a free slot, then takes the drawn time.
-    pub async fn run(&self) {
+    /// Runs one task: waits for a free slot, then takes the drawn time. Returns when the task
+    /// got its slot and started (µs, [`crate::clock::now_us`]), so that the time spent queueing
+    /// for a worker and the compute itself are reported apart.
+    pub async fn run(&self) -> u64 {
         let d = self.draw();
         if d.is_zero() {
-            return;
+            return crate::clock::now_us();
         }
         let _permit = match &self.slots {
             Some(s) => s.clone().acquire_owned().await.ok(),
             None => None,
         };
+        let started = crate::clock::now_us();
         match self.mode {
             ComputeMode::Sleep => tokio::time::sleep(d).await,
             ComputeMode::Spin => {
@@ -143,6 +146,7 @@ impl Compute {
                 .await;
             }
         }
+        started
     }
 }
 

@@ -413,7 +413,9 @@ async fn refuse(stream: BoxStream) {
 /// Writes a connection's outgoing items in order, coalescing whatever is already queued into one
 /// write.
 async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Out>) {
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    // Allocated on first use: most connections of a big fan-out are idle subscribers, and a
+    // buffer each would be most of their memory.
+    let mut buf: Vec<u8> = Vec::new();
     while let Some(mut item) = rx.recv().await {
         loop {
             match item {
@@ -472,7 +474,9 @@ impl Node {
     /// Serves one connection: reads frames, answers in order, registers subscribers.
     async fn connection(self: Arc<Self>, stream: BoxStream, peer: String) {
         let (r, w) = tokio::io::split(stream);
-        let mut reader = FramedRead::new(r, LenientCodec::default());
+        // A small first read buffer (it grows with the traffic): an idle subscriber then costs
+        // a few KiB, not the codec's default 8 KiB.
+        let mut reader = FramedRead::with_capacity(r, LenientCodec::default(), 512);
         let (tx, rx) = mpsc::channel::<Out>(CONNECTION_QUEUE);
         let writer = crate::net::spawn(write_loop(w, rx));
         let kick = self.shutdown.child_token();
@@ -938,8 +942,7 @@ impl Node {
         }
         let node = self.clone();
         crate::net::spawn(async move {
-            let cs = now_us();
-            node.cfg.compute.run().await;
+            let cs = node.cfg.compute.run().await;
             let ce = now_us();
             // Subscribers that lost this node when it went down reconnect within their backoff
             // (250 ms); a node that has just started holds its first results until then.

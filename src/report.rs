@@ -11,7 +11,9 @@
 //!   second after the first delivery by the backup (or one second after the fault, if none);
 //! * `latency.csv` ([`LATENCY_COLUMNS`]): `section=percentile` rows (key `p50`, `p90`, `p99`,
 //!   `p99.9`, `max`; `value_ms`) over first deliveries, then `section=second` rows (key = whole
-//!   seconds since the first message; `count`, `p50_ms`, `p99_ms`) so the failover shows up;
+//!   seconds since the first message; `count`, `p50_ms`, `p99_ms`) so the failover shows up, then
+//!   `section=stage` rows (key `to broker`, `queue wait`, `compute`, `delivery`; `count`,
+//!   `p50_ms`, `p99_ms`): where the time went, from the broker-side stamps of each delivery;
 //! * `summary.json`: `{"run": RunInfo, "analysis": Analysis}`;
 //! * `timeline.svg`: sequence number against time, coloured by broker, the fault marked and the
 //!   failover gap shaded; `latency.svg`: end-to-end latency of every delivery against time.
@@ -54,6 +56,9 @@ pub const GAP_COLUMNS: [&str; 7] = [
     "duration_ms",
     "during_failover",
 ];
+
+/// The stages of [`Analysis::stages`], in path order.
+pub const STAGES: [&str; 4] = ["to broker", "queue wait", "compute", "delivery"];
 
 /// Columns of `latency.csv`.
 pub const LATENCY_COLUMNS: [&str; 6] = ["section", "key", "count", "p50_ms", "p99_ms", "value_ms"];
@@ -202,6 +207,12 @@ pub struct Analysis {
     pub latency: Percentiles,
     /// Latency per second of the run.
     pub per_second: Vec<SecondStat>,
+    /// The latency split into stages, from the stamps of first deliveries that carry them:
+    /// `to broker` (publisher's send → broker's receipt: network, and clock skew across hosts),
+    /// `queue wait` (receipt → a compute worker free), `compute`, `delivery` (compute end →
+    /// subscriber). Replication runs beside compute, not before it, so it is in none of them;
+    /// it holds back only the publisher's `ACK`.
+    pub stages: Vec<(String, Percentiles)>,
     /// Silences and missing ranges.
     pub gaps: Vec<Gap>,
     /// Nothing missing (and something published).
@@ -238,6 +249,7 @@ pub fn analyze(all: &[Delivery], info: &RunInfo) -> Analysis {
     rows.sort_by_key(|d| d.received_at_us);
 
     let mut seen = HashSet::new();
+    let mut stage_hists = [histogram(), histogram(), histogram(), histogram()];
     let mut first: BTreeMap<u64, &Delivery> = BTreeMap::new();
     let mut duplicates = 0;
     let mut reordered = 0;
@@ -256,6 +268,20 @@ pub fn analyze(all: &[Delivery], info: &RunInfo) -> Analysis {
         first.insert(d.seq, d);
         let lat = d.latency_us.max(1) as u64;
         let _ = hist.record(lat.min(3_600_000_000));
+        if d.broker_rx_us > 0
+            && d.compute_start_us >= d.broker_rx_us
+            && d.compute_end_us >= d.compute_start_us
+        {
+            let parts = [
+                d.broker_rx_us.saturating_sub(d.sent_at_us),
+                d.compute_start_us - d.broker_rx_us,
+                d.compute_end_us - d.compute_start_us,
+                d.received_at_us.saturating_sub(d.compute_end_us),
+            ];
+            for (h, v) in stage_hists.iter_mut().zip(parts) {
+                let _ = h.record(v.clamp(1, 3_600_000_000));
+            }
+        }
         let sec = d.received_at_us.saturating_sub(info.start_us) / 1_000_000;
         let _ = seconds
             .entry(sec)
@@ -344,6 +370,12 @@ pub fn analyze(all: &[Delivery], info: &RunInfo) -> Analysis {
         longest_silence_ms: longest.0 as f64 / 1000.0,
         longest_silence_seqs: longest.1,
         latency: percentiles(&hist),
+        stages: STAGES
+            .iter()
+            .zip(&stage_hists)
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(n, h)| (n.to_string(), percentiles(h)))
+            .collect(),
         per_second: seconds
             .iter()
             .map(|(s, h)| SecondStat {
@@ -437,6 +469,19 @@ pub fn render_table(a: &Analysis) -> String {
     for (k, v) in rows {
         let _ = writeln!(s, "  {k:<16} {v}");
     }
+    if !a.stages.is_empty() {
+        let parts: Vec<String> = a
+            .stages
+            .iter()
+            .map(|(n, p)| format!("{n} {:.1}/{:.1}", p.p50_ms, p.p99_ms))
+            .collect();
+        let _ = writeln!(
+            s,
+            "  {:<16} {} ms (p50/p99)",
+            "where it went",
+            parts.join(" · ")
+        );
+    }
     s
 }
 
@@ -481,6 +526,16 @@ pub fn write_reports(
             &s.count.to_string(),
             &format!("{:.3}", s.p50_ms),
             &format!("{:.3}", s.p99_ms),
+            "",
+        ])?;
+    }
+    for (name, p) in &a.stages {
+        w.write_record([
+            "stage",
+            name,
+            &p.count.to_string(),
+            &format!("{:.3}", p.p50_ms),
+            &format!("{:.3}", p.p99_ms),
             "",
         ])?;
     }
@@ -827,6 +882,47 @@ mod tests {
         assert!((a.latency.max_ms - 100.0).abs() < 0.5, "{:?}", a.latency);
         assert_eq!(a.per_second.len(), 3);
         assert_eq!(a.per_second.iter().map(|s| s.count).sum::<u64>(), 100);
+    }
+
+    #[test]
+    fn latency_is_split_into_stages_from_the_broker_stamps() {
+        // Sent at t, received by the broker 1 ms later, waits 5 ms for a worker, computes 80 ms,
+        // reaches the subscriber 2 ms after that: 88 ms in all.
+        let rows: Vec<Delivery> = (1..=10)
+            .map(|seq| {
+                let mut x = d(seq, seq * 100, "primary", false);
+                let sent = x.received_at_us - 88_000;
+                x.sent_at_us = sent;
+                x.latency_us = 88_000;
+                x.broker_rx_us = sent + 1_000;
+                x.compute_start_us = sent + 6_000;
+                x.compute_end_us = sent + 86_000;
+                x
+            })
+            .collect();
+        let a = analyze(&rows, &info(10, None));
+        let got: Vec<(&str, f64)> = a
+            .stages
+            .iter()
+            .map(|(n, p)| (n.as_str(), p.p50_ms.round()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("to broker", 1.0),
+                ("queue wait", 5.0),
+                ("compute", 80.0),
+                ("delivery", 2.0)
+            ]
+        );
+        assert!(
+            render_table(&a).contains("queue wait 5.0/5.0"),
+            "{}",
+            render_table(&a)
+        );
+        // Deliveries without stamps (a seed broker) give no split rather than a wrong one.
+        let plain: Vec<Delivery> = (1..=3).map(|s| d(s, s * 100, "primary", false)).collect();
+        assert!(analyze(&plain, &info(3, None)).stages.is_empty());
     }
 
     #[test]
