@@ -565,11 +565,12 @@ fn secs(us: u64, start: u64) -> f64 {
     (us as f64 - start as f64) / 1e6
 }
 
-fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
+pub(crate) fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("plotting failed: {e}")
 }
 
-type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+pub(crate) type Chart<'a, 'b> =
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
 /// A chart with the house style: caption, time on x, `y_desc` on y, no minor grid.
 fn new_chart<'a, 'b>(
@@ -610,18 +611,27 @@ fn draw_fault(chart: &mut Chart<'_, '_>, kx: f64, ymax: f64, signal: &str) -> an
     Ok(())
 }
 
+/// Draws the legend of the labelled series in the house style, at `pos`.
+pub(crate) fn draw_legend<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
+    pos: SeriesLabelPosition,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .position(pos)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.3))
+        .draw()
+        .map_err(plot_err)?;
+    Ok(())
+}
+
 /// Draws the legend and writes the file.
 fn finish_chart<'a, 'b>(
     mut chart: Chart<'a, 'b>,
     root: &'a DrawingArea<SVGBackend<'b>, Shift>,
 ) -> anyhow::Result<()> {
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK.mix(0.3))
-        .draw()
-        .map_err(plot_err)?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }

@@ -17,6 +17,7 @@ use anyhow::{anyhow, bail, Context};
 use plotters::prelude::*;
 
 use crate::compute::parse_duration;
+use crate::report::{draw_legend, plot_err};
 use crate::sim::{run_seed, SimConfig, SimResult};
 
 /// Runs `seeds` on `jobs` threads (each seed is its own single-threaded simulation, so they
@@ -308,10 +309,6 @@ pub fn render_sweep_table(rows: &[SettingSummary]) -> String {
     s
 }
 
-fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
-    anyhow!("plotting failed: {e}")
-}
-
 const BAR: RGBColor = RGBColor(31, 119, 180);
 const SECOND: RGBColor = RGBColor(255, 127, 14);
 const THIRD: RGBColor = RGBColor(214, 39, 40);
@@ -462,13 +459,7 @@ pub fn sweep_svg(path: &Path, x_name: &str, rows: &[SettingSummary]) -> anyhow::
                 .map_err(plot_err)?;
         }
         if groups.iter().any(|g| !g.is_empty()) {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.9))
-                .border_style(BLACK.mix(0.3))
-                .draw()
-                .map_err(plot_err)?;
+            draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         }
     }
     root.present().map_err(plot_err)?;
