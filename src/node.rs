@@ -922,10 +922,7 @@ impl Node {
                 compute_start_us: now,
                 compute_end_us: now,
             };
-            self.deliver(st, &msg, stamps);
-            if let Some(link) = &st.link {
-                let _ = link.send(LinkMsg::Clr(msg));
-            }
+            self.release(st, msg, stamps);
             return;
         }
         st.inflight.insert(mid, msg.clone());
@@ -1001,11 +998,16 @@ impl Node {
             return;
         }
         for (m, stamps) in ready {
-            self.deliver(st, &m, stamps);
-            st.inflight.remove(&m.mid);
-            if let Some(link) = &st.link {
-                let _ = link.send(LinkMsg::Clr(m));
-            }
+            self.release(st, m, stamps);
+        }
+    }
+
+    /// Delivers a finished message, forgets it as in flight and tells the backup to drop it.
+    fn release(&self, st: &mut State, m: Arc<Message>, stamps: Stamps) {
+        self.deliver(st, &m, stamps);
+        st.inflight.remove(&m.mid);
+        if let Some(link) = &st.link {
+            let _ = link.send(LinkMsg::Clr(m));
         }
     }
 
@@ -1295,11 +1297,7 @@ impl Node {
                 st.suspect = false;
                 let fenced = std::mem::take(&mut st.fenced);
                 for (m, stamps) in fenced {
-                    self.deliver(&mut st, &m, stamps);
-                    st.inflight.remove(&m.mid);
-                    if let Some(link) = &st.link {
-                        let _ = link.send(LinkMsg::Clr(m));
-                    }
+                    self.release(&mut st, m, stamps);
                 }
             }
         }
