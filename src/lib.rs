@@ -6,10 +6,13 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod compute;
-pub mod failover;
+pub mod core;
+pub mod driver;
 pub mod harness;
 pub mod net;
-pub mod node;
+/// The broker node as the binaries and the simulation start it: [`driver::run`] on a
+/// [`core::Broker`].
+pub use driver as node;
 pub mod protocol;
 pub mod proxy;
 pub mod report;

@@ -1,4 +1,4 @@
-//! When should a backup take over? A sans-IO failure detector.
+//! When should a backup take over, and who outranks whom: the sans-IO failure detector.
 //!
 //! The backup polls the primary with `PING` every `ping_interval`. The detector never touches a
 //! socket or reads the clock: the node tells it what it saw (`now` included) and it answers what
@@ -18,7 +18,7 @@
 
 use std::time::Duration;
 
-use tokio::time::Instant;
+use super::time::Time;
 
 /// First retry of a backup whose primary has not answered yet (see [`Detector::on_ping_sent`]).
 pub const UNARMED_FIRST_RETRY: Duration = Duration::from_millis(100);
@@ -41,6 +41,13 @@ pub enum Evidence {
 /// and on a tie the node started as primary.
 pub fn outranks(my_epoch: u64, started_as_primary: bool, peer_epoch: u64) -> bool {
     my_epoch > peer_epoch || (my_epoch == peer_epoch && started_as_primary)
+}
+
+/// Whether a primary of epoch `mine` must give way to a primary of epoch `theirs` that has just
+/// spoken to it: the same rule as [`outranks`], seen from the loser's side. Used wherever two
+/// primaries meet (a `HELLO`, the answer to our own `HELLO`), so the rule is written once.
+pub fn yields_to(mine: u64, started_as_primary: bool, theirs: u64) -> bool {
+    !outranks(mine, started_as_primary, theirs)
 }
 
 /// The epoch a node reigns in when it becomes primary after `current`.
@@ -83,12 +90,12 @@ pub struct Detector {
     unarmed_wait: Duration,
     /// Once taken over, every later observation is moot.
     taken_over: bool,
-    next_ping: Instant,
+    next_ping: Time,
 }
 
 impl Detector {
     /// A detector that sends its first `PING` at `now`.
-    pub fn new(interval: Duration, now: Instant) -> Self {
+    pub fn new(interval: Duration, now: Time) -> Self {
         Detector {
             interval,
             armed: false,
@@ -99,7 +106,7 @@ impl Detector {
     }
 
     /// When the next `PING` is due, or `None` once this node has taken over.
-    pub fn next_ping(&self) -> Option<Instant> {
+    pub fn next_ping(&self) -> Option<Time> {
         (!self.taken_over).then_some(self.next_ping)
     }
 
@@ -116,7 +123,7 @@ impl Detector {
     /// A `PING` was sent at `now`: schedule the next one a full interval later (drift-free
     /// polling is not needed; the interval bounds detection time either way). Until the primary
     /// has answered once, sooner: see `unarmed_wait`.
-    pub fn on_ping_sent(&mut self, now: Instant) {
+    pub fn on_ping_sent(&mut self, now: Time) {
         if self.armed {
             self.next_ping = now + self.interval;
         } else {
@@ -168,8 +175,8 @@ impl Detector {
 mod tests {
     use super::*;
 
-    fn det() -> (Detector, Instant) {
-        let t0 = Instant::now();
+    fn det() -> (Detector, Time) {
+        let t0 = Time(1_000_000);
         (Detector::new(Duration::from_secs(1), t0), t0)
     }
 
@@ -244,7 +251,7 @@ mod tests {
 
     #[test]
     fn a_backup_looks_for_its_primary_sooner_until_it_answers() {
-        let t0 = Instant::now();
+        let t0 = Time(0);
         let mut d = Detector::new(Duration::from_secs(10), t0);
         let mut waits = Vec::new();
         let mut t = t0;

@@ -1,0 +1,166 @@
+//! Connections as the core keeps them: what each one is for, and its queue of answers that
+//! must leave in the order their questions came.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::peer::Purpose;
+use super::{Broker, ConnId, Output};
+use crate::protocol::Frame;
+
+/// What a connection is.
+#[derive(Debug)]
+pub(super) enum Kind {
+    /// Accepted from a client (publisher, subscriber, harness, a peer's probe).
+    Client,
+    /// Accepted, and the primary's replication link into this backup: when it closes, the
+    /// backup probes its primary at once.
+    InLink,
+    /// Opened by this node to its peer, for `Purpose`.
+    Out(Purpose),
+}
+
+/// One answer owed to a client, in the order of the questions.
+#[derive(Debug)]
+pub(super) enum Reply {
+    /// Ready to go.
+    Ready(Bytes),
+    /// An `ACK` that waits until the backup has stored message `wait`.
+    Ack { wait: u64, ack: Frame },
+    /// The answer to a publish this backup is forwarding to its primary.
+    Forward,
+}
+
+/// A connection of the node.
+#[derive(Debug)]
+pub(super) struct Conn {
+    pub kind: Kind,
+    /// Outbound: the connect finished.
+    pub connected: bool,
+    /// Answers still owed, oldest first; empty when nothing waits.
+    pub replies: VecDeque<Reply>,
+    /// A publish is being forwarded: later frames wait in `backlog`, so a connection's frames
+    /// are handled one after the other, as they came.
+    pub busy: bool,
+    pub backlog: VecDeque<Frame>,
+    /// Topics this connection subscribed to, to unregister it when it closes.
+    pub topics: Vec<String>,
+}
+
+impl Conn {
+    pub fn new(kind: Kind) -> Conn {
+        Conn {
+            kind,
+            connected: false,
+            replies: VecDeque::new(),
+            busy: false,
+            backlog: VecDeque::new(),
+            topics: Vec::new(),
+        }
+    }
+}
+
+impl Broker {
+    /// Answers a client, behind any answer it is still owed.
+    pub(super) fn reply(&mut self, conn: ConnId, frame: Frame) {
+        self.push_reply(conn, Reply::Ready(frame.encode().into_bytes().into()));
+    }
+
+    /// Queues an answer and sends whatever is ready at the head of the queue.
+    pub(super) fn push_reply(&mut self, conn: ConnId, r: Reply) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.replies.push_back(r);
+            self.flush_replies(conn);
+        }
+    }
+
+    /// Sends the ready answers at the head of `conn`'s queue.
+    pub(super) fn flush_replies(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        while let Some(Reply::Ready(_)) = c.replies.front() {
+            if let Some(Reply::Ready(line)) = c.replies.pop_front() {
+                self.out.push_back(Output::Send {
+                    conn,
+                    line,
+                    delivery: false,
+                });
+            }
+        }
+    }
+
+    /// Sends a frame on a connection to the peer.
+    pub(super) fn send_frame(&mut self, conn: ConnId, frame: &Frame) {
+        self.out.push_back(Output::Send {
+            conn,
+            line: frame.encode().into_bytes().into(),
+            delivery: false,
+        });
+    }
+
+    /// Asks the caller for a connection to `addr`, for `purpose`.
+    pub(super) fn open(&mut self, purpose: Purpose, addr: String, timeout: Duration) -> ConnId {
+        let conn = self.new_conn_id();
+        self.conns.insert(conn, Conn::new(Kind::Out(purpose)));
+        self.out.push_back(Output::Connect {
+            conn,
+            addr,
+            timeout,
+        });
+        conn
+    }
+
+    /// Closes `conn` and forgets it; returns what it was.
+    pub(super) fn close(&mut self, conn: ConnId) -> Option<Conn> {
+        let c = self.forget(conn)?;
+        self.out.push_back(Output::Close { conn });
+        Some(c)
+    }
+
+    /// Forgets `conn` (closed by the other side, or about to be closed): unregisters its
+    /// subscriptions and stops its answer timer.
+    pub(super) fn forget(&mut self, conn: ConnId) -> Option<Conn> {
+        let c = self.conns.remove(&conn)?;
+        for topic in &c.topics {
+            if let Some(subs) = self.topics.get_mut(topic) {
+                subs.retain(|s| s.conn != conn);
+                if subs.is_empty() {
+                    self.topics.remove(topic);
+                }
+            }
+        }
+        self.timers.stop(super::time::Timer::Answer(conn));
+        Some(c)
+    }
+
+    /// The forwarded publish of `conn` has its answer: send it and handle what came meanwhile.
+    pub(super) fn finish_forward(&mut self, conn: ConnId, answer: Frame) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if let Some(slot) = c.replies.iter_mut().find(|r| matches!(r, Reply::Forward)) {
+            *slot = Reply::Ready(answer.encode().into_bytes().into());
+        }
+        self.flush_replies(conn);
+        self.resume(conn);
+    }
+
+    /// `conn` is no longer busy: handle the frames that waited, until one makes it busy again.
+    pub(super) fn resume(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.busy = false;
+        }
+        while let Some(c) = self.conns.get_mut(&conn) {
+            if c.busy {
+                break;
+            }
+            let Some(f) = c.backlog.pop_front() else {
+                break;
+            };
+            self.dispatch(conn, f);
+        }
+    }
+}

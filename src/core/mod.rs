@@ -1,0 +1,524 @@
+//! The broker's heart as a deterministic state machine: no sockets, no tasks, no locks, no clock.
+//!
+//! A [`Broker`] is one node, primary or backup. Everything that happens to it comes in through
+//! a `handle_*` method, with the time it happened; everything it wants done comes out of
+//! [`Broker::poll_output`]. The caller (the driver, or a test) owns every socket and timer.
+//!
+//! # Call order
+//!
+//! 1. Feed each event as it happens: [`Broker::handle_accepted`] (it hands back the new
+//!    connection's id), [`Broker::handle_frame`] / [`Broker::handle_bad_frame`],
+//!    [`Broker::handle_closed`], [`Broker::handle_connected`] / [`Broker::handle_connect_failed`]
+//!    for connections the broker asked for, [`Broker::handle_computed`] for a finished compute
+//!    task, and [`Broker::handle_timeout`] once the time from [`Broker::poll_timeout`] is
+//!    reached. Each takes `now`; it must never go backwards.
+//! 2. After each event (or a batch of them), drain [`Broker::poll_output`] until it says `None`
+//!    and act on every [`Output`] in order: the order of `Send`s to one connection is the order
+//!    of the bytes on it.
+//! 3. Then ask [`Broker::poll_timeout`] again: any event may have moved the next deadline.
+//!
+//! # The life of a message on the primary
+//!
+//! 1. **accept**: a `PUB`/`PUBLISH` gets a replication id (`mid`, arrival order); an identity
+//!    already seen is a resend and is not processed again;
+//! 2. **replicate**: `REPL` goes to the backup on the link; the publisher's `ACK` waits in the
+//!    connection's reply queue for the backup's `STORED` (or for the link to be declared dead:
+//!    the node then runs *degraded* and acknowledges anyway);
+//! 3. **compute**: [`Output::Compute`] asks the caller to run the simulated task;
+//! 4. **deliver**: results leave in per-publisher order to every subscriber of the topic, then
+//!    `CLR` tells the backup it may forget the message.
+//!
+//! The backup stores `REPL`s, drops them on `CLR`, polls the primary, and decides when to take
+//! over with the sans-IO [`failover::Detector`]. Role changes are functions in `roles.rs`, each
+//! of which only changes state and queues outputs.
+
+mod backup;
+mod conn;
+pub mod failover;
+mod peer;
+mod primary;
+mod roles;
+mod seen;
+pub mod time;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tracing::{info, warn};
+
+use crate::protocol::{Frame, MsgId, ProtocolError, Role};
+pub use time::{Backoff, Now, Time};
+
+use backup::Backup;
+use conn::{Conn, Kind};
+use primary::Primary;
+use seen::SeenMap;
+use time::{Timer, Timers};
+
+/// Names a connection of a node, inbound or outbound. Ids are never reused.
+pub type ConnId = u64;
+
+/// A gap this long between two watchdog ticks means the process was paused (SIGSTOP, a frozen
+/// VM), long enough for the backup to have taken over: a primary then checks with its peer
+/// before it delivers anything. Shorter than the backup's quickest takeover after a missed ping.
+pub const STALL: Duration = Duration::from_millis(250);
+
+/// How long a node that has just started holds its first results (with compute on): long
+/// enough for subscribers that lost it while it was down to reconnect (their backoff is capped
+/// at 250 ms), so that what it delivers first, often messages handed over from its previous
+/// life, is not missed.
+pub const STARTUP_GRACE: Duration = Duration::from_millis(300);
+
+/// What a node needs to know at start, as the core sees it.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Role at start: the `primary` binary starts as primary, `backup` as backup.
+    pub born: Role,
+    /// The other node: the backup's address for a primary, the primary's for a backup.
+    pub peer: Option<String>,
+    /// True when compute is switched off: the broker is a pure relay and delivers in place.
+    pub compute_off: bool,
+    /// How often a backup pings its primary.
+    pub ping_interval: Duration,
+    /// How long a `PING` (or a probe) may go unanswered before the primary counts as hung.
+    pub ping_timeout: Duration,
+    /// How long the primary waits for `STORED` before it declares the backup link dead.
+    pub repl_timeout: Duration,
+    /// How long a backup forwarding a publish waits for the primary's `ACK`.
+    pub forward_timeout: Duration,
+    /// Changes with every start of the process (its start time in µs): sent in `HELLO`, and the
+    /// first replication id, so that ids of two lives of one primary never collide at its backup.
+    pub incarnation: u64,
+}
+
+/// What the broker asks its caller to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Write `line` to `conn`. `delivery` marks a message for a subscriber: a caller that
+    /// bounds its write queues may disconnect a subscriber that falls behind, but must not drop
+    /// a reply.
+    Send {
+        /// The connection.
+        conn: ConnId,
+        /// One or more whole frames, newlines included.
+        line: Bytes,
+        /// A delivery to a subscriber, rather than a reply or a peer frame.
+        delivery: bool,
+    },
+    /// Close `conn` once what was sent before is written. No `handle_closed` is needed for it.
+    Close {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// Open a connection to `addr` within `timeout`, known from now on as `conn`; then call
+    /// [`Broker::handle_connected`] or [`Broker::handle_connect_failed`].
+    Connect {
+        /// The id the new connection will have.
+        conn: ConnId,
+        /// `host:port` of the peer.
+        addr: String,
+        /// Give up connecting after this long.
+        timeout: Duration,
+    },
+    /// Run the compute task of message `mid`; then call [`Broker::handle_computed`].
+    Compute {
+        /// The message.
+        mid: u64,
+    },
+}
+
+/// One accepted message as a node keeps it.
+#[derive(Debug)]
+struct Message {
+    /// Replication id on the node that accepted it (0 for a seed `REPLICATE`).
+    mid: u64,
+    topic: String,
+    id: MsgId,
+    sent_us: u64,
+    payload: String,
+    /// When this node received it.
+    received_us: u64,
+}
+
+/// The state only one role has lives in that role's variant, so no field is "only meaningful
+/// when…".
+#[derive(Debug)]
+enum RoleState {
+    Primary(Primary),
+    Backup(Backup),
+}
+
+/// A subscriber registered on a topic.
+#[derive(Debug)]
+struct Sub {
+    conn: ConnId,
+    /// Seed subscribers get bare payload lines, identified ones `MSG` frames.
+    legacy: bool,
+}
+
+/// A broker node in either role. See the module documentation for the call order.
+#[derive(Debug)]
+pub struct Broker {
+    cfg: Config,
+    /// The time of the event being handled.
+    now: Now,
+    /// When this node started; see [`STARTUP_GRACE`].
+    started: Time,
+    role: RoleState,
+    epoch: u64,
+    next_mid: u64,
+    next_conn: ConnId,
+    conns: HashMap<ConnId, Conn>,
+    topics: HashMap<String, Vec<Sub>>,
+    /// Identities accepted (primary) or stored (backup), per publisher.
+    seen: SeenMap,
+    /// The peer introduced itself with `HELLO`, so it answers `STATUS` (a seed primary only
+    /// answers `PING`).
+    peer_speaks_status: bool,
+    /// Incarnation of the primary whose messages we hold (as a backup).
+    following: u64,
+    timers: Timers,
+    out: VecDeque<Output>,
+    /// Messages being handed to the peer after a step-down or a primary's restart.
+    handovers: BTreeMap<u64, peer::HandOver>,
+    next_handover: u64,
+    /// Results computed during the startup grace: (mid, compute start, compute end).
+    graced: Vec<(u64, u64, u64)>,
+    delivered: u64,
+}
+
+impl Broker {
+    /// A node that starts at `now` in the role `cfg.born`.
+    pub fn new(cfg: Config, now: Now) -> Broker {
+        let role = match cfg.born {
+            Role::Primary => RoleState::Primary(Primary::new(cfg.peer.is_some())),
+            Role::Backup => RoleState::Backup(Backup::new(cfg.ping_interval, now.mono)),
+        };
+        let mut b = Broker {
+            next_mid: cfg.incarnation.max(1),
+            cfg,
+            now,
+            started: now.mono,
+            role,
+            epoch: 1,
+            next_conn: 0,
+            conns: HashMap::new(),
+            topics: HashMap::new(),
+            seen: SeenMap::default(),
+            peer_speaks_status: false,
+            following: 0,
+            timers: Timers::default(),
+            out: VecDeque::new(),
+            handovers: BTreeMap::new(),
+            next_handover: 0,
+            graced: Vec::new(),
+            delivered: 0,
+        };
+        b.timers.set(Timer::Watchdog, now.mono + STALL / 5);
+        match (b.cfg.born, b.cfg.peer.is_some()) {
+            (Role::Primary, true) => b.connect_link(),
+            (Role::Primary, false) => warn!("no backup configured: running degraded"),
+            (Role::Backup, true) => b.timers.set(Timer::Ping, now.mono),
+            (Role::Backup, false) => {
+                warn!("backup without a primary address: will never take over")
+            }
+        }
+        b
+    }
+
+    /// A client connected; returns the id its frames are to be handled under.
+    pub fn handle_accepted(&mut self, now: Now) -> ConnId {
+        self.now = now;
+        let id = self.new_conn_id();
+        self.conns.insert(id, Conn::new(Kind::Client));
+        id
+    }
+
+    /// A frame arrived on `conn`.
+    pub fn handle_frame(&mut self, conn: ConnId, frame: Frame, now: Now) {
+        self.now = now;
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        match &c.kind {
+            Kind::Out(_) => self.on_peer_frame(conn, frame),
+            Kind::Client | Kind::InLink if c.busy => c.backlog.push_back(frame),
+            Kind::Client | Kind::InLink => self.dispatch(conn, frame),
+        }
+    }
+
+    /// A line on `conn` did not parse. The client is told `ERR|…`; a fatal error (a frame too
+    /// long to find the next one) closes the connection.
+    pub fn handle_bad_frame(&mut self, conn: ConnId, err: &ProtocolError, now: Now) {
+        self.now = now;
+        match self.conns.get(&conn).map(|c| &c.kind) {
+            None => return,
+            Some(Kind::Out(_)) => {
+                // Our peer speaks the protocol: a bad line from it ends that connection.
+                if let Some(Conn {
+                    kind: Kind::Out(purpose),
+                    ..
+                }) = self.close(conn)
+                {
+                    self.on_peer_failed(conn, purpose, format!("read: {err}"));
+                }
+                return;
+            }
+            Some(_) => {}
+        }
+        self.reply(
+            conn,
+            Frame::Err {
+                reason: err.to_string(),
+            },
+        );
+        if err.is_fatal() {
+            self.close(conn);
+        }
+    }
+
+    /// `conn` was closed by the other side (or broke).
+    pub fn handle_closed(&mut self, conn: ConnId, now: Now) {
+        self.now = now;
+        let Some(c) = self.forget(conn) else {
+            return;
+        };
+        match c.kind {
+            Kind::Client => {}
+            Kind::InLink => self.on_in_link_closed(conn),
+            Kind::Out(purpose) => self.on_peer_failed(conn, purpose, "closed".into()),
+        }
+    }
+
+    /// An outbound connection asked for with [`Output::Connect`] is open.
+    pub fn handle_connected(&mut self, conn: ConnId, now: Now) {
+        self.now = now;
+        match self.conns.get_mut(&conn) {
+            Some(c) => {
+                c.connected = true;
+                self.on_peer_connected(conn);
+            }
+            // Given up on while it connected (a role change, a timeout): close it again.
+            None => self.out.push_back(Output::Close { conn }),
+        }
+    }
+
+    /// An outbound connection asked for with [`Output::Connect`] could not be opened.
+    pub fn handle_connect_failed(&mut self, conn: ConnId, reason: &str, now: Now) {
+        self.now = now;
+        if let Some(c) = self.forget(conn) {
+            if let Kind::Out(purpose) = c.kind {
+                self.on_peer_failed(conn, purpose, reason.to_string());
+            }
+        }
+    }
+
+    /// The compute task of `mid` started at `start_us` and ended at `end_us` (wall clock, µs).
+    pub fn handle_computed(&mut self, mid: u64, start_us: u64, end_us: u64, now: Now) {
+        self.now = now;
+        if now.mono < self.started + STARTUP_GRACE {
+            // Subscribers that lost this node when it went down reconnect within their backoff;
+            // a node that has just started holds its first results until then.
+            self.graced.push((mid, start_us, end_us));
+            self.timers.set(Timer::Grace, self.started + STARTUP_GRACE);
+            return;
+        }
+        self.computed(mid, start_us, end_us);
+    }
+
+    /// The deadline from [`Broker::poll_timeout`] has come.
+    pub fn handle_timeout(&mut self, now: Now) {
+        self.now = now;
+        for t in self.timers.expired(now.mono) {
+            match t {
+                Timer::Watchdog => self.on_watchdog(),
+                Timer::Grace => {
+                    for (mid, cs, ce) in std::mem::take(&mut self.graced) {
+                        self.computed(mid, cs, ce);
+                    }
+                }
+                Timer::Link => self.connect_link(),
+                Timer::Ping => self.on_ping_due(),
+                Timer::Answer(conn) => self.on_answer_timeout(conn),
+                Timer::HandOver(id) => self.retry_hand_over(id),
+            }
+        }
+    }
+
+    /// The next thing the caller should do, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`Broker::handle_timeout`] is next due.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        self.timers.next()
+    }
+
+    /// The role this node plays now.
+    pub fn role(&self) -> Role {
+        match self.role {
+            RoleState::Primary(_) => Role::Primary,
+            RoleState::Backup(_) => Role::Backup,
+        }
+    }
+
+    /// The epoch this node is in.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// How many messages this node has delivered to subscribers (counting each message once).
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    /// The node's state as `STATUS` reports it.
+    pub fn status(&self) -> Frame {
+        let (link, held, inflight) = match &self.role {
+            RoleState::Primary(p) => (p.link_word(), 0, p.inflight.len() as u64),
+            RoleState::Backup(b) => (
+                if b.detector.is_armed() {
+                    "armed"
+                } else {
+                    "waiting"
+                },
+                b.held.len() as u64,
+                0,
+            ),
+        };
+        Frame::Status {
+            role: self.role(),
+            epoch: self.epoch,
+            link: link.into(),
+            held,
+            inflight,
+        }
+    }
+
+    /// Dispatches a frame from a client (or from our primary, on its link into this backup).
+    fn dispatch(&mut self, conn: ConnId, frame: Frame) {
+        match frame {
+            Frame::Publish { .. } | Frame::Pub { .. } => self.on_publish(conn, frame),
+            Frame::Subscribe { topic } => self.subscribe(conn, topic, true),
+            Frame::Sub { topic } => self.subscribe(conn, topic, false),
+            Frame::Ping => self.reply(conn, Frame::Pong),
+            Frame::StatusQuery => self.reply(conn, self.status()),
+            Frame::Hello {
+                version,
+                role,
+                epoch,
+                incarnation,
+            } => self.on_hello(conn, &version, role, epoch, incarnation),
+            Frame::Repl {
+                mid,
+                topic,
+                id,
+                sent_us,
+                payload,
+            } => {
+                let stored = self.store(mid, topic, id, sent_us, payload);
+                self.reply(
+                    conn,
+                    if stored {
+                        Frame::Stored { mid }
+                    } else {
+                        not_a_backup()
+                    },
+                );
+            }
+            Frame::Replicate { topic, payload } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.kind = Kind::InLink;
+                }
+                let stored = self.store(0, topic, MsgId::anonymous(), 0, payload);
+                self.reply(
+                    conn,
+                    if stored {
+                        Frame::Ack { id: None }
+                    } else {
+                        not_a_backup()
+                    },
+                );
+            }
+            Frame::Clr { mid } => self.clear_mid(mid),
+            Frame::Clear { topic, payload } => self.clear_seed(&topic, &payload),
+            other @ (Frame::Msg { .. }
+            | Frame::Bare(_)
+            | Frame::Stored { .. }
+            | Frame::Pong
+            | Frame::Ack { .. }
+            | Frame::Status { .. }
+            | Frame::Err { .. }) => {
+                let line = other.encode();
+                let verb = line.split(['|', '\n']).next().unwrap_or("?");
+                let reason = format!("unexpected {verb} from a client");
+                self.reply(conn, Frame::Err { reason });
+            }
+        }
+    }
+
+    fn subscribe(&mut self, conn: ConnId, topic: String, legacy: bool) {
+        info!(
+            "subscriber {conn} on '{topic}'{}",
+            if legacy { " (seed dialect)" } else { "" }
+        );
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.topics.push(topic.clone());
+        }
+        self.topics
+            .entry(topic)
+            .or_default()
+            .push(Sub { conn, legacy });
+    }
+
+    /// A publish from a client: served here as primary, or forwarded by a backup.
+    fn on_publish(&mut self, conn: ConnId, frame: Frame) {
+        match self.role {
+            RoleState::Primary(_) => self.accept_publish(conn, frame),
+            RoleState::Backup(_) => self.publish_at_backup(conn, frame),
+        }
+    }
+
+    /// The primary's stall watchdog and replication timeout, every [`STALL`]/5.
+    fn on_watchdog(&mut self) {
+        let now = self.now.mono;
+        self.timers.set(Timer::Watchdog, now + STALL / 5);
+        if matches!(self.role, RoleState::Primary(_)) {
+            self.stalled();
+            self.check_repl_timeout();
+            if let RoleState::Primary(p) = &mut self.role {
+                p.last_tick = Some(now);
+            }
+        }
+    }
+
+    fn new_conn_id(&mut self) -> ConnId {
+        self.next_conn += 1;
+        self.next_conn
+    }
+}
+
+fn not_a_backup() -> Frame {
+    Frame::Err {
+        reason: "not a backup".into(),
+    }
+}
+
+/// What a node logs when it stops: role, epoch and what it still holds.
+impl std::fmt::Display for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (held, inflight) = match &self.role {
+            RoleState::Primary(p) => (0, p.inflight.len()),
+            RoleState::Backup(b) => (b.held.len(), 0),
+        };
+        write!(
+            f,
+            "{} in epoch {}, delivered {}, holding {held}, in flight {inflight}",
+            self.role().as_str(),
+            self.epoch,
+            self.delivered
+        )
+    }
+}

@@ -1,0 +1,645 @@
+//! The primary's work: accept, replicate, compute, deliver in order, and keep the link to the
+//! backup up.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tracing::{debug, error, info, warn};
+
+use super::conn::Reply;
+use super::failover::{next_epoch, yields_to};
+use super::peer::Purpose;
+use super::time::{Backoff, Time, Timer};
+use super::{Broker, ConnId, Message, Output, RoleState, STALL};
+use crate::protocol::{Frame, MsgId, Role, Stamps, PROTOCOL_VERSION};
+
+/// How long the primary waits for its backup to connect and to answer `HELLO`.
+const LINK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// State only a primary has.
+#[derive(Debug)]
+pub(super) struct Primary {
+    pub link: Link,
+    /// Accepted and not yet delivered; replayed to a backup that (re)connects.
+    pub inflight: BTreeMap<u64, Arc<Message>>,
+    /// Delivery queues per publisher: the reorder stage.
+    order: HashMap<String, VecDeque<Slot>>,
+    /// Publishes whose `ACK` waits for the backup's `STORED`, in `mid` order.
+    pub acks: VecDeque<PendingAck>,
+    /// Every `mid` up to this one is stored by the backup or already delivered.
+    confirmed: u64,
+    /// Last tick of the stall watchdog.
+    pub last_tick: Option<Time>,
+    /// This process was paused; deliveries wait until the peer confirms our role.
+    pub suspect: bool,
+    /// Results held back while `suspect`.
+    pub fenced: Vec<(Arc<Message>, Stamps)>,
+}
+
+/// A place in a publisher's delivery queue: filled when the message's compute task ends.
+#[derive(Debug)]
+struct Slot {
+    mid: u64,
+    done: Option<(Arc<Message>, Stamps)>,
+}
+
+/// A publish on `conn` whose `ACK` waits for the backup to store message `mid`.
+#[derive(Debug)]
+pub(super) struct PendingAck {
+    pub mid: u64,
+    pub conn: ConnId,
+    /// When to give up on the backup and run degraded.
+    deadline: Time,
+}
+
+/// The replication link to the backup.
+#[derive(Debug)]
+pub(super) struct Link {
+    pub state: LinkState,
+    has_peer: bool,
+    /// The backup answered our `HELLO` with something else: a seed backup, driven with
+    /// `REPLICATE`/`CLEAR`.
+    legacy: bool,
+    backoff: Backoff,
+    ever_up: bool,
+    said_degraded: bool,
+}
+
+/// Where the link is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LinkState {
+    /// Not connected (waiting for [`Timer::Link`], or no backup configured).
+    Down,
+    /// Connecting on this connection.
+    Connecting(ConnId),
+    /// Our `HELLO` waits for the backup's.
+    Hello(ConnId),
+    /// Streaming `REPL`/`CLR`.
+    Up { conn: ConnId, since: Time },
+}
+
+impl Primary {
+    pub fn new(has_peer: bool) -> Primary {
+        Primary {
+            link: Link {
+                state: LinkState::Down,
+                has_peer,
+                legacy: false,
+                backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
+                ever_up: false,
+                said_degraded: false,
+            },
+            inflight: BTreeMap::new(),
+            order: HashMap::new(),
+            acks: VecDeque::new(),
+            confirmed: 0,
+            last_tick: None,
+            suspect: false,
+            fenced: Vec::new(),
+        }
+    }
+
+    /// The link as `STATUS` names it.
+    pub fn link_word(&self) -> &'static str {
+        match self.link.state {
+            _ if !self.link.has_peer => "none",
+            LinkState::Up { .. } => "up",
+            _ => "down",
+        }
+    }
+
+    /// The link's connection and whether it speaks the seed dialect, while it is up.
+    fn up(&self) -> Option<(ConnId, bool)> {
+        match self.link.state {
+            LinkState::Up { conn, .. } => Some((conn, self.link.legacy)),
+            _ => None,
+        }
+    }
+}
+
+impl Broker {
+    fn primary(&mut self) -> Option<&mut Primary> {
+        match &mut self.role {
+            RoleState::Primary(p) => Some(p),
+            RoleState::Backup(_) => None,
+        }
+    }
+
+    /// Accepts a publish on the primary. The `ACK` goes at once when running degraded (or for
+    /// a resend of a message already safe), otherwise when the backup has stored the message.
+    pub(super) fn accept_publish(&mut self, conn: ConnId, frame: Frame) {
+        let (topic, id, sent_us, payload, legacy) = match frame {
+            Frame::Pub {
+                topic,
+                id,
+                sent_us,
+                payload,
+            } => (topic, id, sent_us, payload, false),
+            Frame::Publish { topic, payload } => {
+                (topic, MsgId::anonymous(), self.now.wall_us, payload, true)
+            }
+            _ => return,
+        };
+        let ack = Frame::Ack {
+            id: (!legacy).then(|| id.clone()),
+        };
+        let resend = !id.is_anonymous() && !self.seen.record(&id.publisher, id.seq);
+        let wait = if resend {
+            // Every earlier message went down the link before this point, so once the last
+            // one is stored, so is this one.
+            debug!("resend of {}:{} recognised", id.publisher, id.seq);
+            let last = self.next_mid - 1;
+            self.primary()
+                .and_then(|p| (p.up().is_some() && last > p.confirmed).then_some(last))
+        } else {
+            let mid = self.next_mid;
+            self.next_mid += 1;
+            let msg = Arc::new(Message {
+                mid,
+                topic,
+                id,
+                sent_us,
+                payload,
+                received_us: self.now.wall_us,
+            });
+            let wait = self.replicate(&msg);
+            self.enqueue(msg);
+            wait
+        };
+        match wait {
+            None => self.reply(conn, ack),
+            Some(mid) => {
+                let deadline = self.now.mono + self.cfg.repl_timeout;
+                if let Some(p) = self.primary() {
+                    p.acks.push_back(PendingAck {
+                        mid,
+                        conn,
+                        deadline,
+                    });
+                }
+                self.push_reply(conn, Reply::Ack { wait: mid, ack });
+            }
+        }
+    }
+
+    /// Sends a message down the link if it is up; returns the `mid` whose `STORED` to wait
+    /// for (none from a seed backup, which never confirms: a written frame is all we know).
+    fn replicate(&mut self, m: &Message) -> Option<u64> {
+        let (conn, legacy) = self.primary()?.up()?;
+        if legacy {
+            let f = Frame::Replicate {
+                topic: m.topic.clone(),
+                payload: m.payload.clone(),
+            };
+            self.send_frame(conn, &f);
+            self.stored(m.mid);
+            return None;
+        }
+        let f = Frame::Repl {
+            mid: m.mid,
+            topic: m.topic.clone(),
+            id: m.id.clone(),
+            sent_us: m.sent_us,
+            payload: m.payload.clone(),
+        };
+        self.send_frame(conn, &f);
+        Some(m.mid)
+    }
+
+    /// Puts an accepted message into the compute stage and its publisher's delivery queue.
+    pub(super) fn enqueue(&mut self, msg: Arc<Message>) {
+        let compute_off = self.cfg.compute_off;
+        let queued = self
+            .primary()
+            .is_none_or(|p| p.order.contains_key(&msg.id.publisher));
+        if compute_off && !queued && !self.stalled() {
+            // Pure relay, nothing of this publisher waiting ahead of it, free to deliver: the
+            // reorder stage and the in-flight map would hold it for no time at all.
+            let now = self.now.wall_us;
+            let stamps = self.stamps(&msg, now, now);
+            self.release(msg, stamps);
+            return;
+        }
+        let Some(p) = self.primary() else {
+            return;
+        };
+        p.inflight.insert(msg.mid, msg.clone());
+        p.order
+            .entry(msg.id.publisher.clone())
+            .or_default()
+            .push_back(Slot {
+                mid: msg.mid,
+                done: None,
+            });
+        if compute_off {
+            // Still through the reorder stage, so a message never overtakes an earlier one.
+            let now = self.now.wall_us;
+            self.finish(msg, now, now);
+        } else {
+            self.out.push_back(Output::Compute { mid: msg.mid });
+        }
+    }
+
+    fn stamps(&self, m: &Message, cs: u64, ce: u64) -> Stamps {
+        Stamps {
+            epoch: self.epoch,
+            received_us: m.received_us,
+            compute_start_us: cs,
+            compute_end_us: ce,
+        }
+    }
+
+    /// A compute task ended (a node that stepped down meanwhile has forgotten it).
+    pub(super) fn computed(&mut self, mid: u64, cs: u64, ce: u64) {
+        let msg = self.primary().and_then(|p| p.inflight.get(&mid).cloned());
+        if let Some(msg) = msg {
+            self.finish(msg, cs, ce);
+        }
+    }
+
+    /// Marks `msg` done and delivers everything of its publisher that is now ready, in order.
+    fn finish(&mut self, msg: Arc<Message>, cs: u64, ce: u64) {
+        let stamps = self.stamps(&msg, cs, ce);
+        let Some(p) = self.primary() else {
+            return;
+        };
+        let key = &msg.id.publisher;
+        let Some(queue) = p.order.get_mut(key) else {
+            return;
+        };
+        if let Some(slot) = queue.iter_mut().find(|s| s.mid == msg.mid) {
+            slot.done = Some((msg.clone(), stamps));
+        }
+        let mut ready = Vec::new();
+        while queue.front().is_some_and(|s| s.done.is_some()) {
+            if let Some(Slot { done: Some(d), .. }) = queue.pop_front() {
+                ready.push(d);
+            }
+        }
+        if queue.is_empty() {
+            p.order.remove(key);
+        }
+        if self.stalled() {
+            if let Some(p) = self.primary() {
+                p.fenced.extend(ready);
+            }
+            return;
+        }
+        for (m, stamps) in ready {
+            self.release(m, stamps);
+        }
+    }
+
+    /// Delivers a finished message, forgets it as in flight and tells the backup to drop it.
+    pub(super) fn release(&mut self, m: Arc<Message>, stamps: Stamps) {
+        self.deliver(&m, stamps);
+        let Some(p) = self.primary() else {
+            return;
+        };
+        p.inflight.remove(&m.mid);
+        if let Some((conn, legacy)) = p.up() {
+            let f = if legacy {
+                Frame::Clear {
+                    topic: m.topic.clone(),
+                    payload: m.payload.clone(),
+                }
+            } else {
+                Frame::Clr { mid: m.mid }
+            };
+            self.send_frame(conn, &f);
+        }
+    }
+
+    /// Sends one message to every subscriber of its topic, encoded once per dialect.
+    fn deliver(&mut self, m: &Message, stamps: Stamps) {
+        self.delivered += 1;
+        let Some(subs) = self.topics.get(&m.topic) else {
+            return;
+        };
+        let mut msg_line: Option<Bytes> = None;
+        let mut bare_line: Option<Bytes> = None;
+        for s in subs {
+            let line = if s.legacy {
+                bare_line
+                    .get_or_insert_with(|| format!("{}\n", m.payload).into_bytes().into())
+                    .clone()
+            } else {
+                msg_line
+                    .get_or_insert_with(|| {
+                        crate::protocol::msg_line(&m.topic, &m.id, m.sent_us, &stamps, &m.payload)
+                            .into()
+                    })
+                    .clone()
+            };
+            match self.conns.get_mut(&s.conn) {
+                Some(c) if !c.replies.is_empty() => c.replies.push_back(Reply::Ready(line)),
+                Some(_) => self.out.push_back(Output::Send {
+                    conn: s.conn,
+                    line,
+                    delivery: true,
+                }),
+                None => {}
+            }
+        }
+    }
+
+    /// The backup confirmed everything up to `mid`: answer the publishes waiting for it.
+    pub(super) fn stored(&mut self, mid: u64) {
+        let Some(p) = self.primary() else {
+            return;
+        };
+        p.confirmed = p.confirmed.max(mid);
+        let mut conns: Vec<ConnId> = Vec::new();
+        while p.acks.front().is_some_and(|a| a.mid <= mid) {
+            if let Some(a) = p.acks.pop_front() {
+                if conns.last() != Some(&a.conn) {
+                    conns.push(a.conn);
+                }
+            }
+        }
+        for conn in conns {
+            self.resolve_acks(conn, Some(mid), None);
+        }
+    }
+
+    /// Turns `conn`'s waiting `ACK`s (those waiting for at most `upto`, or all) into answers:
+    /// the `ACK` itself, or `instead`.
+    fn resolve_acks(&mut self, conn: ConnId, upto: Option<u64>, instead: Option<&Frame>) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        for r in c.replies.iter_mut() {
+            if let Reply::Ack { wait, ack } = r {
+                if upto.is_none_or(|u| *wait <= u) {
+                    let f = instead.unwrap_or(ack);
+                    *r = Reply::Ready(f.encode().into_bytes().into());
+                }
+            }
+        }
+        self.flush_replies(conn);
+    }
+
+    /// Answers every publish still waiting for `STORED`: with its `ACK` when this node is still
+    /// primary (the link is gone, so it runs degraded), with `ERR` when it lost its role or may
+    /// have (paused), so that the publisher resends to the other broker.
+    pub(super) fn release_acks(&mut self, acks: VecDeque<PendingAck>, keep_role: bool) {
+        let err = Frame::Err {
+            reason: "not primary any more; resend to the other broker".into(),
+        };
+        let mut conns: Vec<ConnId> = acks.iter().map(|a| a.conn).collect();
+        conns.dedup();
+        for conn in conns {
+            self.resolve_acks(conn, None, (!keep_role).then_some(&err));
+        }
+    }
+
+    /// True if this primary must not deliver now because the process was paused (SIGSTOP, a VM
+    /// freeze): while it slept, the backup may have taken over. Starts a check with the peer.
+    pub(super) fn stalled(&mut self) -> bool {
+        let now = self.now.mono;
+        let Some(peer) = self.cfg.peer.clone() else {
+            return false;
+        };
+        let Some(p) = self.primary() else {
+            return false;
+        };
+        let paused = p.last_tick.map(|t| now - t).filter(|gap| *gap > STALL);
+        if let (Some(gap), false) = (paused, p.suspect) {
+            warn!("this process was paused for {gap:?}: holding deliveries until the peer confirms our role");
+            p.suspect = true;
+            let epoch = self.epoch;
+            self.open(Purpose::Fence { epoch }, peer, LINK_TIMEOUT);
+        }
+        self.primary().is_some_and(|p| p.suspect)
+    }
+
+    /// Drops the link if the oldest pending `ACK` has waited longer than the replication timeout.
+    pub(super) fn check_repl_timeout(&mut self) {
+        let now = self.now.mono;
+        let t = self.cfg.repl_timeout;
+        let Some(p) = self.primary() else {
+            return;
+        };
+        if let Some(a) = p.acks.front().filter(|a| a.deadline <= now) {
+            warn!(
+                "backup did not store message {} within {t:?}: dropping the link, running degraded",
+                a.mid
+            );
+            self.link_lost("no STORED in time");
+        }
+    }
+
+    /// Opens the link to the backup, if this node is primary, has a backup and is not linked.
+    pub(super) fn connect_link(&mut self) {
+        let Some(peer) = self.cfg.peer.clone() else {
+            return;
+        };
+        if self
+            .primary()
+            .is_none_or(|p| p.link.state != LinkState::Down)
+        {
+            return;
+        }
+        let conn = self.open(Purpose::Link, peer, LINK_TIMEOUT);
+        if let Some(p) = self.primary() {
+            p.link.state = LinkState::Connecting(conn);
+        }
+    }
+
+    /// The link's connection opened: introduce ourselves (a seed backup gets no `HELLO`).
+    pub(super) fn on_link_connected(&mut self, conn: ConnId) {
+        match self.primary() {
+            Some(p) if p.link.legacy => self.link_up(conn),
+            Some(p) => {
+                p.link.state = LinkState::Hello(conn);
+                self.say_hello(conn);
+            }
+            None => {
+                self.close(conn);
+            }
+        }
+    }
+
+    fn say_hello(&mut self, conn: ConnId) {
+        let hello = Frame::Hello {
+            version: PROTOCOL_VERSION.into(),
+            role: Role::Primary,
+            epoch: self.epoch,
+            incarnation: self.cfg.incarnation,
+        };
+        self.send_frame(conn, &hello);
+        self.timers
+            .set(Timer::Answer(conn), self.now.mono + LINK_TIMEOUT);
+    }
+
+    /// A frame from the backup on the link.
+    pub(super) fn on_link_frame(&mut self, conn: ConnId, frame: Frame) {
+        let Some(p) = self.primary() else {
+            self.close(conn);
+            return;
+        };
+        match (p.link.state, frame) {
+            (LinkState::Hello(_), f) => self.on_hello_answer(conn, f),
+            (LinkState::Up { .. }, Frame::Stored { mid }) => self.stored(mid),
+            (LinkState::Up { .. }, Frame::Ack { .. }) => {}
+            (_, other) => {
+                let why = format!("backup answered {}", other.encode().trim_end());
+                self.link_lost(&why);
+            }
+        }
+    }
+
+    /// The backup's answer to our `HELLO`.
+    fn on_hello_answer(&mut self, conn: ConnId, answer: Frame) {
+        let peer = self.cfg.peer.clone().unwrap_or_default();
+        let born_primary = self.cfg.born == Role::Primary;
+        match answer {
+            Frame::Hello {
+                role: Role::Backup,
+                epoch,
+                ..
+            } if epoch > self.epoch => {
+                // A backup that has followed a newer reign than ours (we were restarted and
+                // forgot it): ours is a new reign, numbered after it. Say hello again so the
+                // backup learns it before it could ever take over in the same epoch.
+                self.epoch = next_epoch(epoch, born_primary);
+                info!(
+                    "backup {peer} has seen epoch {epoch}: we now reign in epoch {}",
+                    self.epoch
+                );
+                self.say_hello(conn);
+            }
+            Frame::Hello {
+                role: Role::Backup, ..
+            } => self.link_up(conn),
+            Frame::Hello {
+                role: Role::Primary,
+                epoch,
+                ..
+            } => {
+                if yields_to(self.epoch, born_primary, epoch) {
+                    self.step_down(
+                        epoch,
+                        "the peer is primary in a newer (or equal, born-primary) epoch",
+                    );
+                    return;
+                }
+                error!(
+                    "peer {peer} is itself primary (epoch {epoch}, ours {}): not replicating to it",
+                    self.epoch
+                );
+                self.close(conn);
+                self.link_retry(Some(Duration::from_secs(1)));
+            }
+            other => {
+                warn!(
+                    "backup {peer} answered {} to HELLO: using seed REPLICATE/CLEAR",
+                    other.encode().trim_end()
+                );
+                if let Some(p) = self.primary() {
+                    p.link.legacy = true;
+                }
+                self.link_up(conn);
+            }
+        }
+    }
+
+    /// The link is up: replay what is in flight, then stream.
+    fn link_up(&mut self, conn: ConnId) {
+        self.timers.stop(Timer::Answer(conn));
+        let now = self.now.mono;
+        let next_mid = self.next_mid;
+        let peer = self.cfg.peer.clone().unwrap_or_default();
+        let Some(p) = self.primary() else {
+            return;
+        };
+        p.link.backoff.reset();
+        p.link.said_degraded = false;
+        p.link.state = LinkState::Up { conn, since: now };
+        // Everything below the oldest message in flight was delivered already.
+        p.confirmed = p.inflight.keys().next().map_or(next_mid - 1, |m| m - 1);
+        info!(
+            "replication link to backup {peer} up{}; {} message(s) in flight sent",
+            if p.link.ever_up { " again" } else { "" },
+            p.inflight.len()
+        );
+        p.link.ever_up = true;
+        let inflight: Vec<Arc<Message>> = p.inflight.values().cloned().collect();
+        for m in inflight {
+            self.replicate(&m);
+        }
+    }
+
+    /// The link failed: it could not connect (`reason` says why) or it was `"closed"`.
+    pub(super) fn on_link_failed(&mut self, conn: ConnId, reason: &str) {
+        let peer = self.cfg.peer.clone().unwrap_or_default();
+        let Some(p) = self.primary() else {
+            return;
+        };
+        match p.link.state {
+            LinkState::Up { conn: c, .. } if c == conn => {
+                let why = if reason == "closed" {
+                    "backup closed the link"
+                } else {
+                    reason
+                };
+                self.link_lost(why);
+            }
+            LinkState::Connecting(c) | LinkState::Hello(c) if c == conn => {
+                if !p.link.said_degraded && reason != "closed" {
+                    warn!("backup {peer} unreachable ({reason}): running degraded, retrying");
+                    p.link.said_degraded = true;
+                }
+                self.link_retry(None);
+            }
+            _ => {}
+        }
+    }
+
+    /// Our `HELLO` got no answer in time: a hung backup, not a seed one.
+    pub(super) fn on_link_silent(&mut self, conn: ConnId) {
+        let peer = self.cfg.peer.clone().unwrap_or_default();
+        if let Some(p) = self.primary() {
+            if !p.link.said_degraded {
+                warn!("backup {peer} accepts connections but does not answer: running degraded");
+                p.link.said_degraded = true;
+            }
+        }
+        self.close(conn);
+        self.link_retry(None);
+    }
+
+    /// The link was up and is gone: acknowledge what waited (degraded), and reconnect.
+    pub(super) fn link_lost(&mut self, why: &str) {
+        let now = self.now.mono;
+        let Some(p) = self.primary() else {
+            return;
+        };
+        let LinkState::Up { conn, since } = p.link.state else {
+            return;
+        };
+        p.link.state = LinkState::Down;
+        p.link.said_degraded = true;
+        let keep_role = !p.suspect;
+        let acks = std::mem::take(&mut p.acks);
+        warn!("replication link to backup lost ({why}): running degraded");
+        self.close(conn);
+        self.release_acks(acks, keep_role);
+        // A link that drops at once would otherwise be retried in a tight loop.
+        let quick = now - since < Duration::from_secs(1);
+        self.link_retry(if quick { None } else { Some(Duration::ZERO) });
+    }
+
+    /// Schedules the next connect: after `wait`, or after the backoff's next wait.
+    fn link_retry(&mut self, wait: Option<Duration>) {
+        let now = self.now.mono;
+        let Some(p) = self.primary() else {
+            return;
+        };
+        p.link.state = LinkState::Down;
+        let d = wait.unwrap_or_else(|| p.link.backoff.next_wait());
+        self.timers.set(Timer::Link, now + d);
+    }
+}

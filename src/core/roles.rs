@@ -1,0 +1,121 @@
+//! Role changes. Each is one function that only changes state and queues outputs.
+
+use tracing::{info, warn};
+
+use super::backup::Backup;
+use super::failover::next_epoch;
+use super::primary::{LinkState, Primary};
+use super::time::Timer;
+use super::{Broker, Message, RoleState};
+use crate::protocol::Role;
+
+impl Broker {
+    /// Becomes the primary: a new epoch of our own, then every held message replayed in its
+    /// original order through the compute stage and on to subscribers.
+    pub(super) fn take_over(&mut self, why: &str) {
+        if self.role() != Role::Backup {
+            return;
+        }
+        let now = self.now.mono;
+        let mut primary = Primary::new(self.cfg.peer.is_some());
+        primary.last_tick = Some(now);
+        let RoleState::Backup(b) = std::mem::replace(&mut self.role, RoleState::Primary(primary))
+        else {
+            return;
+        };
+        self.epoch = next_epoch(self.epoch, self.cfg.born == Role::Primary);
+        self.timers.stop(Timer::Ping);
+        warn!(
+            "TAKEOVER: {why}; now primary in epoch {}, replaying {} held message(s) in order",
+            self.epoch,
+            b.held.len()
+        );
+        for conn in b.own_conns() {
+            self.close(conn);
+        }
+        for (_, m) in b.held {
+            let mid = self.next_mid;
+            self.next_mid += 1;
+            let msg = std::sync::Arc::new(Message {
+                mid,
+                topic: m.topic.clone(),
+                id: m.id.clone(),
+                sent_us: m.sent_us,
+                payload: m.payload.clone(),
+                received_us: m.received_us,
+            });
+            self.enqueue(msg);
+        }
+        for conn in b.link_conns {
+            self.close(conn);
+        }
+        if let Some(probe) = b.probe {
+            for (conn, frame, _) in probe.publishes {
+                self.decide_publish(conn, frame, 0);
+            }
+        }
+        match self.cfg.peer.clone() {
+            Some(peer) => {
+                warn!("running degraded until {peer} comes back as our backup");
+                self.connect_link();
+            }
+            None => warn!("running degraded: no backup after takeover"),
+        }
+    }
+
+    /// Gives up the primary role to a node of a newer epoch and becomes its backup. Messages
+    /// accepted here and not yet delivered are handed to the new primary, which drops those it
+    /// already holds (by identity): a message this node acknowledged while it ran degraded (in
+    /// a partition, say) is thus not lost when it steps down.
+    pub(super) fn step_down(&mut self, epoch: u64, why: &str) {
+        if self.role() != Role::Primary {
+            return;
+        }
+        let now = self.now.mono;
+        let backup = Backup::stepped_down(self.cfg.ping_interval, now);
+        let RoleState::Primary(p) = std::mem::replace(&mut self.role, RoleState::Backup(backup))
+        else {
+            return;
+        };
+        warn!(
+            "STEP DOWN: {why}; epoch {} → {epoch}, now backup; handing {} undelivered message(s) to the new primary",
+            self.epoch,
+            p.inflight.len()
+        );
+        self.epoch = self.epoch.max(epoch);
+        self.release_acks(p.acks, false);
+        // Forget which identities we accepted: the undelivered ones are about to come back to
+        // us as forwarded publishes if the peer steps down in turn, and must not be taken for
+        // resends. As a backup we relearn identities from what the new primary replicates.
+        self.seen.clear();
+        self.timers.stop(Timer::Link);
+        if let LinkState::Connecting(c) | LinkState::Hello(c) | LinkState::Up { conn: c, .. } =
+            p.link.state
+        {
+            self.close(c);
+        }
+        let undelivered: Vec<_> = p.inflight.into_values().collect();
+        if self.cfg.peer.is_some() {
+            if !undelivered.is_empty() {
+                self.hand_over(undelivered);
+            }
+            self.timers.set(Timer::Ping, now);
+        }
+    }
+
+    /// The peer confirmed (or could not deny) that we are still primary after a pause: deliver
+    /// what was held back meanwhile.
+    pub(super) fn unfence(&mut self, peer_said: &str) {
+        let RoleState::Primary(p) = &mut self.role else {
+            return;
+        };
+        info!(
+            "after the pause the peer {peer_said}: still primary, delivering {} held result(s)",
+            p.fenced.len()
+        );
+        p.suspect = false;
+        for (m, stamps) in std::mem::take(&mut p.fenced) {
+            self.release(m, stamps);
+        }
+    }
+}

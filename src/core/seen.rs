@@ -1,0 +1,95 @@
+//! Which message identities a node has already accepted, to recognise resends.
+
+use std::collections::{BTreeSet, HashMap};
+
+/// Identities already accepted from one publisher, to recognise resends after a failover.
+///
+/// Everything at or below `floor` was seen; `above` holds seen sequence numbers past a hole.
+/// Memory stays bounded by [`Seen::MAX_ABOVE`].
+#[derive(Debug, Default)]
+pub struct Seen {
+    floor: u64,
+    above: BTreeSet<u64>,
+}
+
+impl Seen {
+    const MAX_ABOVE: usize = 4096;
+
+    /// Records `seq`; false if it was seen before.
+    pub fn insert(&mut self, seq: u64) -> bool {
+        if seq == self.floor + 1 && self.above.is_empty() {
+            // The common case: the next message of a publisher, no hole.
+            self.floor = seq;
+            return true;
+        }
+        if seq <= self.floor || !self.above.insert(seq) {
+            return false;
+        }
+        while self.above.remove(&(self.floor + 1)) {
+            self.floor += 1;
+        }
+        while self.above.len() > Self::MAX_ABOVE {
+            if let Some(first) = self.above.pop_first() {
+                self.floor = first;
+            }
+        }
+        true
+    }
+}
+
+/// Identities seen, per publisher.
+#[derive(Debug, Default)]
+pub struct SeenMap(HashMap<String, Seen>);
+
+impl SeenMap {
+    /// Records `seq` of `publisher`; false if it was seen before. Allocates the publisher's key
+    /// only the first time it is met (this runs once per message on the relay path).
+    pub fn record(&mut self, publisher: &str, seq: u64) -> bool {
+        match self.0.get_mut(publisher) {
+            Some(s) => s.insert(seq),
+            None => self.0.entry(publisher.to_string()).or_default().insert(seq),
+        }
+    }
+
+    /// Forgets everything (a node that steps down relearns identities from its new primary).
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_knows_every_sequence_number_it_recorded_in_any_order() {
+        let mut s = Seen::default();
+        for seq in 1..=100 {
+            assert!(s.insert(seq), "{seq} is new");
+        }
+        assert_eq!(
+            (s.floor, s.above.len()),
+            (100, 0),
+            "in order: no set at all"
+        );
+        assert!(!s.insert(57), "a resend is recognised");
+        assert!(s.insert(103));
+        assert!(s.insert(102));
+        assert!(!s.insert(103));
+        assert!(s.insert(101));
+        assert_eq!((s.floor, s.above.len()), (103, 0), "the hole closed");
+        for seq in 1..=103 {
+            assert!(!s.insert(seq));
+        }
+    }
+
+    #[test]
+    fn seen_allocates_a_publisher_key_once() {
+        let mut seen = SeenMap::default();
+        assert!(seen.record("p", 1));
+        assert!(seen.record("p", 2));
+        assert!(!seen.record("p", 1));
+        assert!(seen.record("q", 1));
+        assert_eq!(seen.0.len(), 2);
+    }
+}

@@ -1,0 +1,314 @@
+//! Runs a [`Broker`](crate::core::Broker) on a tokio runtime (or inside a turmoil simulation).
+//!
+//! One task owns the core: no lock, no shared state. It polls every connection's reader (one
+//! `SelectAll`), the listener, finished connects and compute tasks, and one timer for the
+//! core's next deadline; it feeds each event to the core with the time, then acts on the
+//! core's outputs: bytes go to each connection's writer task, connects and compute tasks are
+//! spawned and report back on a channel. Frames that are already read are handled as one batch
+//! with one clock reading, and their outputs leave together.
+
+mod io;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::clock::now_us;
+use crate::compute::Compute;
+use crate::core::{Backoff, Broker, Config, ConnId, Now, Output, Time};
+use crate::net::{BoxStream, Listener, Net};
+use crate::protocol::Role;
+use io::{ConnEvent, Readers, Writer};
+
+/// Most connections a node serves at once; more are told `ERR` and closed. With
+/// [`MAX_FRAME`](crate::protocol::MAX_FRAME) this bounds the memory idle or half-sent frames can pin.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// Frames queued for one subscriber before it counts as too slow and is disconnected (it
+/// reconnects and sees a gap, rather than holding up everyone else's deliveries).
+pub const CONNECTION_QUEUE: usize = 8192;
+
+/// Events read in one go before their outputs are written.
+const BATCH: usize = 256;
+
+/// Everything a node needs to know at start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Role at start: the `primary` binary starts as primary, `backup` as backup.
+    pub role: Role,
+    /// The other node: the backup's address for a primary, the primary's for a backup.
+    pub peer: Option<String>,
+    /// The compute stage.
+    pub compute: Compute,
+    /// How often a backup pings its primary.
+    pub ping_interval: Duration,
+    /// How long a `PING` (or a probe) may go unanswered before the primary counts as hung.
+    pub ping_timeout: Duration,
+    /// How long the primary waits for `STORED` before it declares the backup link dead and
+    /// acknowledges degraded. Kept well under the publishers' ack timeout so a hung backup does
+    /// not make publishers fail over from a healthy primary.
+    pub repl_timeout: Duration,
+    /// How a backup forwarding a publish waits for the primary's `ACK`.
+    pub forward_timeout: Duration,
+    /// The network to use.
+    pub net: Net,
+}
+
+impl NodeConfig {
+    /// Defaults of the seed scenario for a node in `role` whose peer is `peer`.
+    pub fn new(role: Role, peer: Option<String>, compute: Compute) -> Self {
+        NodeConfig {
+            role,
+            peer,
+            compute,
+            ping_interval: Duration::from_secs(1),
+            ping_timeout: Duration::from_millis(300),
+            repl_timeout: Duration::from_millis(250),
+            forward_timeout: Duration::from_millis(1000),
+            net: Net::Tokio,
+        }
+    }
+}
+
+/// Something a spawned helper task finished.
+enum Done {
+    Connected(ConnId, BoxStream),
+    ConnectFailed(ConnId, String),
+    Computed { mid: u64, start: u64, end: u64 },
+}
+
+/// The one clock reading of the driver: monotonic time since the node started, and the wall
+/// clock for stamps (both virtual inside a simulation).
+struct Clock {
+    origin: tokio::time::Instant,
+}
+
+impl Clock {
+    fn now(&self) -> Now {
+        Now {
+            mono: Time::from_duration(tokio::time::Instant::now() - self.origin),
+            wall_us: now_us(),
+        }
+    }
+
+    fn instant(&self, t: Time) -> tokio::time::Instant {
+        self.origin + t.as_duration()
+    }
+}
+
+/// The task that owns the core and every connection.
+struct Driver {
+    core: Broker,
+    clock: Clock,
+    readers: Readers,
+    writers: HashMap<ConnId, Writer>,
+    /// Accepted connections still open, against [`MAX_CONNECTIONS`].
+    inbound: HashSet<ConnId>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    compute: Compute,
+    net: Net,
+}
+
+/// Runs a node on an already-bound listener until `shutdown` is cancelled.
+///
+/// The listener is bound by the caller so tests can bind port 0 and read the port back, and a
+/// simulated network can supply its own.
+pub async fn run(
+    listener: Listener,
+    cfg: NodeConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let clock = Clock {
+        origin: tokio::time::Instant::now(),
+    };
+    let core_cfg = Config {
+        born: cfg.role,
+        peer: cfg.peer.clone(),
+        compute_off: cfg.compute.range().is_off(),
+        ping_interval: cfg.ping_interval,
+        ping_timeout: cfg.ping_timeout,
+        repl_timeout: cfg.repl_timeout,
+        forward_timeout: cfg.forward_timeout,
+        incarnation: now_us().max(1),
+    };
+    info!(
+        "{} listening on {addr} (compute {} ms, peer {})",
+        cfg.role.as_str(),
+        cfg.compute.range(),
+        cfg.peer.as_deref().unwrap_or("none")
+    );
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let mut d = Driver {
+        core: Broker::new(core_cfg, clock.now()),
+        clock,
+        readers: Readers::default(),
+        writers: HashMap::new(),
+        inbound: HashSet::new(),
+        done_tx,
+        compute: cfg.compute,
+        net: cfg.net,
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        d.act();
+        let deadline = d.core.poll_timeout().map(|t| d.clock.instant(t));
+        let timer = async move {
+            match deadline {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => match a {
+                Ok((stream, peer)) => {
+                    backoff.reset();
+                    d.accepted(stream, &peer);
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait and try again rather than spin.
+                    warn!("accept failed: {e}; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff.next_wait()) => {}
+                    }
+                }
+            },
+            Some(ev) = d.readers.next(), if !d.readers.is_empty() => d.read_batch(ev),
+            Some(done) = done_rx.recv() => d.done(done),
+            _ = timer => {
+                let now = d.clock.now();
+                d.core.handle_timeout(now);
+            }
+        }
+    }
+    info!("stopping: {addr} as {}", d.core);
+    Ok(())
+}
+
+impl Driver {
+    /// Acts on every output of the core, in order.
+    fn act(&mut self) {
+        while let Some(o) = self.core.poll_output() {
+            match o {
+                Output::Send {
+                    conn,
+                    line,
+                    delivery,
+                } => self.send(conn, line, delivery),
+                Output::Close { conn } => {
+                    if let Some(w) = self.writers.remove(&conn) {
+                        w.close();
+                    }
+                }
+                Output::Connect {
+                    conn,
+                    addr,
+                    timeout,
+                } => {
+                    let (net, tx) = (self.net, self.done_tx.clone());
+                    crate::net::spawn(async move {
+                        let done = match net.connect(&addr, timeout).await {
+                            Ok(s) => Done::Connected(conn, s),
+                            Err(e) => Done::ConnectFailed(conn, e.to_string()),
+                        };
+                        let _ = tx.send(done);
+                    });
+                }
+                Output::Compute { mid } => {
+                    let (compute, tx) = (self.compute.clone(), self.done_tx.clone());
+                    crate::net::spawn(async move {
+                        let start = compute.run().await;
+                        let end = now_us();
+                        let _ = tx.send(Done::Computed { mid, start, end });
+                    });
+                }
+            }
+        }
+    }
+
+    /// Queues `line` for `conn`; a subscriber too far behind is disconnected instead.
+    fn send(&mut self, conn: ConnId, line: bytes::Bytes, delivery: bool) {
+        let Some(w) = self.writers.get(&conn) else {
+            return;
+        };
+        if delivery && w.queued() >= CONNECTION_QUEUE {
+            warn!("subscriber {conn} is {CONNECTION_QUEUE} frames behind: disconnecting it");
+            if let Some(w) = self.writers.remove(&conn) {
+                w.close();
+            }
+            let now = self.clock.now();
+            self.core.handle_closed(conn, now);
+            return;
+        }
+        w.send(line);
+    }
+
+    fn accepted(&mut self, stream: BoxStream, peer: &str) {
+        if self.inbound.len() >= MAX_CONNECTIONS {
+            warn!("refusing {peer}: {MAX_CONNECTIONS} connections open");
+            crate::net::spawn(io::refuse(stream));
+            return;
+        }
+        let now = self.clock.now();
+        let conn = self.core.handle_accepted(now);
+        debug!("connection {conn} from {peer}");
+        self.inbound.insert(conn);
+        self.register(conn, stream);
+    }
+
+    fn register(&mut self, conn: ConnId, stream: BoxStream) {
+        let (reader, writer) = io::split(conn, stream);
+        self.readers.push(reader);
+        self.writers.insert(conn, writer);
+    }
+
+    /// Handles `first` and whatever else the readers have ready, with one clock reading.
+    fn read_batch(&mut self, first: ConnEvent) {
+        let now = self.clock.now();
+        self.event(first, now);
+        for _ in 1..BATCH {
+            match self.readers.next().now_or_never() {
+                Some(Some(ev)) => self.event(ev, now),
+                _ => break,
+            }
+        }
+    }
+
+    fn event(&mut self, ev: ConnEvent, now: Now) {
+        match ev {
+            ConnEvent::Frame(conn, Ok(frame)) => self.core.handle_frame(conn, frame, now),
+            ConnEvent::Frame(conn, Err(e)) => {
+                debug!("connection {conn}: {e}");
+                self.core.handle_bad_frame(conn, &e, now);
+            }
+            ConnEvent::Closed(conn) => {
+                // What the core said to this connection before it closed still goes out.
+                self.act();
+                self.inbound.remove(&conn);
+                if let Some(w) = self.writers.remove(&conn) {
+                    w.close();
+                }
+                debug!("connection {conn} closed");
+                self.core.handle_closed(conn, now);
+            }
+        }
+    }
+
+    fn done(&mut self, done: Done) {
+        let now = self.clock.now();
+        match done {
+            Done::Connected(conn, stream) => {
+                self.register(conn, stream);
+                self.core.handle_connected(conn, now);
+            }
+            Done::ConnectFailed(conn, e) => self.core.handle_connect_failed(conn, &e, now),
+            Done::Computed { mid, start, end } => self.core.handle_computed(mid, start, end, now),
+        }
+    }
+}
