@@ -192,7 +192,7 @@ impl Broker {
     /// A node that starts at `now` in the role `cfg.born`.
     pub fn new(cfg: Config, now: Now) -> Broker {
         let role = match cfg.born {
-            Role::Primary => RoleState::Primary(Primary::new(cfg.peer.is_some())),
+            Role::Primary => RoleState::Primary(Primary::new(cfg.peer.is_some(), now.mono)),
             Role::Backup => RoleState::Backup(Backup::new(cfg.ping_interval, now.mono)),
         };
         let mut b = Broker {
@@ -489,7 +489,7 @@ impl Broker {
             self.stalled();
             self.check_repl_timeout();
             if let RoleState::Primary(p) = &mut self.role {
-                p.last_tick = Some(now);
+                p.last_tick = now;
             }
         }
     }

@@ -31,7 +31,7 @@ pub(super) struct Primary {
     /// Every `mid` up to this one is stored by the backup or already delivered.
     confirmed: u64,
     /// Last tick of the stall watchdog.
-    pub last_tick: Option<Time>,
+    pub last_tick: Time,
     /// This process was paused; deliveries wait until the peer confirms our role.
     pub suspect: bool,
     /// Results held back while `suspect`.
@@ -81,7 +81,8 @@ pub(super) enum LinkState {
 }
 
 impl Primary {
-    pub fn new(has_peer: bool) -> Primary {
+    /// A primary from `now` on (the stall watchdog counts from then).
+    pub fn new(has_peer: bool, now: Time) -> Primary {
         Primary {
             link: Link {
                 state: LinkState::Down,
@@ -95,7 +96,7 @@ impl Primary {
             order: HashMap::new(),
             acks: VecDeque::new(),
             confirmed: 0,
-            last_tick: None,
+            last_tick: now,
             suspect: false,
             fenced: Vec::new(),
         }
@@ -405,7 +406,7 @@ impl Broker {
         let Some(p) = self.primary() else {
             return false;
         };
-        let paused = p.last_tick.map(|t| now - t).filter(|gap| *gap > STALL);
+        let paused = Some(now - p.last_tick).filter(|gap| *gap > STALL);
         if let (Some(gap), false) = (paused, p.suspect) {
             warn!("this process was paused for {gap:?}: holding deliveries until the peer confirms our role");
             p.suspect = true;

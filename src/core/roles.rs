@@ -17,8 +17,7 @@ impl Broker {
             return;
         }
         let now = self.now.mono;
-        let mut primary = Primary::new(self.cfg.peer.is_some());
-        primary.last_tick = Some(now);
+        let primary = Primary::new(self.cfg.peer.is_some(), now);
         let RoleState::Backup(b) = std::mem::replace(&mut self.role, RoleState::Primary(primary))
         else {
             return;

@@ -1,0 +1,251 @@
+//! The broker core without sockets: two cores wired in memory (see `pair/mod.rs`), time jumping
+//! from one deadline to the next. Each test covers seconds of simulated failover in
+//! milliseconds, and fails when the behaviour the documents promise does not hold.
+
+#[path = "support/pair.rs"]
+mod pair;
+
+use std::time::{Duration, Instant};
+
+use edgepair::protocol::{Frame, Role};
+use pair::{Pair, B, P};
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// 100 ms of compute for every message.
+fn steady(_mid: u64) -> Duration {
+    ms(100)
+}
+
+/// Later messages compute faster than earlier ones, so only the reorder stage keeps order.
+fn shrinking(mid: u64) -> Duration {
+    ms(300 - (mid % 5) * 50)
+}
+
+/// A pair whose backup follows its primary, and a subscriber on each node.
+fn linked(compute: fn(u64) -> Duration) -> (Pair, usize, usize) {
+    let mut p = Pair::new(compute);
+    p.run_until(ms(2_000), |p| {
+        matches!(p.core(P).status(), Frame::Status { ref link, .. } if link == "up")
+            && matches!(p.core(B).status(), Frame::Status { ref link, .. } if link == "armed")
+    });
+    let (sp, sb) = (p.client(P), p.client(B));
+    p.send(sp, "SUB|t");
+    p.send(sb, "SUB|t");
+    (p, sp, sb)
+}
+
+fn publish(p: &mut Pair, client: usize, seqs: std::ops::RangeInclusive<u64>) {
+    for seq in seqs {
+        p.send(client, &format!("PUB|t|pub|{seq}|1|m{seq}"));
+    }
+}
+
+fn seqs(p: &Pair, client: usize) -> Vec<u64> {
+    p.msgs(client).iter().map(|m| m.1).collect()
+}
+
+fn held(p: &Pair, n: usize) -> u64 {
+    match p.core(n).status() {
+        Frame::Status { held, .. } => held,
+        _ => 0,
+    }
+}
+
+fn link(p: &Pair, n: usize) -> String {
+    match p.core(n).status() {
+        Frame::Status { link, .. } => link,
+        _ => String::new(),
+    }
+}
+
+#[test]
+fn backup_takes_over_when_the_primary_crashes_and_delivers_what_it_held() {
+    let wall = Instant::now();
+    let (mut p, _, sb) = linked(steady);
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=3);
+    p.run_until(ms(50), |p| p.count(publ, "ACK|pub|") == 3);
+    assert_eq!(held(&p, B), 3, "an ACK means the backup holds the message");
+    p.crash(P);
+    let crashed = p.now;
+    p.run_until(ms(50), |p| p.role(B) == Role::Primary);
+    assert!(
+        p.now - crashed < ms(5),
+        "a crash is seen through the closed link at once"
+    );
+    assert_eq!(p.core(B).epoch(), 2);
+    p.run_until(ms(1_000), |p| p.msgs(sb).len() == 3);
+    assert_eq!(seqs(&p, sb), [1, 2, 3]);
+    assert!(p.msgs(sb).iter().all(|m| m.2.epoch == 2));
+    assert!(wall.elapsed() < Duration::from_secs(1));
+}
+
+#[test]
+fn backup_takes_over_when_the_primary_falls_silent() {
+    let (mut p, ..) = linked(steady);
+    p.pause(P);
+    let paused = p.now;
+    p.run_until(ms(3_000), |p| p.role(B) == Role::Primary);
+    let took = p.now - paused;
+    // One ping interval at most before the unanswered PING, plus its timeout.
+    assert!(took <= ms(1_000 + 300 + 10), "took over after {took:?}");
+    assert!(
+        took >= ms(300),
+        "took over before any ping could time out: {took:?}"
+    );
+    assert_eq!(p.core(B).epoch(), 2);
+    assert_eq!(
+        p.role(P),
+        Role::Primary,
+        "the paused node has not noticed yet"
+    );
+}
+
+#[test]
+fn takeover_replays_held_messages_in_publisher_order() {
+    let (mut p, _, sb) = linked(shrinking);
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=5);
+    p.run_until(ms(50), |p| p.count(publ, "ACK|pub|") == 5);
+    p.crash(P);
+    p.run_until(ms(2_000), |p| p.msgs(sb).len() == 5);
+    assert_eq!(seqs(&p, sb), [1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn a_resent_publish_is_acknowledged_and_delivered_once() {
+    let (mut p, sp, sb) = linked(steady);
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=2);
+    publish(&mut p, publ, 1..=2);
+    p.run_until(ms(50), |p| p.count(publ, "ACK|pub|") == 4);
+    p.run_for(ms(500));
+    assert_eq!(seqs(&p, sp), [1, 2], "resends are not delivered again");
+    // Across a failover: the backup held 3 and 4; their resends to it are recognised.
+    publish(&mut p, publ, 3..=4);
+    p.run_until(ms(50), |p| p.count(publ, "ACK|pub|") == 6);
+    p.crash(P);
+    let again = p.client(B);
+    publish(&mut p, again, 3..=5);
+    p.run_until(ms(3_000), |p| p.count(again, "ACK|pub|") == 3);
+    p.run_for(ms(500));
+    assert_eq!(seqs(&p, sb), [3, 4, 5], "each message once, in order");
+}
+
+#[test]
+fn pipelined_acks_come_back_in_order_with_and_without_a_backup() {
+    let (mut p, ..) = linked(steady);
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=200);
+    p.run_until(ms(100), |p| p.count(publ, "ACK|") == 200);
+    p.crash(B);
+    publish(&mut p, publ, 201..=400);
+    p.run_until(ms(2_000), |p| p.count(publ, "ACK|") == 400);
+    let acks: Vec<String> = p.clients[publ].lines.clone();
+    let want: Vec<String> = (1..=400).map(|s| format!("ACK|pub|{s}")).collect();
+    assert_eq!(acks, want);
+}
+
+#[test]
+fn a_primary_whose_backup_dies_runs_degraded_and_replays_to_the_returning_backup() {
+    let (mut p, ..) = linked(|_| ms(5_000));
+    p.crash(B);
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=3);
+    p.run_until(ms(1_000), |p| p.count(publ, "ACK|pub|") == 3);
+    assert_eq!(link(&p, P), "down");
+    p.start(B);
+    p.run_until(ms(2_000), |p| held(p, B) == 3);
+    assert_eq!(link(&p, P), "up");
+}
+
+#[test]
+fn a_woken_primary_is_fenced_then_steps_down_and_serves_as_backup_at_once() {
+    let (mut p, sp, sb) = linked(steady);
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=2);
+    p.run_until(ms(50), |p| p.count(publ, "ACK|pub|") == 2);
+    // Paused with both messages still in compute.
+    p.pause(P);
+    p.run_until(ms(3_000), |p| p.msgs(sb).len() == 2);
+    assert_eq!(p.role(B), Role::Primary);
+    p.resume(P);
+    let woke = p.now;
+    p.run_until(ms(2_000), |p| {
+        p.role(P) == Role::Backup && link(p, B) == "up"
+    });
+    assert!(
+        p.now - woke < ms(1_200),
+        "back as a backup after {:?}",
+        p.now - woke
+    );
+    assert!(
+        p.msgs(sp).is_empty(),
+        "the woken primary delivered: {:?}",
+        p.msgs(sp)
+    );
+    // It stores what the new primary replicates, at once, and the link stays up.
+    let publ2 = p.client(B);
+    publish(&mut p, publ2, 3..=5);
+    p.run_until(ms(100), |p| p.count(publ2, "ACK|pub|") == 3);
+    assert_eq!(held(&p, P), 3);
+    p.run_for(ms(1_000));
+    assert_eq!(link(&p, B), "up");
+    assert_eq!(seqs(&p, sb), [1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn a_restarted_primary_fails_back_as_backup_and_covers_the_next_crash() {
+    let (mut p, _, sb) = linked(steady);
+    p.crash(P);
+    p.run_until(ms(100), |p| p.role(B) == Role::Primary);
+    p.start(P);
+    p.run_until(ms(3_000), |p| {
+        p.role(P) == Role::Backup && link(p, B) == "up"
+    });
+    assert_eq!(p.core(P).epoch(), 2, "it adopted the new primary's epoch");
+    let publ = p.client(B);
+    publish(&mut p, publ, 1..=3);
+    p.run_until(ms(100), |p| p.count(publ, "ACK|pub|") == 3);
+    p.crash(B);
+    p.run_until(ms(100), |p| p.role(P) == Role::Primary);
+    assert_eq!(p.core(P).epoch(), 3);
+    let sp = p.client(P);
+    p.send(sp, "SUB|t");
+    p.run_until(ms(1_000), |p| p.msgs(sp).len() == 3);
+    assert!(p.msgs(sb).is_empty() || seqs(&p, sb).len() < 3);
+}
+
+#[test]
+fn a_deposed_primary_hands_over_what_it_acknowledged_alone() {
+    let (mut p, _, sb) = linked(|_| ms(3_000));
+    p.partitioned = true;
+    p.run_until(ms(3_000), |p| p.role(B) == Role::Primary);
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=2);
+    p.run_until(ms(1_000), |p| p.count(publ, "ACK|pub|") == 2);
+    assert_eq!(
+        link(&p, P),
+        "down",
+        "acknowledged degraded, held by nobody else"
+    );
+    p.partitioned = false;
+    p.run_until(ms(3_000), |p| p.role(P) == Role::Backup);
+    p.run_until(ms(5_000), |p| p.msgs(sb).len() == 2);
+    assert_eq!(seqs(&p, sb), [1, 2]);
+    assert!(p.msgs(sb).iter().all(|m| m.2.epoch == 2));
+}
+
+#[test]
+fn a_publish_at_the_backup_is_forwarded_while_the_primary_lives() {
+    let (mut p, sp, _) = linked(steady);
+    let publ = p.client(B);
+    publish(&mut p, publ, 1..=3);
+    p.run_until(ms(500), |p| p.count(publ, "ACK|pub|") == 3);
+    assert_eq!(p.role(B), Role::Backup);
+    p.run_until(ms(1_000), |p| p.msgs(sp).len() == 3);
+    assert_eq!(seqs(&p, sp), [1, 2, 3]);
+}
