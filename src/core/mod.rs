@@ -35,6 +35,7 @@
 mod backup;
 mod conn;
 pub mod failover;
+mod link;
 mod peer;
 mod primary;
 mod roles;

@@ -3,20 +3,16 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, warn};
 
 use super::conn::Reply;
-use super::failover::{next_epoch, yields_to};
+use super::link::{Link, LINK_TIMEOUT};
 use super::peer::Purpose;
-use super::time::{Backoff, Time, Timer};
+use super::time::Time;
 use super::{Broker, ConnId, Message, Output, RoleState, STALL};
-use crate::protocol::{Frame, MsgId, Role, Stamps, PROTOCOL_VERSION};
-
-/// How long the primary waits for its backup to connect and to answer `HELLO`.
-const LINK_TIMEOUT: Duration = Duration::from_secs(1);
+use crate::protocol::{Frame, MsgId, Stamps};
 
 /// State only a primary has.
 #[derive(Debug)]
@@ -29,7 +25,7 @@ pub(super) struct Primary {
     /// Publishes whose `ACK` waits for the backup's `STORED`, in `mid` order.
     pub acks: VecDeque<PendingAck>,
     /// Every `mid` up to this one is stored by the backup or already delivered.
-    confirmed: u64,
+    pub confirmed: u64,
     /// Last tick of the stall watchdog.
     pub last_tick: Time,
     /// This process was paused; deliveries wait until the peer confirms our role.
@@ -54,44 +50,11 @@ pub(super) struct PendingAck {
     deadline: Time,
 }
 
-/// The replication link to the backup.
-#[derive(Debug)]
-pub(super) struct Link {
-    pub state: LinkState,
-    has_peer: bool,
-    /// The backup answered our `HELLO` with something else: a seed backup, driven with
-    /// `REPLICATE`/`CLEAR`.
-    legacy: bool,
-    backoff: Backoff,
-    ever_up: bool,
-    said_degraded: bool,
-}
-
-/// Where the link is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum LinkState {
-    /// Not connected (waiting for [`Timer::Link`], or no backup configured).
-    Down,
-    /// Connecting on this connection.
-    Connecting(ConnId),
-    /// Our `HELLO` waits for the backup's.
-    Hello(ConnId),
-    /// Streaming `REPL`/`CLR`.
-    Up { conn: ConnId, since: Time },
-}
-
 impl Primary {
     /// A primary from `now` on (the stall watchdog counts from then).
     pub fn new(has_peer: bool, now: Time) -> Primary {
         Primary {
-            link: Link {
-                state: LinkState::Down,
-                has_peer,
-                legacy: false,
-                backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
-                ever_up: false,
-                said_degraded: false,
-            },
+            link: Link::new(has_peer),
             inflight: BTreeMap::new(),
             order: HashMap::new(),
             acks: VecDeque::new(),
@@ -104,24 +67,17 @@ impl Primary {
 
     /// The link as `STATUS` names it.
     pub fn link_word(&self) -> &'static str {
-        match self.link.state {
-            _ if !self.link.has_peer => "none",
-            LinkState::Up { .. } => "up",
-            _ => "down",
-        }
+        self.link.word()
     }
 
     /// The link's connection and whether it speaks the seed dialect, while it is up.
-    fn up(&self) -> Option<(ConnId, bool)> {
-        match self.link.state {
-            LinkState::Up { conn, .. } => Some((conn, self.link.legacy)),
-            _ => None,
-        }
+    pub fn up(&self) -> Option<(ConnId, bool)> {
+        self.link.up()
     }
 }
 
 impl Broker {
-    fn primary(&mut self) -> Option<&mut Primary> {
+    pub(super) fn primary(&mut self) -> Option<&mut Primary> {
         match &mut self.role {
             RoleState::Primary(p) => Some(p),
             RoleState::Backup(_) => None,
@@ -187,7 +143,7 @@ impl Broker {
 
     /// Sends a message down the link if it is up; returns the `mid` whose `STORED` to wait
     /// for (none from a seed backup, which never confirms: a written frame is all we know).
-    fn replicate(&mut self, m: &Message) -> Option<u64> {
+    pub(super) fn replicate(&mut self, m: &Message) -> Option<u64> {
         let (conn, legacy) = self.primary()?.up()?;
         if legacy {
             let f = Frame::Replicate {
@@ -430,217 +386,5 @@ impl Broker {
             );
             self.link_lost("no STORED in time");
         }
-    }
-
-    /// Opens the link to the backup, if this node is primary, has a backup and is not linked.
-    pub(super) fn connect_link(&mut self) {
-        let Some(peer) = self.cfg.peer.clone() else {
-            return;
-        };
-        if self
-            .primary()
-            .is_none_or(|p| p.link.state != LinkState::Down)
-        {
-            return;
-        }
-        let conn = self.open(Purpose::Link, peer, LINK_TIMEOUT);
-        if let Some(p) = self.primary() {
-            p.link.state = LinkState::Connecting(conn);
-        }
-    }
-
-    /// The link's connection opened: introduce ourselves (a seed backup gets no `HELLO`).
-    pub(super) fn on_link_connected(&mut self, conn: ConnId) {
-        match self.primary() {
-            Some(p) if p.link.legacy => self.link_up(conn),
-            Some(p) => {
-                p.link.state = LinkState::Hello(conn);
-                self.say_hello(conn);
-            }
-            None => {
-                self.close(conn);
-            }
-        }
-    }
-
-    fn say_hello(&mut self, conn: ConnId) {
-        let hello = Frame::Hello {
-            version: PROTOCOL_VERSION.into(),
-            role: Role::Primary,
-            epoch: self.epoch,
-            incarnation: self.cfg.incarnation,
-        };
-        self.send_frame(conn, &hello);
-        self.timers
-            .set(Timer::Answer(conn), self.now.mono + LINK_TIMEOUT);
-    }
-
-    /// A frame from the backup on the link.
-    pub(super) fn on_link_frame(&mut self, conn: ConnId, frame: Frame) {
-        let Some(p) = self.primary() else {
-            self.close(conn);
-            return;
-        };
-        match (p.link.state, frame) {
-            (LinkState::Hello(_), f) => self.on_hello_answer(conn, f),
-            (LinkState::Up { .. }, Frame::Stored { mid }) => self.stored(mid),
-            (LinkState::Up { .. }, Frame::Ack { .. }) => {}
-            (_, other) => {
-                let why = format!("backup answered {}", other.encode().trim_end());
-                self.link_lost(&why);
-            }
-        }
-    }
-
-    /// The backup's answer to our `HELLO`.
-    fn on_hello_answer(&mut self, conn: ConnId, answer: Frame) {
-        let peer = self.cfg.peer.clone().unwrap_or_default();
-        let born_primary = self.cfg.born == Role::Primary;
-        match answer {
-            Frame::Hello {
-                role: Role::Backup,
-                epoch,
-                ..
-            } if epoch > self.epoch => {
-                // A backup that has followed a newer reign than ours (we were restarted and
-                // forgot it): ours is a new reign, numbered after it. Say hello again so the
-                // backup learns it before it could ever take over in the same epoch.
-                self.epoch = next_epoch(epoch, born_primary);
-                info!(
-                    "backup {peer} has seen epoch {epoch}: we now reign in epoch {}",
-                    self.epoch
-                );
-                self.say_hello(conn);
-            }
-            Frame::Hello {
-                role: Role::Backup, ..
-            } => self.link_up(conn),
-            Frame::Hello {
-                role: Role::Primary,
-                epoch,
-                ..
-            } => {
-                if yields_to(self.epoch, born_primary, epoch) {
-                    self.step_down(
-                        epoch,
-                        "the peer is primary in a newer (or equal, born-primary) epoch",
-                    );
-                    return;
-                }
-                error!(
-                    "peer {peer} is itself primary (epoch {epoch}, ours {}): not replicating to it",
-                    self.epoch
-                );
-                self.close(conn);
-                self.link_retry(Some(Duration::from_secs(1)));
-            }
-            other => {
-                warn!(
-                    "backup {peer} answered {} to HELLO: using seed REPLICATE/CLEAR",
-                    other.encode().trim_end()
-                );
-                if let Some(p) = self.primary() {
-                    p.link.legacy = true;
-                }
-                self.link_up(conn);
-            }
-        }
-    }
-
-    /// The link is up: replay what is in flight, then stream.
-    fn link_up(&mut self, conn: ConnId) {
-        self.timers.stop(Timer::Answer(conn));
-        let now = self.now.mono;
-        let next_mid = self.next_mid;
-        let peer = self.cfg.peer.clone().unwrap_or_default();
-        let Some(p) = self.primary() else {
-            return;
-        };
-        p.link.backoff.reset();
-        p.link.said_degraded = false;
-        p.link.state = LinkState::Up { conn, since: now };
-        // Everything below the oldest message in flight was delivered already.
-        p.confirmed = p.inflight.keys().next().map_or(next_mid - 1, |m| m - 1);
-        info!(
-            "replication link to backup {peer} up{}; {} message(s) in flight sent",
-            if p.link.ever_up { " again" } else { "" },
-            p.inflight.len()
-        );
-        p.link.ever_up = true;
-        let inflight: Vec<Arc<Message>> = p.inflight.values().cloned().collect();
-        for m in inflight {
-            self.replicate(&m);
-        }
-    }
-
-    /// The link failed: it could not connect (`reason` says why) or it was `"closed"`.
-    pub(super) fn on_link_failed(&mut self, conn: ConnId, reason: &str) {
-        let peer = self.cfg.peer.clone().unwrap_or_default();
-        let Some(p) = self.primary() else {
-            return;
-        };
-        match p.link.state {
-            LinkState::Up { conn: c, .. } if c == conn => {
-                let why = if reason == "closed" {
-                    "backup closed the link"
-                } else {
-                    reason
-                };
-                self.link_lost(why);
-            }
-            LinkState::Connecting(c) | LinkState::Hello(c) if c == conn => {
-                if !p.link.said_degraded && reason != "closed" {
-                    warn!("backup {peer} unreachable ({reason}): running degraded, retrying");
-                    p.link.said_degraded = true;
-                }
-                self.link_retry(None);
-            }
-            _ => {}
-        }
-    }
-
-    /// Our `HELLO` got no answer in time: a hung backup, not a seed one.
-    pub(super) fn on_link_silent(&mut self, conn: ConnId) {
-        let peer = self.cfg.peer.clone().unwrap_or_default();
-        if let Some(p) = self.primary() {
-            if !p.link.said_degraded {
-                warn!("backup {peer} accepts connections but does not answer: running degraded");
-                p.link.said_degraded = true;
-            }
-        }
-        self.close(conn);
-        self.link_retry(None);
-    }
-
-    /// The link was up and is gone: acknowledge what waited (degraded), and reconnect.
-    pub(super) fn link_lost(&mut self, why: &str) {
-        let now = self.now.mono;
-        let Some(p) = self.primary() else {
-            return;
-        };
-        let LinkState::Up { conn, since } = p.link.state else {
-            return;
-        };
-        p.link.state = LinkState::Down;
-        p.link.said_degraded = true;
-        let keep_role = !p.suspect;
-        let acks = std::mem::take(&mut p.acks);
-        warn!("replication link to backup lost ({why}): running degraded");
-        self.close(conn);
-        self.release_acks(acks, keep_role);
-        // A link that drops at once would otherwise be retried in a tight loop.
-        let quick = now - since < Duration::from_secs(1);
-        self.link_retry(if quick { None } else { Some(Duration::ZERO) });
-    }
-
-    /// Schedules the next connect: after `wait`, or after the backoff's next wait.
-    fn link_retry(&mut self, wait: Option<Duration>) {
-        let now = self.now.mono;
-        let Some(p) = self.primary() else {
-            return;
-        };
-        p.link.state = LinkState::Down;
-        let d = wait.unwrap_or_else(|| p.link.backoff.next_wait());
-        self.timers.set(Timer::Link, now + d);
     }
 }

@@ -4,7 +4,8 @@ use tracing::{info, warn};
 
 use super::backup::Backup;
 use super::failover::next_epoch;
-use super::primary::{LinkState, Primary};
+use super::link::LinkState;
+use super::primary::Primary;
 use super::time::Timer;
 use super::{Broker, Message, RoleState};
 use crate::protocol::Role;
