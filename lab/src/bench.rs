@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use crate::clock::now_us;
+use edgepair::clock::now_us;
 
 /// Options of the `bench` binary.
 #[derive(Debug, Clone, Args)]
@@ -37,13 +37,13 @@ pub struct BenchOpts {
     #[arg(long, default_value_t = 5000)]
     pub paced_rate: u64,
     /// Length of the paced latency run.
-    #[arg(long, value_parser = crate::compute::parse_duration, default_value = "5s")]
+    #[arg(long, value_parser = edgepair::compute::parse_duration, default_value = "5s")]
     pub paced_for: Duration,
     /// Subscribers of the fan-out figure.
     #[arg(long, default_value_t = 1000)]
     pub fanout: usize,
     /// Length of the 10 Hz compute scenario per setting.
-    #[arg(long, value_parser = crate::compute::parse_duration, default_value = "60s")]
+    #[arg(long, value_parser = edgepair::compute::parse_duration, default_value = "60s")]
     pub compute_for: Duration,
     /// Shorter everything (1 run, 50,000 messages, 2 s paced, 10 s compute) for a quick look.
     #[arg(long)]

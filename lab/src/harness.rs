@@ -23,12 +23,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 
-use crate::clock::now_us;
-use crate::compute::{parse_duration, ComputeRange};
-use crate::net::Net;
-use crate::protocol::{Frame, FrameCodec, Role};
 use crate::proxy::{self, Fault};
 use crate::report;
+use edgepair::clock::now_us;
+use edgepair::compute::{parse_duration, ComputeRange};
+use edgepair::net::Net;
+use edgepair::protocol::{Frame, FrameCodec, Role};
 
 /// Signal used to fail the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -662,7 +662,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     for b in ["primary", "backup", "subscriber", "test-publisher"] {
         if !bin_dir.join(b).exists() {
             bail!(
-                "{} not found in {} (build with `cargo build --release --bins`)",
+                "{} not found in {} (build with `cargo build --release --workspace --bins`)",
                 b,
                 bin_dir.display()
             );

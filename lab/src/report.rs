@@ -63,36 +63,7 @@ pub const STAGES: [&str; 4] = ["to broker", "queue wait", "compute", "delivery"]
 /// Columns of `latency.csv`.
 pub const LATENCY_COLUMNS: [&str; 6] = ["section", "key", "count", "p50_ms", "p99_ms", "value_ms"];
 
-/// One delivery as the subscriber saw it: one row of a delivery CSV.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Delivery {
-    /// Subscriber's wall clock at receipt, µs since the Unix epoch.
-    pub received_at_us: u64,
-    /// `primary` or `backup`: the broker connection it arrived on.
-    pub source: String,
-    /// Topic.
-    pub topic: String,
-    /// Publisher id (`-` for seed-dialect messages).
-    pub publisher: String,
-    /// Publisher's sequence number.
-    pub seq: u64,
-    /// Publisher's wall clock when it first sent the message.
-    pub sent_at_us: u64,
-    /// `received_at_us - sent_at_us`.
-    pub latency_us: i64,
-    /// This publisher+seq was delivered before.
-    pub duplicate: bool,
-    /// Epoch of the delivering broker.
-    pub epoch: u64,
-    /// When the delivering broker received the message.
-    pub broker_rx_us: u64,
-    /// When its compute task started.
-    pub compute_start_us: u64,
-    /// When its compute task ended.
-    pub compute_end_us: u64,
-    /// Message body.
-    pub payload: String,
-}
+pub use edgepair::client::Delivery;
 
 /// Reads a delivery CSV; a bad row is an error naming its line.
 pub fn read_deliveries(path: &Path) -> anyhow::Result<Vec<Delivery>> {
