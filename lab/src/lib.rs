@@ -5,7 +5,7 @@
 
 pub mod bench;
 pub mod harness;
+pub mod procs;
 pub mod proxy;
 pub mod report;
 pub mod sim;
-pub mod simreport;

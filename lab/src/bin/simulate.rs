@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use edgepair::compute::parse_duration;
+use edgepair_lab::sim::report::{self as simreport, Axis};
 use edgepair_lab::sim::{run_seed, FaultKind, SimConfig, SimResult};
-use edgepair_lab::simreport::{self, Axis};
 
 /// Runs seeded fault schedules in simulated time and checks the delivery invariants.
 #[derive(Parser)]

@@ -33,6 +33,8 @@ use edgepair::net::Net;
 use edgepair::node::{self, NodeConfig};
 use edgepair::protocol::Role;
 
+pub mod report;
+
 /// A kind of fault the schedule may draw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum FaultKind {

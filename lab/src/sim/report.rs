@@ -16,8 +16,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use plotters::prelude::*;
 
+use super::{run_seed, SimConfig, SimResult};
 use crate::report::{draw_legend, plot_err};
-use crate::sim::{run_seed, SimConfig, SimResult};
 use edgepair::compute::parse_duration;
 
 /// Runs `seeds` on `jobs` threads (each seed is its own single-threaded simulation, so they
