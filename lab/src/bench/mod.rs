@@ -11,18 +11,17 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
-use tokio::time::Instant;
+use tokio::process::Command;
 
 use edgepair::clock::now_us;
 
 mod figures;
 
 use figures::*;
+
+use crate::procs::{free_port, status, wait_paired, wait_until, Proc};
 
 /// Options of the `bench` binary.
 #[derive(Debug, Clone, Args)]
@@ -66,15 +65,15 @@ pub struct BenchOpts {
     pub bin_dir: Option<PathBuf>,
 }
 
-/// A broker child process, killed when dropped.
+/// A broker child process, killed by PID when dropped.
 struct Broker {
-    child: Child,
+    proc: Proc,
     addr: String,
 }
 
 impl Broker {
     fn rss_kib(&self) -> Option<u64> {
-        let pid = self.child.id()?;
+        let pid = self.proc.pid()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         status
             .lines()
@@ -84,33 +83,6 @@ impl Broker {
             .parse()
             .ok()
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn wait_ready(addr: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok(s) = TcpStream::connect(addr).await {
-            let (r, mut w) = s.into_split();
-            w.write_all(b"STATUS\n").await?;
-            let mut line = String::new();
-            let mut r = BufReader::new(r);
-            if tokio::time::timeout(Duration::from_secs(1), r.read_line(&mut line))
-                .await
-                .is_ok()
-                && line.starts_with("STATUS|")
-            {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    bail!("broker at {addr} not ready")
 }
 
 /// Starts a solo primary (`replicated = false`) or a primary + backup pair on free ports.
@@ -152,7 +124,15 @@ async fn start(
             .spawn()
             .with_context(|| format!("cannot start {name} from {}", bin_dir.display()))?;
         Ok(Broker {
-            child,
+            proc: Proc::new(
+                if name == "primary" {
+                    "primary"
+                } else {
+                    "backup"
+                },
+                child,
+                Vec::new(),
+            ),
             addr: format!("127.0.0.1:{port}"),
         })
     };
@@ -166,24 +146,25 @@ async fn start(
     if replicated {
         v.push(spawn("backup", bp, pp)?);
     }
-    wait_ready(&v[0].addr).await?;
+    let addrs: Vec<String> = v.iter().map(|b| b.addr.clone()).collect();
+    let mut procs: Vec<Proc> = Vec::new();
     if replicated {
-        // Wait until the pair is linked.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let s = TcpStream::connect(&v[0].addr).await?;
-            let (r, mut w) = s.into_split();
-            w.write_all(b"STATUS\n").await?;
-            let mut line = String::new();
-            BufReader::new(r).read_line(&mut line).await?;
-            if line.contains("|up|") {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("primary and backup did not pair up");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_paired(
+            &addrs[0],
+            Some(&addrs[1]),
+            Duration::from_secs(10),
+            &mut procs,
+        )
+        .await?;
+    } else {
+        let primary = addrs[0].as_str();
+        wait_until(
+            "the primary to answer STATUS",
+            Duration::from_secs(10),
+            &mut procs,
+            || async move { status(primary).await.is_some() },
+        )
+        .await?;
     }
     Ok(v)
 }

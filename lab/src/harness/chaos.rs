@@ -31,14 +31,8 @@ pub struct ChaosEvent {
 /// Index (0 = started as primary, 1 = started as backup) of the node that is primary now: the
 /// one answering `STATUS` as primary in the highest epoch; 0 if neither answers.
 pub(crate) async fn active_node(primary: &str, backup: &str) -> usize {
-    let epoch = |s: Option<(Role, String, u64)>| match s {
-        Some((Role::Primary, _, e)) => Some(e),
-        _ => None,
-    };
-    let (a, b) = (
-        epoch(status_full(primary).await),
-        epoch(status_full(backup).await),
-    );
+    let epoch = |s: Option<Status>| s.filter(|s| s.role == Role::Primary).map(|s| s.epoch);
+    let (a, b) = (epoch(status(primary).await), epoch(status(backup).await));
     match (a, b) {
         (Some(x), Some(y)) if y > x => 1,
         (None, Some(_)) => 1,

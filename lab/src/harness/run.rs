@@ -16,7 +16,6 @@ use super::{chaos::*, plan::*, progress::*};
 use crate::procs::*;
 use edgepair::clock::now_us;
 use edgepair::net::Net;
-use edgepair::protocol::Role;
 /// Runs the whole scenario and writes the report. The returned analysis says whether anything
 /// was missing; the caller turns that into the exit status.
 pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
@@ -130,28 +129,21 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     ];
     let node_bins = ["primary", "backup"];
     let mut procs: Vec<Proc> = Vec::new();
-    procs.push(spawn(
+    procs.push(spawn_logged(
         &bin_dir,
         "primary",
         &node_args[0],
         &dir,
         ltx.clone(),
     )?);
-    procs.push(spawn(&bin_dir, "backup", &node_args[1], &dir, ltx.clone())?);
-    let (pa, ba) = (primary.clone(), backup.clone());
-    wait_until(
-        "the primary and backup to pair up",
-        Duration::from_secs(10),
-        &mut procs,
-        || {
-            let (pa, ba) = (pa.clone(), ba.clone());
-            async move {
-                matches!(status(&pa).await, Some((Role::Primary, l)) if l == "up")
-                    && matches!(status(&ba).await, Some((Role::Backup, l)) if l == "armed")
-            }
-        },
-    )
-    .await?;
+    procs.push(spawn_logged(
+        &bin_dir,
+        "backup",
+        &node_args[1],
+        &dir,
+        ltx.clone(),
+    )?);
+    wait_paired(&primary, Some(&backup), Duration::from_secs(10), &mut procs).await?;
     let csv_path = dir.join("deliveries.csv");
     let sargs = vec![
         opts.topic.clone(),
@@ -160,7 +152,13 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         "--csv".into(),
         csv_path.display().to_string(),
     ];
-    procs.push(spawn(&bin_dir, "subscriber", &sargs, &dir, ltx.clone())?);
+    procs.push(spawn_logged(
+        &bin_dir,
+        "subscriber",
+        &sargs,
+        &dir,
+        ltx.clone(),
+    )?);
     let c = counters.clone();
     wait_until(
         "the subscriber to reach both brokers",
@@ -185,7 +183,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     ];
     let run_start_us = now_us();
     let run_start = Instant::now();
-    procs.push(spawn(
+    procs.push(spawn_logged(
         &bin_dir,
         "test-publisher",
         &targs,
@@ -287,7 +285,8 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
                         let _ = procs[i].child.kill().await;
                     }
                     let _ = procs[i].child.wait().await;
-                    procs[i] = spawn(&bin_dir, node_bins[i], &node_args[i], &dir, ltx.clone())?;
+                    procs[i] =
+                        spawn_logged(&bin_dir, node_bins[i], &node_args[i], &dir, ltx.clone())?;
                     format!(
                         "{} restarted (pid {})",
                         node_bins[i],
