@@ -10,6 +10,7 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "test_backup.sh: cargo not found; install the Rust toolchain (https://rustup.rs)" >&2
   exit 2
 fi
-# Builds in release mode when anything changed (a no-op otherwise).
-cargo build --release --quiet --bins
+# Builds in release mode when anything changed (a no-op otherwise): the harness (lab crate) and
+# the broker binaries it starts from its own folder.
+cargo build --release --quiet --workspace --bins
 exec target/release/harness "$@"

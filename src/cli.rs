@@ -8,8 +8,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::compute::{parse_duration, Compute, ComputeMode, ComputeRange};
+use crate::driver::{self, NodeConfig};
 use crate::net::Net;
-use crate::node::{self, NodeConfig};
 use crate::protocol::Role;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), so stdout stays free for data.
@@ -147,7 +147,7 @@ pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCo
         cfg.ping_interval = opts.ping_interval;
         cfg.ping_timeout = opts.ping_timeout;
         cfg.repl_timeout = opts.repl_timeout;
-        match node::run(listener, cfg, shutdown).await {
+        match driver::run(listener, cfg, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 error!("{e:#}");

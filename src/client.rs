@@ -24,7 +24,6 @@ use tracing::{info, warn};
 use crate::clock::now_us;
 use crate::net::{BoxStream, Net};
 use crate::protocol::{Frame, FrameCodec, MsgId};
-use crate::report::Delivery;
 
 /// Most unacknowledged messages a publisher keeps; past it, it stops taking input until ACKs
 /// come back, so a publisher whose brokers are both down does not grow without bound.
@@ -373,6 +372,38 @@ pub struct SubscriberConfig {
     pub brokers: Brokers,
     /// Network to use.
     pub net: Net,
+}
+
+/// One delivery as the subscriber saw it: one row of a delivery CSV (`subscriber --csv`, the
+/// harness's `deliveries.csv`). It lives here because the subscriber makes it; the lab reads it back.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Delivery {
+    /// Subscriber's wall clock at receipt, µs since the Unix epoch.
+    pub received_at_us: u64,
+    /// `primary` or `backup`: the broker connection it arrived on.
+    pub source: String,
+    /// Topic.
+    pub topic: String,
+    /// Publisher id (`-` for seed-dialect messages).
+    pub publisher: String,
+    /// Publisher's sequence number.
+    pub seq: u64,
+    /// Publisher's wall clock when it first sent the message.
+    pub sent_at_us: u64,
+    /// `received_at_us - sent_at_us`.
+    pub latency_us: i64,
+    /// This publisher+seq was delivered before.
+    pub duplicate: bool,
+    /// Epoch of the delivering broker.
+    pub epoch: u64,
+    /// When the delivering broker received the message.
+    pub broker_rx_us: u64,
+    /// When its compute task started.
+    pub compute_start_us: u64,
+    /// When its compute task ended.
+    pub compute_end_us: u64,
+    /// Message body.
+    pub payload: String,
 }
 
 /// Where a subscriber puts its deliveries.

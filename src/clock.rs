@@ -13,6 +13,7 @@ pub const SIM_EPOCH_US: u64 = 1_735_689_600_000_000;
 /// Microseconds since the Unix epoch on the wall clock; inside a turmoil simulation, the
 /// simulation's own clock, so that simulated runs are reproducible.
 pub fn now_us() -> u64 {
+    #[cfg(feature = "sim")]
     if let Some(d) = turmoil::sim_elapsed() {
         return SIM_EPOCH_US + d.as_micros() as u64;
     }

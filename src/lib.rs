@@ -1,23 +1,16 @@
-//! edgepair: a primary–backup edge-computing simulator with a failover test harness.
+//! edgepair: a primary–backup edge-computing simulator (the broker crate: wire protocol, the
+//! sans-IO broker core and the driver that runs it, clients, and their command lines). The failover harness, reports,
+//! benchmarks, simulation and fault proxy live in the `edgepair-lab` crate (`lab/`).
 #![warn(missing_docs)]
 
-pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod compute;
 pub mod core;
 pub mod driver;
-pub mod harness;
 pub mod net;
-/// The broker node as the binaries and the simulation start it: [`driver::run`] on a
-/// [`core::Broker`].
-pub use driver as node;
 pub mod protocol;
-pub mod proxy;
-pub mod report;
-pub mod sim;
-pub mod simreport;
 
 /// Every binary of the crate allocates through mimalloc. The relay path allocates a few small
 /// buffers per message on several threads at once; glibc's allocator spent about a sixth of the

@@ -24,7 +24,9 @@ pub enum Net {
     #[default]
     Tokio,
     /// turmoil's simulated TCP: hosts are addressed by name (`primary:8080`), time is virtual,
-    /// and faults (crash, partition, hold, latency) are injected by the simulator.
+    /// and faults (crash, partition, hold, latency) are injected by the simulator. Only with the
+    /// `sim` feature, so the deployed binaries do not link the simulator.
+    #[cfg(feature = "sim")]
     Sim,
 }
 
@@ -33,6 +35,7 @@ pub enum Listener {
     /// A real TCP listener.
     Tokio(tokio::net::TcpListener),
     /// A simulated listener.
+    #[cfg(feature = "sim")]
     Sim(turmoil::net::TcpListener),
 }
 
@@ -41,6 +44,7 @@ impl Net {
     pub async fn bind(&self, addr: &str) -> io::Result<Listener> {
         match self {
             Net::Tokio => Ok(Listener::Tokio(tokio::net::TcpListener::bind(addr).await?)),
+            #[cfg(feature = "sim")]
             Net::Sim => Ok(Listener::Sim(turmoil::net::TcpListener::bind(addr).await?)),
         }
     }
@@ -56,6 +60,7 @@ impl Net {
                 s.set_nodelay(true)?;
                 Ok(Box::pin(s))
             }
+            #[cfg(feature = "sim")]
             Net::Sim => {
                 let s = tokio::time::timeout(timeout, turmoil::net::TcpStream::connect(addr))
                     .await
@@ -70,6 +75,7 @@ impl std::fmt::Debug for Listener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Listener::Tokio(l) => l.fmt(f),
+            #[cfg(feature = "sim")]
             Listener::Sim(l) => write!(f, "SimListener({:?})", l.local_addr().ok()),
         }
     }
@@ -84,6 +90,7 @@ impl Listener {
                 s.set_nodelay(true)?;
                 Ok((Box::pin(s), peer.to_string()))
             }
+            #[cfg(feature = "sim")]
             Listener::Sim(l) => {
                 let (s, peer) = l.accept().await?;
                 Ok((Box::pin(s), peer.to_string()))
@@ -95,6 +102,7 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
         match self {
             Listener::Tokio(l) => l.local_addr(),
+            #[cfg(feature = "sim")]
             Listener::Sim(l) => l.local_addr(),
         }
     }
@@ -110,9 +118,9 @@ where
     F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
+    #[cfg(feature = "sim")]
     if turmoil::in_simulation() {
-        tokio::task::spawn_local(f)
-    } else {
-        tokio::spawn(f)
+        return tokio::task::spawn_local(f);
     }
+    tokio::spawn(f)
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::{free_port, spawn_bin, wait_status};
-use edgepair::report::Delivery;
+use edgepair::client::Delivery;
 
 fn rows(path: &std::path::Path) -> Vec<Delivery> {
     csv::Reader::from_path(path)

@@ -249,3 +249,16 @@ fn a_publish_at_the_backup_is_forwarded_while_the_primary_lives() {
     p.run_until(ms(1_000), |p| p.msgs(sp).len() == 3);
     assert_eq!(seqs(&p, sp), [1, 2, 3]);
 }
+
+#[test]
+fn publishes_from_a_client_that_hung_up_during_the_takeover_are_still_served() {
+    let (mut p, _, sb) = linked(steady);
+    p.crash(P);
+    // Like the seed's publisher: fire at the backup and close without waiting for answers.
+    let publ = p.client(B);
+    publish(&mut p, publ, 1..=3);
+    p.hang_up_client(publ);
+    p.run_until(ms(1_000), |p| p.msgs(sb).len() == 3);
+    assert_eq!(p.role(B), Role::Primary);
+    assert_eq!(seqs(&p, sb), [1, 2, 3]);
+}

@@ -292,10 +292,9 @@ impl Broker {
 
     /// Serves a publish that waited for a forward here, as the primary this node now is.
     fn serve_here(&mut self, conn: ConnId, frame: Frame) {
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        c.replies.retain(|r| !matches!(r, Reply::Forward));
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.replies.retain(|r| !matches!(r, Reply::Forward));
+        }
         self.accept_publish(conn, frame);
         self.resume(conn);
     }

@@ -45,6 +45,8 @@ pub(super) struct Conn {
     /// are handled one after the other, as they came.
     pub busy: bool,
     pub backlog: VecDeque<Frame>,
+    /// The client closed while busy: forgotten once its backlog is handled.
+    pub hung_up: bool,
     /// Topics this connection subscribed to, to unregister it when it closes.
     pub topics: Vec<String>,
 }
@@ -57,6 +59,7 @@ impl Conn {
             replies: VecDeque::new(),
             busy: false,
             backlog: VecDeque::new(),
+            hung_up: false,
             topics: Vec::new(),
         }
     }
@@ -155,12 +158,15 @@ impl Broker {
         }
         while let Some(c) = self.conns.get_mut(&conn) {
             if c.busy {
-                break;
+                return;
             }
             let Some(f) = c.backlog.pop_front() else {
                 break;
             };
             self.dispatch(conn, f);
+        }
+        if self.conns.get(&conn).is_some_and(|c| c.hung_up) {
+            self.closed(conn);
         }
     }
 }

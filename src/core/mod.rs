@@ -282,6 +282,17 @@ impl Broker {
     /// `conn` was closed by the other side (or broke).
     pub fn handle_closed(&mut self, conn: ConnId, now: Now) {
         self.now = now;
+        if let Some(c) = self.conns.get_mut(&conn).filter(|c| c.busy) {
+            // A client that sent a publish (and maybe more) and hung up without waiting: what
+            // it sent is still handled, in order, before the connection is forgotten.
+            c.hung_up = true;
+            return;
+        }
+        self.closed(conn);
+    }
+
+    /// Forgets a connection the other side closed, and reacts as its kind requires.
+    fn closed(&mut self, conn: ConnId) {
         let Some(c) = self.forget(conn) else {
             return;
         };

@@ -192,6 +192,15 @@ impl Pair {
         self.put(self.now, node, Input::Frame(conn, frame));
     }
 
+    /// The client hangs up.
+    pub fn hang_up_client(&mut self, client: usize) {
+        let (node, conn) = (self.clients[client].node, self.clients[client].conn);
+        if self.wires.remove(&(node, conn)).is_some() {
+            self.clients[client].open = false;
+            self.put(self.now, node, Input::Closed(conn));
+        }
+    }
+
     /// The `MSG`s a client received: (publisher, seq, stamps).
     pub fn msgs(&self, client: usize) -> Vec<(String, u64, Stamps)> {
         self.clients[client]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use edgepair::sim::{run_seed, FaultKind, SimConfig};
+use edgepair_lab::sim::{run_seed, FaultKind, SimConfig};
 
 fn crashes_only() -> SimConfig {
     SimConfig {
@@ -58,7 +58,7 @@ fn seeds_run_in_parallel_report_in_seed_order_with_the_same_results() {
     };
     let seeds = [7, 3, 9, 1];
     let mut order = Vec::new();
-    let parallel = edgepair::simreport::run_seeds(&seeds, &cfg, 3, |r| order.push(r.seed));
+    let parallel = edgepair_lab::sim::report::run_seeds(&seeds, &cfg, 3, |r| order.push(r.seed));
     assert_eq!(order, seeds, "reported in the order asked");
     for (r, seed) in parallel.iter().zip(seeds) {
         let (alone, _) = run_seed(seed, &cfg);

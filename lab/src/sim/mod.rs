@@ -3,7 +3,7 @@
 //!
 //! One seed gives one run, bit for bit: the schedule comes from the seed, the network's own
 //! randomness is seeded by it, time is virtual, and every task the node code spawns goes on its
-//! host's `LocalSet` (see [`crate::net::spawn`]). A failing seed is replayed with
+//! host's `LocalSet` (see [`edgepair::net::spawn`]). A failing seed is replayed with
 //! `simulate --seed S`.
 //!
 //! After the publisher stops and the system has been quiet for a while, each run is checked:
@@ -26,12 +26,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{self, Brokers, PublisherConfig, SubscriberConfig};
-use crate::compute::{Compute, ComputeMode, ComputeRange};
-use crate::net::Net;
-use crate::node::{self, NodeConfig};
-use crate::protocol::Role;
 use crate::report::Delivery;
+use edgepair::client::{self, Brokers, PublisherConfig, SubscriberConfig};
+use edgepair::compute::{Compute, ComputeMode, ComputeRange};
+use edgepair::driver::{self, NodeConfig};
+use edgepair::net::Net;
+use edgepair::protocol::Role;
+
+pub mod report;
 
 /// A kind of fault the schedule may draw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -208,7 +210,7 @@ fn broker(
             c.net = Net::Sim;
             c.ping_interval = ping;
             c.ping_timeout = ping_timeout;
-            node::run(listener, c, CancellationToken::new())
+            driver::run(listener, c, CancellationToken::new())
                 .await
                 .map_err(|e| e.to_string().into())
         })
@@ -248,7 +250,7 @@ pub fn run_seed(seed: u64, cfg: &SimConfig) -> (SimResult, Vec<Delivery>) {
             net: Net::Sim,
         };
         let sub_stop = stop.clone();
-        let sub = crate::net::spawn(async move {
+        let sub = edgepair::net::spawn(async move {
             let mut v: Vec<Delivery> = Vec::new();
             let _ = client::run_subscriber(sub_cfg, &mut v, sub_stop).await;
             v
@@ -265,7 +267,7 @@ pub fn run_seed(seed: u64, cfg: &SimConfig) -> (SimResult, Vec<Delivery>) {
             give_up: Duration::from_secs(30),
             net: Net::Sim,
         };
-        let acked = crate::net::spawn(async move {
+        let acked = edgepair::net::spawn(async move {
             let mut s = BTreeSet::new();
             while let Some(e) = evr.recv().await {
                 if let client::PubEvent::Acked { seq, .. } = e {
@@ -274,7 +276,7 @@ pub fn run_seed(seed: u64, cfg: &SimConfig) -> (SimResult, Vec<Delivery>) {
             }
             s
         });
-        let publisher = crate::net::spawn(client::run_publisher(
+        let publisher = edgepair::net::spawn(client::run_publisher(
             pcfg,
             rx,
             ev,
@@ -392,7 +394,7 @@ fn check(
     }
     // Invariant 4: which node delivered in which epoch, and stale deliveries.
     // Faults are timed from the start of publishing, 500 ms into the simulation.
-    let start_us = crate::clock::SIM_EPOCH_US + 500_000;
+    let start_us = edgepair::clock::SIM_EPOCH_US + 500_000;
     let in_disturbance = |us: u64| {
         let t = Duration::from_micros(us.saturating_sub(start_us));
         disturbed

@@ -16,9 +16,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use plotters::prelude::*;
 
-use crate::compute::parse_duration;
+use super::{run_seed, SimConfig, SimResult};
 use crate::report::{draw_legend, plot_err};
-use crate::sim::{run_seed, SimConfig, SimResult};
+use edgepair::compute::parse_duration;
 
 /// Runs `seeds` on `jobs` threads (each seed is its own single-threaded simulation, so they
 /// share nothing) and hands every result to `each` in seed order, as soon as it and all the
@@ -98,10 +98,10 @@ impl Param {
                 cfg.resend = value
                     .parse()
                     .with_context(|| format!("resend={value}: not a whole number"))?;
-                if cfg.resend > crate::client::MAX_WINDOW {
+                if cfg.resend > edgepair::client::MAX_WINDOW {
                     bail!(
                         "resend={value}: at most {} messages are kept for resending",
-                        crate::client::MAX_WINDOW
+                        edgepair::client::MAX_WINDOW
                     );
                 }
             }

@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use edgepair::harness::{run, run_matrix, HarnessOpts};
+use edgepair_lab::harness::{run, run_matrix, HarnessOpts};
 
 /// Runs primary, backup, subscriber and a test publisher, fails the primary, and reports.
 #[derive(Parser)]

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use edgepair::compute::parse_duration;
-use edgepair::sim::{run_seed, FaultKind, SimConfig, SimResult};
-use edgepair::simreport::{self, Axis};
+use edgepair_lab::sim::report::{self as simreport, Axis};
+use edgepair_lab::sim::{run_seed, FaultKind, SimConfig, SimResult};
 
 /// Runs seeded fault schedules in simulated time and checks the delivery invariants.
 #[derive(Parser)]
@@ -82,7 +82,7 @@ fn main() -> ExitCode {
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
             .with_writer(std::io::stderr)
             .with_ansi(false)
-            .with_timer(edgepair::sim::SimTime)
+            .with_timer(edgepair_lab::sim::SimTime)
             .try_init();
     }
     if cli.resend > edgepair::client::MAX_WINDOW {
@@ -104,7 +104,7 @@ fn main() -> ExitCode {
     };
     let dir = cli.out.join(format!(
         "{}-sim",
-        edgepair::harness::utc_stamp(edgepair::clock::now_us())
+        edgepair_lab::harness::utc_stamp(edgepair::clock::now_us())
     ));
     if let Err(e) = std::fs::create_dir_all(&dir) {
         eprintln!("simulate: cannot create {}: {e}", dir.display());

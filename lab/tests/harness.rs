@@ -19,12 +19,46 @@ fn headers(path: &Path) -> Vec<String> {
     h
 }
 
+/// The broker binaries the harness starts live in the other crate of the workspace, so cargo
+/// builds them for this test only when the broker's tests are built too (`cargo test` at the
+/// root does). A nested `cargo build` here would wait forever on the build lock `cargo test`
+/// holds, so instead fail with what to run when they are missing or older than the broker's
+/// sources, rather than test stale binaries.
+fn broker_binaries_are_built(bin_dir: &Path) {
+    let broker_src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../src");
+    let newest_src = std::fs::read_dir(&broker_src)
+        .into_iter()
+        .flatten()
+        .chain(
+            std::fs::read_dir(broker_src.join("bin"))
+                .into_iter()
+                .flatten(),
+        )
+        .flatten()
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .max();
+    for b in ["primary", "backup", "subscriber", "test-publisher"] {
+        let built = std::fs::metadata(bin_dir.join(b)).and_then(|m| m.modified());
+        let fresh = match (&built, newest_src) {
+            (Ok(b), Some(s)) => *b >= s,
+            (Ok(_), None) => true,
+            (Err(_), _) => false,
+        };
+        assert!(
+            fresh,
+            "{b} in {} is missing or older than the broker's sources: run `cargo build --workspace --bins` (or `cargo test` at the workspace root)",
+            bin_dir.display()
+        );
+    }
+}
+
 #[test]
 fn short_harness_run_delivers_everything_across_a_sigkill() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("run");
     let bin = assert_cmd::cargo::cargo_bin("harness");
     let bin_dir = bin.parent().expect("bin dir").to_path_buf();
+    broker_binaries_are_built(&bin_dir);
     let result = Command::new(&bin)
         .args([
             "--kill-at",
@@ -64,15 +98,15 @@ fn short_harness_run_delivers_everything_across_a_sigkill() {
 
     assert_eq!(
         headers(&out.join("deliveries.csv")),
-        edgepair::report::DELIVERY_COLUMNS
+        edgepair_lab::report::DELIVERY_COLUMNS
     );
     assert_eq!(
         headers(&out.join("gaps.csv")),
-        edgepair::report::GAP_COLUMNS
+        edgepair_lab::report::GAP_COLUMNS
     );
     assert_eq!(
         headers(&out.join("latency.csv")),
-        edgepair::report::LATENCY_COLUMNS
+        edgepair_lab::report::LATENCY_COLUMNS
     );
     for f in [
         "timeline.svg",
@@ -89,7 +123,7 @@ fn short_harness_run_delivers_everything_across_a_sigkill() {
     assert!(svg.contains("<svg"));
     let rows = csv::Reader::from_path(out.join("deliveries.csv"))
         .expect("csv")
-        .deserialize::<edgepair::report::Delivery>()
+        .deserialize::<edgepair::client::Delivery>()
         .filter_map(Result::ok)
         .filter(|d| d.source == "backup")
         .count();

@@ -1,8 +1,8 @@
-//! `bench`: prints the performance figures (see [`edgepair::bench`]).
+//! `bench`: prints the performance figures (see [`edgepair_lab::bench`]).
 use std::process::ExitCode;
 
 use clap::Parser;
-use edgepair::bench::{run, BenchOpts};
+use edgepair_lab::bench::{run, BenchOpts};
 
 /// Relay throughput and latency, fan-out, memory per subscriber, 10 Hz compute latency.
 #[derive(Parser)]

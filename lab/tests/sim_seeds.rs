@@ -1,8 +1,8 @@
 //! A fixed set of seeded fault schedules in simulated time (the same node code as the binaries),
-//! each checked against the delivery invariants of `edgepair::sim`. Seeds that once broke an
+//! each checked against the delivery invariants of `edgepair_lab::sim`. Seeds that once broke an
 //! invariant are kept here as regression tests, with what they found.
 
-use edgepair::sim::{run_seed, SimConfig, SimResult};
+use edgepair_lab::sim::{run_seed, SimConfig, SimResult};
 
 fn results(seeds: impl IntoIterator<Item = u64>) -> Vec<SimResult> {
     let cfg = SimConfig::default();

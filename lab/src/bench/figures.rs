@@ -1,0 +1,277 @@
+//! The figures themselves, measured with lean clients that write pre-formatted frames and count
+//! lines, so that they measure the brokers and not the client.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use edgepair::clock::now_us;
+
+use super::Broker;
+
+/// A subscriber connection; the write half is kept so the broker does not see it close.
+pub(super) struct SubConn {
+    pub(super) r: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    _w: tokio::net::tcp::OwnedWriteHalf,
+}
+
+/// A subscriber connection that has sent `SUB` and been registered (checked with a `PING`).
+pub(super) async fn subscribe(addr: &str, topic: &str) -> anyhow::Result<SubConn> {
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (r, mut w) = s.into_split();
+    w.write_all(format!("SUB|{topic}\nPING\n").as_bytes())
+        .await?;
+    let mut r = BufReader::new(r);
+    let mut line = String::new();
+    r.read_line(&mut line).await?;
+    if line.trim_end() != "PONG" {
+        bail!("subscribe: unexpected answer {line:?}");
+    }
+    Ok(SubConn { r, _w: w })
+}
+
+pub(super) const PAYLOAD_LEN: usize = 64;
+
+pub(super) fn payload(seq: u64) -> String {
+    let mut p = format!("{seq:020}");
+    while p.len() < PAYLOAD_LEN {
+        p.push('x');
+    }
+    p
+}
+
+/// Sends `n` messages as fast as a window of `window` unacknowledged messages allows; returns
+/// delivered msg/s measured from the first send to the last delivery, and how many arrived.
+pub(super) async fn throughput(addr: &str, n: u64, window: u64) -> anyhow::Result<(f64, u64)> {
+    let mut sub = subscribe(addr, "bench").await?;
+    let counter = tokio::spawn(async move {
+        let mut buf = Vec::with_capacity(64 * 1024);
+        let mut got = 0u64;
+        let mut last = Instant::now();
+        while got < n {
+            buf.clear();
+            match tokio::time::timeout(Duration::from_secs(5), sub.r.read_until(b'\n', &mut buf))
+                .await
+            {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(_)) => {
+                    got += 1;
+                    last = Instant::now();
+                }
+            }
+        }
+        (got, last)
+    });
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (r, mut w) = s.into_split();
+    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0u64);
+    let acker = tokio::spawn(async move {
+        let mut r = BufReader::with_capacity(64 * 1024, r);
+        let mut line = Vec::new();
+        let mut acked = 0u64;
+        while acked < n {
+            line.clear();
+            match r.read_until(b'\n', &mut line).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    acked += 1;
+                    if acked.is_multiple_of(64) || acked == n {
+                        let _ = acked_tx.send(acked);
+                    }
+                }
+            }
+        }
+    });
+    let start = Instant::now();
+    let sent_us = now_us();
+    let mut seq = 0u64;
+    let mut out = Vec::with_capacity(256 * 1024);
+    while seq < n {
+        let acked = *acked_rx.borrow();
+        let room = (acked + window).saturating_sub(seq).min(n - seq);
+        if room == 0 {
+            if acked_rx.changed().await.is_err() {
+                break;
+            }
+            continue;
+        }
+        out.clear();
+        for _ in 0..room {
+            seq += 1;
+            out.extend_from_slice(
+                format!("PUB|bench|b|{seq}|{sent_us}|{}\n", payload(seq)).as_bytes(),
+            );
+        }
+        w.write_all(&out).await?;
+    }
+    let (got, last) = counter.await?;
+    acker.abort();
+    let secs = last.duration_since(start).as_secs_f64().max(1e-9);
+    Ok((got as f64 / secs, got))
+}
+
+/// Publishes `n` messages on `topic` at `rate` msg/s on one pipelined connection (each stamped
+/// with its send time) and returns the task that reads, and ignores, the broker's `ACK`s.
+pub(super) async fn publish_paced(
+    addr: &str,
+    topic: &str,
+    rate: u64,
+    n: u64,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (r, mut w) = s.into_split();
+    let drain = tokio::spawn(async move {
+        let mut r = BufReader::new(r);
+        let mut line = Vec::new();
+        while r.read_until(b'\n', &mut line).await.unwrap_or(0) > 0 {
+            line.clear();
+        }
+    });
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    for seq in 1..=n {
+        tokio::time::sleep_until(start + period.mul_f64(seq as f64)).await;
+        let line = format!("PUB|{topic}|p|{seq}|{}|{}\n", now_us(), payload(seq));
+        w.write_all(line.as_bytes()).await?;
+    }
+    Ok(drain)
+}
+
+/// Sends at a fixed rate for `dur` and returns the publish→deliver latency histogram (µs), and
+/// the histogram of the same latency less the message's compute time as its `MSG` stamps say
+/// (`ce - cs`): what the broker and the network added.
+pub(super) async fn paced_latency(
+    addr: &str,
+    rate: u64,
+    dur: Duration,
+) -> anyhow::Result<(Histogram<u64>, Histogram<u64>)> {
+    let mut sub = subscribe(addr, "lat").await?;
+    let n = (rate as f64 * dur.as_secs_f64()) as u64;
+    let reader = tokio::spawn(async move {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
+        let mut over = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
+        let mut line = String::new();
+        let mut got = 0;
+        while got < n {
+            line.clear();
+            match tokio::time::timeout(Duration::from_secs(5), sub.r.read_line(&mut line)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(_)) => {
+                    got += 1;
+                    let now = now_us();
+                    // MSG|topic|publisher|seq|sent_us|stamps|payload
+                    let mut f = line.split('|');
+                    let Some(sent) = f.nth(4).and_then(|s| s.parse::<u64>().ok()) else {
+                        continue;
+                    };
+                    let latency = now.saturating_sub(sent).max(1);
+                    if let Some(h) = h.as_mut() {
+                        let _ = h.record(latency);
+                    }
+                    let stamp = |k: &str, s: &str| {
+                        s.split(',')
+                            .find_map(|kv| kv.strip_prefix(k))
+                            .and_then(|v| v.parse::<u64>().ok())
+                    };
+                    if let Some(st) = f.next() {
+                        if let (Some(cs), Some(ce)) = (stamp("cs=", st), stamp("ce=", st)) {
+                            if let Some(o) = over.as_mut() {
+                                let _ =
+                                    o.record(latency.saturating_sub(ce.saturating_sub(cs)).max(1));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        h.zip(over)
+    });
+    let drain = publish_paced(addr, "lat", rate, n).await?;
+    let h = reader.await?.context("histogram")?;
+    drain.abort();
+    Ok(h)
+}
+
+/// One message to `subs` subscribers at `rate` msg/s for `dur`: p99 over messages of the spread
+/// between the first and the last subscriber to receive it, and how many deliveries were lost.
+pub(super) async fn fanout(
+    addr: &str,
+    subs: usize,
+    rate: u64,
+    dur: Duration,
+) -> anyhow::Result<(f64, u64)> {
+    let n = (rate as f64 * dur.as_secs_f64()) as u64;
+    let mut readers = Vec::with_capacity(subs);
+    for _ in 0..subs {
+        readers.push(subscribe(addr, "fan").await?);
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
+    for r in readers {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            // Move the whole connection in (not just its reader): dropping the write half
+            // would close the subscription.
+            let mut r = r;
+            let mut line = String::new();
+            for _ in 0..n {
+                line.clear();
+                match tokio::time::timeout(Duration::from_secs(5), r.r.read_line(&mut line)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                    Ok(Ok(_)) => {
+                        let at = now_us();
+                        if let Some(seq) = line.split('|').nth(3).and_then(|s| s.parse().ok()) {
+                            let _ = tx.send((seq, at));
+                        }
+                    }
+                }
+            }
+        });
+    }
+    drop(tx);
+    let drain = publish_paced(addr, "fan", rate, n).await?;
+    let mut first_last: std::collections::HashMap<u64, (u64, u64, usize)> = Default::default();
+    while let Some((seq, at)) = rx.recv().await {
+        let e = first_last.entry(seq).or_insert((at, at, 0));
+        e.0 = e.0.min(at);
+        e.1 = e.1.max(at);
+        e.2 += 1;
+    }
+    drain.abort();
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut delivered = 0u64;
+    for (_, (a, b, c)) in first_last {
+        h.record((b - a).max(1))?;
+        delivered += c as u64;
+    }
+    let lost = n * subs as u64 - delivered;
+    Ok((h.value_at_quantile(0.99) as f64 / 1000.0, lost))
+}
+
+/// RSS growth of the broker per idle subscriber connection, KiB.
+pub(super) async fn rss_per_subscriber(b: &Broker, subs: usize) -> anyhow::Result<f64> {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = b.rss_kib().context("cannot read the broker's RSS")?;
+    let mut keep = Vec::with_capacity(subs);
+    for _ in 0..subs {
+        keep.push(subscribe(&b.addr, "idle").await?);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = b.rss_kib().context("cannot read the broker's RSS")?;
+    drop(keep);
+    Ok((after.saturating_sub(before)) as f64 / subs as f64)
+}
+
+/// The 10 Hz scenario with compute over `dur`: p50 and p99 latency (ms), and p50 and p99 of the
+/// latency less each message's own compute time (ms).
+pub(super) async fn compute_scenario(addr: &str, dur: Duration) -> anyhow::Result<[f64; 4]> {
+    let (h, over) = paced_latency(addr, 10, dur).await?;
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    Ok([ms(&h, 0.5), ms(&h, 0.99), ms(&over, 0.5), ms(&over, 0.99)])
+}

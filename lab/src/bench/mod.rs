@@ -1,0 +1,340 @@
+//! Benchmarks that print figures: relay throughput and latency, fan-out, memory per subscriber,
+//! and the 10 Hz compute scenario.
+//!
+//! Brokers run as real child processes (`primary`, `backup` from the bench binary's folder) on
+//! loopback; the bench's own clients are lean on purpose (they write pre-formatted frames and
+//! count lines) so that the figures measure the brokers, not the client. Every figure is the
+//! median of `--runs` runs. These are measurements, not tests: the machine is shared and noisy,
+//! so compare figures taken in one run.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tokio::process::Command;
+
+use edgepair::clock::now_us;
+
+mod figures;
+
+use figures::*;
+
+use crate::procs::{free_port, status, wait_paired, wait_until, Proc};
+
+/// Options of the `bench` binary.
+#[derive(Debug, Clone, Args)]
+pub struct BenchOpts {
+    /// Runs per figure; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Messages for the throughput figure.
+    #[arg(long, default_value_t = 200_000)]
+    pub messages: u64,
+    /// Publisher window: unacknowledged messages in flight.
+    #[arg(long, default_value_t = 1000)]
+    pub window: u64,
+    /// Rate of the paced latency figure, msg/s.
+    #[arg(long, default_value_t = 5000)]
+    pub paced_rate: u64,
+    /// Length of the paced latency run.
+    #[arg(long, value_parser = edgepair::compute::parse_duration, default_value = "5s")]
+    pub paced_for: Duration,
+    /// Subscribers of the fan-out figure.
+    #[arg(long, default_value_t = 1000)]
+    pub fanout: usize,
+    /// Length of the 10 Hz compute scenario per setting.
+    #[arg(long, value_parser = edgepair::compute::parse_duration, default_value = "60s")]
+    pub compute_for: Duration,
+    /// Shorter everything (1 run, 50,000 messages, 2 s paced, 10 s compute) for a quick look.
+    #[arg(long)]
+    pub quick: bool,
+    /// Only these figures (comma-separated: throughput,latency,fanout,rss,compute).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Where the CSV goes.
+    #[arg(long, default_value = "results/bench")]
+    pub out: PathBuf,
+    /// Runtime threads of each broker, passed as its `--threads` (default: the brokers' own
+    /// default, 1; 0 = one per core).
+    #[arg(long)]
+    pub broker_threads: Option<usize>,
+    /// Folder holding the `primary` and `backup` binaries (default: the bench's own folder).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// A broker child process, killed by PID when dropped.
+struct Broker {
+    proc: Proc,
+    addr: String,
+}
+
+impl Broker {
+    fn rss_kib(&self) -> Option<u64> {
+        let pid = self.proc.pid()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+}
+
+/// Starts a solo primary (`replicated = false`) or a primary + backup pair on free ports.
+async fn start(
+    bin_dir: &Path,
+    replicated: bool,
+    compute: &str,
+    workers: Option<usize>,
+    threads: Option<usize>,
+) -> anyhow::Result<Vec<Broker>> {
+    let (pp, bp) = (free_port()?, free_port()?);
+    let spawn = |name: &str, port: u16, peer: u16| -> anyhow::Result<Broker> {
+        let mut cmd = Command::new(bin_dir.join(name));
+        cmd.args([
+            port.to_string(),
+            format!("127.0.0.1:{peer}"),
+            "--compute".into(),
+            compute.into(),
+        ]);
+        if let Some(w) = workers {
+            cmd.args(["--workers".to_string(), w.to_string()]);
+        }
+        if let Some(t) = threads {
+            cmd.args(["--threads".to_string(), t.to_string()]);
+        }
+        let child = cmd
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(if std::env::var("BENCH_LOG").is_ok() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {name} from {}", bin_dir.display()))?;
+        Ok(Broker {
+            proc: Proc::new(
+                if name == "primary" {
+                    "primary"
+                } else {
+                    "backup"
+                },
+                child,
+                Vec::new(),
+            ),
+            addr: format!("127.0.0.1:{port}"),
+        })
+    };
+    // A solo primary points at a port nothing listens on: it runs degraded, acknowledging at once.
+    let solo_peer = free_port()?;
+    let mut v = vec![spawn(
+        "primary",
+        pp,
+        if replicated { bp } else { solo_peer },
+    )?];
+    if replicated {
+        v.push(spawn("backup", bp, pp)?);
+    }
+    let addrs: Vec<String> = v.iter().map(|b| b.addr.clone()).collect();
+    let mut procs: Vec<Proc> = Vec::new();
+    if replicated {
+        wait_paired(
+            &addrs[0],
+            Some(&addrs[1]),
+            Duration::from_secs(10),
+            &mut procs,
+        )
+        .await?;
+    } else {
+        let primary = addrs[0].as_str();
+        wait_until(
+            "the primary to answer STATUS",
+            Duration::from_secs(10),
+            &mut procs,
+            || async move { status(primary).await.is_some() },
+        )
+        .await?;
+    }
+    Ok(v)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// One printed figure.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Figure {
+    /// What was measured.
+    pub figure: String,
+    /// Setup (solo / replicated / workers).
+    pub setup: String,
+    /// Median value.
+    pub value: f64,
+    /// Unit.
+    pub unit: String,
+    /// The target from the performance issue, for comparison.
+    pub target: String,
+    /// The values of every run.
+    pub runs: String,
+}
+
+/// Runs the benchmarks, prints each figure as it comes, and writes the CSV.
+pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
+    if o.quick {
+        o.runs = 1;
+        o.messages = o.messages.min(50_000);
+        o.paced_for = o.paced_for.min(Duration::from_secs(2));
+        o.compute_for = o.compute_for.min(Duration::from_secs(10));
+        o.fanout = o.fanout.min(1000);
+    }
+    let bin_dir = match &o.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("bench binary has no folder")?
+            .to_path_buf(),
+    };
+    let want = |f: &str| o.only.is_empty() || o.only.iter().any(|x| x == f);
+    let mut figs: Vec<Figure> = Vec::new();
+    let mut push = |figure: &str, setup: &str, runs: Vec<f64>, unit: &str, target: &str| {
+        let f = Figure {
+            figure: figure.into(),
+            setup: setup.into(),
+            value: median(runs.clone()),
+            unit: unit.into(),
+            target: target.into(),
+            runs: runs
+                .iter()
+                .map(|v| format!("{v:.1}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
+        println!(
+            "{:<28} {:<12} {:>12.1} {:<8} (target {}; runs {})",
+            f.figure, f.setup, f.value, f.unit, f.target, f.runs
+        );
+        figs.push(f);
+    };
+    println!(
+        "machine: {} cores; {} run(s) per figure, medians",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        o.runs
+    );
+    for (replicated, setup) in [(false, "solo"), (true, "replicated")] {
+        if want("throughput") {
+            let mut runs = Vec::new();
+            for _ in 0..o.runs {
+                let b = start(&bin_dir, replicated, "0", None, o.broker_threads).await?;
+                let (rate, got) = throughput(&b[0].addr, o.messages, o.window).await?;
+                if got < o.messages {
+                    println!("  ({setup}: only {got} of {} delivered)", o.messages);
+                }
+                runs.push(rate);
+            }
+            let target = if replicated {
+                ">= 1,000,000"
+            } else {
+                ">= 2,300,000"
+            };
+            push("throughput (delivered)", setup, runs, "msg/s", target);
+        }
+        if want("latency") {
+            let (mut p50, mut p99, mut p999, mut max) = (vec![], vec![], vec![], vec![]);
+            for _ in 0..o.runs {
+                let b = start(&bin_dir, replicated, "0", None, o.broker_threads).await?;
+                let (h, _) = paced_latency(&b[0].addr, o.paced_rate, o.paced_for).await?;
+                p50.push(h.value_at_quantile(0.5) as f64);
+                p99.push(h.value_at_quantile(0.99) as f64);
+                p999.push(h.value_at_quantile(0.999) as f64);
+                max.push(h.max() as f64);
+            }
+            let t99 = if replicated { "<= 150" } else { "<= 90" };
+            let name = format!("latency @{}/s", o.paced_rate);
+            push(&format!("{name} p50"), setup, p50, "us", "-");
+            push(&format!("{name} p99"), setup, p99, "us", t99);
+            push(&format!("{name} p99.9"), setup, p999, "us", "-");
+            push(&format!("{name} max"), setup, max, "us", "-");
+        }
+    }
+    if want("fanout") {
+        let (mut spread, mut lost) = (vec![], vec![]);
+        for _ in 0..o.runs {
+            let b = start(&bin_dir, false, "0", None, o.broker_threads).await?;
+            let (s, l) = fanout(&b[0].addr, o.fanout, 100, Duration::from_secs(5)).await?;
+            spread.push(s);
+            lost.push(l as f64);
+        }
+        push(
+            &format!("fan-out {} spread p99", o.fanout),
+            "solo",
+            spread,
+            "ms",
+            "<= 10",
+        );
+        push(
+            &format!("fan-out {} lost", o.fanout),
+            "solo",
+            lost,
+            "msgs",
+            "0",
+        );
+    }
+    if want("rss") {
+        let mut runs = Vec::new();
+        for _ in 0..o.runs {
+            let b = start(&bin_dir, false, "0", None, o.broker_threads).await?;
+            runs.push(rss_per_subscriber(&b[0], o.fanout).await?);
+        }
+        push("RSS per idle subscriber", "solo", runs, "KiB", "<= 16");
+    }
+    if want("compute") {
+        for (workers, setup) in [(Some(1), "workers 1"), (None, "default")] {
+            let (mut p50, mut p99, mut o50, mut o99) = (vec![], vec![], vec![], vec![]);
+            for _ in 0..o.runs {
+                let b = start(&bin_dir, true, "50..150", workers, o.broker_threads).await?;
+                let [a, z, oa, oz] = compute_scenario(&b[0].addr, o.compute_for).await?;
+                p50.push(a);
+                p99.push(z);
+                o50.push(oa);
+                o99.push(oz);
+            }
+            let (t50, t99) = if workers.is_none() {
+                ("<= 102", "<= 152")
+            } else {
+                ("-", "-")
+            };
+            push("10 Hz compute p50", setup, p50, "ms", t50);
+            push("10 Hz compute p99", setup, p99, "ms", t99);
+            push("10 Hz less compute p50", setup, o50, "ms", "-");
+            push("10 Hz less compute p99", setup, o99, "ms", "-");
+        }
+    }
+    std::fs::create_dir_all(&o.out)?;
+    let path = o
+        .out
+        .join(format!("{}.csv", crate::harness::utc_stamp(now_us())));
+    let mut w = csv::Writer::from_path(&path)?;
+    for f in &figs {
+        w.serialize(f)?;
+    }
+    w.flush()?;
+    println!("written to {}", path.display());
+    Ok(figs)
+}

@@ -1,0 +1,124 @@
+//! Fault plans: what a scenario or a chaos run does to the pair, and when.
+
+use std::time::Duration;
+
+use crate::proxy::Fault;
+
+use super::*;
+/// One step of a fault plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Send a signal to node 0 (started as primary) or 1 (started as backup).
+    Signal(usize, KillSignal),
+    /// Resume a stopped node.
+    Resume(usize),
+    /// Start a killed node again with its original command line.
+    Restart(usize),
+    /// Set the fault of both peer-link proxies.
+    Link(Fault),
+    /// A chaos fault, aimed when it fires at whichever node is then active (or standing by).
+    Chaos(ChaosFault),
+}
+
+/// The faults chaos mode draws from. Each heals itself: a killed node is restarted after
+/// `--restart-after`, a stopped one resumed after `--hang-for`, a link fault lifted after
+/// `--fault-for`, so the pair must survive fault after fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChaosFault {
+    /// SIGKILL the active node, restart it later.
+    KillActive,
+    /// SIGTERM the active node, restart it later.
+    TermActive,
+    /// SIGSTOP the active node, SIGCONT later.
+    HangActive,
+    /// SIGKILL the standby node, restart it later.
+    KillStandby,
+    /// Blackhole the peer link for a while.
+    Partition,
+    /// Delay the peer link for a while.
+    SlowLink,
+}
+
+impl ChaosFault {
+    pub(crate) const ALL: [ChaosFault; 6] = [
+        ChaosFault::KillActive,
+        ChaosFault::TermActive,
+        ChaosFault::HangActive,
+        ChaosFault::KillStandby,
+        ChaosFault::Partition,
+        ChaosFault::SlowLink,
+    ];
+
+    /// Name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChaosFault::KillActive => "kill-active",
+            ChaosFault::TermActive => "term-active",
+            ChaosFault::HangActive => "hang-active",
+            ChaosFault::KillStandby => "kill-standby",
+            ChaosFault::Partition => "partition-peers",
+            ChaosFault::SlowLink => "slow-link",
+        }
+    }
+}
+
+/// A reproducible chaos plan: `cycles` faults, one per `cycle` period, drawn from `seed`.
+pub(crate) fn chaos_plan(opts: &HarnessOpts, seed: u64) -> Vec<(Duration, Action)> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..opts.cycles)
+        .map(|c| {
+            let jitter = Duration::from_millis(rng.gen_range(0..500));
+            let f = ChaosFault::ALL[rng.gen_range(0..ChaosFault::ALL.len())];
+            (
+                opts.kill_at + opts.cycle * c as u32 + jitter,
+                Action::Chaos(f),
+            )
+        })
+        .collect()
+}
+
+/// The fault plan of a scenario: what to do, when (from the first message).
+pub(crate) fn plan(opts: &HarnessOpts, scenario: Scenario) -> Vec<(Duration, Action)> {
+    let t = opts.kill_at;
+    match scenario {
+        Scenario::KillPrimary => vec![(t, Action::Signal(0, KillSignal::Kill))],
+        Scenario::TermPrimary => vec![(t, Action::Signal(0, KillSignal::Term))],
+        Scenario::HangPrimary => vec![
+            (t, Action::Signal(0, KillSignal::Stop)),
+            (t + opts.hang_for, Action::Resume(0)),
+        ],
+        Scenario::KillBackup => vec![(t, Action::Signal(1, KillSignal::Kill))],
+        Scenario::RestartPrimary => vec![
+            (t, Action::Signal(0, KillSignal::Kill)),
+            (t + opts.restart_after, Action::Restart(0)),
+        ],
+        Scenario::PartitionPeers => vec![
+            (t, Action::Link(Fault::Blackhole)),
+            (t + opts.fault_for, Action::Link(Fault::Pass)),
+        ],
+        Scenario::SlowLink => vec![
+            (t, Action::Link(Fault::Delay(opts.delay))),
+            (t + opts.fault_for, Action::Link(Fault::Pass)),
+        ],
+    }
+}
+
+/// The scenario a run uses: `--signal` overrides the primary-fault scenarios.
+pub fn effective_scenario(opts: &HarnessOpts) -> Scenario {
+    match (opts.signal, opts.scenario) {
+        (
+            Some(KillSignal::Kill),
+            Scenario::KillPrimary | Scenario::TermPrimary | Scenario::HangPrimary,
+        ) => Scenario::KillPrimary,
+        (
+            Some(KillSignal::Term),
+            Scenario::KillPrimary | Scenario::TermPrimary | Scenario::HangPrimary,
+        ) => Scenario::TermPrimary,
+        (
+            Some(KillSignal::Stop),
+            Scenario::KillPrimary | Scenario::TermPrimary | Scenario::HangPrimary,
+        ) => Scenario::HangPrimary,
+        (_, s) => s,
+    }
+}

@@ -1,0 +1,457 @@
+//! One harness run: start the pair and the clients, inject the faults, drain, judge, report.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::proxy::{self, Fault};
+use crate::report;
+
+use super::*;
+use super::{chaos::*, plan::*, progress::*};
+use crate::procs::*;
+use edgepair::clock::now_us;
+use edgepair::net::Net;
+/// Runs the whole scenario and writes the report. The returned analysis says whether anything
+/// was missing; the caller turns that into the exit status.
+pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
+    if !(opts.rate.is_finite() && opts.rate > 0.0) {
+        bail!("--rate must be a positive number of messages per second");
+    }
+    let scenario = effective_scenario(&opts);
+    let bin_dir = match &opts.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("harness binary has no folder")?
+            .to_path_buf(),
+    };
+    for b in ["primary", "backup", "subscriber", "test-publisher"] {
+        if !bin_dir.join(b).exists() {
+            bail!(
+                "{} not found in {} (build with `cargo build --release --workspace --bins`)",
+                b,
+                bin_dir.display()
+            );
+        }
+    }
+    let started_us = now_us();
+    let dir = match &opts.out_dir {
+        Some(d) => d.clone(),
+        None => opts.out.join(utc_stamp(started_us)),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if opts.out_dir.is_none() {
+        let latest = opts.out.join("latest");
+        let _ = std::fs::remove_file(&latest);
+        #[cfg(unix)]
+        if let Some(name) = dir.file_name() {
+            let _ = std::os::unix::fs::symlink(name, &latest);
+        }
+    }
+    let (pp, bp) = pick_ports(opts.port)?;
+    let primary = format!("127.0.0.1:{pp}");
+    let backup = format!("127.0.0.1:{bp}");
+    let publisher_id = format!("harness-{}", utc_stamp(started_us));
+    let chaos_seed = opts.seed.unwrap_or(started_us);
+    let (total, mut faults) = if opts.chaos {
+        (
+            opts.kill_at + opts.cycle * opts.cycles as u32 + opts.after,
+            chaos_plan(&opts, chaos_seed),
+        )
+    } else {
+        (opts.kill_at + opts.after, plan(&opts, scenario))
+    };
+    let mut chaos_events: Vec<ChaosEvent> = Vec::new();
+    let label = ["primary", "backup"];
+    println!(
+        "failover test '{}': primary {primary}, backup {backup}, topic {}, {} msg/s, fault at {:?}, {:?} after; writing {}",
+        if opts.chaos { format!("chaos, {} cycles, seed {chaos_seed}", opts.cycles) } else { scenario.name().to_string() },
+        opts.topic,
+        opts.rate,
+        opts.kill_at,
+        opts.after,
+        dir.display()
+    );
+
+    // Peer links go through fault proxies when the scenario needs them.
+    let stop_proxies = tokio_util::sync::CancellationToken::new();
+    let _stop_proxies_guard = stop_proxies.clone().drop_guard();
+    let mut proxies = Vec::new();
+    let (primary_sees_backup, backup_sees_primary) = if opts.chaos || scenario.uses_proxies() {
+        let to_backup = proxy::start(
+            Net::Tokio,
+            "127.0.0.1:0",
+            backup.clone(),
+            stop_proxies.clone(),
+        )
+        .await?;
+        let to_primary = proxy::start(
+            Net::Tokio,
+            "127.0.0.1:0",
+            primary.clone(),
+            stop_proxies.clone(),
+        )
+        .await?;
+        let addrs = (to_backup.addr.clone(), to_primary.addr.clone());
+        proxies.push(to_backup);
+        proxies.push(to_primary);
+        addrs
+    } else {
+        (backup.clone(), primary.clone())
+    };
+
+    let (ltx, lrx) = mpsc::unbounded_channel();
+    let counters = Arc::new(Counters::default());
+    let takeover_us = Arc::new(AtomicU64::new(0));
+    watch_lines(lrx, counters.clone(), takeover_us.clone());
+
+    let broker_args = |port: u16, peer: &str, seed_offset: u64| {
+        let mut a = vec![
+            port.to_string(),
+            peer.to_string(),
+            "--compute".into(),
+            opts.compute.to_string(),
+        ];
+        if let Some(s) = opts.seed {
+            a.push("--seed".into());
+            a.push((s + seed_offset).to_string());
+        }
+        a
+    };
+    let node_args = [
+        broker_args(pp, &primary_sees_backup, 0),
+        broker_args(bp, &backup_sees_primary, 1),
+    ];
+    let node_bins = ["primary", "backup"];
+    let mut procs: Vec<Proc> = Vec::new();
+    procs.push(spawn_logged(
+        &bin_dir,
+        "primary",
+        &node_args[0],
+        &dir,
+        ltx.clone(),
+    )?);
+    procs.push(spawn_logged(
+        &bin_dir,
+        "backup",
+        &node_args[1],
+        &dir,
+        ltx.clone(),
+    )?);
+    wait_paired(&primary, Some(&backup), Duration::from_secs(10), &mut procs).await?;
+    let csv_path = dir.join("deliveries.csv");
+    let sargs = vec![
+        opts.topic.clone(),
+        primary.clone(),
+        backup.clone(),
+        "--csv".into(),
+        csv_path.display().to_string(),
+    ];
+    procs.push(spawn_logged(
+        &bin_dir,
+        "subscriber",
+        &sargs,
+        &dir,
+        ltx.clone(),
+    )?);
+    let c = counters.clone();
+    wait_until(
+        "the subscriber to reach both brokers",
+        Duration::from_secs(10),
+        &mut procs,
+        || {
+            let n = c.subscribed.load(Ordering::Relaxed);
+            async move { n >= 2 }
+        },
+    )
+    .await?;
+    let targs = vec![
+        opts.topic.clone(),
+        primary.clone(),
+        backup.clone(),
+        "--rate".into(),
+        opts.rate.to_string(),
+        "--id".into(),
+        publisher_id.clone(),
+        "--give-up".into(),
+        "5s".into(),
+    ];
+    let run_start_us = now_us();
+    let run_start = Instant::now();
+    procs.push(spawn_logged(
+        &bin_dir,
+        "test-publisher",
+        &targs,
+        &dir,
+        ltx.clone(),
+    )?);
+
+    // Progress until the end of the publishing window; the faults happen on the way.
+    let progress = Progress::new(total, opts.no_progress);
+    let mut fault_us = None;
+    let mut next = 0;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        let elapsed = run_start.elapsed();
+        while next < faults.len() && elapsed >= faults[next].0 {
+            let (_, mut action) = faults[next];
+            next += 1;
+            fault_us.get_or_insert_with(now_us);
+            let mut chaos_note = String::new();
+            if let Action::Chaos(kind) = action {
+                // Aim at whichever node is active now, and schedule the healing step.
+                let active = active_node(&primary, &backup).await;
+                let standby = 1 - active;
+                let heal_at = |d: Duration| elapsed + d;
+                let (act, target, heal) = match kind {
+                    ChaosFault::KillActive => (
+                        Action::Signal(active, KillSignal::Kill),
+                        label[active],
+                        Some((heal_at(opts.restart_after), Action::Restart(active))),
+                    ),
+                    ChaosFault::TermActive => (
+                        Action::Signal(active, KillSignal::Term),
+                        label[active],
+                        Some((heal_at(opts.restart_after), Action::Restart(active))),
+                    ),
+                    ChaosFault::HangActive => (
+                        Action::Signal(active, KillSignal::Stop),
+                        label[active],
+                        Some((heal_at(opts.hang_for), Action::Resume(active))),
+                    ),
+                    ChaosFault::KillStandby => (
+                        Action::Signal(standby, KillSignal::Kill),
+                        label[standby],
+                        Some((heal_at(opts.restart_after), Action::Restart(standby))),
+                    ),
+                    ChaosFault::Partition => (
+                        Action::Link(Fault::Blackhole),
+                        "link",
+                        Some((heal_at(opts.fault_for), Action::Link(Fault::Pass))),
+                    ),
+                    ChaosFault::SlowLink => (
+                        Action::Link(Fault::Delay(opts.delay)),
+                        "link",
+                        Some((heal_at(opts.fault_for), Action::Link(Fault::Pass))),
+                    ),
+                };
+                if let Some(h) = heal {
+                    let pos = faults[next..]
+                        .iter()
+                        .position(|f| f.0 > h.0)
+                        .map_or(faults.len(), |p| next + p);
+                    faults.insert(pos, h);
+                }
+                chaos_events.push(ChaosEvent {
+                    cycle: chaos_events.len() + 1,
+                    at_us: now_us(),
+                    at_s: elapsed.as_secs_f64(),
+                    fault: kind.name(),
+                    target,
+                    active_before: label[active],
+                    failover_gap_ms: None,
+                    longest_silence_ms: 0.0,
+                    delivered: 0,
+                });
+                chaos_note = format!("chaos cycle {}: {} → ", chaos_events.len(), kind.name());
+                action = act;
+            }
+            let what = match action {
+                Action::Signal(i, sig) => {
+                    procs[i].signal(sig.number());
+                    procs[i].stopped = sig == KillSignal::Stop;
+                    format!(
+                        "{} sent to the {} (pid {})",
+                        sig.name(),
+                        node_bins[i],
+                        procs[i].pid().unwrap_or(0)
+                    )
+                }
+                Action::Resume(i) => {
+                    procs[i].signal(libc::SIGCONT);
+                    procs[i].stopped = false;
+                    format!("SIGCONT sent to the {}", node_bins[i])
+                }
+                Action::Restart(i) => {
+                    if let Ok(None) = procs[i].child.try_wait() {
+                        // Still running (a TERM not yet honoured): make sure it is gone.
+                        let _ = procs[i].child.kill().await;
+                    }
+                    let _ = procs[i].child.wait().await;
+                    procs[i] =
+                        spawn_logged(&bin_dir, node_bins[i], &node_args[i], &dir, ltx.clone())?;
+                    format!(
+                        "{} restarted (pid {})",
+                        node_bins[i],
+                        procs[i].pid().unwrap_or(0)
+                    )
+                }
+                Action::Link(f) => {
+                    for p in &proxies {
+                        p.set(f);
+                    }
+                    format!("primary<->backup link: {f:?}")
+                }
+                Action::Chaos(_) => String::new(),
+            };
+            progress.println(&format!(
+                "{:>6.2}s  {chaos_note}{what}",
+                elapsed.as_secs_f64()
+            ));
+        }
+        if elapsed >= total {
+            break;
+        }
+        progress.update(elapsed, &counters, opts.kill_at);
+        if let Ok(Some(st)) = procs[3].child.try_wait() {
+            progress.finish();
+            bail!("test-publisher exited early ({st}): see test-publisher.log");
+        }
+        let wake = faults
+            .get(next)
+            .map(|f| run_start + f.0)
+            .unwrap_or(run_start + total);
+        tokio::select! {
+            _ = &mut ctrl_c => {
+                progress.finish();
+                for p in procs.iter_mut().rev() {
+                    p.stop(Duration::from_secs(2)).await;
+                }
+                bail!("interrupted: all processes stopped; partial output in {}", dir.display());
+            }
+            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+    }
+    progress.finish();
+    drop(ltx);
+    for p in &proxies {
+        p.set(Fault::Pass);
+    }
+
+    // Stop publishing; the publisher still collects outstanding ACKs before it exits.
+    let pub_status = procs[3].stop(Duration::from_secs(10)).await;
+    // The publisher's own summary line says how many it produced; read it from its log, which
+    // is complete once its output readers are done.
+    let published = std::fs::read_to_string(dir.join("test-publisher.log"))
+        .ok()
+        .and_then(|log| {
+            log.lines().rev().find_map(|l| {
+                l.strip_prefix("published ")?
+                    .split(',')
+                    .next()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+        })
+        .unwrap_or_else(|| counters.published.load(Ordering::Relaxed));
+    // Drain: wait until the subscriber has seen every published sequence number or has been
+    // quiet for two seconds.
+    let drain_deadline = Instant::now() + Duration::from_secs(10);
+    let mut last_total = u64::MAX;
+    let mut quiet_since = Instant::now();
+    loop {
+        let seen = distinct_seqs(&csv_path, &publisher_id);
+        if published > 0 && seen >= published {
+            break;
+        }
+        let delivered = counters.by_primary.load(Ordering::Relaxed)
+            + counters.by_backup.load(Ordering::Relaxed);
+        if delivered != last_total {
+            last_total = delivered;
+            quiet_since = Instant::now();
+        }
+        if quiet_since.elapsed() > Duration::from_secs(2) || Instant::now() > drain_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    procs[2].stop(Duration::from_secs(5)).await;
+    let end_us = now_us();
+    for i in [1, 0] {
+        procs[i].stop(Duration::from_secs(3)).await;
+    }
+    if !pub_status.is_some_and(|s| s.success()) {
+        println!(
+            "note: the test publisher reported unacknowledged messages (see test-publisher.log)"
+        );
+    }
+
+    let deliveries = report::read_deliveries(&csv_path)?;
+    let info = report::RunInfo {
+        published,
+        publisher: Some(publisher_id),
+        start_us: run_start_us,
+        end_us,
+        // A chaos run has many faults: no single failover gap, per-cycle figures instead.
+        kill_at_us: if opts.chaos { None } else { fault_us },
+        publish_period_us: (1e6 / opts.rate) as u64,
+        scenario: if opts.chaos {
+            format!("chaos ({} cycles, seed {chaos_seed})", opts.cycles)
+        } else {
+            scenario.name().to_string()
+        },
+        marks: chaos_events
+            .iter()
+            .map(|e| (e.at_us, e.fault.to_string()))
+            .collect(),
+        signal: match faults.first().map(|f| f.1) {
+            Some(Action::Signal(_, s)) => s.name().to_string(),
+            Some(Action::Link(f)) => format!("{f:?}"),
+            _ => String::new(),
+        },
+    };
+    let analysis = report::analyze(&deliveries, &info);
+    report::write_reports(&dir, &analysis, &deliveries, &info)?;
+    let mut table = report::render_table(&analysis);
+    if opts.chaos {
+        chaos_cycles(
+            &mut chaos_events,
+            &deliveries,
+            info.publisher.as_deref(),
+            end_us,
+        );
+        let mut w = csv::Writer::from_path(dir.join("chaos.csv"))?;
+        for e in &chaos_events {
+            w.serialize(e)?;
+        }
+        w.flush()?;
+        table.push_str(&render_chaos(&chaos_events));
+    }
+    std::fs::write(dir.join("table.txt"), &table)?;
+    println!("{table}");
+    let takeover = takeover_us.load(Ordering::Relaxed);
+    if let Ok(ev) = counters.events.lock() {
+        if !ev.is_empty() {
+            let mut notes =
+                String::from("\nrole changes and degraded periods (from the brokers' logs):\n");
+            for e in ev.iter() {
+                notes.push_str(&format!("  {e}\n"));
+            }
+            print!("{notes}");
+            let mut t = std::fs::read_to_string(dir.join("table.txt")).unwrap_or_default();
+            t.push_str(&notes);
+            std::fs::write(dir.join("table.txt"), t)?;
+        }
+    }
+    if let (Some(k), true) = (fault_us, takeover > 0) {
+        println!(
+            "backup logged TAKEOVER {:.0} ms after the fault",
+            (takeover.saturating_sub(k)) as f64 / 1000.0,
+        );
+    }
+    println!("report: {}", dir.display());
+    Ok(Outcome {
+        analysis,
+        dir,
+        chaos: chaos_events,
+    })
+}
