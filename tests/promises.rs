@@ -6,10 +6,13 @@
 
 mod common;
 
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{free_port, spawn_bin, wait_status, ChildGuard, Got, LineConn};
+use common::{free_port, spawn_bin, spawn_bin_capture, wait_status, ChildGuard, Got, LineConn};
 
 const SEC: Duration = Duration::from_secs(1);
 
@@ -314,5 +317,362 @@ fn slow_subscriber_is_disconnected_past_the_queue_bound_while_a_normal_one_gets_
         drained >= CONNECTION_QUEUE && drained < published,
         "the slow subscriber got {drained} of {published}: it should have been cut off after \
          at least {CONNECTION_QUEUE}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A seed backup (answers HELLO with anything but HELLO) is driven with REPLICATE/CLEAR.
+// ---------------------------------------------------------------------------------------------
+
+/// A fake seed backup: logs every line it receives; answers `REPLICATE` with `ACK`, `PING` with
+/// `PONG`, and `HELLO` (a verb the seed does not know) with `hello_answer`, or closes on it when
+/// that is `None`.
+fn fake_seed_backup(hello_answer: Option<&'static str>) -> (String, Arc<Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = l.local_addr().expect("addr").to_string();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            let log = log2.clone();
+            std::thread::spawn(move || {
+                let Ok(mut w) = s.try_clone() else { return };
+                for line in BufReader::new(s).lines().map_while(Result::ok) {
+                    if let Ok(mut g) = log.lock() {
+                        g.push(line.clone());
+                    }
+                    let answer = if line.starts_with("HELLO") {
+                        match hello_answer {
+                            Some(a) => a,
+                            None => return,
+                        }
+                    } else if line.starts_with("REPLICATE|") {
+                        "ACK"
+                    } else if line.starts_with("PING") {
+                        "PONG"
+                    } else if line.starts_with("CLEAR|") {
+                        continue;
+                    } else {
+                        "ERR|unknown verb"
+                    };
+                    if w.write_all(format!("{answer}\n").as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (a, log)
+}
+
+fn seed_backup_gets_replicate_and_clear(hello_answer: &'static str) {
+    let (fake, log) = fake_seed_backup(Some(hello_answer));
+    let pp = free_port();
+    let pa = addr(pp);
+    let primary = spawn_bin("primary", &[&pp.to_string(), &fake, "--compute", "0..5"]);
+    wait_status(&pa, "primary", "up");
+    primary.wait_stderr("using seed REPLICATE/CLEAR");
+    let mut sub = subscribe(&pa, "s");
+    let mut p = LineConn::connect(&pa);
+    for (i, payload) in ["a", "b|with pipe", "a"].iter().enumerate() {
+        p.send_line(&format!("PUB|s|ps|{}|1|{payload}", i + 1));
+        assert_eq!(p.next(5 * SEC), Got::Line(format!("ACK|ps|{}", i + 1)));
+        match sub.next(5 * SEC) {
+            Got::Line(l) => assert_eq!(parse_msg(&l).3, *payload),
+            other => panic!("no delivery of {payload}: {other:?}"),
+        }
+    }
+    let want = [
+        "REPLICATE|s|a",
+        "CLEAR|s|a",
+        "REPLICATE|s|b|with pipe",
+        "CLEAR|s|b|with pipe",
+        "REPLICATE|s|a",
+        "CLEAR|s|a",
+    ];
+    let ok = wait_until(5 * SEC, || {
+        log.lock()
+            .map(|g| {
+                g.iter()
+                    .filter(|l| l.starts_with("REPLICATE|") || l.starts_with("CLEAR|"))
+                    .count()
+                    >= want.len()
+            })
+            .unwrap_or(false)
+    });
+    let lines = log.lock().map(|g| g.clone()).expect("lock");
+    assert!(ok, "the seed backup did not get every frame: {lines:?}");
+    let data: Vec<&str> = lines
+        .iter()
+        .map(String::as_str)
+        .filter(|l| l.starts_with("REPLICATE|") || l.starts_with("CLEAR|"))
+        .collect();
+    assert_eq!(data, want, "all lines: {lines:?}");
+    // After the first HELLO it is never sent the identified dialect.
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("HELLO|")).count(),
+        1,
+        "{lines:?}"
+    );
+    let identified: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("REPL|") || l.starts_with("CLR|") || l.starts_with("STATUS"))
+        .collect();
+    assert!(
+        identified.is_empty(),
+        "identified frames sent to a seed backup: {identified:?}"
+    );
+}
+
+#[test]
+fn primary_drives_a_seed_backup_that_answers_err_to_hello_with_replicate_and_clear() {
+    seed_backup_gets_replicate_and_clear("ERR|unknown verb 'HELLO'");
+}
+
+#[test]
+fn primary_drives_a_seed_backup_that_answers_ack_to_hello_with_replicate_and_clear() {
+    seed_backup_gets_replicate_and_clear("ACK");
+}
+
+/// BACKUP_SYSTEM.md: "If a primary's HELLO is answered with anything but HELLO (an ERR, say) or
+/// the connection is closed, the peer is a seed backup". The code (node.rs, replication_link)
+/// treats a close without a word as "not there yet" and retries with HELLO forever, so a seed
+/// backup that hangs up on unknown verbs never gets a replica.
+#[test]
+#[ignore = "documented promise the current code does not keep: a HELLO answered by a close is retried, not taken for a seed backup"]
+fn primary_takes_a_backup_that_closes_on_hello_for_a_seed_backup() {
+    let (fake, log) = fake_seed_backup(None);
+    let pp = free_port();
+    let pa = addr(pp);
+    let _primary = spawn_bin("primary", &[&pp.to_string(), &fake, "--compute", "0"]);
+    wait_status(&pa, "primary", "up");
+    let mut p = LineConn::connect(&pa);
+    p.send_line("PUB|s|ps|1|1|a");
+    assert_eq!(p.next(5 * SEC), Got::Line("ACK|ps|1".into()));
+    assert!(
+        wait_until(5 * SEC, || log
+            .lock()
+            .map(|g| g.iter().any(|l| l == "REPLICATE|s|a"))
+            .unwrap_or(false)),
+        "{:?}",
+        log.lock().map(|g| g.clone())
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Backup dies: degraded, ACKs go on; backup returns: what is in flight is replayed to it.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn primary_runs_degraded_without_its_backup_and_replays_in_flight_messages_when_it_returns() {
+    let (pp, bp) = (free_port(), free_port());
+    let (pa, ba) = (addr(pp), addr(bp));
+    // Long compute on the primary keeps messages in flight; the backup's own compute (used if it
+    // takes over) is short so its replay shows quickly.
+    let mut primary = spawn_bin(
+        "primary",
+        &[&pp.to_string(), &ba, "--compute", "8000", "--seed", "1"],
+    );
+    let backup_args = [
+        bp.to_string(),
+        pa.clone(),
+        "--compute".into(),
+        "0..20".into(),
+    ];
+    let backup_argv: Vec<&str> = backup_args.iter().map(String::as_str).collect();
+    let mut backup = spawn_bin("backup", &backup_argv);
+    wait_status(&pa, "primary", "up");
+    wait_status(&ba, "backup", "armed");
+
+    backup.kill9();
+    wait_status(&pa, "primary", "down");
+    // Degraded: publishes are still acknowledged, at once (no STORED to wait for).
+    let mut p = LineConn::connect(&pa);
+    for seq in 1..=3 {
+        let t = Instant::now();
+        p.send_line(&format!("PUB|deg|pd|{seq}|{seq}|m{seq}"));
+        assert_eq!(p.next(5 * SEC), Got::Line(format!("ACK|pd|{seq}")));
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "degraded ACK took {:?}",
+            t.elapsed()
+        );
+    }
+    let st = status(&pa);
+    assert!(st.starts_with("STATUS|primary|1|down|0|3"), "{st}");
+
+    // The backup comes back on the same port: the primary sends it what is in flight.
+    let backup = spawn_bin("backup", &backup_argv);
+    wait_status(&pa, "primary", "up");
+    primary.wait_stderr("3 message(s) in flight sent");
+    assert!(
+        wait_until(3 * SEC, || status(&ba)
+            .starts_with("STATUS|backup|1|armed|3|")),
+        "the returning backup does not hold the 3 in-flight messages: {}",
+        status(&ba)
+    );
+    // And it can deliver them: kill the primary before its compute ends; the backup takes over
+    // and delivers all three, in order, in epoch 2.
+    let mut sub = subscribe(&ba, "deg");
+    primary.kill9();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match sub.next(5 * SEC) {
+            Got::Line(l) => {
+                let (p, seq, epoch, payload) = parse_msg(&l);
+                got.push((p, seq, epoch, payload));
+            }
+            other => panic!("after {got:?}: {other:?}; backup log {:?}", backup.stderr),
+        }
+    }
+    let want: Vec<(String, u64, u64, String)> = (1..=3)
+        .map(|s| ("pd".to_string(), s, 2, format!("m{s}")))
+        .collect();
+    assert_eq!(got, want);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. A stopped publisher waits for its outstanding ACKs (README: "A publisher stopped with
+//    Ctrl-C still waits for its outstanding ACKs and prints published N, acknowledged N,
+//    unacknowledged 0"), and reports those that never came.
+// ---------------------------------------------------------------------------------------------
+
+fn acked_seqs(lines: &[String]) -> BTreeSet<u64> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("ACK ")?.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// `(published, acknowledged, unacknowledged seqs)` from the publisher's final line.
+fn summary(lines: &[String]) -> Option<(u64, u64, Vec<u64>)> {
+    let l = lines.iter().rev().find(|l| l.starts_with("published "))?;
+    let nums: Vec<u64> = l
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let (published, acked, unacked) = (nums[0], nums[1], nums[2]);
+    let list = nums[3..].to_vec();
+    assert_eq!(list.len() as u64, unacked, "{l}");
+    Some((published, acked, list))
+}
+
+#[test]
+fn publisher_stopped_with_ctrl_c_waits_for_its_outstanding_acks() {
+    // STORED is made late by pausing the backup; the primary would go degraded only after 5 s.
+    let (_primary, backup, pa, ba) = pair(
+        &["--compute", "0", "--repl-timeout", "5s"],
+        &["--compute", "0", "--ping-interval", "10s"],
+    );
+    let mut sub = subscribe(&pa, "stop");
+    let mut publisher = spawn_bin_capture(
+        "test-publisher",
+        &[
+            "stop",
+            &pa,
+            &ba,
+            "--rate",
+            "50",
+            "--ack-timeout",
+            "10s",
+            "--id",
+            "pstop",
+        ],
+    );
+    assert!(
+        wait_until(10 * SEC, || acked_seqs(&publisher.stdout_lines()).len()
+            >= 5),
+        "no ACKs: {:?}",
+        publisher.stdout_lines()
+    );
+    backup.signal(libc::SIGSTOP);
+    // Outstanding ACKs: the primary delivers (compute 0 relays before STORED) messages the
+    // publisher has not had acknowledged.
+    let mut delivered = 0;
+    let outstanding = loop {
+        match sub.next(5 * SEC) {
+            Got::Line(l) => delivered = delivered.max(parse_msg(&l).1),
+            other => panic!("subscriber: {other:?}"),
+        }
+        let acked = acked_seqs(&publisher.stdout_lines());
+        let top = acked.iter().max().copied().unwrap_or(0);
+        if delivered >= top + 5 {
+            break delivered - top;
+        }
+    };
+    publisher.signal(libc::SIGINT);
+    let at_stop = acked_seqs(&publisher.stdout_lines()).len() as u64;
+    // It waits: still running a second later, with the backup still paused.
+    let early = publisher.wait_exit(SEC);
+    assert!(
+        early.is_none(),
+        "the publisher exited ({early:?}) with {outstanding}+ ACKs outstanding: {:?}",
+        publisher.stdout_lines()
+    );
+    backup.signal(libc::SIGCONT);
+    let st = publisher.wait_exit(10 * SEC);
+    let out = publisher.stdout_lines();
+    assert!(st.is_some_and(|s| s.success()), "{st:?}: {out:?}");
+    let (published, acked, unacked) = summary(&out).expect("summary line");
+    assert_eq!(
+        (acked, unacked.len()),
+        (published, 0),
+        "every outstanding ACK must have been collected: {out:?}"
+    );
+    assert!(
+        published > at_stop && published >= delivered,
+        "published {published}, acknowledged at the stop {at_stop}, delivered {delivered}"
+    );
+    assert_eq!(acked_seqs(&out), (1..=published).collect::<BTreeSet<u64>>());
+}
+
+#[test]
+fn publisher_stopped_while_both_brokers_are_gone_reports_the_unacknowledged_ones() {
+    let (mut primary, mut backup, pa, ba) = pair(&["--compute", "0"], &["--compute", "0"]);
+    let mut publisher = spawn_bin_capture(
+        "test-publisher",
+        &[
+            "gone",
+            &pa,
+            &ba,
+            "--rate",
+            "50",
+            "--give-up",
+            "1s",
+            "--id",
+            "pgone",
+        ],
+    );
+    assert!(
+        wait_until(10 * SEC, || acked_seqs(&publisher.stdout_lines()).len()
+            >= 5),
+        "no ACKs: {:?}",
+        publisher.stdout_lines()
+    );
+    primary.kill9();
+    backup.kill9();
+    // Let messages pile up unacknowledged: the publisher switches back and forth, refused,
+    // backing off 100 ms more after each refusal past the first two, so five switches take at
+    // least 600 ms: some 30 messages at 50/s, none of which can be acknowledged.
+    assert!(wait_until(10 * SEC, || publisher
+        .stdout_lines()
+        .iter()
+        .filter(|l| l.starts_with("SWITCH"))
+        .count()
+        >= 5));
+    publisher.signal(libc::SIGINT);
+    let st = publisher.wait_exit(10 * SEC);
+    let out = publisher.stdout_lines();
+    assert!(st.is_some_and(|s| s.code() == Some(1)), "{st:?}: {out:?}");
+    let (published, acked, unacked) = summary(&out).expect("summary line");
+    let acked_set = acked_seqs(&out);
+    assert_eq!(acked, acked_set.len() as u64);
+    assert!(!unacked.is_empty(), "{out:?}");
+    let expected: Vec<u64> = (1..=published).filter(|s| !acked_set.contains(s)).collect();
+    assert_eq!(
+        unacked, expected,
+        "the summary must list exactly the unacknowledged"
     );
 }
