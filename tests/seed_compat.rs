@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 
-use common::{free_port, spawn_bin, wait_status, LineConn};
+use common::{free_port, spawn_bin, wait_status, Got, LineConn};
 
 #[test]
 fn seed_publisher_and_subscriber_work_unchanged() {
@@ -117,5 +117,7 @@ fn seed_primary_replicating_to_our_backup_gets_what_it_did_not_clear_delivered()
     let _ = server.join();
     // The backup takes over and delivers what was not cleared: b, not a.
     assert_eq!(sub.read_line(Duration::from_secs(10)).as_deref(), Some("b"));
-    assert_eq!(sub.read_line(Duration::from_millis(500)), None);
+    // And nothing else: the connection stays open and silent (not closed, which would also
+    // have read as "no line").
+    assert_eq!(sub.next(Duration::from_millis(500)), Got::TimedOut);
 }

@@ -190,15 +190,35 @@ mod tests {
         addr
     }
 
-    async fn roundtrip(addr: &str, msg: &str, limit: Duration) -> Option<String> {
-        let s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    /// What a client saw: an answer, the connection closed (EOF or an error), or silence.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Line(String),
+        Closed,
+        Silent,
+    }
+
+    async fn next(
+        lines: &mut tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+        limit: Duration,
+    ) -> Seen {
+        match tokio::time::timeout(limit, lines.next_line()).await {
+            Err(_) => Seen::Silent,
+            Ok(Ok(Some(l))) => Seen::Line(l),
+            Ok(Ok(None)) | Ok(Err(_)) => Seen::Closed,
+        }
+    }
+
+    async fn roundtrip(addr: &str, msg: &str, limit: Duration) -> Seen {
+        let Ok(s) = tokio::net::TcpStream::connect(addr).await else {
+            return Seen::Closed;
+        };
         let (r, mut w) = s.into_split();
-        w.write_all(format!("{msg}\n").as_bytes()).await.ok()?;
+        if w.write_all(format!("{msg}\n").as_bytes()).await.is_err() {
+            return Seen::Closed;
+        }
         let mut lines = BufReader::new(r).lines();
-        tokio::time::timeout(limit, lines.next_line())
-            .await
-            .ok()?
-            .ok()?
+        next(&mut lines, limit).await
     }
 
     #[tokio::test]
@@ -209,29 +229,85 @@ mod tests {
             .await
             .expect("proxy");
         let short = Duration::from_millis(300);
-        assert_eq!(roundtrip(&p.addr, "a", short).await.as_deref(), Some("a"));
+        assert_eq!(roundtrip(&p.addr, "a", short).await, Seen::Line("a".into()));
 
         p.set(Fault::Delay(Duration::from_millis(100)));
         let t = std::time::Instant::now();
         assert_eq!(
-            roundtrip(&p.addr, "b", Duration::from_secs(2))
-                .await
-                .as_deref(),
-            Some("b")
+            roundtrip(&p.addr, "b", Duration::from_secs(2)).await,
+            Seen::Line("b".into())
         );
         assert!(
             t.elapsed() >= Duration::from_millis(200),
             "both directions delayed"
         );
 
+        // A blackhole is silence on an open connection, not a close.
         p.set(Fault::Blackhole);
-        assert_eq!(roundtrip(&p.addr, "c", short).await, None);
+        assert_eq!(roundtrip(&p.addr, "c", short).await, Seen::Silent);
 
+        // A reset is a prompt close, not silence: well before the limit.
         p.set(Fault::Reset);
-        assert_eq!(roundtrip(&p.addr, "d", short).await, None);
+        let t = std::time::Instant::now();
+        assert_eq!(
+            roundtrip(&p.addr, "d", Duration::from_secs(2)).await,
+            Seen::Closed
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "reset took {:?}",
+            t.elapsed()
+        );
 
         p.set(Fault::Pass);
-        assert_eq!(roundtrip(&p.addr, "e", short).await.as_deref(), Some("e"));
+        assert_eq!(roundtrip(&p.addr, "e", short).await, Seen::Line("e".into()));
+        sd.cancel();
+    }
+
+    #[tokio::test]
+    async fn reset_closes_open_connections_at_once_and_a_blackhole_keeps_them_open() {
+        let sd = CancellationToken::new();
+        let target = echo_server().await;
+        let p = start(Net::Tokio, "127.0.0.1:0", target, sd.clone())
+            .await
+            .expect("proxy");
+        let open = || async {
+            let s = tokio::net::TcpStream::connect(&p.addr)
+                .await
+                .expect("connect");
+            let (r, mut w) = s.into_split();
+            let mut lines = BufReader::new(r).lines();
+            w.write_all(b"hi\n").await.expect("write");
+            assert_eq!(
+                next(&mut lines, Duration::from_secs(2)).await,
+                Seen::Line("hi".into())
+            );
+            (lines, w)
+        };
+        // Blackhole: an established connection stays open and silent.
+        let (mut lines, mut w) = open().await;
+        p.set(Fault::Blackhole);
+        w.write_all(b"held\n").await.expect("write");
+        assert_eq!(
+            next(&mut lines, Duration::from_millis(300)).await,
+            Seen::Silent
+        );
+        p.set(Fault::Pass);
+        assert_eq!(
+            next(&mut lines, Duration::from_secs(2)).await,
+            Seen::Line("held".into()),
+            "the blackholed connection was not kept"
+        );
+        // Reset: an established connection is closed promptly, without anything being sent.
+        let (mut lines, _w) = open().await;
+        let t = std::time::Instant::now();
+        p.set(Fault::Reset);
+        assert_eq!(next(&mut lines, Duration::from_secs(2)).await, Seen::Closed);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "reset took {:?}",
+            t.elapsed()
+        );
         sd.cancel();
     }
 

@@ -129,3 +129,325 @@ fn short_harness_run_delivers_everything_across_a_sigkill() {
         .count();
     assert!(rows > 0, "no delivery came from the backup");
 }
+
+/// Output and exit status of one harness run, with the PIDs and names of every child it had
+/// (sampled from /proc while it ran).
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    children: Vec<(u32, String)>,
+}
+
+/// Direct children of `pid` now, from /proc: `(pid, comm)`.
+fn children_of(pid: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some((comm, ppid, _)) = proc_stat(child) {
+            if ppid == pid {
+                out.push((child, comm));
+            }
+        }
+    }
+    out
+}
+
+/// `(comm, ppid, state)` of a process from /proc/PID/stat.
+fn proc_stat(pid: u32) -> Option<(String, u32, char)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (open, close) = (s.find('(')?, s.rfind(')')?);
+    let comm = s[open + 1..close].to_string();
+    let mut rest = s[close + 2..].split(' ');
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    Some((comm, ppid, state))
+}
+
+/// Runs the harness with `args` (plus `--no-progress` and `--bin-dir` unless given), sampling
+/// its children every 10 ms until it exits.
+fn run_harness(args: &[&str], bin_dir: Option<&Path>) -> Run {
+    use std::io::Read;
+    let bin = assert_cmd::cargo::cargo_bin("harness");
+    let default_dir = bin.parent().expect("bin dir").to_path_buf();
+    let mut child = Command::new(&bin)
+        .args(args)
+        .arg("--no-progress")
+        .arg("--bin-dir")
+        .arg(bin_dir.unwrap_or(&default_dir))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start harness");
+    let pid = child.id();
+    let pipe = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut s);
+            }
+            s
+        })
+    };
+    let out = pipe(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let err = pipe(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let mut children: Vec<(u32, String)> = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        for c in children_of(pid) {
+            if !children.contains(&c) {
+                children.push(c);
+            }
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            break Some(st);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    Run {
+        code: status.and_then(|s| s.code()),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+        children,
+    }
+}
+
+/// Every child the harness had is gone once it has exited (none running, not even stopped).
+fn assert_no_child_left(run: &Run) {
+    // Children are reaped by the harness or, once it is gone, by init: give that a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let alive: Vec<&(u32, String)> = run
+            .children
+            .iter()
+            .filter(|(pid, comm)| {
+                // Same PID and same name: the very process (a reused PID would differ in name).
+                proc_stat(*pid).is_some_and(|(c, _, state)| &c == comm && state != 'Z')
+            })
+            .collect();
+        if alive.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes left behind by the harness: {alive:?}\n{}",
+            run.stdout
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn harness_exits_1_when_messages_are_missing_and_leaves_no_process_behind() {
+    // The harness has no option to drop messages. What makes some missing by its own means:
+    // a compute time (8 s) longer than the run (1 s + 1 s) plus its drain (2 s of silence), so
+    // nothing is delivered in time and every published message is judged missing.
+    // The requested primary port is taken, too: the harness must use the next free pair.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = held.local_addr().expect("addr").port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("run");
+    let run = run_harness(
+        &[
+            "--kill-at",
+            "1s",
+            "--after",
+            "1s",
+            "--compute",
+            "8000",
+            "--port",
+            &port.to_string(),
+            "--out-dir",
+            out.to_str().expect("utf-8 path"),
+        ],
+        None,
+    );
+    assert_eq!(
+        run.code,
+        Some(1),
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(run.stdout.contains("FAIL"), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains(&format!("ports {port}/{} are in use", port + 1)),
+        "the harness did not say it moved off the taken port:\n{}",
+        run.stdout
+    );
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("summary.json")).expect("summary.json"),
+    )
+    .expect("summary.json parses");
+    assert!(
+        summary["analysis"]["missing"]
+            .as_array()
+            .is_some_and(|m| !m.is_empty()),
+        "{summary}"
+    );
+    let names: Vec<&str> = run.children.iter().map(|(_, c)| c.as_str()).collect();
+    for want in ["primary", "backup", "subscriber"] {
+        assert!(
+            names.contains(&want),
+            "never saw the harness's {want}: {names:?}"
+        );
+    }
+    assert_no_child_left(&run);
+    drop(held);
+}
+
+#[test]
+fn harness_exits_2_when_the_run_cannot_be_made() {
+    // A bad option.
+    let r = run_harness(&["--no-such-option"], None);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    let r = run_harness(&["--rate", "0", "--port", "0"], None);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("--rate"), "{}", r.stderr);
+    // Binaries missing.
+    let empty = tempfile::tempdir().expect("tempdir");
+    let out = empty.path().join("out");
+    let r = run_harness(
+        &["--port", "0", "--out-dir", out.to_str().expect("path")],
+        Some(empty.path()),
+    );
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("not found"), "{}", r.stderr);
+    assert!(r.children.is_empty(), "{:?}", r.children);
+}
+
+#[test]
+fn harness_failing_mid_setup_exits_2_and_leaves_no_process_behind() {
+    // Real brokers and publisher, but a subscriber that dies at once: the harness has started
+    // both brokers when it finds out, and must stop them.
+    let real = assert_cmd::cargo::cargo_bin("harness");
+    let real_dir = real.parent().expect("bin dir");
+    let bins = tempfile::tempdir().expect("tempdir");
+    for b in ["primary", "backup", "test-publisher"] {
+        std::os::unix::fs::symlink(real_dir.join(b), bins.path().join(b)).expect("symlink");
+    }
+    let sub = bins.path().join("subscriber");
+    std::fs::write(
+        &sub,
+        "#!/bin/sh\necho 'fake subscriber: dying' >&2\nexit 3\n",
+    )
+    .expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = bins.path().join("out");
+    let run = run_harness(
+        &["--port", "0", "--out-dir", out.to_str().expect("path")],
+        Some(bins.path()),
+    );
+    assert_eq!(run.code, Some(2), "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("subscriber exited"), "{}", run.stderr);
+    let names: Vec<&str> = run.children.iter().map(|(_, c)| c.as_str()).collect();
+    assert!(
+        names.contains(&"primary") && names.contains(&"backup"),
+        "the brokers were never seen running: {names:?}"
+    );
+    assert_no_child_left(&run);
+}
+
+#[test]
+fn chaos_mode_draws_the_same_fault_schedule_from_the_same_seed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let go = |name: &str| {
+        let out = dir.path().join(name);
+        let out_s = out.to_str().expect("path").to_string();
+        let h = std::thread::spawn(move || {
+            run_harness(
+                &[
+                    "--chaos",
+                    "--seed",
+                    "7",
+                    "--cycles",
+                    "3",
+                    "--cycle",
+                    "2s",
+                    "--kill-at",
+                    "1s",
+                    "--after",
+                    "1s",
+                    "--hang-for",
+                    "1s",
+                    "--restart-after",
+                    "1s",
+                    "--fault-for",
+                    "1s",
+                    "--compute",
+                    "10..30",
+                    "--rate",
+                    "20",
+                    "--port",
+                    "0",
+                    "--out-dir",
+                    &out_s,
+                ],
+                None,
+            )
+        });
+        (out, h)
+    };
+    let (a_dir, a) = go("a");
+    let (b_dir, b) = go("b");
+    let (a, b) = (a.join().expect("run a"), b.join().expect("run b"));
+    let plan = |dir: &Path, run: &Run| -> Vec<(u64, String, f64)> {
+        assert!(
+            matches!(run.code, Some(0 | 1)),
+            "chaos run could not be made: {}\n{}",
+            run.stdout,
+            run.stderr
+        );
+        let mut r = csv::Reader::from_path(dir.join("chaos.csv")).expect("chaos.csv");
+        let h = r.headers().expect("headers").clone();
+        let col = |n: &str| h.iter().position(|x| x == n).expect(n);
+        let (c, f, t) = (col("cycle"), col("fault"), col("at_s"));
+        r.records()
+            .map(|rec| {
+                let rec = rec.expect("row");
+                (
+                    rec[c].parse().expect("cycle"),
+                    rec[f].to_string(),
+                    rec[t].parse().expect("at_s"),
+                )
+            })
+            .collect()
+    };
+    let (pa, pb) = (plan(&a_dir, &a), plan(&b_dir, &b));
+    assert_eq!(pa.len(), 3, "{pa:?}");
+    let kinds = |p: &[(u64, String, f64)]| -> Vec<(u64, String)> {
+        p.iter().map(|(c, f, _)| (*c, f.clone())).collect()
+    };
+    assert_eq!(kinds(&pa), kinds(&pb), "same seed, different faults");
+    // The times include a seeded jitter of 0..500 ms; the same seed gives the same jitter, so
+    // the fire times agree to within the harness's scheduling slack.
+    for ((_, _, ta), (_, _, tb)) in pa.iter().zip(&pb) {
+        assert!(
+            (ta - tb).abs() < 0.25,
+            "fault times differ: {pa:?} vs {pb:?}"
+        );
+    }
+}

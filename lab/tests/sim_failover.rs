@@ -33,6 +33,12 @@ fn simulated_crashes_lose_nothing_and_the_backup_takes_over() {
             deliveries.iter().any(|d| d.epoch >= 2),
             "seed {seed}: no takeover happened"
         );
+        assert!(
+            r.violations.is_empty(),
+            "seed {seed}: {} [{}]",
+            r.violations,
+            r.faults
+        );
     }
 }
 

@@ -21,33 +21,59 @@ pub fn free_port() -> u16 {
 pub struct ChildGuard {
     pub child: Child,
     pub stderr: Arc<Mutex<Vec<String>>>,
+    /// Stdout lines, collected only by [`spawn_bin_capture`] (empty otherwise).
+    pub stdout: Arc<Mutex<Vec<String>>>,
     pub name: String,
 }
 
 /// Starts `target/<profile>/<name>` with `args`.
 pub fn spawn_bin(name: &str, args: &[&str]) -> ChildGuard {
+    spawn_inner(name, args, false)
+}
+
+/// Like [`spawn_bin`], and also collects the process's stdout lines in `stdout`.
+pub fn spawn_bin_capture(name: &str, args: &[&str]) -> ChildGuard {
+    spawn_inner(name, args, true)
+}
+
+fn collect<R: std::io::Read + Send + 'static>(pipe: R) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if let Ok(mut l) = sink.lock() {
+                l.push(line);
+            }
+        }
+    });
+    lines
+}
+
+fn spawn_inner(name: &str, args: &[&str], capture_stdout: bool) -> ChildGuard {
     let mut child = Command::new(assert_cmd::cargo::cargo_bin(name))
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(if capture_stdout {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    if let Some(err) = child.stderr.take() {
-        let lines = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if let Ok(mut l) = lines.lock() {
-                    l.push(line);
-                }
-            }
-        });
-    }
+    let stderr = match child.stderr.take() {
+        Some(err) => collect(err),
+        None => Arc::default(),
+    };
+    let stdout = match child.stdout.take() {
+        Some(out) => collect(out),
+        None => Arc::default(),
+    };
     ChildGuard {
         child,
-        stderr: lines,
+        stderr,
+        stdout,
         name: name.to_string(),
     }
 }
@@ -73,6 +99,19 @@ impl ChildGuard {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether a stderr line contains `needle` now.
+    pub fn logged(&self, needle: &str) -> bool {
+        self.stderr
+            .lock()
+            .map(|l| l.iter().any(|x| x.contains(needle)))
+            .unwrap_or(false)
+    }
+
+    /// A copy of the stdout lines collected so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// SIGKILL, as a crash.
@@ -116,6 +155,19 @@ impl Drop for ChildGuard {
     }
 }
 
+/// What one read on a [`LineConn`] gave: a line, the peer's close, silence, or an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Got {
+    /// A line, without its newline.
+    Line(String),
+    /// The peer closed the connection (read returned 0).
+    Eof,
+    /// Nothing arrived within the limit; the connection is still open.
+    TimedOut,
+    /// The read failed otherwise (e.g. a reset).
+    Failed(std::io::ErrorKind),
+}
+
 /// A raw line-protocol connection.
 pub struct LineConn {
     reader: BufReader<TcpStream>,
@@ -152,6 +204,27 @@ impl LineConn {
     pub fn send_bytes(&mut self, b: &[u8]) {
         let _ = self.writer.write_all(b);
         let _ = self.writer.flush();
+    }
+
+    /// Reads one line and says exactly what happened: a line, EOF, a timeout or an error.
+    pub fn next(&mut self, limit: Duration) -> Got {
+        if let Err(e) = self.reader.get_ref().set_read_timeout(Some(limit)) {
+            return Got::Failed(e.kind());
+        }
+        let mut s = String::new();
+        match self.reader.read_line(&mut s) {
+            Ok(0) => Got::Eof,
+            Ok(_) => Got::Line(s.trim_end_matches(['\n', '\r']).to_string()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Got::TimedOut
+            }
+            Err(e) => Got::Failed(e.kind()),
+        }
     }
 
     /// Reads one line (without its newline); `None` on timeout or EOF.
