@@ -44,7 +44,7 @@ fn regression_seeds_stay_clean() {
 /// seeds 1–50 peak at 10. A bound of `resend` (5) per slot keeps twice that worst case as margin
 /// and still fails a change that doubles or triples the duplicates.
 fn tight_duplicate_bound(r: &SimResult, cfg: &SimConfig) -> u64 {
-    let faults = edgepair::sim::schedule(r.seed, cfg).len() as u64;
+    let faults = edgepair_lab::sim::schedule(r.seed, cfg).len() as u64;
     cfg.resend as u64 * (faults + 1)
 }
 
