@@ -1,0 +1,240 @@
+//! The subscriber: one connection to each broker, every delivery labelled by where it came
+//! from, duplicates marked.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::clock::now_us;
+use crate::net::Net;
+use crate::protocol::{Frame, FrameCodec, MsgId};
+
+use super::{broker_name, Brokers};
+
+/// Settings of a subscriber.
+#[derive(Debug, Clone)]
+pub struct SubscriberConfig {
+    /// Topic to follow.
+    pub topic: String,
+    /// Brokers to listen to, both at once.
+    pub brokers: Brokers,
+    /// Network to use.
+    pub net: Net,
+}
+
+/// One delivery as the subscriber saw it: one row of a delivery CSV (`subscriber --csv`, the
+/// harness's `deliveries.csv`). It lives here because the subscriber makes it; the lab reads it back.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Delivery {
+    /// Subscriber's wall clock at receipt, µs since the Unix epoch.
+    pub received_at_us: u64,
+    /// `primary` or `backup`: the broker connection it arrived on.
+    pub source: String,
+    /// Topic.
+    pub topic: String,
+    /// Publisher id (`-` for seed-dialect messages).
+    pub publisher: String,
+    /// Publisher's sequence number.
+    pub seq: u64,
+    /// Publisher's wall clock when it first sent the message.
+    pub sent_at_us: u64,
+    /// `received_at_us - sent_at_us`.
+    pub latency_us: i64,
+    /// This publisher+seq was delivered before.
+    pub duplicate: bool,
+    /// Epoch of the delivering broker.
+    pub epoch: u64,
+    /// When the delivering broker received the message.
+    pub broker_rx_us: u64,
+    /// When its compute task started.
+    pub compute_start_us: u64,
+    /// When its compute task ended.
+    pub compute_end_us: u64,
+    /// Message body.
+    pub payload: String,
+}
+
+/// Where a subscriber puts its deliveries.
+pub trait DeliverySink {
+    /// One delivery, duplicates included.
+    fn delivery(&mut self, d: &Delivery) -> anyhow::Result<()>;
+    /// Called when no more deliveries are queued right now: a good moment to flush.
+    fn idle(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// Keeps every delivery in memory (tests, simulations).
+impl DeliverySink for Vec<Delivery> {
+    fn delivery(&mut self, d: &Delivery) -> anyhow::Result<()> {
+        self.push(d.clone());
+        Ok(())
+    }
+}
+
+/// What the `subscriber` binary does with a delivery: one line to `out` (`[PRIMARY] 17`,
+/// `[BACKUP] 18 (duplicate)`) and, if given, one CSV row.
+pub struct PrintSink<W: Write> {
+    /// Human-readable lines.
+    pub out: W,
+    /// CSV rows (columns of [`Delivery`]).
+    pub csv: Option<csv::Writer<Box<dyn Write + Send>>>,
+}
+
+impl<W: Write> DeliverySink for PrintSink<W> {
+    fn delivery(&mut self, d: &Delivery) -> anyhow::Result<()> {
+        writeln!(
+            self.out,
+            "[{}] {}{}",
+            d.source.to_uppercase(),
+            d.payload,
+            if d.duplicate { " (duplicate)" } else { "" }
+        )?;
+        if let Some(w) = self.csv.as_mut() {
+            w.serialize(d)?;
+        }
+        Ok(())
+    }
+
+    fn idle(&mut self) -> anyhow::Result<()> {
+        self.out.flush()?;
+        if let Some(w) = self.csv.as_mut() {
+            w.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a subscriber until `shutdown`, handing every delivery to `sink`. Returns how many
+/// deliveries there were.
+pub async fn run_subscriber(
+    cfg: SubscriberConfig,
+    sink: &mut impl DeliverySink,
+    shutdown: CancellationToken,
+) -> anyhow::Result<u64> {
+    let (tx, mut rx) = mpsc::channel::<(usize, Frame, u64)>(4096);
+    for i in 0..2 {
+        let addr = cfg.brokers.addr(i).to_string();
+        crate::net::spawn(follow(
+            cfg.net,
+            i,
+            addr,
+            cfg.topic.clone(),
+            tx.clone(),
+            shutdown.clone(),
+        ));
+    }
+    drop(tx);
+    let mut seen: HashSet<MsgId> = HashSet::new();
+    let mut count = 0u64;
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            n = rx.recv() => n,
+        };
+        let Some((src, frame, received_at_us)) = next else {
+            break;
+        };
+        let d = match frame {
+            Frame::Msg {
+                topic,
+                id,
+                sent_us,
+                stamps,
+                payload,
+            } => {
+                let duplicate = !id.is_anonymous() && !seen.insert(id.clone());
+                Delivery {
+                    received_at_us,
+                    source: broker_name(src).to_string(),
+                    topic,
+                    publisher: id.publisher,
+                    seq: id.seq,
+                    sent_at_us: sent_us,
+                    latency_us: received_at_us as i64 - sent_us as i64,
+                    duplicate,
+                    epoch: stamps.epoch,
+                    broker_rx_us: stamps.received_us,
+                    compute_start_us: stamps.compute_start_us,
+                    compute_end_us: stamps.compute_end_us,
+                    payload,
+                }
+            }
+            _ => continue,
+        };
+        count += 1;
+        sink.delivery(&d)?;
+        if rx.is_empty() {
+            sink.idle()?;
+        }
+    }
+    sink.idle()?;
+    Ok(count)
+}
+
+/// Keeps one subscription to one broker alive, reconnecting with a capped backoff.
+async fn follow(
+    net: Net,
+    src: usize,
+    addr: String,
+    topic: String,
+    tx: mpsc::Sender<(usize, Frame, u64)>,
+    shutdown: CancellationToken,
+) {
+    let name = broker_name(src);
+    let mut backoff = Duration::from_millis(10);
+    let mut was_connected = false;
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if let Ok(s) = net.connect(&addr, Duration::from_secs(1)).await {
+            let mut c = Framed::new(s, FrameCodec::default());
+            if c.send(Frame::Sub {
+                topic: topic.clone(),
+            })
+            .await
+            .is_ok()
+            {
+                info!("subscribed to '{topic}' on {name} ({addr})");
+                was_connected = true;
+                backoff = Duration::from_millis(10);
+                loop {
+                    let f = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        f = c.next() => f,
+                    };
+                    match f {
+                        Some(Ok(f @ Frame::Msg { .. })) => {
+                            if tx.send((src, f, now_us())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Ok(Frame::Err { reason })) => warn!("{name} says: {reason}"),
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            warn!("{name}: {e}");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                info!("lost {name} ({addr}); reconnecting");
+            }
+        } else if !was_connected && backoff == Duration::from_millis(250) {
+            // Say it once the broker has stayed away for a while, not on every retry.
+            info!("{name} ({addr}) not reachable yet; retrying");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_millis(250));
+    }
+}

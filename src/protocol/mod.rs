@@ -1,0 +1,179 @@
+//! The wire protocol: newline-terminated, pipe-delimited text frames.
+//!
+//! This module is pure: it turns bytes into [`Frame`]s and back and never touches a socket or a
+//! clock, so every rule of the protocol can be tested on its own (see `tests/protocol.rs`).
+//!
+//! Two dialects share one port:
+//!
+//! * the **seed dialect** of the Go course project this crate succeeds: `PUBLISH|topic|payload`,
+//!   `SUBSCRIBE|topic`, `REPLICATE|topic|payload`, `CLEAR|topic|payload`, `PING` (also `PING||`),
+//!   `PONG`, `ACK`. A client written to that table works against our brokers unchanged;
+//! * the **identified dialect** (`PUB`, `SUB`, `MSG`, `REPL`, `STORED`, `CLR`, `HELLO`), which
+//!   carries a stable message identity (publisher id + per-publisher sequence) and the send time,
+//!   so that two messages with the same payload stay two messages, duplicates can be spotted and
+//!   latency measured. A peer opts in simply by sending the new verbs; a seed peer never sees them.
+//!
+//! The payload is always the last field and may itself contain `|`; it may not contain a newline,
+//! which ends the frame. Frames are capped at [`MAX_FRAME`] bytes including the newline.
+
+mod codec;
+mod frame;
+
+use thiserror::Error;
+
+pub use codec::{FrameCodec, LenientCodec};
+pub use frame::{msg_line, Frame};
+
+/// Longest accepted frame in bytes, newline included. Caps the memory one connection can pin
+/// while it sends a frame without ever finishing it.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Publisher id used for messages that arrived in the seed dialect and so carry no identity.
+pub const ANONYMOUS: &str = "-";
+
+/// Name and version a node announces in `HELLO`, so a peer can tell ours from a seed broker.
+pub const PROTOCOL_VERSION: &str = "edgepair/1";
+
+/// The identity of one message: who published it and its place in that publisher's sequence.
+///
+/// It travels through `REPLICATE`, `CLEAR` and delivery so that a message resent after a failover
+/// is recognised as the same message rather than a new one with an equal payload.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MsgId {
+    /// Publisher id: unique per publisher process (see `client::new_publisher_id`).
+    pub publisher: String,
+    /// Position in the publisher's sequence, starting at 1; 0 for anonymous messages.
+    pub seq: u64,
+}
+
+impl MsgId {
+    /// The identity given to a seed-dialect message, which has none of its own.
+    pub fn anonymous() -> Self {
+        MsgId {
+            publisher: ANONYMOUS.to_string(),
+            seq: 0,
+        }
+    }
+
+    /// True for messages that arrived without an identity (seed dialect).
+    pub fn is_anonymous(&self) -> bool {
+        self.publisher == ANONYMOUS
+    }
+}
+
+/// Broker-side timestamps and the epoch, carried by `MSG` so that a subscriber can split the
+/// end-to-end latency into the part spent before compute and the compute itself, and tell which
+/// reign of which node delivered it.
+///
+/// Encoded as `key=value` pairs joined by `,`; unknown keys are ignored so that fields can be
+/// added without breaking older subscribers. All times are microseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stamps {
+    /// Epoch (term) of the node that delivered the message.
+    pub epoch: u64,
+    /// When the delivering broker received the message (`rx`).
+    pub received_us: u64,
+    /// When the compute task started (`cs`).
+    pub compute_start_us: u64,
+    /// When the compute task ended (`ce`).
+    pub compute_end_us: u64,
+}
+
+impl Stamps {
+    fn encode<W: std::fmt::Write>(&self, out: &mut W) {
+        let _ = write!(
+            out,
+            "e={},rx={},cs={},ce={}",
+            self.epoch, self.received_us, self.compute_start_us, self.compute_end_us
+        );
+    }
+
+    fn parse(s: &str) -> Result<Self, ProtocolError> {
+        let mut st = Stamps::default();
+        for pair in s.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or(ProtocolError::BadField("stamps"))?;
+            let v: u64 = v.parse().map_err(|_| ProtocolError::BadField("stamps"))?;
+            match k {
+                "e" => st.epoch = v,
+                "rx" => st.received_us = v,
+                "cs" => st.compute_start_us = v,
+                "ce" => st.compute_end_us = v,
+                _ => {}
+            }
+        }
+        Ok(st)
+    }
+}
+
+/// Which part a node currently plays; announced in `HELLO`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Serving publishers and subscribers, replicating to its backup.
+    Primary,
+    /// Holding replicated messages and polling the primary.
+    Backup,
+}
+
+impl Role {
+    /// Lower-case name used on the wire and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, ProtocolError> {
+        match s {
+            "primary" => Ok(Role::Primary),
+            "backup" => Ok(Role::Backup),
+            _ => Err(ProtocolError::BadField("role")),
+        }
+    }
+}
+
+/// Why a frame was refused. Every variant except [`ProtocolError::Io`] leaves the connection
+/// usable: the peer is told `ERR|reason` and may send the next frame.
+#[derive(Debug, Error)]
+pub enum ProtocolError {
+    /// The frame is longer than [`MAX_FRAME`]. The connection is closed, since we cannot tell
+    /// where the next frame starts without buffering the rest of this one.
+    #[error("frame longer than {MAX_FRAME} bytes")]
+    TooLong,
+    /// The bytes are not valid UTF-8.
+    #[error("frame is not valid UTF-8")]
+    NotUtf8,
+    /// The line is empty.
+    #[error("empty frame")]
+    Empty,
+    /// The verb (first field) is not one we know.
+    #[error("unknown verb '{0}'")]
+    UnknownVerb(String),
+    /// The verb is known but the frame has too few fields.
+    #[error("{0} needs {1} fields")]
+    MissingFields(&'static str, usize),
+    /// A field that must not be empty is.
+    #[error("empty {0}")]
+    EmptyField(&'static str),
+    /// A field does not parse (a number that is not one, say).
+    #[error("bad {0}")]
+    BadField(&'static str),
+    /// The connection ended in the middle of a frame.
+    #[error("connection closed mid-frame")]
+    Incomplete,
+    /// Transport error underneath the codec.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ProtocolError {
+    /// Whether the connection must be closed after this error (otherwise the next frame is read).
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            ProtocolError::TooLong | ProtocolError::Incomplete | ProtocolError::Io(_)
+        )
+    }
+}
