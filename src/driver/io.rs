@@ -4,9 +4,11 @@
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::stream::{self, SelectAll, Stream, StreamExt};
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
@@ -27,24 +29,43 @@ pub enum ConnEvent {
 /// Every connection's reader, polled as one stream: only readers that were woken are polled.
 pub type Readers = SelectAll<Pin<Box<dyn Stream<Item = ConnEvent> + Send>>>;
 
+/// How many lines may wait in a connection's writer before the driver stops reading from it:
+/// a client that sends without reading its answers is slowed to the pace at which it reads,
+/// instead of growing our queue without bound.
+const READ_PAUSE: usize = super::CONNECTION_QUEUE;
+
+/// How long a kicked subscriber's writer may go on writing what was queued for it before the
+/// connection is cut, mid-line if need be: one that reads slowly gets whole lines up to the cut,
+/// one that never reads does not keep its connection (and its slot) forever.
+const KICK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What the writer and the reader of one connection share: the writer's backlog, and the
+/// reader's waker, woken when the backlog has shrunk enough to read again.
+#[derive(Default)]
+struct Backlog {
+    queued: AtomicUsize,
+    reader: AtomicWaker,
+}
+
 /// The sending half of a connection, owned by the driver.
 pub struct Writer {
     tx: mpsc::UnboundedSender<Bytes>,
-    /// Lines queued and not yet handed to the socket.
-    queued: Arc<AtomicUsize>,
+    backlog: Arc<Backlog>,
     /// Ends the reader.
     stop: CancellationToken,
+    /// Ends the writer at once, dropping what is queued.
+    kill: CancellationToken,
 }
 
 impl Writer {
     /// Lines waiting to be written.
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.backlog.queued.load(Ordering::Relaxed)
     }
 
     /// Queues a line.
     pub fn send(&self, line: Bytes) {
-        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.backlog.queued.fetch_add(1, Ordering::Relaxed);
         let _ = self.tx.send(line);
     }
 
@@ -52,6 +73,34 @@ impl Writer {
     /// queued and then shuts the socket.
     pub fn close(self) {
         self.stop.cancel();
+    }
+
+    /// Ends the connection of a subscriber too far behind: like [`Writer::close`], but cut after
+    /// [`KICK_GRACE`] if it still has not taken what was queued (it may never read again).
+    pub fn kick(self) {
+        self.kill.cancel();
+        self.stop.cancel();
+    }
+}
+
+/// A reader that pauses while its connection's writer is [`READ_PAUSE`] lines behind.
+struct Paced<S> {
+    inner: S,
+    backlog: Arc<Backlog>,
+}
+
+impl<S: Stream + Unpin> Stream for Paced<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        if self.backlog.queued.load(Ordering::Acquire) >= READ_PAUSE {
+            self.backlog.reader.register(cx.waker());
+            // Checked again after registering, so a wake-up in between is not lost.
+            if self.backlog.queued.load(Ordering::Acquire) >= READ_PAUSE {
+                return Poll::Pending;
+            }
+        }
+        Pin::new(&mut self.inner).poll_next(cx)
     }
 }
 
@@ -64,15 +113,24 @@ pub fn split(
     // A small first read buffer (it grows with the traffic): an idle subscriber then costs a
     // few KiB, not the codec's default 8 KiB.
     let framed = FramedRead::with_capacity(r, LenientCodec::default(), 512);
-    let stop = CancellationToken::new();
-    let reader = framed
+    let (stop, kill) = (CancellationToken::new(), CancellationToken::new());
+    let backlog = Arc::new(Backlog::default());
+    let paced = Paced {
+        inner: framed,
+        backlog: backlog.clone(),
+    };
+    let reader = paced
         .take_until(stop.clone().cancelled_owned())
         .map(move |item| ConnEvent::Frame(conn, item.and_then(|inner| inner)))
         .chain(stream::once(async move { ConnEvent::Closed(conn) }));
     let (tx, rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
-    crate::net::spawn(write_loop(w, rx, queued.clone()));
-    let writer = Writer { tx, queued, stop };
+    crate::net::spawn(write_loop(w, rx, backlog.clone(), kill.clone()));
+    let writer = Writer {
+        tx,
+        backlog,
+        stop,
+        kill,
+    };
     (Box::pin(reader), writer)
 }
 
@@ -80,12 +138,25 @@ pub fn split(
 async fn write_loop(
     mut w: WriteHalf<BoxStream>,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
-    queued: Arc<AtomicUsize>,
+    backlog: Arc<Backlog>,
+    kill: CancellationToken,
 ) {
     // Allocated on first use: most connections of a big fan-out are idle subscribers, and a
     // buffer each would be most of their memory.
     let mut buf: Vec<u8> = Vec::new();
-    while let Some(line) = rx.recv().await {
+    let cut = async {
+        kill.cancelled().await;
+        tokio::time::sleep(KICK_GRACE).await;
+    };
+    tokio::pin!(cut);
+    loop {
+        let line = tokio::select! {
+            _ = &mut cut => return,
+            l = rx.recv() => l,
+        };
+        let Some(line) = line else {
+            break;
+        };
         buf.extend_from_slice(&line);
         let mut n = 1;
         while buf.len() < 64 * 1024 {
@@ -97,8 +168,14 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        queued.fetch_sub(n, Ordering::Relaxed);
-        if w.write_all(&buf).await.is_err() {
+        if backlog.queued.fetch_sub(n, Ordering::AcqRel) - n < READ_PAUSE {
+            backlog.reader.wake();
+        }
+        let written = tokio::select! {
+            _ = &mut cut => return,
+            r = w.write_all(&buf) => r,
+        };
+        if written.is_err() {
             return;
         }
         buf.clear();

@@ -240,7 +240,7 @@ impl Driver {
         if delivery && w.queued() >= CONNECTION_QUEUE {
             warn!("subscriber {conn} is {CONNECTION_QUEUE} frames behind: disconnecting it");
             if let Some(w) = self.writers.remove(&conn) {
-                w.close();
+                w.kick();
             }
             let now = self.clock.now();
             self.core.handle_closed(conn, now);
