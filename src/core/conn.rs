@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use super::peer::Purpose;
 use super::{Broker, ConnId, Output};
-use crate::protocol::Frame;
+use crate::protocol::{Frame, MsgId};
 
 /// What a connection is.
 #[derive(Debug)]
@@ -27,8 +27,9 @@ pub(super) enum Kind {
 pub(super) enum Reply {
     /// Ready to go.
     Ready(Bytes),
-    /// An `ACK` that waits until the backup has stored message `wait`.
-    Ack { wait: u64, ack: Frame },
+    /// An `ACK` (for message `id`, `None` in the seed dialect) that waits until the backup has
+    /// stored message `wait`.
+    Ack { wait: u64, id: Option<MsgId> },
     /// The answer to a publish this backup is forwarding to its primary.
     Forward,
 }
@@ -68,30 +69,53 @@ impl Conn {
 impl Broker {
     /// Answers a client, behind any answer it is still owed.
     pub(super) fn reply(&mut self, conn: ConnId, frame: Frame) {
-        self.push_reply(conn, Reply::Ready(frame.encode().into_bytes().into()));
+        match self.conns.get(&conn) {
+            // Nothing waits ahead of it (the common case): straight out, no queue.
+            Some(c) if c.replies.is_empty() => self.send_frame(conn, &frame),
+            Some(_) => self.push_reply(conn, Reply::Ready(frame.encode().into_bytes().into())),
+            None => {}
+        }
     }
 
     /// Queues an answer and sends whatever is ready at the head of the queue.
     pub(super) fn push_reply(&mut self, conn: ConnId, r: Reply) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.replies.push_back(r);
-            self.flush_replies(conn);
+            self.flush_replies(conn, None, None);
         }
     }
 
-    /// Sends the ready answers at the head of `conn`'s queue.
-    pub(super) fn flush_replies(&mut self, conn: ConnId) {
+    /// Sends, as one write, the answers at the head of `conn`'s queue that are ready, counting
+    /// an `ACK` as ready when it waits for at most `stored` (`instead`: answer with that frame
+    /// rather than the `ACK`). `ACK`s of one connection wait for ever higher `mid`s, so the
+    /// first one that must wait holds back everything behind it.
+    pub(super) fn flush_replies(
+        &mut self,
+        conn: ConnId,
+        stored: Option<u64>,
+        instead: Option<&Frame>,
+    ) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        while let Some(Reply::Ready(_)) = c.replies.front() {
-            if let Some(Reply::Ready(line)) = c.replies.pop_front() {
-                self.out.push_back(Output::Send {
-                    conn,
-                    line,
-                    delivery: false,
-                });
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(r) = c.replies.front() {
+            match r {
+                Reply::Ready(line) => buf.extend_from_slice(line),
+                Reply::Ack { wait, id } if stored.is_some_and(|s| *wait <= s) => match instead {
+                    Some(f) => f.encode_into_bytes(&mut buf),
+                    None => crate::protocol::write_ack(id.as_ref(), &mut buf),
+                },
+                _ => break,
             }
+            c.replies.pop_front();
+        }
+        if !buf.is_empty() {
+            self.out.push_back(Output::Send {
+                conn,
+                line: buf.into(),
+                delivery: false,
+            });
         }
     }
 
@@ -147,7 +171,7 @@ impl Broker {
         if let Some(slot) = c.replies.iter_mut().find(|r| matches!(r, Reply::Forward)) {
             *slot = Reply::Ready(answer.encode().into_bytes().into());
         }
-        self.flush_replies(conn);
+        self.flush_replies(conn, None, None);
         self.resume(conn);
     }
 

@@ -99,9 +99,7 @@ impl Broker {
             }
             _ => return,
         };
-        let ack = Frame::Ack {
-            id: (!legacy).then(|| id.clone()),
-        };
+        let ack_id = (!legacy).then(|| id.clone());
         let resend = !id.is_anonymous() && !self.seen.record(&id.publisher, id.seq);
         let wait = if resend {
             // Every earlier message went down the link before this point, so once the last
@@ -126,7 +124,7 @@ impl Broker {
             wait
         };
         match wait {
-            None => self.reply(conn, ack),
+            None => self.reply(conn, Frame::Ack { id: ack_id }),
             Some(mid) => {
                 let deadline = self.now.mono + self.cfg.repl_timeout;
                 if let Some(p) = self.primary() {
@@ -136,7 +134,13 @@ impl Broker {
                         deadline,
                     });
                 }
-                self.push_reply(conn, Reply::Ack { wait: mid, ack });
+                self.push_reply(
+                    conn,
+                    Reply::Ack {
+                        wait: mid,
+                        id: ack_id,
+                    },
+                );
             }
         }
     }
@@ -154,14 +158,12 @@ impl Broker {
             self.stored(m.mid);
             return None;
         }
-        let f = Frame::Repl {
-            mid: m.mid,
-            topic: m.topic.clone(),
-            id: m.id.clone(),
-            sent_us: m.sent_us,
-            payload: m.payload.clone(),
-        };
-        self.send_frame(conn, &f);
+        let line = crate::protocol::repl_line(m.mid, &m.topic, &m.id, m.sent_us, &m.payload);
+        self.out.push_back(Output::Send {
+            conn,
+            line: line.into(),
+            delivery: false,
+        });
         Some(m.mid)
     }
 
@@ -317,25 +319,8 @@ impl Broker {
             }
         }
         for conn in conns {
-            self.resolve_acks(conn, Some(mid), None);
+            self.flush_replies(conn, Some(mid), None);
         }
-    }
-
-    /// Turns `conn`'s waiting `ACK`s (those waiting for at most `upto`, or all) into answers:
-    /// the `ACK` itself, or `instead`.
-    fn resolve_acks(&mut self, conn: ConnId, upto: Option<u64>, instead: Option<&Frame>) {
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        for r in c.replies.iter_mut() {
-            if let Reply::Ack { wait, ack } = r {
-                if upto.is_none_or(|u| *wait <= u) {
-                    let f = instead.unwrap_or(ack);
-                    *r = Reply::Ready(f.encode().into_bytes().into());
-                }
-            }
-        }
-        self.flush_replies(conn);
     }
 
     /// Answers every publish still waiting for `STORED`: with its `ACK` when this node is still
@@ -348,7 +333,7 @@ impl Broker {
         let mut conns: Vec<ConnId> = acks.iter().map(|a| a.conn).collect();
         conns.dedup();
         for conn in conns {
-            self.resolve_acks(conn, None, (!keep_role).then_some(&err));
+            self.flush_replies(conn, Some(u64::MAX), (!keep_role).then_some(&err));
         }
     }
 

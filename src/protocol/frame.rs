@@ -1,5 +1,7 @@
 //! One frame of either dialect: the `Frame` enum, its parser and its encoder.
 
+use std::fmt::Write as _;
+
 use super::{MsgId, ProtocolError, Role, Stamps};
 
 /// One protocol frame, either dialect.
@@ -451,4 +453,26 @@ pub fn msg_line(topic: &str, id: &MsgId, sent_us: u64, stamps: &Stamps, payload:
     );
     out.push(b'\n');
     out
+}
+
+/// The `REPL` line for one message, written from borrowed parts (no [`Frame`], no copies of the
+/// topic and payload): the primary writes one per accepted message.
+pub fn repl_line(mid: u64, topic: &str, id: &MsgId, sent_us: u64, payload: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(topic.len() + id.publisher.len() + payload.len() + 64);
+    let _ = writeln!(
+        ByteWriter(&mut out),
+        "REPL|{mid}|{topic}|{}|{}|{sent_us}|{payload}",
+        id.publisher,
+        id.seq
+    );
+    out
+}
+
+/// Appends the `ACK` for a publish (`ACK|publisher|seq`, or the seed's bare `ACK` when it came
+/// without an identity) to a write buffer.
+pub fn write_ack(id: Option<&MsgId>, out: &mut Vec<u8>) {
+    let _ = match id {
+        Some(id) => writeln!(ByteWriter(out), "ACK|{}|{}", id.publisher, id.seq),
+        None => writeln!(ByteWriter(out), "ACK"),
+    };
 }
