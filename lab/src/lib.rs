@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod check;
 pub mod harness;
 pub mod procs;
 pub mod proxy;

@@ -33,16 +33,17 @@ fn regression_seeds_stay_clean() {
 
 /// The duplicates a seed may show here: `resend` per fault slot, `resend × (faults + 1)`.
 ///
-/// Why this and not the simulator's own `duplicate_bound`, `(resend + 20) × (faults + 1)`: that
-/// one allows 25 per fault slot, about ten times anything seen. With identified publishers a
-/// broker drops the resends it already holds, so the duplicates a fault can cause are the
-/// messages delivered but not yet cleared when it hit, and the reign it ends re-sending at most
-/// its window; the publisher's window after a switch is its unacknowledged messages plus the
-/// last `resend` (5), and at 10 msg/s with a sub-second detection few are unacknowledged. The
-/// 1,000-seed reference run (results/reference-sim/simulation.csv) peaks at 2.29 duplicates per
-/// fault slot (seed 713: 16 with 6 faults; seed 485: 20 with 8; max per seed 20, mean 4.9);
-/// seeds 1–50 peak at 10. A bound of `resend` (5) per slot keeps twice that worst case as margin
-/// and still fails a change that doubles or triples the duplicates.
+/// Computed here independently of the checker (`edgepair_lab::check::duplicate_bound`), which
+/// now uses the same bound (it used to be `(resend + 20) × (faults + 1)`, 25 per fault slot,
+/// about ten times anything seen). With identified publishers a broker drops the resends it
+/// already holds, so the duplicates a fault can cause are the messages delivered but not yet
+/// cleared when it hit, and the reign it ends re-sending at most its window; the publisher's
+/// window after a switch is its unacknowledged messages plus the last `resend` (5), and at
+/// 10 msg/s with a sub-second detection few are unacknowledged. The 1,000-seed reference run
+/// (results/reference-sim/simulation.csv) peaks at 2.29 duplicates per fault slot (seed 713: 16
+/// with 6 faults; seed 485: 20 with 8; max per seed 20, mean 4.9); seeds 1–50 peak at 10. A bound
+/// of `resend` (5) per slot keeps twice that worst case as margin and still fails a change that
+/// doubles or triples the duplicates.
 fn tight_duplicate_bound(r: &SimResult, cfg: &SimConfig) -> u64 {
     let faults = edgepair_lab::sim::schedule(r.seed, cfg).len() as u64;
     cfg.resend as u64 * (faults + 1)
@@ -78,6 +79,10 @@ fn fifty_seeded_fault_schedules_lose_nothing() {
         })
         .collect();
     assert!(over.is_empty(), "{}", over.join("\n"));
+    // The checker judges by that very bound.
+    assert!(r
+        .iter()
+        .all(|r| r.duplicate_bound == tight_duplicate_bound(r, &cfg)));
 }
 
 /// Invariant 4 (one primary per epoch, outside partitions and holds). These seeds once broke

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::check;
 use crate::proxy::{self, Fault};
 use crate::report;
 
@@ -194,6 +195,9 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     // Progress until the end of the publishing window; the faults happen on the way.
     let progress = Progress::new(total, opts.no_progress);
     let mut fault_us = None;
+    // Every fault as the checker sees it, and which one is still open (node 0, node 1, link).
+    let mut spans: Vec<check::FaultSpan> = Vec::new();
+    let mut open: [Option<usize>; 3] = [None; 3];
     let mut next = 0;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -262,6 +266,34 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
                 });
                 chaos_note = format!("chaos cycle {}: {} → ", chaos_events.len(), kind.name());
                 action = act;
+            }
+            let now = now_us();
+            let mut begin = |slot: usize, kind: check::FaultKind| {
+                open[slot] = Some(spans.len());
+                spans.push(check::FaultSpan {
+                    kind,
+                    from_us: now,
+                    to_us: now,
+                });
+            };
+            match action {
+                Action::Signal(i, KillSignal::Stop) => begin(i, check::FaultKind::Hang),
+                Action::Signal(i, _) => begin(i, check::FaultKind::Crash),
+                Action::Link(Fault::Blackhole | Fault::Reset) => {
+                    begin(2, check::FaultKind::Partition)
+                }
+                Action::Link(Fault::Delay(_)) => begin(2, check::FaultKind::Latency),
+                Action::Resume(i) | Action::Restart(i) => {
+                    if let Some(k) = open[i].take() {
+                        spans[k].to_us = now;
+                    }
+                }
+                Action::Link(Fault::Pass) => {
+                    if let Some(k) = open[2].take() {
+                        spans[k].to_us = now;
+                    }
+                }
+                Action::Chaos(_) => {}
             }
             let what = match action {
                 Action::Signal(i, sig) => {
@@ -335,6 +367,11 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     for p in &proxies {
         p.set(Fault::Pass);
     }
+    // A fault still open at the end of publishing (a link never healed) ends here.
+    let healed = now_us();
+    for k in open.iter().flatten() {
+        spans[*k].to_us = healed;
+    }
 
     // Stop publishing; the publisher still collects outstanding ACKs before it exits.
     let pub_status = procs[3].stop(Duration::from_secs(10)).await;
@@ -403,6 +440,10 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
             .iter()
             .map(|e| (e.at_us, e.fault.to_string()))
             .collect(),
+        faults: spans,
+        // The binaries' defaults: the harness passes neither `--resend` nor `--ping-interval`.
+        resend: 5,
+        ping_interval_us: 1_000_000,
         signal: match faults.first().map(|f| f.1) {
             Some(Action::Signal(_, s)) => s.name().to_string(),
             Some(Action::Link(f)) => format!("{f:?}"),

@@ -1,5 +1,8 @@
 //! Judging a run: from the subscriber's deliveries to a verdict, CSV reports and pictures.
 //!
+//! What is missing, duplicated and reordered, and the epoch rule, are judged by
+//! [`crate::check::check`], the same checker the simulation uses; this module adds the figures.
+//!
 //! Pure: it reads a CSV and writes files, never touches a socket or the clock, so every number
 //! it prints can be checked on hand-made deliveries (see the tests at the bottom).
 //!
@@ -14,7 +17,8 @@
 //!   seconds since the first message; `count`, `p50_ms`, `p99_ms`) so the failover shows up, then
 //!   `section=stage` rows (key `to broker`, `queue wait`, `compute`, `delivery`; `count`,
 //!   `p50_ms`, `p99_ms`): where the time went, from the broker-side stamps of each delivery;
-//! * `summary.json`: `{"run": RunInfo, "analysis": Analysis}`;
+//! * `summary.json`: `{"run": RunInfo, "analysis": Analysis, "check": Verdict}`, the last
+//!   being the whole verdict of [`crate::check::check`] (epochs and duplicate bound included);
 //! * `timeline.svg`: sequence number against time, coloured by broker, the fault marked and the
 //!   failover gap shaded; `latency.svg`: end-to-end latency of every delivery against time.
 
@@ -30,6 +34,8 @@ mod plot;
 
 pub(crate) use plot::{draw_legend, plot_err};
 use plot::{latency_svg, timeline_svg};
+
+use crate::check::{self, FaultSpan, Verdict};
 
 /// Columns of a delivery CSV (`subscriber --csv`, `deliveries.csv`), in order.
 pub const DELIVERY_COLUMNS: [&str; 13] = [
@@ -100,6 +106,24 @@ pub struct RunInfo {
     /// Faults of a chaos run (µs since the Unix epoch, name), drawn as lines on the pictures.
     #[serde(default)]
     pub marks: Vec<(u64, String)>,
+    /// Every fault injected, with its window: what the checker derives the duplicate bound and
+    /// the split-brain excuse from.
+    #[serde(default)]
+    pub faults: Vec<FaultSpan>,
+    /// The test publisher's resend window (`--resend`, default 5).
+    #[serde(default = "default_resend")]
+    pub resend: u64,
+    /// The backup's ping interval, µs (`--ping-interval`, default 1 s).
+    #[serde(default = "default_ping_interval_us")]
+    pub ping_interval_us: u64,
+}
+
+fn default_resend() -> u64 {
+    5
+}
+
+fn default_ping_interval_us() -> u64 {
+    1_000_000
 }
 
 /// Latency percentiles in milliseconds.
@@ -190,6 +214,10 @@ pub struct Analysis {
     pub gaps: Vec<Gap>,
     /// Nothing missing (and something published).
     pub verdict_ok: bool,
+    /// The checker's whole verdict ([`crate::check`]): the figures above that judge the run come
+    /// from it; written to `summary.json` as `check`, beside `analysis`.
+    #[serde(skip)]
+    pub check: Verdict,
 }
 
 fn percentiles(h: &Histogram<u64>) -> Percentiles {
@@ -213,8 +241,20 @@ fn histogram() -> Histogram<u64> {
         .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
 
-/// Analyses the deliveries of one run.
+/// Analyses the deliveries of one run. What is missing, duplicated or reordered, and the epoch
+/// rule, are judged by [`check::check`]; this adds the figures (latency, silences, gaps).
 pub fn analyze(all: &[Delivery], info: &RunInfo) -> Analysis {
+    let verdict = check::check(
+        all,
+        &check::Expect {
+            publisher: info.publisher.as_deref(),
+            published: info.published,
+            acked: None,
+            faults: &info.faults,
+            resend: info.resend,
+            ping_interval_us: info.ping_interval_us,
+        },
+    );
     let mut rows: Vec<&Delivery> = all
         .iter()
         .filter(|d| info.publisher.as_ref().is_none_or(|p| &d.publisher == p))
@@ -224,20 +264,12 @@ pub fn analyze(all: &[Delivery], info: &RunInfo) -> Analysis {
     let mut seen = HashSet::new();
     let mut stage_hists = [histogram(), histogram(), histogram(), histogram()];
     let mut first: BTreeMap<u64, &Delivery> = BTreeMap::new();
-    let mut duplicates = 0;
-    let mut reordered = 0;
-    let mut highest = 0;
     let mut hist = histogram();
     let mut seconds: BTreeMap<u64, Histogram<u64>> = BTreeMap::new();
     for d in &rows {
         if !seen.insert((d.publisher.as_str(), d.seq)) {
-            duplicates += 1;
             continue;
         }
-        if d.seq < highest {
-            reordered += 1;
-        }
-        highest = highest.max(d.seq);
         first.insert(d.seq, d);
         let lat = d.latency_us.max(1) as u64;
         let _ = hist.record(lat.min(3_600_000_000));
@@ -261,9 +293,7 @@ pub fn analyze(all: &[Delivery], info: &RunInfo) -> Analysis {
             .or_insert_with(histogram)
             .record(lat.min(3_600_000_000));
     }
-    let missing: Vec<u64> = (1..=info.published)
-        .filter(|s| !first.contains_key(s))
-        .collect();
+    let missing = &verdict.missing;
     let by_backup = rows.iter().filter(|d| d.source == "backup").count() as u64;
     let failover_first = info.kill_at_us.and_then(|k| {
         rows.iter()
@@ -330,13 +360,13 @@ pub fn analyze(all: &[Delivery], info: &RunInfo) -> Analysis {
     }
 
     Analysis {
-        published: info.published,
-        delivered: rows.len() as u64,
-        unique: first.len() as u64,
-        verdict_ok: missing.is_empty() && info.published > 0,
-        missing,
-        duplicates,
-        reordered,
+        published: verdict.published,
+        delivered: verdict.delivered,
+        unique: verdict.unique,
+        verdict_ok: verdict.all_delivered(),
+        missing: verdict.missing.clone(),
+        duplicates: verdict.duplicates,
+        reordered: verdict.reordered,
         by_primary: rows.len() as u64 - by_backup,
         by_backup,
         failover_gap_ms,
@@ -359,6 +389,7 @@ pub fn analyze(all: &[Delivery], info: &RunInfo) -> Analysis {
             })
             .collect(),
         gaps,
+        check: verdict,
     }
 }
 
@@ -514,7 +545,7 @@ pub fn write_reports(
     }
     w.flush()?;
 
-    let summary = serde_json::json!({ "run": info, "analysis": a });
+    let summary = serde_json::json!({ "run": info, "analysis": a, "check": a.check });
     std::fs::write(
         dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?,

@@ -31,6 +31,9 @@ fn info(published: u64, kill_ms: Option<u64>) -> RunInfo {
         scenario: "kill-primary".into(),
         signal: "SIGKILL".into(),
         marks: Vec::new(),
+        faults: Vec::new(),
+        resend: 5,
+        ping_interval_us: 1_000_000,
     }
 }
 
@@ -197,4 +200,45 @@ fn a_bad_row_names_its_line() {
     std::fs::write(&p, text).expect("write");
     let err = read_deliveries(&p).expect_err("bad row").to_string();
     assert!(err.contains("line 3"), "{err}");
+}
+
+#[test]
+fn the_run_is_judged_by_the_checker_with_its_faults() {
+    // The backup delivers in epoch 2 from 1 s on; the hung primary wakes up and delivers once
+    // more in epoch 1 at 1.5 s.
+    let mut rows: Vec<Delivery> = (1..=9).map(|s| d(s, s * 100, "primary", false)).collect();
+    for s in 10..=14 {
+        rows.push(Delivery {
+            epoch: 2,
+            ..d(s, s * 100, "backup", false)
+        });
+    }
+    rows.push(d(15, 1500, "primary", false));
+    let at = |ms: u64| 1_000_000_000 + ms * 1000;
+    let mut i = info(15, Some(900));
+    i.faults = vec![FaultSpan {
+        kind: check::FaultKind::Hang,
+        from_us: at(900),
+        to_us: at(1400),
+    }];
+    let a = analyze(&rows, &i);
+    assert!(a.verdict_ok, "nothing is missing: the exit status stays 0");
+    assert_eq!((a.check.epoch_violations, a.check.split_brain), (1, 0));
+    assert_eq!(a.check.duplicate_bound, 10);
+    assert_eq!(a.check.missing, a.missing);
+    // Had the fault been a partition, the same delivery would be split brain.
+    i.faults[0].kind = check::FaultKind::Partition;
+    let a = analyze(&rows, &i);
+    assert_eq!((a.check.epoch_violations, a.check.split_brain), (0, 1));
+    // summary.json carries the verdict beside the analysis, whose fields are unchanged.
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_reports(dir.path(), &a, &rows, &i).expect("write");
+    let j: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("summary.json")).expect("json"),
+    )
+    .expect("parse");
+    assert_eq!(j["check"]["split_brain"], 1);
+    assert_eq!(j["run"]["faults"][0]["kind"], "Partition");
+    assert!(j["analysis"].get("check").is_none());
+    assert_eq!(j["analysis"]["missing"], serde_json::json!([]));
 }

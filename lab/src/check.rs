@@ -1,0 +1,327 @@
+//! The one invariant checker: what every run of the pair is judged by, whether it ran as real
+//! processes (the harness: single runs, the matrix, chaos) or inside the simulator.
+//!
+//! [`check`] takes the subscriber's deliveries, what was published (and, when known, which
+//! messages were acknowledged) and the faults that were injected (kind and time window), and
+//! returns one [`Verdict`]:
+//!
+//! 1. **lost**: acknowledged messages never delivered ([`Verdict::lost_acked`]), and, counted
+//!    apart, produced but unacknowledged messages never delivered
+//!    ([`Verdict::unacked_missing`]); together they are [`Verdict::missing`];
+//! 2. **duplicates**: deliveries of a `(publisher, seq)` already delivered, judged against
+//!    [`duplicate_bound`];
+//! 3. **reordering**, per publisher: first deliveries that came after a higher sequence number
+//!    of the same publisher;
+//! 4. **epochs**: two different nodes delivering in one epoch, or a node delivering in an epoch
+//!    older than one already delivered in. Such a delivery inside the window of a link fault
+//!    (see [`FaultKind::excuses_split_brain`] and [`excused_until_us`]) is split brain, counted
+//!    apart and not a violation; anywhere else it is an [`EpochViolation`].
+//!
+//! Pure: no socket, no clock; every rule is tested on hand-made deliveries at the bottom.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use edgepair::client::Delivery;
+
+/// What a fault did, as far as judging a run is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FaultKind {
+    /// A node killed (SIGKILL or SIGTERM), brought back later or not.
+    Crash,
+    /// A node killed and started again at once.
+    Restart,
+    /// A node stopped (SIGSTOP) and resumed later: it may wake up believing it is primary.
+    Hang,
+    /// The primary↔backup link cut.
+    Partition,
+    /// Everything on the primary↔backup link held back (delayed, not dropped).
+    Hold,
+    /// The primary↔backup link slowed down.
+    Latency,
+}
+
+impl FaultKind {
+    /// Whether deliveries by two nodes in one reign are excused (split brain) while this fault
+    /// lasts. Only link faults: when the primary↔backup link is cut, held or slowed beyond the
+    /// ping timeout, the backup takes over while the primary, alive and cut off, keeps serving.
+    /// The pair chooses availability over consistency here (BACKUP_SYSTEM.md, "Failure
+    /// analysis", Partitions), so both nodes may deliver until the link heals and the lower
+    /// epoch steps down. A crashed, restarted or hung node gets no such excuse: a hung primary
+    /// that wakes up must not deliver in its stale epoch.
+    pub fn excuses_split_brain(self) -> bool {
+        matches!(
+            self,
+            FaultKind::Partition | FaultKind::Hold | FaultKind::Latency
+        )
+    }
+}
+
+/// One injected fault: its kind and when it started and ended, µs since the Unix epoch (the
+/// subscriber's clock, the clock of [`Delivery::received_at_us`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultSpan {
+    /// What.
+    pub kind: FaultKind,
+    /// Start.
+    pub from_us: u64,
+    /// End (healed); `from_us` for an instant fault.
+    pub to_us: u64,
+}
+
+/// Ping intervals after a link fault heals during which split brain is still excused: the
+/// backup needs up to a ping to hear the primary again, and the lower epoch a round trip more to
+/// step down and hand over. The simulator has always used 3.
+pub const SPLIT_BRAIN_PINGS: u64 = 3;
+
+/// Slack added after those ping intervals, µs: deliveries already under way (compute time, the
+/// subscriber's queue) when the lower epoch stepped down.
+pub const SPLIT_BRAIN_SLACK_US: u64 = 1_000_000;
+
+/// End of the window in which a link fault excuses split brain: the fault's end, plus
+/// [`SPLIT_BRAIN_PINGS`] ping intervals, plus [`SPLIT_BRAIN_SLACK_US`]. The window starts when
+/// the fault starts. This is the only excuse window there is.
+pub fn excused_until_us(f: &FaultSpan, ping_interval_us: u64) -> u64 {
+    f.to_us + SPLIT_BRAIN_PINGS * ping_interval_us + SPLIT_BRAIN_SLACK_US
+}
+
+/// The duplicates a run may show: `resend × (faults + 1)`.
+///
+/// Why: identified publishers' resends of messages a broker already holds are dropped by the
+/// broker, so duplicates come only from a change of reign: messages delivered by the old reign
+/// whose `CLR` had not reached the other node (replayed by it), and the publisher's window after
+/// it switches (its unacknowledged messages plus the last `resend`). Each fault can cause at most
+/// one such change (or one split that heals), and at the publishing rates used (10 msg/s, under
+/// a second to detect a fault) what is uncleared or unacknowledged at that moment stays under the
+/// resend window; the `+ 1` is the slot of the run's start and end, with no fault. Evidence:
+/// the 1,000-seed reference simulation (`results/reference-sim/simulation.csv`) peaks at 2.29
+/// duplicates per slot (seed 713: 16 with 6 faults), so `resend` (5) per slot leaves about twice
+/// the worst case as margin and still fails a change that doubles or triples the duplicates. The
+/// simulator used to allow `(resend + 20) × (faults + 1)`, ten times anything seen.
+pub fn duplicate_bound(resend: u64, faults: usize) -> u64 {
+    resend * (faults as u64 + 1)
+}
+
+/// What [`check`] needs besides the deliveries.
+#[derive(Debug, Clone, Copy)]
+pub struct Expect<'a> {
+    /// Judge only this publisher's messages (`None`: every publisher). Epochs are judged over
+    /// every delivery, whoever published it.
+    pub publisher: Option<&'a str>,
+    /// The publisher produced sequence numbers `1..=published`.
+    pub published: u64,
+    /// The sequence numbers the publisher had acknowledged, when known (the simulation knows;
+    /// the harness does not, and then every missing message counts as unacknowledged).
+    pub acked: Option<&'a BTreeSet<u64>>,
+    /// The faults injected.
+    pub faults: &'a [FaultSpan],
+    /// The publisher's resend window (see [`duplicate_bound`]).
+    pub resend: u64,
+    /// The backup's ping interval, µs (see [`excused_until_us`]).
+    pub ping_interval_us: u64,
+}
+
+/// Why a delivery broke the epoch rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EpochRule {
+    /// Another node had already delivered in this epoch.
+    TwoNodes,
+    /// A higher epoch had already been delivered in.
+    Stale,
+}
+
+/// A delivery that broke the epoch rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochViolation {
+    /// When it arrived.
+    pub received_at_us: u64,
+    /// The node (connection) it came from.
+    pub source: String,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Sequence number.
+    pub seq: u64,
+    /// The rules it broke (one or both).
+    pub rules: Vec<EpochRule>,
+    /// Inside a link fault's window: split brain, reported, not a violation.
+    pub excused: bool,
+}
+
+/// The verdict on a run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// Messages the publisher produced.
+    pub published: u64,
+    /// Deliveries (rows) of the judged publisher(s), duplicates included.
+    pub delivered: u64,
+    /// Distinct `(publisher, seq)` delivered.
+    pub unique: u64,
+    /// Sequence numbers in `1..=published` never delivered, ascending.
+    pub missing: Vec<u64>,
+    /// Acknowledged sequence numbers never delivered (empty when acks are unknown).
+    pub lost_acked: Vec<u64>,
+    /// Missing sequence numbers that were not acknowledged (all of them when acks are unknown).
+    pub unacked_missing: Vec<u64>,
+    /// Whether the acknowledged set was known.
+    pub acks_known: bool,
+    /// Deliveries of a `(publisher, seq)` delivered before.
+    pub duplicates: u64,
+    /// The duplicates allowed ([`duplicate_bound`]).
+    pub duplicate_bound: u64,
+    /// First deliveries that came after a higher sequence number of the same publisher.
+    pub reordered: u64,
+    /// The same, per publisher.
+    pub reordered_by_publisher: BTreeMap<String, u64>,
+    /// Deliveries that broke the epoch rule, excused or not, in arrival order.
+    pub epoch_events: Vec<EpochViolation>,
+    /// Of those, outside any excuse window: violations.
+    pub epoch_violations: u64,
+    /// Of those, inside a link fault's window: split brain.
+    pub split_brain: u64,
+}
+
+impl Verdict {
+    /// Every produced message was delivered at least once, and something was produced: what the
+    /// harness's PASS and exit status say.
+    pub fn all_delivered(&self) -> bool {
+        self.missing.is_empty() && self.published > 0
+    }
+
+    /// The broken invariants, in words; empty when the run is clean.
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if !self.lost_acked.is_empty() {
+            v.push(format!(
+                "{} acknowledged message(s) lost",
+                self.lost_acked.len()
+            ));
+        }
+        if !self.missing.is_empty() {
+            v.push(format!(
+                "{} produced message(s) never delivered",
+                self.missing.len()
+            ));
+        }
+        if self.epoch_violations > 0 {
+            v.push(format!(
+                "{} stale or double-epoch deliveries",
+                self.epoch_violations
+            ));
+        }
+        if self.duplicates > self.duplicate_bound {
+            v.push(format!(
+                "{} duplicates > bound {}",
+                self.duplicates, self.duplicate_bound
+            ));
+        }
+        if self.published == 0 {
+            v.push("nothing published".into());
+        }
+        v
+    }
+}
+
+/// Judges one run. The deliveries may come in any order; they are taken in order of arrival at
+/// the subscriber (ties keep their given order).
+pub fn check(deliveries: &[Delivery], x: &Expect<'_>) -> Verdict {
+    let mut all: Vec<&Delivery> = deliveries.iter().collect();
+    all.sort_by_key(|d| d.received_at_us);
+    let judged = |d: &&&Delivery| x.publisher.is_none_or(|p| d.publisher == p);
+
+    // 1–3: loss, duplicates, order, over the judged publisher(s).
+    let mut seen: HashSet<(&str, u64)> = HashSet::new();
+    let mut highest: HashMap<&str, u64> = HashMap::new();
+    let mut reordered_by_publisher: BTreeMap<String, u64> = BTreeMap::new();
+    let mut delivered_seqs: BTreeSet<u64> = BTreeSet::new();
+    let (mut delivered, mut duplicates) = (0u64, 0u64);
+    for d in all.iter().filter(judged) {
+        delivered += 1;
+        if !seen.insert((d.publisher.as_str(), d.seq)) {
+            duplicates += 1;
+            continue;
+        }
+        delivered_seqs.insert(d.seq);
+        let h = highest.entry(d.publisher.as_str()).or_insert(0);
+        if d.seq < *h {
+            *reordered_by_publisher
+                .entry(d.publisher.clone())
+                .or_insert(0) += 1;
+        }
+        *h = (*h).max(d.seq);
+    }
+    let missing: Vec<u64> = (1..=x.published)
+        .filter(|s| !delivered_seqs.contains(s))
+        .collect();
+    let lost_acked: Vec<u64> = x
+        .acked
+        .map(|a| {
+            a.iter()
+                .copied()
+                .filter(|s| !delivered_seqs.contains(s))
+                .collect()
+        })
+        .unwrap_or_default();
+    let unacked_missing: Vec<u64> = missing
+        .iter()
+        .copied()
+        .filter(|s| x.acked.is_none_or(|a| !a.contains(s)))
+        .collect();
+
+    // 4: epochs, over every delivery.
+    let excused = |us: u64| {
+        x.faults.iter().any(|f| {
+            f.kind.excuses_split_brain()
+                && us >= f.from_us
+                && us <= excused_until_us(f, x.ping_interval_us)
+        })
+    };
+    let mut epoch_node: HashMap<u64, &str> = HashMap::new();
+    let mut newest = 0u64;
+    let mut epoch_events = Vec::new();
+    for d in &all {
+        let mut rules = Vec::new();
+        match epoch_node.get(&d.epoch) {
+            Some(n) if *n != d.source.as_str() => rules.push(EpochRule::TwoNodes),
+            Some(_) => {}
+            None => {
+                epoch_node.insert(d.epoch, d.source.as_str());
+            }
+        }
+        if d.epoch < newest {
+            rules.push(EpochRule::Stale);
+        }
+        newest = newest.max(d.epoch);
+        if !rules.is_empty() {
+            epoch_events.push(EpochViolation {
+                received_at_us: d.received_at_us,
+                source: d.source.clone(),
+                epoch: d.epoch,
+                seq: d.seq,
+                rules,
+                excused: excused(d.received_at_us),
+            });
+        }
+    }
+    let split_brain = epoch_events.iter().filter(|e| e.excused).count() as u64;
+
+    Verdict {
+        published: x.published,
+        delivered,
+        unique: seen.len() as u64,
+        missing,
+        lost_acked,
+        unacked_missing,
+        acks_known: x.acked.is_some(),
+        duplicates,
+        duplicate_bound: duplicate_bound(x.resend, x.faults.len()),
+        reordered: reordered_by_publisher.values().sum(),
+        reordered_by_publisher,
+        epoch_violations: epoch_events.len() as u64 - split_brain,
+        split_brain,
+        epoch_events,
+    }
+}
+
+#[cfg(test)]
+mod tests;
