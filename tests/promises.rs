@@ -682,3 +682,87 @@ fn publisher_stopped_while_both_brokers_are_gone_reports_the_unacknowledged_ones
         "the summary must list exactly the unacknowledged"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// A client that pipelines without reading its answers is paced, not buffered without bound.
+// ---------------------------------------------------------------------------------------------
+
+/// Writes `data` without blocking until it is all written or `limit` passes; returns how much
+/// was written.
+fn write_for(s: &mut std::net::TcpStream, data: &[u8], limit: Duration) -> usize {
+    let end = Instant::now() + limit;
+    let mut done = 0;
+    while done < data.len() && Instant::now() < end {
+        match s.write(&data[done..]) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("write failed: {e}"),
+        }
+    }
+    done
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_publisher_that_never_reads_its_acks_is_paced_and_resumes_when_it_reads() {
+    let (pp, dead) = (free_port(), free_port());
+    let pa = addr(pp);
+    let primary = spawn_bin("primary", &[&pp.to_string(), &addr(dead), "--compute", "0"]);
+    wait_status(&pa, "primary", "down");
+    let pid = primary.child.id();
+    let before = rss_kib(pid);
+    // 1,000,000 publishes (25 MB) answered by 14 MB of ACKs: more than the socket buffers on
+    // both sides hold (a few MB each way on loopback).
+    let n = 1_000_000u64;
+    let mut data = Vec::new();
+    for seq in 1..=n {
+        data.extend_from_slice(format!("PUB|pace|pq|{seq}|1|x\n").as_bytes());
+    }
+    let mut s = std::net::TcpStream::connect(&pa).expect("connect");
+    s.set_nonblocking(true).expect("nonblocking");
+    let first = write_for(&mut s, &data, 5 * SEC);
+    assert!(
+        first < data.len(),
+        "all {} bytes taken while no answer was read",
+        data.len()
+    );
+    // A broker that kept reading would hold every answer it could not write: hundreds of
+    // thousands of lines (each a buffer of its own) in 5 s. A paced one holds 8,192.
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(
+        grown < 32 * 1024,
+        "the broker grew by {grown} KiB while its client did not read"
+    );
+    // Read the answers (in order) while writing the rest: everything goes through.
+    let reader = s.try_clone().expect("clone");
+    reader.set_nonblocking(false).expect("blocking");
+    reader
+        .set_read_timeout(Some(10 * SEC))
+        .expect("read timeout");
+    let acks = std::thread::spawn(move || {
+        let mut next = 1u64;
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            assert_eq!(line, format!("ACK|pq|{next}"), "ACKs in order");
+            next += 1;
+            if next > n {
+                break;
+            }
+        }
+        next - 1
+    });
+    let rest = write_for(&mut s, &data[first..], 60 * SEC);
+    assert_eq!(first + rest, data.len(), "writing did not resume");
+    assert_eq!(acks.join().expect("reader"), n);
+}
