@@ -213,7 +213,7 @@ impl Broker {
         }
     }
 
-    /// The link failed: it could not connect (`reason` says why) or it was `"closed"`.
+    /// The link failed: it could not connect, or broke or was closed (`reason` says which).
     pub(super) fn on_link_failed(&mut self, conn: ConnId, reason: &str) {
         let peer = self.cfg.peer.clone().unwrap_or_default();
         let Some(p) = self.primary() else {
@@ -228,13 +228,16 @@ impl Broker {
                 };
                 self.link_lost(why);
             }
-            LinkState::Connecting(c) | LinkState::Hello(c) if c == conn => {
-                if !p.link.said_degraded && reason != "closed" {
+            LinkState::Connecting(c) if c == conn => {
+                if !p.link.said_degraded {
                     warn!("backup {peer} unreachable ({reason}): running degraded, retrying");
                     p.link.said_degraded = true;
                 }
                 self.link_retry(None);
             }
+            // Connected, then closed or broke without a word: not there yet (or a proxy in
+            // front of a node that is down). Try again later, quietly.
+            LinkState::Hello(c) if c == conn => self.link_retry(None),
             _ => {}
         }
     }
