@@ -186,7 +186,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     // A node holds the results it computes in its first STARTUP_GRACE (documented in
     // BACKUP_SYSTEM.md), so that subscribers it lost in a previous life can come back first.
     // Publishing before that is over would show the grace as latency of the first messages.
-    tokio::time::sleep_until((brokers_started + edgepair::core::STARTUP_GRACE).into()).await;
+    tokio::time::sleep_until(brokers_started + edgepair::core::STARTUP_GRACE).await;
     let run_start_us = now_us();
     let run_start = Instant::now();
     procs.push(spawn_logged(
