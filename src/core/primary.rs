@@ -341,9 +341,9 @@ impl Broker {
     /// freeze): while it slept, the backup may have taken over. Starts a check with the peer.
     pub(super) fn stalled(&mut self) -> bool {
         let now = self.now.mono;
-        let Some(peer) = self.cfg.peer.clone() else {
+        if self.cfg.peer.is_none() {
             return false;
-        };
+        }
         let Some(p) = self.primary() else {
             return false;
         };
@@ -352,6 +352,7 @@ impl Broker {
             warn!("this process was paused for {gap:?}: holding deliveries until the peer confirms our role");
             p.suspect = true;
             let epoch = self.epoch;
+            let peer = self.cfg.peer.clone().unwrap_or_default();
             self.open(Purpose::Fence { epoch }, peer, LINK_TIMEOUT);
         }
         self.primary().is_some_and(|p| p.suspect)

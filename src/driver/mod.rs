@@ -154,17 +154,23 @@ pub async fn run(
         net: cfg.net,
     };
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+    // One timer for the core's next deadline, moved only when the deadline moves: arming a
+    // fresh one per event would cost a timer-wheel insertion and removal per message.
+    let mut armed = d.core.poll_timeout();
+    let timer = tokio::time::sleep_until(d.clock.instant(armed.unwrap_or_default()));
+    let stop = shutdown.cancelled();
+    tokio::pin!(timer, stop);
     loop {
         d.act();
-        let deadline = d.core.poll_timeout().map(|t| d.clock.instant(t));
-        let timer = async move {
-            match deadline {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
+        let next = d.core.poll_timeout();
+        if next != armed {
+            armed = next;
+            if let Some(t) = next {
+                timer.as_mut().reset(d.clock.instant(t));
             }
-        };
+        }
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = &mut stop => break,
             a = listener.accept() => match a {
                 Ok((stream, peer)) => {
                     backoff.reset();
@@ -181,9 +187,11 @@ pub async fn run(
             },
             Some(ev) = d.readers.next(), if !d.readers.is_empty() => d.read_batch(ev),
             Some(done) = done_rx.recv() => d.done(done),
-            _ = timer => {
+            _ = &mut timer, if armed.is_some() => {
                 let now = d.clock.now();
                 d.core.handle_timeout(now);
+                // Re-armed above from the core's next deadline, even if it did not move.
+                armed = None;
             }
         }
     }
