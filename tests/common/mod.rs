@@ -264,3 +264,94 @@ pub fn wait_status(addr: &str, role: &str, link: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+// Brokers, subscriptions and waits shared by the promise tests.
+
+pub const SEC: Duration = Duration::from_secs(1);
+
+pub fn addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+/// A primary whose configured backup port has nothing listening: it runs degraded (link `down`).
+pub fn solo_primary(extra: &[&str]) -> (ChildGuard, String) {
+    let (pp, dead) = (free_port(), free_port());
+    let dead = addr(dead);
+    let mut args = vec![pp.to_string(), dead];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let g = spawn_bin("primary", &argv);
+    wait_status(&addr(pp), "primary", "down");
+    (g, addr(pp))
+}
+
+/// A paired primary and backup (primary link `up`, backup `armed`).
+pub fn pair(
+    primary_extra: &[&str],
+    backup_extra: &[&str],
+) -> (ChildGuard, ChildGuard, String, String) {
+    let (pp, bp) = (free_port(), free_port());
+    let (pa, ba) = (addr(pp), addr(bp));
+    let mut a = vec![pp.to_string(), ba.clone()];
+    a.extend(primary_extra.iter().map(|s| s.to_string()));
+    let mut b = vec![bp.to_string(), pa.clone()];
+    b.extend(backup_extra.iter().map(|s| s.to_string()));
+    let primary = spawn_bin("primary", &a.iter().map(String::as_str).collect::<Vec<_>>());
+    let backup = spawn_bin("backup", &b.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_status(&pa, "primary", "up");
+    wait_status(&ba, "backup", "armed");
+    (primary, backup, pa, ba)
+}
+
+/// An identified subscriber (`SUB`), registered: the `PONG` after `SUB` proves it.
+pub fn subscribe(broker: &str, topic: &str) -> LineConn {
+    let mut s = LineConn::connect(broker);
+    s.send_line(&format!("SUB|{topic}"));
+    s.send_line("PING");
+    assert_eq!(
+        s.next(5 * SEC),
+        Got::Line("PONG".into()),
+        "SUB not registered"
+    );
+    s
+}
+
+/// `(publisher, seq, epoch, payload)` of a `MSG` line.
+pub fn parse_msg(line: &str) -> (String, u64, u64, String) {
+    let f: Vec<&str> = line.splitn(7, '|').collect();
+    assert!(f.len() == 7 && f[0] == "MSG", "not a MSG frame: {line}");
+    let epoch = f[5]
+        .split(',')
+        .find_map(|kv| kv.strip_prefix("e="))
+        .and_then(|e| e.parse().ok())
+        .unwrap_or_else(|| panic!("no epoch in {line}"));
+    (
+        f[2].to_string(),
+        f[3].parse().expect("seq"),
+        epoch,
+        f[6].to_string(),
+    )
+}
+
+pub fn status(broker: &str) -> String {
+    let mut c = LineConn::connect(broker);
+    c.send_line("STATUS");
+    match c.next(5 * SEC) {
+        Got::Line(l) => l,
+        other => panic!("no STATUS from {broker}: {other:?}"),
+    }
+}
+
+/// Polls `f` every 20 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
