@@ -262,3 +262,39 @@ fn publishes_from_a_client_that_hung_up_during_the_takeover_are_still_served() {
     assert_eq!(p.role(B), Role::Primary);
     assert_eq!(seqs(&p, sb), [1, 2, 3]);
 }
+
+#[test]
+fn frames_behind_a_forwarded_publish_are_answered_in_order_and_reading_is_held_meanwhile() {
+    let (mut p, ..) = linked(steady);
+    p.pause(P);
+    // The backup must probe before it can answer the publish: everything after it waits, in
+    // order, and past the backlog bound the node asks not to be given more.
+    let c = p.client(B);
+    let n = edgepair::core::BACKLOG_HOLD;
+    p.send(c, "PUB|t|pub|1|1|m1");
+    for _ in 0..n {
+        p.send(c, "PING");
+    }
+    p.send(c, "FROBNICATE|x");
+    p.send(c, "PING");
+    p.run_until(ms(2_000), |p| p.clients[c].lines.len() == n + 3);
+    let lines = &p.clients[c].lines;
+    assert_eq!(
+        lines[0],
+        "ACK|pub|1",
+        "answered in order: {:?}",
+        &lines[..3]
+    );
+    assert!(lines[1..=n].iter().all(|l| l == "PONG"), "then the PINGs");
+    assert!(
+        lines[n + 1].starts_with("ERR|unknown verb"),
+        "then the bad line"
+    );
+    assert_eq!(lines[n + 2], "PONG");
+    assert_eq!(
+        p.clients[c].holds,
+        [true, false],
+        "held while busy, released after"
+    );
+    assert_eq!(p.role(B), Role::Primary);
+}

@@ -89,6 +89,9 @@ fn publisher_stopped_with_ctrl_c_waits_for_its_outstanding_acks() {
     );
     backup.signal(libc::SIGCONT);
     let st = publisher.wait_exit(10 * SEC);
+    // The process has exited; its last lines may still be on their way through the pipe to
+    // the thread that collects them.
+    wait_until(5 * SEC, || summary(&publisher.stdout_lines()).is_some());
     let out = publisher.stdout_lines();
     assert!(st.is_some_and(|s| s.success()), "{st:?}: {out:?}");
     let (published, acked, unacked) = summary(&out).expect("summary line");
@@ -140,6 +143,7 @@ fn publisher_stopped_while_both_brokers_are_gone_reports_the_unacknowledged_ones
         >= 5));
     publisher.signal(libc::SIGINT);
     let st = publisher.wait_exit(10 * SEC);
+    wait_until(5 * SEC, || summary(&publisher.stdout_lines()).is_some());
     let out = publisher.stdout_lines();
     assert!(st.is_some_and(|s| s.code() == Some(1)), "{st:?}: {out:?}");
     let (published, acked, unacked) = summary(&out).expect("summary line");

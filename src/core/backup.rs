@@ -282,7 +282,10 @@ impl Broker {
     /// A forward failed: try once more (a fresh decision), then tell the client to retry.
     pub(super) fn forward_failed(&mut self, client: ConnId, frame: Frame, attempt: u8, e: &str) {
         warn!("forwarding a publish to the primary failed: {e}");
-        if attempt == 0 {
+        if self.role() == Role::Primary {
+            // We took over while it was out: serve it here.
+            self.serve_here(client, frame);
+        } else if attempt == 0 {
             self.decide_publish(client, frame, 1);
         } else {
             let reason = "primary alive but not accepting; retry".into();

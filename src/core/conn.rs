@@ -22,6 +22,13 @@ pub(super) enum Kind {
     Out(Purpose),
 }
 
+/// A line that did not parse, kept to be answered in its turn.
+#[derive(Debug)]
+pub(super) struct Bad {
+    pub reason: String,
+    pub fatal: bool,
+}
+
 /// One answer owed to a client, in the order of the questions.
 #[derive(Debug)]
 pub(super) enum Reply {
@@ -38,14 +45,14 @@ pub(super) enum Reply {
 #[derive(Debug)]
 pub(super) struct Conn {
     pub kind: Kind,
-    /// Outbound: the connect finished.
-    pub connected: bool,
     /// Answers still owed, oldest first; empty when nothing waits.
     pub replies: VecDeque<Reply>,
     /// A publish is being forwarded: later frames wait in `backlog`, so a connection's frames
     /// are handled one after the other, as they came.
     pub busy: bool,
-    pub backlog: VecDeque<Frame>,
+    pub backlog: VecDeque<Result<Frame, Bad>>,
+    /// We asked not to be given more of this connection's frames (see [`super::BACKLOG_HOLD`]).
+    pub held: bool,
     /// The client closed while busy: forgotten once its backlog is handled.
     pub hung_up: bool,
     /// Topics this connection subscribed to, to unregister it when it closes.
@@ -56,10 +63,10 @@ impl Conn {
     pub fn new(kind: Kind) -> Conn {
         Conn {
             kind,
-            connected: false,
             replies: VecDeque::new(),
             busy: false,
             backlog: VecDeque::new(),
+            held: false,
             hung_up: false,
             topics: Vec::new(),
         }
@@ -175,6 +182,19 @@ impl Broker {
         self.resume(conn);
     }
 
+    /// Keeps a frame (or a bad line) of a busy connection for its turn; past
+    /// [`super::BACKLOG_HOLD`] of them, asks the caller to stop reading the connection.
+    pub(super) fn hold_back(&mut self, conn: ConnId, item: Result<Frame, Bad>) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.backlog.push_back(item);
+        if c.backlog.len() >= super::BACKLOG_HOLD && !c.held {
+            c.held = true;
+            self.out.push_back(Output::Hold { conn, held: true });
+        }
+    }
+
     /// `conn` is no longer busy: handle the frames that waited, until one makes it busy again.
     pub(super) fn resume(&mut self, conn: ConnId) {
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -184,10 +204,17 @@ impl Broker {
             if c.busy {
                 return;
             }
-            let Some(f) = c.backlog.pop_front() else {
+            let Some(item) = c.backlog.pop_front() else {
                 break;
             };
-            self.dispatch(conn, f);
+            match item {
+                Ok(f) => self.dispatch(conn, f),
+                Err(bad) => self.on_bad(conn, bad),
+            }
+        }
+        if let Some(c) = self.conns.get_mut(&conn).filter(|c| c.held) {
+            c.held = false;
+            self.out.push_back(Output::Hold { conn, held: false });
         }
         if self.conns.get(&conn).is_some_and(|c| c.hung_up) {
             self.closed(conn);

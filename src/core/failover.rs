@@ -58,11 +58,12 @@ pub fn yields_to(mine: u64, started_as_primary: bool, theirs: u64) -> bool {
 /// steps down as soon as they speak, and a subscriber can always tell the reigns apart.
 pub fn next_epoch(current: u64, started_as_primary: bool) -> u64 {
     let want = u64::from(started_as_primary);
-    let e = current + 1;
+    // Saturating: an epoch near the top (a misbehaving peer) must not wrap back to 0.
+    let e = current.saturating_add(1);
     if e % 2 == want {
         e
     } else {
-        e + 1
+        e.saturating_add(1)
     }
 }
 

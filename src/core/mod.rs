@@ -127,7 +127,18 @@ pub enum Output {
         /// The message.
         mid: u64,
     },
+    /// Stop (`held`) or resume reading from `conn`: frames of it wait unhandled (a publish it
+    /// sent is being forwarded), and more should stay in the socket, not pile up here.
+    Hold {
+        /// The connection.
+        conn: ConnId,
+        /// Stop reading (true) or read again (false).
+        held: bool,
+    },
 }
+
+/// Frames of one connection that may wait unhandled before the core asks not to be given more.
+pub const BACKLOG_HOLD: usize = 1024;
 
 /// One accepted message as a node keeps it.
 #[derive(Debug)]
@@ -244,7 +255,7 @@ impl Broker {
         };
         match &c.kind {
             Kind::Out(_) => self.on_peer_frame(conn, frame),
-            Kind::Client | Kind::InLink if c.busy => c.backlog.push_back(frame),
+            Kind::Client | Kind::InLink if c.busy => self.hold_back(conn, Ok(frame)),
             Kind::Client | Kind::InLink => self.dispatch(conn, frame),
         }
     }
@@ -268,13 +279,22 @@ impl Broker {
             }
             Some(_) => {}
         }
-        self.reply(
-            conn,
-            Frame::Err {
-                reason: err.to_string(),
-            },
-        );
-        if err.is_fatal() {
+        let bad = conn::Bad {
+            reason: err.to_string(),
+            fatal: err.is_fatal(),
+        };
+        if self.conns.get(&conn).is_some_and(|c| c.busy) {
+            // Answered in its turn, after the frames that came before it.
+            self.hold_back(conn, Err(bad));
+        } else {
+            self.on_bad(conn, bad);
+        }
+    }
+
+    /// Answers a line that did not parse; a fatal one closes the connection.
+    fn on_bad(&mut self, conn: ConnId, bad: conn::Bad) {
+        self.reply(conn, Frame::Err { reason: bad.reason });
+        if bad.fatal {
             self.close(conn);
         }
     }
@@ -306,11 +326,8 @@ impl Broker {
     /// An outbound connection asked for with [`Output::Connect`] is open.
     pub fn handle_connected(&mut self, conn: ConnId, now: Now) {
         self.now = now;
-        match self.conns.get_mut(&conn) {
-            Some(c) => {
-                c.connected = true;
-                self.on_peer_connected(conn);
-            }
+        match self.conns.get(&conn) {
+            Some(_) => self.on_peer_connected(conn),
             // Given up on while it connected (a role change, a timeout): close it again.
             None => self.out.push_back(Output::Close { conn }),
         }

@@ -106,7 +106,7 @@ impl Broker {
                     Frame::Hello { role, epoch, .. } => Some((role, epoch)),
                     _ => None,
                 };
-                self.fence_done(answer, epoch);
+                self.fence_done(conn, answer, epoch);
             }
         }
     }
@@ -124,7 +124,7 @@ impl Broker {
                 attempt,
             } => self.forward_failed(client, frame, attempt, &reason),
             Purpose::HandOver(id) => self.hand_over_failed(id, &reason),
-            Purpose::Fence { epoch } => self.fence_done(None, epoch),
+            Purpose::Fence { epoch } => self.fence_done(conn, None, epoch),
         }
     }
 
@@ -280,7 +280,16 @@ impl Broker {
 
     /// After a pause: a newer primary on the peer means step down; a backup there (or no
     /// answer: running degraded) means we are still primary, so deliver what was held.
-    fn fence_done(&mut self, answer: Option<(Role, u64)>, epoch: u64) {
+    ///
+    /// Only the check this reign asked for counts: one left over from an earlier reign (the
+    /// node stepped down and took over again meanwhile) is ignored.
+    fn fence_done(&mut self, conn: ConnId, answer: Option<(Role, u64)>, epoch: u64) {
+        if self.primary().is_none_or(|p| p.fence != Some(conn)) {
+            return;
+        }
+        if let Some(p) = self.primary() {
+            p.fence = None;
+        }
         match answer {
             Some((Role::Primary, e)) if e > epoch => {
                 self.step_down(e, "after a pause, the peer is primary in a newer epoch");

@@ -32,6 +32,8 @@ pub(super) struct Primary {
     pub suspect: bool,
     /// Results held back while `suspect`.
     pub fenced: Vec<(Arc<Message>, Stamps)>,
+    /// The connection asking the peer who is primary, after a pause.
+    pub fence: Option<ConnId>,
 }
 
 /// A place in a publisher's delivery queue: filled when the message's compute task ends.
@@ -62,6 +64,7 @@ impl Primary {
             last_tick: now,
             suspect: false,
             fenced: Vec::new(),
+            fence: None,
         }
     }
 
@@ -353,7 +356,10 @@ impl Broker {
             p.suspect = true;
             let epoch = self.epoch;
             let peer = self.cfg.peer.clone().unwrap_or_default();
-            self.open(Purpose::Fence { epoch }, peer, LINK_TIMEOUT);
+            let conn = self.open(Purpose::Fence { epoch }, peer, LINK_TIMEOUT);
+            if let Some(p) = self.primary() {
+                p.fence = Some(conn);
+            }
         }
         self.primary().is_some_and(|p| p.suspect)
     }

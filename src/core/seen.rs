@@ -17,7 +17,7 @@ impl Seen {
 
     /// Records `seq`; false if it was seen before.
     pub fn insert(&mut self, seq: u64) -> bool {
-        if seq == self.floor + 1 && self.above.is_empty() {
+        if Some(seq) == self.floor.checked_add(1) && self.above.is_empty() {
             // The common case: the next message of a publisher, no hole.
             self.floor = seq;
             return true;
@@ -25,8 +25,8 @@ impl Seen {
         if seq <= self.floor || !self.above.insert(seq) {
             return false;
         }
-        while self.above.remove(&(self.floor + 1)) {
-            self.floor += 1;
+        while let Some(next) = self.floor.checked_add(1).filter(|n| self.above.remove(n)) {
+            self.floor = next;
         }
         while self.above.len() > Self::MAX_ABOVE {
             if let Some(first) = self.above.pop_first() {

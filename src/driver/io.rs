@@ -2,7 +2,7 @@
 //! coalesces what is queued into one write.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -44,6 +44,8 @@ const KICK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 #[derive(Default)]
 struct Backlog {
     queued: AtomicUsize,
+    /// The core asked not to be given more of this connection's frames for now.
+    held: AtomicBool,
     reader: AtomicWaker,
 }
 
@@ -75,6 +77,14 @@ impl Writer {
         self.stop.cancel();
     }
 
+    /// Stops (`true`) or resumes reading this connection, as the core asks.
+    pub fn hold(&self, held: bool) {
+        self.backlog.held.store(held, Ordering::Release);
+        if !held {
+            self.backlog.reader.wake();
+        }
+    }
+
     /// Ends the connection of a subscriber too far behind: like [`Writer::close`], but cut after
     /// [`KICK_GRACE`] if it still has not taken what was queued (it may never read again).
     pub fn kick(self) {
@@ -83,20 +93,27 @@ impl Writer {
     }
 }
 
-/// A reader that pauses while its connection's writer is [`READ_PAUSE`] lines behind.
+/// A reader that pauses while its connection's writer is [`READ_PAUSE`] lines behind (when
+/// `paced`), or while the core holds frames of it unhandled ([`Writer::hold`]).
 struct Paced<S> {
     inner: S,
     backlog: Arc<Backlog>,
+    paced: bool,
 }
 
 impl<S: Stream + Unpin> Stream for Paced<S> {
     type Item = S::Item;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
-        if self.backlog.queued.load(Ordering::Acquire) >= READ_PAUSE {
+        let paced = self.paced;
+        let full = |b: &Backlog| {
+            b.held.load(Ordering::Acquire)
+                || (paced && b.queued.load(Ordering::Acquire) >= READ_PAUSE)
+        };
+        if full(&self.backlog) {
             self.backlog.reader.register(cx.waker());
             // Checked again after registering, so a wake-up in between is not lost.
-            if self.backlog.queued.load(Ordering::Acquire) >= READ_PAUSE {
+            if full(&self.backlog) {
                 return Poll::Pending;
             }
         }
@@ -108,6 +125,7 @@ impl<S: Stream + Unpin> Stream for Paced<S> {
 pub fn split(
     conn: ConnId,
     stream: BoxStream,
+    paced: bool,
 ) -> (Pin<Box<dyn Stream<Item = ConnEvent> + Send>>, Writer) {
     let (r, w) = tokio::io::split(stream);
     // A small first read buffer (it grows with the traffic): an idle subscriber then costs a
@@ -115,16 +133,24 @@ pub fn split(
     let framed = FramedRead::with_capacity(r, LenientCodec::default(), 512);
     let (stop, kill) = (CancellationToken::new(), CancellationToken::new());
     let backlog = Arc::new(Backlog::default());
-    let paced = Paced {
+    let reader = Paced {
         inner: framed,
         backlog: backlog.clone(),
+        paced,
     };
-    let reader = paced
+    let reader = reader
         .take_until(stop.clone().cancelled_owned())
         .map(move |item| ConnEvent::Frame(conn, item.and_then(|inner| inner)))
         .chain(stream::once(async move { ConnEvent::Closed(conn) }));
     let (tx, rx) = mpsc::unbounded_channel();
-    crate::net::spawn(write_loop(w, rx, backlog.clone(), kill.clone()));
+    let ended = stop.clone();
+    let writing = write_loop(w, rx, backlog.clone(), kill.clone());
+    crate::net::spawn(async move {
+        writing.await;
+        // However the writer ended (done, cut, or the peer gone), the reader ends too, even if
+        // it was paused: its end is what tells the core the connection is closed.
+        ended.cancel();
+    });
     let writer = Writer {
         tx,
         backlog,

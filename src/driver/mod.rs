@@ -154,6 +154,7 @@ pub async fn run(
         net: cfg.net,
     };
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+    let mut accept_pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     // One timer for the core's next deadline, moved only when the deadline moves: arming a
     // fresh one per event would cost a timer-wheel insertion and removal per message.
     let mut armed = d.core.poll_timeout();
@@ -171,20 +172,22 @@ pub async fn run(
         }
         tokio::select! {
             _ = &mut stop => break,
-            a = listener.accept() => match a {
+            a = listener.accept(), if accept_pause.is_none() => match a {
                 Ok((stream, peer)) => {
                     backoff.reset();
                     d.accepted(stream, &peer);
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: wait and try again rather than spin.
-                    warn!("accept failed: {e}; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff.next_wait()) => {}
-                    }
+                    // Out of file descriptors and the like: stop accepting for a while rather
+                    // than spin, while every connection and timer goes on being served.
+                    let wait = backoff.next_wait();
+                    warn!("accept failed: {e}; accepting again in {wait:?}");
+                    accept_pause = Some(Box::pin(tokio::time::sleep(wait)));
                 }
             },
+            _ = async { if let Some(p) = accept_pause.as_mut() { p.await } }, if accept_pause.is_some() => {
+                accept_pause = None;
+            }
             Some(ev) = d.readers.next(), if !d.readers.is_empty() => d.read_batch(ev),
             Some(done) = done_rx.recv() => d.done(done),
             _ = &mut timer, if armed.is_some() => {
@@ -228,6 +231,11 @@ impl Driver {
                         let _ = tx.send(done);
                     });
                 }
+                Output::Hold { conn, held } => {
+                    if let Some(w) = self.writers.get(&conn) {
+                        w.hold(held);
+                    }
+                }
                 Output::Compute { mid } => {
                     let (compute, tx) = (self.compute.clone(), self.done_tx.clone());
                     crate::net::spawn(async move {
@@ -267,11 +275,13 @@ impl Driver {
         let conn = self.core.handle_accepted(now);
         debug!("connection {conn} from {peer}");
         self.inbound.insert(conn);
-        self.register(conn, stream);
+        self.register(conn, stream, true);
     }
 
-    fn register(&mut self, conn: ConnId, stream: BoxStream) {
-        let (reader, writer) = io::split(conn, stream);
+    /// Registers a connection; `paced`: stop reading it while its answers are not being read
+    /// (clients; not our own connections to the peer, whose answers we must always read).
+    fn register(&mut self, conn: ConnId, stream: BoxStream, paced: bool) {
+        let (reader, writer) = io::split(conn, stream, paced);
         self.readers.push(reader);
         self.writers.insert(conn, writer);
     }
@@ -312,7 +322,7 @@ impl Driver {
         let now = self.clock.now();
         match done {
             Done::Connected(conn, stream) => {
-                self.register(conn, stream);
+                self.register(conn, stream, false);
                 self.core.handle_connected(conn, now);
             }
             Done::ConnectFailed(conn, e) => self.core.handle_connect_failed(conn, &e, now),

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use edgepair::core::{Broker, Config, ConnId, Now, Output, Time};
-use edgepair::protocol::{Frame, Role, Stamps};
+use edgepair::protocol::{Frame, ProtocolError, Role, Stamps};
 
 /// The node started as primary, and the one started as backup.
 pub const P: usize = 0;
@@ -20,6 +20,7 @@ const WALL0: u64 = 1_735_689_600_000_000;
 #[derive(Debug)]
 enum Input {
     Frame(ConnId, Frame),
+    Bad(ConnId, ProtocolError),
     Closed(ConnId),
     Connected(ConnId),
     ConnectFailed(ConnId),
@@ -48,6 +49,9 @@ pub struct Client {
     conn: ConnId,
     pub lines: Vec<String>,
     pub open: bool,
+    /// The node asked not to be given more of this client's frames (`Output::Hold`), and
+    /// every change of that, in order.
+    pub holds: Vec<bool>,
 }
 
 /// Two nodes, their clients and the network between them.
@@ -180,6 +184,7 @@ impl Pair {
             conn,
             lines: Vec::new(),
             open: true,
+            holds: Vec::new(),
         });
         self.wires.insert((n, conn), End::Client(id));
         id
@@ -188,8 +193,11 @@ impl Pair {
     /// The client sends a line.
     pub fn send(&mut self, client: usize, line: &str) {
         let (node, conn) = (self.clients[client].node, self.clients[client].conn);
-        let frame = Frame::parse(line.as_bytes()).expect("test frames parse");
-        self.put(self.now, node, Input::Frame(conn, frame));
+        let input = match Frame::parse(line.as_bytes()) {
+            Ok(frame) => Input::Frame(conn, frame),
+            Err(e) => Input::Bad(conn, e),
+        };
+        self.put(self.now, node, input);
     }
 
     /// The client hangs up.
@@ -313,6 +321,7 @@ impl Pair {
         };
         match input {
             Input::Frame(conn, f) => core.handle_frame(conn, f, now),
+            Input::Bad(conn, e) => core.handle_bad_frame(conn, &e, now),
             Input::Closed(conn) => core.handle_closed(conn, now),
             Input::Connected(conn) => core.handle_connected(conn, now),
             Input::ConnectFailed(conn) => core.handle_connect_failed(conn, "refused", now),
@@ -345,6 +354,11 @@ impl Pair {
                 Output::Compute { mid } => {
                     let at = self.now + (self.compute)(mid);
                     self.computes.push((at, n, mid, 0));
+                }
+                Output::Hold { conn, held } => {
+                    if let Some(End::Client(c)) = self.wires.get(&(n, conn)).copied() {
+                        self.clients[c].holds.push(held);
+                    }
                 }
             }
         }
