@@ -388,3 +388,44 @@ fn a_publisher_that_never_reads_its_acks_is_paced_and_resumes_when_it_reads() {
     assert_eq!(first + rest, data.len(), "writing did not resume");
     assert_eq!(acks.join().expect("reader"), n);
 }
+
+/// Open file descriptors of a process (its sockets among them).
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// BACKUP_SYSTEM.md: a subscriber cut off for being too far behind that does not read at all
+/// is cut after `KICK_GRACE` (2 s); it does not keep its connection for ever.
+#[test]
+fn a_kicked_subscriber_that_never_reads_loses_its_connection_after_the_grace() {
+    let (broker, pa) = solo_primary(&["--compute", "0"]);
+    let pid = broker.child.id();
+    let _slow = subscribe(&pa, "cut");
+    let mut publisher = LineConn::connect(&pa);
+    let pad = "x".repeat(200);
+    let mut published = 0u64;
+    let limit = Instant::now() + Duration::from_secs(15);
+    while !broker.logged(KICK_LINE) && Instant::now() < limit {
+        let mut burst = String::new();
+        for seq in published + 1..=published + 1024 {
+            burst.push_str(&format!("PUB|cut|pc|{seq}|{seq}|{pad}\n"));
+        }
+        publisher.send_bytes(burst.as_bytes());
+        for seq in published + 1..=published + 1024 {
+            assert_eq!(publisher.next(10 * SEC), Got::Line(format!("ACK|pc|{seq}")));
+        }
+        published += 1024;
+    }
+    assert!(
+        broker.logged(KICK_LINE),
+        "never disconnected ({published} published)"
+    );
+    let kicked = open_fds(pid);
+    // The slow subscriber still does not read: its socket must go within the grace (2 s).
+    assert!(
+        wait_until(5 * SEC, || open_fds(pid) < kicked),
+        "the broker still holds the kicked subscriber's connection ({kicked} fds)"
+    );
+}
