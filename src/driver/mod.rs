@@ -10,6 +10,7 @@
 mod io;
 
 use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
@@ -154,7 +155,7 @@ pub async fn run(
         net: cfg.net,
     };
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
-    let mut accept_pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let mut accept_pause: Option<Pin<Box<tokio::time::Sleep>>> = None;
     // One timer for the core's next deadline, moved only when the deadline moves: arming a
     // fresh one per event would cost a timer-wheel insertion and removal per message.
     let mut armed = d.core.poll_timeout();
@@ -172,19 +173,9 @@ pub async fn run(
         }
         tokio::select! {
             _ = &mut stop => break,
-            a = listener.accept(), if accept_pause.is_none() => match a {
-                Ok((stream, peer)) => {
-                    backoff.reset();
-                    d.accepted(stream, &peer);
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: stop accepting for a while rather
-                    // than spin, while every connection and timer goes on being served.
-                    let wait = backoff.next_wait();
-                    warn!("accept failed: {e}; accepting again in {wait:?}");
-                    accept_pause = Some(Box::pin(tokio::time::sleep(wait)));
-                }
-            },
+            a = listener.accept(), if accept_pause.is_none() => {
+                accept_pause = d.on_accept(a, &mut backoff);
+            }
             _ = async { if let Some(p) = accept_pause.as_mut() { p.await } }, if accept_pause.is_some() => {
                 accept_pause = None;
             }
@@ -263,6 +254,28 @@ impl Driver {
             return;
         }
         w.send(line);
+    }
+
+    /// A connection came in, or accepting failed: then (out of file descriptors and the like)
+    /// returns a pause before accepting again, rather than spin, while every connection and
+    /// timer goes on being served.
+    fn on_accept(
+        &mut self,
+        accepted: std::io::Result<(BoxStream, String)>,
+        backoff: &mut Backoff,
+    ) -> Option<Pin<Box<tokio::time::Sleep>>> {
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff.reset();
+                self.accepted(stream, &peer);
+                None
+            }
+            Err(e) => {
+                let wait = backoff.next_wait();
+                warn!("accept failed: {e}; accepting again in {wait:?}");
+                Some(Box::pin(tokio::time::sleep(wait)))
+            }
+        }
     }
 
     fn accepted(&mut self, stream: BoxStream, peer: &str) {
