@@ -288,3 +288,32 @@ fn over_long_frames_are_refused_with_or_without_a_newline() {
         Ok(Some(Frame::Publish { .. }))
     ));
 }
+
+#[test]
+fn lines_written_from_borrowed_parts_equal_the_frames_they_stand_for() {
+    let id = MsgId {
+        publisher: "p".into(),
+        seq: 9,
+    };
+    let repl = Frame::Repl {
+        mid: 42,
+        topic: "t".into(),
+        id: id.clone(),
+        sent_us: 7,
+        payload: "a|b".into(),
+    };
+    let line = edgepair::protocol::repl_line(42, "t", &id, 7, "a|b");
+    assert_eq!(
+        String::from_utf8(line).as_deref(),
+        Ok(repl.encode().as_str())
+    );
+    for ack_id in [Some(id), None] {
+        let mut out = Vec::new();
+        edgepair::protocol::write_ack(ack_id.as_ref(), &mut out);
+        let frame = Frame::Ack { id: ack_id };
+        assert_eq!(
+            String::from_utf8(out).as_deref(),
+            Ok(frame.encode().as_str())
+        );
+    }
+}

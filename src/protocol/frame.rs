@@ -1,7 +1,5 @@
 //! One frame of either dialect: the `Frame` enum, its parser and its encoder.
 
-use std::fmt::Write as _;
-
 use super::{MsgId, ProtocolError, Role, Stamps};
 
 /// One protocol frame, either dialect.
@@ -356,11 +354,7 @@ impl Frame {
                 id,
                 sent_us,
                 payload,
-            } => write!(
-                out,
-                "REPL|{mid}|{topic}|{}|{}|{sent_us}|{payload}",
-                id.publisher, id.seq
-            ),
+            } => write_repl_fields(out, *mid, topic, id, *sent_us, payload),
             Frame::Stored { mid } => write!(out, "STORED|{mid}"),
             Frame::Clr { mid } => write!(out, "CLR|{mid}"),
             Frame::Hello {
@@ -375,8 +369,7 @@ impl Frame {
             ),
             Frame::Ping => write!(out, "PING"),
             Frame::Pong => write!(out, "PONG"),
-            Frame::Ack { id: None } => write!(out, "ACK"),
-            Frame::Ack { id: Some(id) } => write!(out, "ACK|{}|{}", id.publisher, id.seq),
+            Frame::Ack { id } => write_ack_fields(out, id.as_ref()),
             Frame::StatusQuery => write!(out, "STATUS"),
             Frame::Status {
                 role,
@@ -459,20 +452,38 @@ pub fn msg_line(topic: &str, id: &MsgId, sent_us: u64, stamps: &Stamps, payload:
 /// topic and payload): the primary writes one per accepted message.
 pub fn repl_line(mid: u64, topic: &str, id: &MsgId, sent_us: u64, payload: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(topic.len() + id.publisher.len() + payload.len() + 64);
-    let _ = writeln!(
-        ByteWriter(&mut out),
-        "REPL|{mid}|{topic}|{}|{}|{sent_us}|{payload}",
-        id.publisher,
-        id.seq
-    );
+    let _ = write_repl_fields(&mut ByteWriter(&mut out), mid, topic, id, sent_us, payload);
+    out.push(b'\n');
     out
+}
+
+/// The fields of a `REPL` frame, for [`Frame::encode`] and [`repl_line`] alike.
+fn write_repl_fields<W: std::fmt::Write>(
+    out: &mut W,
+    mid: u64,
+    topic: &str,
+    id: &MsgId,
+    sent_us: u64,
+    payload: &str,
+) -> std::fmt::Result {
+    write!(
+        out,
+        "REPL|{mid}|{topic}|{}|{}|{sent_us}|{payload}",
+        id.publisher, id.seq
+    )
+}
+
+/// An `ACK` frame without its newline, for [`Frame::encode`] and [`write_ack`] alike.
+fn write_ack_fields<W: std::fmt::Write>(out: &mut W, id: Option<&MsgId>) -> std::fmt::Result {
+    match id {
+        Some(id) => write!(out, "ACK|{}|{}", id.publisher, id.seq),
+        None => write!(out, "ACK"),
+    }
 }
 
 /// Appends the `ACK` for a publish (`ACK|publisher|seq`, or the seed's bare `ACK` when it came
 /// without an identity) to a write buffer.
 pub fn write_ack(id: Option<&MsgId>, out: &mut Vec<u8>) {
-    let _ = match id {
-        Some(id) => writeln!(ByteWriter(out), "ACK|{}|{}", id.publisher, id.seq),
-        None => writeln!(ByteWriter(out), "ACK"),
-    };
+    let _ = write_ack_fields(&mut ByteWriter(out), id);
+    out.push(b'\n');
 }
