@@ -406,7 +406,7 @@ impl Broker {
     /// The node's state as `STATUS` reports it.
     pub fn status(&self) -> Frame {
         let (link, held, inflight) = match &self.role {
-            RoleState::Primary(p) => (p.link_word(), 0, p.inflight.len() as u64),
+            RoleState::Primary(p) => (p.link.word(), 0, p.inflight.len() as u64),
             RoleState::Backup(b) => (
                 if b.detector.is_armed() {
                     "armed"

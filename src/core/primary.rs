@@ -67,16 +67,6 @@ impl Primary {
             fence: None,
         }
     }
-
-    /// The link as `STATUS` names it.
-    pub fn link_word(&self) -> &'static str {
-        self.link.word()
-    }
-
-    /// The link's connection and whether it speaks the seed dialect, while it is up.
-    pub fn up(&self) -> Option<(ConnId, bool)> {
-        self.link.up()
-    }
 }
 
 impl Broker {
@@ -110,7 +100,7 @@ impl Broker {
             debug!("resend of {}:{} recognised", id.publisher, id.seq);
             let last = self.next_mid - 1;
             self.primary()
-                .and_then(|p| (p.up().is_some() && last > p.confirmed).then_some(last))
+                .and_then(|p| (p.link.up().is_some() && last > p.confirmed).then_some(last))
         } else {
             let mid = self.next_mid;
             self.next_mid += 1;
@@ -151,7 +141,7 @@ impl Broker {
     /// Sends a message down the link if it is up; returns the `mid` whose `STORED` to wait
     /// for (none from a seed backup, which never confirms: a written frame is all we know).
     pub(super) fn replicate(&mut self, m: &Message) -> Option<u64> {
-        let (conn, legacy) = self.primary()?.up()?;
+        let (conn, legacy) = self.primary()?.link.up()?;
         if legacy {
             let f = Frame::Replicate {
                 topic: m.topic.clone(),
@@ -261,7 +251,7 @@ impl Broker {
             return;
         };
         p.inflight.remove(&m.mid);
-        if let Some((conn, legacy)) = p.up() {
+        if let Some((conn, legacy)) = p.link.up() {
             let f = if legacy {
                 Frame::Clear {
                     topic: m.topic.clone(),

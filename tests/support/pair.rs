@@ -63,7 +63,7 @@ pub struct Pair {
     /// Inputs on their way, by arrival time, then in the order they were sent.
     net: BTreeMap<(Time, u64), (usize, Input)>,
     sent: u64,
-    computes: Vec<(Time, usize, u64, u64)>,
+    computes: Vec<(Time, usize, u64)>,
     /// Compute time of message `mid`.
     compute: fn(u64) -> Duration,
     /// Frames between the two nodes are lost and connects refused.
@@ -281,7 +281,7 @@ impl Pair {
             .copied()
             .collect();
         self.computes.retain(|c| c.0 > self.now);
-        for (_, n, mid, _) in due {
+        for (_, n, mid) in due {
             self.deliver(n, Input::Computed(mid));
         }
         for n in 0..2 {
@@ -353,7 +353,7 @@ impl Pair {
                 } => self.connect(n, conn, &addr, timeout),
                 Output::Compute { mid } => {
                     let at = self.now + (self.compute)(mid);
-                    self.computes.push((at, n, mid, 0));
+                    self.computes.push((at, n, mid));
                 }
                 Output::Hold { conn, held } => {
                     if let Some(End::Client(c)) = self.wires.get(&(n, conn)).copied() {
