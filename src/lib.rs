@@ -9,6 +9,7 @@ pub mod clock;
 pub mod compute;
 pub mod core;
 pub mod driver;
+pub mod log;
 pub mod net;
 pub mod protocol;
 

@@ -1,0 +1,152 @@
+//! The per-topic log: every accepted message is an entry at a dense offset of its topic.
+//!
+//! The primary appends, the backup appends the same entry at the same offset, and both keep a
+//! *delivered mark* per topic: every entry below it has been delivered to subscribers. What lies
+//! between the mark and the end of a topic is what a node must still deliver after a takeover
+//! or a restart. The core reaches the log only through the [`Storage`] trait, so the same core
+//! runs on [`MemLog`] (memory, as the pair tests and the simulation want, with a model of what a
+//! crash loses) and on the segment files of [`FileLog`] (a `--data-dir`).
+//!
+//! Durability is explicit: [`Storage::append`] may leave an entry in a buffer or the page
+//! cache; [`Storage::sync`] returns once everything appended so far is on disk. The core calls
+//! `sync` once per batch of events (group commit) and sends an `ACK` only when the policy of
+//! [`Fsync`] is met.
+
+mod mem;
+
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::protocol::MsgId;
+
+pub use mem::MemLog;
+
+/// One entry of a topic's log. Immutable once appended; shared by the core's in-flight
+/// message, the in-memory log and deliveries without copying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Position in the topic: dense, from 0.
+    pub offset: u64,
+    /// Epoch of the primary that appended it.
+    pub epoch: u64,
+    /// Publisher id and sequence number (anonymous for the seed dialect).
+    pub id: MsgId,
+    /// The publisher's send time, µs since the Unix epoch.
+    pub sent_us: u64,
+    /// When the node that accepted it received it, µs since the Unix epoch.
+    pub received_us: u64,
+    /// The message body.
+    pub payload: String,
+}
+
+/// A topic as the log knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicState {
+    /// Topic name.
+    pub topic: String,
+    /// Oldest offset still kept (retention moves it).
+    pub first: u64,
+    /// The offset the next entry gets: entries are `first..next`.
+    pub next: u64,
+    /// Every entry below this offset was delivered.
+    pub delivered: u64,
+}
+
+/// When an `ACK` may go, as far as the local disk is concerned (`--fsync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fsync {
+    /// Each entry is fsync'd before its `ACK` (group commit: one fsync per batch of events).
+    Always,
+    /// Entries are written at once and fsync'd every [`BATCH_INTERVAL`] or
+    /// [`BATCH_ENTRIES`] entries, whichever comes first; the `ACK` does not wait for it. A
+    /// process crash loses nothing (the page cache survives it); a power loss loses at most
+    /// that bound.
+    #[default]
+    Batch,
+    /// Entries are written but never fsync'd by us (the OS writes them back when it likes).
+    Never,
+}
+
+/// Longest time an appended entry stays un-fsync'd under [`Fsync::Batch`].
+pub const BATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
+/// Most entries left un-fsync'd under [`Fsync::Batch`].
+pub const BATCH_ENTRIES: u64 = 1000;
+
+impl std::str::FromStr for Fsync {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(Fsync::Always),
+            "batch" => Ok(Fsync::Batch),
+            "never" => Ok(Fsync::Never),
+            _ => Err(format!("'{s}': expected always, batch or never")),
+        }
+    }
+}
+
+impl std::fmt::Display for Fsync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Fsync::Always => "always",
+            Fsync::Batch => "batch",
+            Fsync::Never => "never",
+        })
+    }
+}
+
+/// Why the log refused or failed an operation. The core answers a publish it could not log
+/// with `ERR|…` and does not acknowledge it.
+#[derive(Debug, Error)]
+pub enum LogError {
+    /// The disk said no (full, read-only, gone).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// An append whose offset is not the topic's next one.
+    #[error("topic '{topic}': entry at offset {got}, the log expects {want}")]
+    NotDense {
+        /// The topic.
+        topic: String,
+        /// The next offset of the topic.
+        want: u64,
+        /// The offset of the entry given.
+        got: u64,
+    },
+    /// Stored bytes that fail their checksum or do not decode, away from the tail (a torn
+    /// tail is cut and reported at open instead).
+    #[error("corrupt log: {0}")]
+    Corrupt(String),
+    /// An earlier write or sync failed; the log refuses appends until it is reopened.
+    #[error("the log failed earlier and must be reopened: {0}")]
+    Failed(String),
+}
+
+/// The log of every topic of one node.
+pub trait Storage: Send + std::fmt::Debug {
+    /// Every topic the log holds.
+    fn topics(&self) -> Vec<TopicState>;
+    /// The state of one topic (`first == next == delivered == 0` for a topic never written).
+    fn topic(&self, topic: &str) -> TopicState;
+    /// Appends `e` to `topic`; `e.offset` must be the topic's next offset. May stay in a
+    /// buffer until [`Storage::sync`].
+    fn append(&mut self, topic: &str, e: &Arc<Entry>) -> Result<(), LogError>;
+    /// Removes the entries at `from` and after (a divergent tail); returns how many.
+    fn truncate(&mut self, topic: &str, from: u64) -> Result<u64, LogError>;
+    /// Up to `max` entries of `topic` from `from` on, in order; starts at the oldest kept
+    /// entry if `from` is older than that.
+    fn read(&self, topic: &str, from: u64, max: usize) -> Result<Vec<Arc<Entry>>, LogError>;
+    /// Moves the delivered mark of `topic` to `upto` (never backwards). Kept lazily: a mark
+    /// lost in a crash means a few entries are delivered again, never that one is lost.
+    fn set_delivered(&mut self, topic: &str, upto: u64);
+    /// Makes everything appended so far durable (fsync), and saves the delivered marks.
+    fn sync(&mut self) -> Result<(), LogError>;
+    /// Entries appended and not yet synced.
+    fn unsynced(&self) -> u64;
+    /// True when [`Storage::sync`] reaches a disk (false for [`MemLog`]).
+    fn is_durable(&self) -> bool;
+}
