@@ -20,7 +20,7 @@ use thiserror::Error;
 
 use crate::protocol::MsgId;
 
-pub use mem::MemLog;
+pub use mem::{MemLog, DEFAULT_RETAIN_ENTRIES};
 
 /// One entry of a topic's log. Immutable once appended; shared by the core's in-flight
 /// message, the in-memory log and deliveries without copying.
