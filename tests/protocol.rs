@@ -58,6 +58,13 @@ fn every_frame_round_trips_through_encode_and_parse() {
         received_us: 10,
         compute_start_us: 11,
         compute_end_us: 12,
+        offset: 41,
+    };
+    let log_place = Stamps {
+        epoch: 2,
+        received_us: 10,
+        offset: 41,
+        ..Stamps::default()
     };
     let frames = vec![
         Frame::Publish {
@@ -92,7 +99,19 @@ fn every_frame_round_trips_through_encode_and_parse() {
             topic: "t".into(),
             id: id("p1", 7),
             sent_us: 1,
+            stamps: log_place,
             payload: "".into(),
+        },
+        Frame::Tail {
+            topic: "t".into(),
+            next: 42,
+            epoch: 2,
+        },
+        Frame::TailEnd,
+        Frame::Mark {
+            topic: "t".into(),
+            upto: 40,
+            next: 42,
         },
         Frame::Stored { mid: 9 },
         Frame::Clr { mid: 9 },
@@ -295,14 +314,28 @@ fn lines_written_from_borrowed_parts_equal_the_frames_they_stand_for() {
         publisher: "p".into(),
         seq: 9,
     };
+    let entry = edgepair::log::Entry {
+        offset: 5,
+        epoch: 3,
+        id: id.clone(),
+        sent_us: 7,
+        received_us: 8,
+        payload: "a|b".into(),
+    };
     let repl = Frame::Repl {
         mid: 42,
         topic: "t".into(),
         id: id.clone(),
         sent_us: 7,
+        stamps: Stamps {
+            offset: 5,
+            epoch: 3,
+            received_us: 8,
+            ..Stamps::default()
+        },
         payload: "a|b".into(),
     };
-    let line = edgepair::protocol::repl_line(42, "t", &id, 7, "a|b");
+    let line = edgepair::protocol::repl_line(42, "t", &entry);
     assert_eq!(
         String::from_utf8(line).as_deref(),
         Ok(repl.encode().as_str())

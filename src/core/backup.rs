@@ -1,7 +1,7 @@
 //! The backup's work: hold what the primary replicates, poll the primary, and decide, with the
 //! failure detector, when to take over; forward publishes that reach it while the primary lives.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,16 +12,13 @@ use super::failover::{outranks, Detector, Evidence, Verdict};
 use super::peer::Purpose;
 use super::time::{Time, Timer};
 use super::{Broker, ConnId, Message, RoleState};
-use crate::protocol::{Frame, MsgId, Role, PROTOCOL_VERSION};
+use crate::protocol::{Frame, Role, PROTOCOL_VERSION};
 
 /// State only a backup has.
 #[derive(Debug)]
 pub(super) struct Backup {
-    /// Replicated messages not yet cleared, by arrival order.
-    pub held: BTreeMap<u64, Arc<Message>>,
-    /// The primary's `mid` → key in `held`.
-    held_by_mid: HashMap<u64, u64>,
-    next_held: u64,
+    /// Replicated entries not yet cleared, by the primary's `mid`: where each is in the log.
+    pub pending: HashMap<u64, (String, u64)>,
     pub detector: Detector,
     /// Replication links from the primary, closed at takeover so that a primary that was
     /// merely paused learns at once, when it wakes, that it lost its role.
@@ -59,9 +56,7 @@ impl Backup {
     /// A backup whose detector sends its first `PING` at `now`.
     pub fn new(interval: Duration, now: Time) -> Backup {
         Backup {
-            held: BTreeMap::new(),
-            held_by_mid: HashMap::new(),
-            next_held: 0,
+            pending: HashMap::new(),
             detector: Detector::new(interval, now),
             link_conns: Vec::new(),
             poll: Poll::Idle,
@@ -97,65 +92,6 @@ impl Broker {
         }
     }
 
-    /// A backup stores a replicated message; false if this node is not a backup any more.
-    pub(super) fn store(
-        &mut self,
-        mid: u64,
-        topic: String,
-        id: MsgId,
-        sent_us: u64,
-        payload: String,
-    ) -> bool {
-        let received_us = self.now.wall_us;
-        let RoleState::Backup(b) = &mut self.role else {
-            return false;
-        };
-        if mid != 0 && b.held_by_mid.contains_key(&mid) {
-            return true;
-        }
-        if !id.is_anonymous() {
-            self.seen.record(&id.publisher, id.seq);
-        }
-        b.next_held += 1;
-        let key = b.next_held;
-        if mid != 0 {
-            b.held_by_mid.insert(mid, key);
-        }
-        let m = Message {
-            mid,
-            topic,
-            id,
-            sent_us,
-            payload,
-            received_us,
-        };
-        b.held.insert(key, Arc::new(m));
-        true
-    }
-
-    /// `CLR|mid`: the primary delivered it.
-    pub(super) fn clear_mid(&mut self, mid: u64) {
-        if let Some(b) = self.backup() {
-            if let Some(key) = b.held_by_mid.remove(&mid) {
-                b.held.remove(&key);
-            }
-        }
-    }
-
-    /// `CLEAR|topic|payload` (seed): forget one held copy with this topic and payload.
-    pub(super) fn clear_seed(&mut self, topic: &str, payload: &str) {
-        if let Some(b) = self.backup() {
-            let key = b
-                .held
-                .iter()
-                .find(|(_, m)| m.mid == 0 && m.topic == topic && m.payload == payload)
-                .map(|(k, _)| *k);
-            if let Some(k) = key {
-                b.held.remove(&k);
-            }
-        }
-    }
-
     /// `HELLO` from a peer: a primary of a newer epoch makes a primary step down; a backup
     /// follows the primary that says it. Answered with our own `HELLO`.
     pub(super) fn on_hello(
@@ -188,6 +124,9 @@ impl Broker {
             epoch: self.epoch,
         };
         self.reply(conn, hello);
+        if role == Role::Primary && self.role() == Role::Backup {
+            self.send_tails(conn);
+        }
     }
 
     /// Our primary opened its replication link on `conn`.
@@ -213,11 +152,25 @@ impl Broker {
         if following == incarnation {
             return;
         }
-        // A new life of our primary: what we hold from its previous life it no longer knows
-        // about. Hand it over rather than keep it forever.
-        let orphans: Vec<Arc<Message>> = std::mem::take(&mut b.held).into_values().collect();
-        b.held_by_mid.clear();
-        if following != 0 && !orphans.is_empty() {
+        // A new life of our primary: what we hold from its previous life it may no longer know
+        // about (its log may have been in memory). Hand it over rather than keep it forever:
+        // it drops, by identity, what it still has.
+        b.pending.clear();
+        if following == 0 {
+            return;
+        }
+        let orphans: Vec<Arc<Message>> = self
+            .held_entries()
+            .into_iter()
+            .map(|(topic, entry)| {
+                Arc::new(Message {
+                    mid: 0,
+                    topic,
+                    entry,
+                })
+            })
+            .collect();
+        if !orphans.is_empty() {
             warn!(
                 "primary restarted: handing {} message(s) it replicated before to its new life",
                 orphans.len()

@@ -26,6 +26,8 @@ pub(super) struct Link {
     backoff: Backoff,
     ever_up: bool,
     said_degraded: bool,
+    /// The backup's `TAIL`s (topic, next offset, epoch of its last entry) while they come in.
+    tails: Vec<(String, u64, u64)>,
 }
 
 impl Link {
@@ -37,6 +39,7 @@ impl Link {
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
             ever_up: false,
             said_degraded: false,
+            tails: Vec::new(),
         }
     }
 
@@ -67,6 +70,8 @@ pub(super) enum LinkState {
     Connecting(ConnId),
     /// Our `HELLO` waits for the backup's.
     Hello(ConnId),
+    /// The backup answered `HELLO`; its `TAIL`s (where its log ends) come in.
+    Tails(ConnId),
     /// Streaming `REPL`/`CLR`.
     Up { conn: ConnId, since: Time },
 }
@@ -122,7 +127,17 @@ impl Broker {
             return;
         };
         match (p.link.state, frame) {
+            // `TAIL`s of an earlier `HELLO` (we said hello again in a newer epoch).
+            (LinkState::Hello(_), Frame::Tail { .. } | Frame::TailEnd) => {}
             (LinkState::Hello(_), f) => self.on_hello_answer(conn, f),
+            (LinkState::Tails(_), Frame::Tail { topic, next, epoch }) => {
+                p.link.tails.push((topic, next, epoch));
+            }
+            (LinkState::Tails(_), Frame::TailEnd) => {
+                let tails = std::mem::take(&mut p.link.tails);
+                self.catch_up(conn, tails);
+                self.link_up(conn);
+            }
             (LinkState::Up { .. }, Frame::Stored { mid }) => self.stored(mid),
             (LinkState::Up { .. }, Frame::Ack { .. }) => {}
             (_, other) => {
@@ -154,7 +169,12 @@ impl Broker {
             }
             Frame::Hello {
                 role: Role::Backup, ..
-            } => self.link_up(conn),
+            } => {
+                if let Some(p) = self.primary() {
+                    p.link.state = LinkState::Tails(conn);
+                    p.link.tails.clear();
+                }
+            }
             Frame::Hello {
                 role: Role::Primary,
                 epoch,
@@ -237,7 +257,7 @@ impl Broker {
             }
             // Connected, then closed or broke without a word: not there yet (or a proxy in
             // front of a node that is down). Try again later, quietly.
-            LinkState::Hello(c) if c == conn => self.link_retry(None),
+            LinkState::Hello(c) | LinkState::Tails(c) if c == conn => self.link_retry(None),
             _ => {}
         }
     }

@@ -34,6 +34,7 @@
 
 mod backup;
 mod conn;
+mod durable;
 pub mod failover;
 mod link;
 mod peer;
@@ -43,12 +44,14 @@ mod seen;
 pub mod time;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tracing::{info, warn};
 
-use crate::protocol::{Frame, MsgId, ProtocolError, Role};
+use crate::log::{Entry, Fsync, MemLog, Storage, DEFAULT_RETAIN_ENTRIES};
+use crate::protocol::{Frame, ProtocolError, Role};
 pub use time::{Backoff, Now, Time};
 
 use backup::Backup;
@@ -91,6 +94,9 @@ pub struct Config {
     /// Changes with every start of the process (its start time in µs): sent in `HELLO`, and the
     /// first replication id, so that ids of two lives of one primary never collide at its backup.
     pub incarnation: u64,
+    /// When an `ACK` (and a backup's `STORED`) waits for the local disk; see [`Fsync`]. Only
+    /// matters with a log that reaches a disk.
+    pub fsync: Fsync,
 }
 
 /// What the broker asks its caller to do.
@@ -135,23 +141,33 @@ pub enum Output {
         /// Stop reading (true) or read again (false).
         held: bool,
     },
+    /// Answers wait for the log to reach the disk: once the outputs queued now are acted on
+    /// (so one fsync covers a whole batch of events), call [`Broker::handle_sync`].
+    Sync,
 }
 
 /// Frames of one connection that may wait unhandled before the core asks not to be given more.
 pub const BACKLOG_HOLD: usize = 1024;
 
-/// One accepted message as a node keeps it.
+/// A message on its way through a node: its log entry, and the replication id (`mid`, arrival
+/// order on this node) it goes by while in flight.
 #[derive(Debug)]
 struct Message {
-    /// Replication id on the node that accepted it (0 for a seed `REPLICATE`).
     mid: u64,
     topic: String,
-    id: MsgId,
-    sent_us: u64,
-    payload: String,
-    /// When this node received it.
-    received_us: u64,
+    entry: Arc<Entry>,
 }
+
+impl std::ops::Deref for Message {
+    type Target = Entry;
+    fn deref(&self) -> &Entry {
+        &self.entry
+    }
+}
+
+/// Entries per topic read back at start to relearn which publisher identities were accepted,
+/// so a resend after a restart is not logged twice.
+const SEEN_REBUILD: u64 = 10_000;
 
 /// The state only one role has lives in that role's variant, so no field is "only meaningful
 /// when…".
@@ -198,11 +214,29 @@ pub struct Broker {
     /// Results computed during the startup grace: (mid, compute start, compute end).
     graced: Vec<(u64, u64, u64)>,
     delivered: u64,
+    /// Every topic's log.
+    log: Box<dyn Storage>,
+    /// Every `mid` up to this one is on the local disk (when answers wait for it).
+    synced_mid: u64,
+    /// An [`Output::Sync`] is queued and not yet answered.
+    sync_asked: bool,
+    /// Backup: the `STORED` that waits for the sync (the last one; `STORED` is cumulative).
+    stored_after_sync: Option<(ConnId, u64)>,
+    /// Backup: offsets above a topic's delivered mark that were cleared out of order (the
+    /// seed's `CLEAR` comes in the order its compute tasks end).
+    cleared: HashMap<String, std::collections::BTreeSet<u64>>,
 }
 
 impl Broker {
-    /// A node that starts at `now` in the role `cfg.born`.
+    /// A node that starts at `now` in the role `cfg.born`, with its log in memory.
     pub fn new(cfg: Config, now: Now) -> Broker {
+        Broker::with_log(cfg, Box::new(MemLog::new(DEFAULT_RETAIN_ENTRIES)), now)
+    }
+
+    /// A node that starts at `now` in the role `cfg.born` on `log`, which may hold entries
+    /// from an earlier life: what it did not deliver then, it delivers (as primary) or holds
+    /// (as backup) now.
+    pub fn with_log(cfg: Config, log: Box<dyn Storage>, now: Now) -> Broker {
         let role = match cfg.born {
             Role::Primary => RoleState::Primary(Primary::new(cfg.peer.is_some(), now.mono)),
             Role::Backup => RoleState::Backup(Backup::new(cfg.ping_interval, now.mono)),
@@ -226,7 +260,14 @@ impl Broker {
             next_handover: 0,
             graced: Vec::new(),
             delivered: 0,
+            log,
+            synced_mid: 0,
+            sync_asked: false,
+            stored_after_sync: None,
+            cleared: HashMap::new(),
         };
+        b.synced_mid = b.next_mid - 1;
+        b.recover();
         b.timers.set(Timer::Watchdog, now.mono + STALL / 5);
         match (b.cfg.born, b.cfg.peer.is_some()) {
             (Role::Primary, true) => b.connect_link(),
@@ -371,8 +412,22 @@ impl Broker {
                 Timer::Ping => self.on_ping_due(),
                 Timer::Answer(conn) => self.on_answer_timeout(conn),
                 Timer::HandOver(id) => self.retry_hand_over(id),
+                Timer::Sync => self.sync_log(),
             }
         }
+    }
+
+    /// The caller acted on the outputs that asked for [`Output::Sync`]: make the log durable
+    /// now, then answer what waited for it.
+    pub fn handle_sync(&mut self, now: Now) {
+        self.now = now;
+        self.sync_log();
+    }
+
+    /// Makes the log durable on the way out (a clean stop): best effort, the error is
+    /// returned for the caller to report.
+    pub fn shutdown(&mut self) -> Result<(), crate::log::LogError> {
+        self.log.sync()
     }
 
     /// The next thing the caller should do, if any.
@@ -413,7 +468,7 @@ impl Broker {
                 } else {
                     "waiting"
                 },
-                b.held.len() as u64,
+                self.held_count(),
                 0,
             ),
         };
@@ -445,29 +500,31 @@ impl Broker {
                 topic,
                 id,
                 sent_us,
+                stamps,
                 payload,
             } => {
-                let stored = self.store(mid, topic, id, sent_us, payload);
-                self.reply(
-                    conn,
-                    if stored {
-                        Frame::Stored { mid }
-                    } else {
-                        not_a_backup()
-                    },
-                );
+                let entry = Entry {
+                    offset: stamps.offset,
+                    epoch: stamps.epoch,
+                    id,
+                    sent_us,
+                    received_us: stamps.received_us,
+                    payload,
+                };
+                self.on_repl(conn, mid, topic, entry);
             }
+            Frame::Mark { topic, upto, next } => self.on_mark(&topic, upto, next),
             Frame::Replicate { topic, payload } => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.kind = Kind::InLink;
                 }
-                let stored = self.store(0, topic, MsgId::anonymous(), 0, payload);
+                let stored = self.store_seed(topic, payload);
                 self.reply(
                     conn,
                     if stored {
                         Frame::Ack { id: None }
                     } else {
-                        not_a_backup()
+                        durable::not_a_backup()
                     },
                 );
             }
@@ -476,6 +533,8 @@ impl Broker {
             other @ (Frame::Msg { .. }
             | Frame::Bare(_)
             | Frame::Stored { .. }
+            | Frame::Tail { .. }
+            | Frame::TailEnd
             | Frame::Pong
             | Frame::Ack { .. }
             | Frame::Status { .. }
@@ -529,18 +588,12 @@ impl Broker {
     }
 }
 
-fn not_a_backup() -> Frame {
-    Frame::Err {
-        reason: "not a backup".into(),
-    }
-}
-
 /// What a node logs when it stops: role, epoch and what it still holds.
 impl std::fmt::Display for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (held, inflight) = match &self.role {
             RoleState::Primary(p) => (0, p.inflight.len()),
-            RoleState::Backup(b) => (b.held.len(), 0),
+            RoleState::Backup(_) => (self.held_count() as usize, 0),
         };
         write!(
             f,

@@ -12,6 +12,7 @@ use super::link::{Link, LINK_TIMEOUT};
 use super::peer::Purpose;
 use super::time::Time;
 use super::{Broker, ConnId, Message, Output, RoleState, STALL};
+use crate::log::Entry;
 use crate::protocol::{Frame, MsgId, Stamps};
 
 /// State only a primary has.
@@ -93,28 +94,37 @@ impl Broker {
             _ => return,
         };
         let ack_id = (!legacy).then(|| id.clone());
-        let resend = !id.is_anonymous() && !self.seen.record(&id.publisher, id.seq);
+        let resend = !id.is_anonymous() && self.seen.contains(&id.publisher, id.seq);
         let wait = if resend {
-            // Every earlier message went down the link before this point, so once the last
-            // one is stored, so is this one.
+            // Every earlier message went down the link (and into the log) before this point, so
+            // once the last one is safe, so is this one.
             debug!("resend of {}:{} recognised", id.publisher, id.seq);
             let last = self.next_mid - 1;
-            self.primary()
-                .and_then(|p| (p.link.up().is_some() && last > p.confirmed).then_some(last))
+            (last > self.ack_floor()).then_some(last)
         } else {
-            let mid = self.next_mid;
-            self.next_mid += 1;
-            let msg = Arc::new(Message {
-                mid,
-                topic,
+            let entry = Arc::new(Entry {
+                offset: self.log.next_offset(&topic),
+                epoch: self.epoch,
                 id,
                 sent_us,
-                payload,
                 received_us: self.now.wall_us,
+                payload,
             });
-            let wait = self.replicate(&msg);
-            self.enqueue(msg);
-            wait
+            if let Err(e) = self.append(&topic, &entry) {
+                warn!("publish on '{topic}' refused: the log failed: {e}");
+                let reason = format!("not stored: {e}");
+                self.reply(conn, Frame::Err { reason });
+                return;
+            }
+            if !entry.id.is_anonymous() {
+                self.seen.record(&entry.id.publisher, entry.id.seq);
+            }
+            let mid = self.next_mid;
+            self.next_mid += 1;
+            let msg = Arc::new(Message { mid, topic, entry });
+            let repl = self.replicate(&msg);
+            self.enqueue(msg, true);
+            (repl.is_some() || self.must_sync()).then_some(mid)
         };
         match wait {
             None => self.reply(conn, Frame::Ack { id: ack_id }),
@@ -151,7 +161,7 @@ impl Broker {
             self.stored(m.mid);
             return None;
         }
-        let line = crate::protocol::repl_line(m.mid, &m.topic, &m.id, m.sent_us, &m.payload);
+        let line = crate::protocol::repl_line(m.mid, &m.topic, &m.entry);
         self.out.push_back(Output::Send {
             conn,
             line: line.into(),
@@ -160,13 +170,15 @@ impl Broker {
         Some(m.mid)
     }
 
-    /// Puts an accepted message into the compute stage and its publisher's delivery queue.
-    pub(super) fn enqueue(&mut self, msg: Arc<Message>) {
+    /// Puts a message into the compute stage and its topic's delivery queue. `fresh`: just
+    /// accepted (rather than taken up again from the log at a start or a takeover, which a
+    /// relay must not deliver before subscribers had time to reconnect).
+    pub(super) fn enqueue(&mut self, msg: Arc<Message>, fresh: bool) {
         let compute_off = self.cfg.compute_off;
         let queued = self
             .primary()
-            .is_none_or(|p| p.order.contains_key(&msg.id.publisher));
-        if compute_off && !queued && !self.stalled() {
+            .is_none_or(|p| p.order.contains_key(&msg.topic));
+        if compute_off && fresh && !queued && !self.stalled() {
             // Pure relay, nothing of this publisher waiting ahead of it, free to deliver: the
             // reorder stage and the in-flight map would hold it for no time at all.
             let now = self.now.wall_us;
@@ -179,7 +191,7 @@ impl Broker {
         };
         p.inflight.insert(msg.mid, msg.clone());
         p.order
-            .entry(msg.id.publisher.clone())
+            .entry(msg.topic.clone())
             .or_default()
             .push_back(Slot {
                 mid: msg.mid,
@@ -188,7 +200,11 @@ impl Broker {
         if compute_off {
             // Still through the reorder stage, so a message never overtakes an earlier one.
             let now = self.now.wall_us;
-            self.finish(msg, now, now);
+            if fresh {
+                self.finish(msg, now, now);
+            } else {
+                self.handle_computed(msg.mid, now, now, self.now);
+            }
         } else {
             self.out.push_back(Output::Compute { mid: msg.mid });
         }
@@ -200,6 +216,7 @@ impl Broker {
             received_us: m.received_us,
             compute_start_us: cs,
             compute_end_us: ce,
+            offset: m.offset,
         }
     }
 
@@ -211,13 +228,13 @@ impl Broker {
         }
     }
 
-    /// Marks `msg` done and delivers everything of its publisher that is now ready, in order.
+    /// Marks `msg` done and delivers everything of its topic that is now ready, in offset order.
     fn finish(&mut self, msg: Arc<Message>, cs: u64, ce: u64) {
         let stamps = self.stamps(&msg, cs, ce);
         let Some(p) = self.primary() else {
             return;
         };
-        let key = &msg.id.publisher;
+        let key = &msg.topic;
         let Some(queue) = p.order.get_mut(key) else {
             return;
         };
@@ -247,6 +264,7 @@ impl Broker {
     /// Delivers a finished message, forgets it as in flight and tells the backup to drop it.
     pub(super) fn release(&mut self, m: Arc<Message>, stamps: Stamps) {
         self.deliver(&m, stamps);
+        self.log.set_delivered(&m.topic, m.offset + 1);
         let Some(p) = self.primary() else {
             return;
         };
@@ -303,23 +321,23 @@ impl Broker {
             return;
         };
         p.confirmed = p.confirmed.max(mid);
-        let mut conns: Vec<ConnId> = Vec::new();
-        while p.acks.front().is_some_and(|a| a.mid <= mid) {
-            if let Some(a) = p.acks.pop_front() {
-                if conns.last() != Some(&a.conn) {
-                    conns.push(a.conn);
-                }
-            }
-        }
-        for conn in conns {
-            self.flush_replies(conn, Some(mid), None);
-        }
+        self.release_ready_acks();
     }
 
     /// Answers every publish still waiting for `STORED`: with its `ACK` when this node is still
     /// primary (the link is gone, so it runs degraded), with `ERR` when it lost its role or may
     /// have (paused), so that the publisher resends to the other broker.
     pub(super) fn release_acks(&mut self, acks: VecDeque<PendingAck>, keep_role: bool) {
+        if keep_role {
+            // Degraded: each goes once the local log has its message (at once unless the
+            // policy waits for the disk).
+            if let Some(p) = self.primary() {
+                let newer = std::mem::replace(&mut p.acks, acks);
+                p.acks.extend(newer);
+            }
+            self.release_ready_acks();
+            return;
+        }
         let err = Frame::Err {
             reason: "not primary any more; resend to the other broker".into(),
         };

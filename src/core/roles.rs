@@ -7,7 +7,7 @@ use super::failover::next_epoch;
 use super::link::LinkState;
 use super::primary::Primary;
 use super::time::Timer;
-use super::{Broker, Message, RoleState};
+use super::{Broker, RoleState};
 use crate::protocol::Role;
 
 impl Broker {
@@ -25,27 +25,20 @@ impl Broker {
         };
         self.epoch = next_epoch(self.epoch, self.cfg.born == Role::Primary);
         self.timers.stop(Timer::Ping);
+        let held = self.held_entries();
         warn!(
             "TAKEOVER: {why}; now primary in epoch {}, replaying {} held message(s) in order",
             self.epoch,
-            b.held.len()
+            held.len()
         );
         for conn in b.own_conns() {
             self.close(conn);
         }
-        for (_, m) in b.held {
-            let mid = self.next_mid;
-            self.next_mid += 1;
-            let msg = std::sync::Arc::new(Message {
-                mid,
-                topic: m.topic.clone(),
-                id: m.id.clone(),
-                sent_us: m.sent_us,
-                payload: m.payload.clone(),
-                received_us: m.received_us,
-            });
-            self.enqueue(msg);
+        self.cleared.clear();
+        for (topic, entry) in held {
+            self.take_up(topic, entry);
         }
+        self.synced_mid = self.next_mid - 1;
         for conn in b.link_conns {
             self.close(conn);
         }
@@ -89,8 +82,10 @@ impl Broker {
         // resends. As a backup we relearn identities from what the new primary replicates.
         self.seen.clear();
         self.timers.stop(Timer::Link);
-        if let LinkState::Connecting(c) | LinkState::Hello(c) | LinkState::Up { conn: c, .. } =
-            p.link.state
+        if let LinkState::Connecting(c)
+        | LinkState::Hello(c)
+        | LinkState::Tails(c)
+        | LinkState::Up { conn: c, .. } = p.link.state
         {
             self.close(c);
         }

@@ -15,6 +15,11 @@ pub struct Seen {
 impl Seen {
     const MAX_ABOVE: usize = 4096;
 
+    /// Whether `seq` was recorded (or is below the floor).
+    pub fn contains(&self, seq: u64) -> bool {
+        seq <= self.floor || self.above.contains(&seq)
+    }
+
     /// Records `seq`; false if it was seen before.
     pub fn insert(&mut self, seq: u64) -> bool {
         if Some(seq) == self.floor.checked_add(1) && self.above.is_empty() {
@@ -49,6 +54,11 @@ impl SeenMap {
             Some(s) => s.insert(seq),
             None => self.0.entry(publisher.to_string()).or_default().insert(seq),
         }
+    }
+
+    /// Whether `seq` of `publisher` was recorded.
+    pub fn contains(&self, publisher: &str, seq: u64) -> bool {
+        self.0.get(publisher).is_some_and(|s| s.contains(seq))
     }
 
     /// Forgets everything (a node that steps down relearns identities from its new primary).

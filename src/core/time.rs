@@ -66,6 +66,8 @@ pub enum Timer {
     Answer(u64),
     /// A hand-over waits before its next attempt.
     HandOver(u64),
+    /// Under `--fsync batch`: the log is fsync'd at the latest this long after an append.
+    Sync,
 }
 
 /// The deadline table.

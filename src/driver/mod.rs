@@ -57,6 +57,10 @@ pub struct NodeConfig {
     pub forward_timeout: Duration,
     /// The network to use.
     pub net: Net,
+    /// Where the log lives on disk; `None` keeps it in memory (nothing survives a restart).
+    pub data_dir: Option<std::path::PathBuf>,
+    /// When answers wait for the disk (with a `data_dir`).
+    pub fsync: crate::log::Fsync,
 }
 
 impl NodeConfig {
@@ -71,6 +75,8 @@ impl NodeConfig {
             repl_timeout: Duration::from_millis(250),
             forward_timeout: Duration::from_millis(1000),
             net: Net::Tokio,
+            data_dir: None,
+            fsync: crate::log::Fsync::default(),
         }
     }
 }
@@ -136,7 +142,9 @@ pub async fn run(
         repl_timeout: cfg.repl_timeout,
         forward_timeout: cfg.forward_timeout,
         incarnation: now_us().max(1),
+        fsync: cfg.fsync,
     };
+    let log = open_log(&cfg)?;
     info!(
         "{} listening on {addr} (compute {} ms, peer {})",
         cfg.role.as_str(),
@@ -145,7 +153,7 @@ pub async fn run(
     );
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut d = Driver {
-        core: Broker::new(core_cfg, clock.now()),
+        core: Broker::with_log(core_cfg, log, clock.now()),
         clock,
         readers: Readers::default(),
         writers: HashMap::new(),
@@ -190,51 +198,85 @@ pub async fn run(
         }
     }
     info!("stopping: {addr} as {}", d.core);
+    if let Err(e) = d.core.shutdown() {
+        warn!("the log could not be synced on the way out: {e}");
+    }
     Ok(())
 }
 
+/// The node's log: the files in `--data-dir`, or memory.
+fn open_log(cfg: &NodeConfig) -> anyhow::Result<Box<dyn crate::log::Storage>> {
+    match &cfg.data_dir {
+        None => Ok(Box::new(crate::log::MemLog::new(
+            crate::log::DEFAULT_RETAIN_ENTRIES,
+        ))),
+        Some(dir) => anyhow::bail!(
+            "--data-dir {}: the file log is not built in yet",
+            dir.display()
+        ),
+    }
+}
+
 impl Driver {
-    /// Acts on every output of the core, in order.
+    /// Acts on every output of the core, in order; then, if the core asked for it, syncs the
+    /// log once for all of them (group commit) and acts on what that released.
     fn act(&mut self) {
-        while let Some(o) = self.core.poll_output() {
-            match o {
-                Output::Send {
-                    conn,
-                    line,
-                    delivery,
-                } => self.send(conn, line, delivery),
-                Output::Close { conn } => {
-                    if let Some(w) = self.writers.remove(&conn) {
-                        w.close();
-                    }
+        let mut sync = false;
+        loop {
+            while let Some(o) = self.core.poll_output() {
+                if matches!(o, Output::Sync) {
+                    sync = true;
+                } else {
+                    self.output(o);
                 }
-                Output::Connect {
-                    conn,
-                    addr,
-                    timeout,
-                } => {
-                    let (net, tx) = (self.net, self.done_tx.clone());
-                    crate::net::spawn(async move {
-                        let done = match net.connect(&addr, timeout).await {
-                            Ok(s) => Done::Connected(conn, s),
-                            Err(e) => Done::ConnectFailed(conn, e.to_string()),
-                        };
-                        let _ = tx.send(done);
-                    });
+            }
+            if !std::mem::take(&mut sync) {
+                break;
+            }
+            let now = self.clock.now();
+            self.core.handle_sync(now);
+        }
+    }
+
+    fn output(&mut self, o: Output) {
+        match o {
+            Output::Sync => {}
+            Output::Send {
+                conn,
+                line,
+                delivery,
+            } => self.send(conn, line, delivery),
+            Output::Close { conn } => {
+                if let Some(w) = self.writers.remove(&conn) {
+                    w.close();
                 }
-                Output::Hold { conn, held } => {
-                    if let Some(w) = self.writers.get(&conn) {
-                        w.hold(held);
-                    }
+            }
+            Output::Connect {
+                conn,
+                addr,
+                timeout,
+            } => {
+                let (net, tx) = (self.net, self.done_tx.clone());
+                crate::net::spawn(async move {
+                    let done = match net.connect(&addr, timeout).await {
+                        Ok(s) => Done::Connected(conn, s),
+                        Err(e) => Done::ConnectFailed(conn, e.to_string()),
+                    };
+                    let _ = tx.send(done);
+                });
+            }
+            Output::Hold { conn, held } => {
+                if let Some(w) = self.writers.get(&conn) {
+                    w.hold(held);
                 }
-                Output::Compute { mid } => {
-                    let (compute, tx) = (self.compute.clone(), self.done_tx.clone());
-                    crate::net::spawn(async move {
-                        let start = compute.run().await;
-                        let end = now_us();
-                        let _ = tx.send(Done::Computed { mid, start, end });
-                    });
-                }
+            }
+            Output::Compute { mid } => {
+                let (compute, tx) = (self.compute.clone(), self.done_tx.clone());
+                crate::net::spawn(async move {
+                    let start = compute.run().await;
+                    let end = now_us();
+                    let _ = tx.send(Done::Computed { mid, start, end });
+                });
             }
         }
     }

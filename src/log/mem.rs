@@ -89,6 +89,10 @@ impl Storage for MemLog {
         }
     }
 
+    fn next_offset(&self, topic: &str) -> u64 {
+        self.topics.get(topic).map_or(0, Topic::next)
+    }
+
     fn append(&mut self, topic: &str, e: &Arc<Entry>) -> Result<(), LogError> {
         let t = match self.topics.get_mut(topic) {
             Some(t) => t,

@@ -132,6 +132,10 @@ pub trait Storage: Send + std::fmt::Debug {
     fn topics(&self) -> Vec<TopicState>;
     /// The state of one topic (`first == next == delivered == 0` for a topic never written).
     fn topic(&self, topic: &str) -> TopicState;
+    /// The offset the next entry of `topic` gets (the relay path asks once per message).
+    fn next_offset(&self, topic: &str) -> u64 {
+        self.topic(topic).next
+    }
     /// Appends `e` to `topic`; `e.offset` must be the topic's next offset. May stay in a
     /// buffer until [`Storage::sync`].
     fn append(&mut self, topic: &str, e: &Arc<Entry>) -> Result<(), LogError>;

@@ -63,7 +63,8 @@ pub enum Frame {
         /// Message body.
         payload: String,
     },
-    /// `REPL|mid|topic|publisher|seq|sent_us|payload`: store a copy, answer `STORED|mid`.
+    /// `REPL|mid|topic|publisher|seq|sent_us|o=offset,e=epoch,rx=received_us|payload`: append
+    /// this entry to the topic's log at `offset`, answer `STORED|mid`.
     Repl {
         /// Replication id, assigned by the primary in arrival order; the backup replays in it.
         mid: u64,
@@ -73,8 +74,34 @@ pub enum Frame {
         id: MsgId,
         /// Publisher's send time.
         sent_us: u64,
+        /// The entry's place in the log: `offset`, `epoch` and `received_us` are set.
+        stamps: Stamps,
         /// Message body.
         payload: String,
+    },
+    /// `TAIL|topic|next|epoch`: a backup answering its primary's `HELLO` tells, per topic, the
+    /// next offset of its log and the epoch of its last entry, so the primary knows where to
+    /// resume replication (and where the two logs diverge).
+    Tail {
+        /// The topic.
+        topic: String,
+        /// The backup's next offset for it.
+        next: u64,
+        /// The epoch of the backup's last entry of it (0 when empty).
+        epoch: u64,
+    },
+    /// `TAIL`: the end of the backup's `TAIL` list.
+    TailEnd,
+    /// `MARK|topic|upto|next`: sent by the primary after catching a backup up: every entry of
+    /// the topic below `upto` was delivered, and the primary's log of it ends before `next`
+    /// (the backup cuts anything it has from there on: a tail the primary never had).
+    Mark {
+        /// The topic.
+        topic: String,
+        /// The delivered mark.
+        upto: u64,
+        /// The primary's next offset.
+        next: u64,
     },
     /// `STORED|mid`: the backup holds message `mid`.
     Stored {
@@ -242,7 +269,7 @@ impl Frame {
                 }
             }
             "REPL" => {
-                let f = fields::<6>(line, "REPL")?;
+                let f = fields::<7>(line, "REPL")?;
                 Frame::Repl {
                     mid: number(f[0], "mid")?,
                     topic: s(non_empty(f[1], "topic")?),
@@ -251,7 +278,25 @@ impl Frame {
                         seq: number(f[3], "seq")?,
                     },
                     sent_us: number(f[4], "sent_us")?,
-                    payload: s(f[5]),
+                    stamps: Stamps::parse(f[5])?,
+                    payload: s(f[6]),
+                }
+            }
+            "TAIL" if line == "TAIL" => Frame::TailEnd,
+            "TAIL" => {
+                let f = fields::<3>(line, "TAIL")?;
+                Frame::Tail {
+                    topic: s(non_empty(f[0], "topic")?),
+                    next: number(f[1], "next")?,
+                    epoch: number(f[2], "epoch")?,
+                }
+            }
+            "MARK" => {
+                let f = fields::<3>(line, "MARK")?;
+                Frame::Mark {
+                    topic: s(non_empty(f[0], "topic")?),
+                    upto: number(f[1], "upto")?,
+                    next: number(f[2], "next")?,
                 }
             }
             "STORED" => Frame::Stored {
@@ -353,8 +398,12 @@ impl Frame {
                 topic,
                 id,
                 sent_us,
+                stamps,
                 payload,
-            } => write_repl_fields(out, *mid, topic, id, *sent_us, payload),
+            } => write_repl_fields(out, *mid, topic, id, *sent_us, stamps, payload),
+            Frame::Tail { topic, next, epoch } => write!(out, "TAIL|{topic}|{next}|{epoch}"),
+            Frame::TailEnd => write!(out, "TAIL"),
+            Frame::Mark { topic, upto, next } => write!(out, "MARK|{topic}|{upto}|{next}"),
             Frame::Stored { mid } => write!(out, "STORED|{mid}"),
             Frame::Clr { mid } => write!(out, "CLR|{mid}"),
             Frame::Hello {
@@ -450,9 +499,23 @@ pub fn msg_line(topic: &str, id: &MsgId, sent_us: u64, stamps: &Stamps, payload:
 
 /// The `REPL` line for one message, written from borrowed parts (no [`Frame`], no copies of the
 /// topic and payload): the primary writes one per accepted message.
-pub fn repl_line(mid: u64, topic: &str, id: &MsgId, sent_us: u64, payload: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(topic.len() + id.publisher.len() + payload.len() + 64);
-    let _ = write_repl_fields(&mut ByteWriter(&mut out), mid, topic, id, sent_us, payload);
+pub fn repl_line(mid: u64, topic: &str, e: &crate::log::Entry) -> Vec<u8> {
+    let mut out = Vec::with_capacity(topic.len() + e.id.publisher.len() + e.payload.len() + 96);
+    let stamps = Stamps {
+        epoch: e.epoch,
+        received_us: e.received_us,
+        offset: e.offset,
+        ..Stamps::default()
+    };
+    let _ = write_repl_fields(
+        &mut ByteWriter(&mut out),
+        mid,
+        topic,
+        &e.id,
+        e.sent_us,
+        &stamps,
+        &e.payload,
+    );
     out.push(b'\n');
     out
 }
@@ -464,12 +527,13 @@ fn write_repl_fields<W: std::fmt::Write>(
     topic: &str,
     id: &MsgId,
     sent_us: u64,
+    stamps: &Stamps,
     payload: &str,
 ) -> std::fmt::Result {
     write!(
         out,
-        "REPL|{mid}|{topic}|{}|{}|{sent_us}|{payload}",
-        id.publisher, id.seq
+        "REPL|{mid}|{topic}|{}|{}|{sent_us}|o={},e={},rx={}|{payload}",
+        id.publisher, id.seq, stamps.offset, stamps.epoch, stamps.received_us
     )
 }
 

@@ -77,14 +77,17 @@ pub struct Stamps {
     pub compute_start_us: u64,
     /// When the compute task ended (`ce`).
     pub compute_end_us: u64,
+    /// The entry's offset in its topic's log (`o`): a subscriber that reconnects resumes after
+    /// the last one it got.
+    pub offset: u64,
 }
 
 impl Stamps {
     fn encode<W: std::fmt::Write>(&self, out: &mut W) {
         let _ = write!(
             out,
-            "e={},rx={},cs={},ce={}",
-            self.epoch, self.received_us, self.compute_start_us, self.compute_end_us
+            "e={},rx={},cs={},ce={},o={}",
+            self.epoch, self.received_us, self.compute_start_us, self.compute_end_us, self.offset
         );
     }
 
@@ -100,6 +103,7 @@ impl Stamps {
                 "rx" => st.received_us = v,
                 "cs" => st.compute_start_us = v,
                 "ce" => st.compute_end_us = v,
+                "o" => st.offset = v,
                 _ => {}
             }
         }

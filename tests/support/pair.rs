@@ -82,6 +82,7 @@ pub fn config() -> Config {
         repl_timeout: Duration::from_millis(250),
         forward_timeout: Duration::from_secs(1),
         incarnation: 0,
+        fsync: edgepair::log::Fsync::default(),
     }
 }
 
@@ -358,6 +359,12 @@ impl Pair {
                 Output::Hold { conn, held } => {
                     if let Some(End::Client(c)) = self.wires.get(&(n, conn)).copied() {
                         self.clients[c].holds.push(held);
+                    }
+                }
+                Output::Sync => {
+                    let now = self.wall();
+                    if let Some(core) = self.nodes[n].core.as_mut() {
+                        core.handle_sync(now);
                     }
                 }
             }

@@ -1,0 +1,498 @@
+//! The node's log as the core uses it: appending and syncing under the `--fsync` policy,
+//! starting again from what an earlier life left, the backup's copy with its delivered marks,
+//! and catching a backup's copy up with the primary's.
+//!
+//! A backup's "held" messages are no separate store any more: they are the entries of its log
+//! between each topic's delivered mark and its end, less those cleared out of order.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use tracing::{error, info, warn};
+
+use super::time::Timer;
+use super::{Broker, ConnId, Message, Output, RoleState, SEEN_REBUILD};
+use crate::log::{Entry, Fsync, LogError, BATCH_ENTRIES, BATCH_INTERVAL};
+use crate::protocol::{Frame, MsgId, Role};
+
+/// Entries sent per topic in one go when catching a backup up.
+const CATCH_UP_CHUNK: usize = 4096;
+
+impl Broker {
+    /// True when an `ACK` (or a backup's `STORED`) waits for the local disk.
+    pub(super) fn must_sync(&self) -> bool {
+        self.cfg.fsync == Fsync::Always && self.log.is_durable()
+    }
+
+    /// Appends a new entry to `topic`; asks for the sync the policy wants.
+    pub(super) fn append(&mut self, topic: &str, entry: &Arc<Entry>) -> Result<(), LogError> {
+        self.log.append(topic, entry)?;
+        self.after_append();
+        Ok(())
+    }
+
+    fn after_append(&mut self) {
+        if !self.log.is_durable() {
+            return;
+        }
+        match self.cfg.fsync {
+            Fsync::Always => self.ask_sync(),
+            Fsync::Batch if self.log.unsynced() >= BATCH_ENTRIES => self.ask_sync(),
+            Fsync::Batch => {
+                if !self.timers.is_set(Timer::Sync) {
+                    self.timers.set(Timer::Sync, self.now.mono + BATCH_INTERVAL);
+                }
+            }
+            Fsync::Never => {}
+        }
+    }
+
+    fn ask_sync(&mut self) {
+        if !self.sync_asked {
+            self.sync_asked = true;
+            self.out.push_back(Output::Sync);
+        }
+    }
+
+    /// fsyncs the log, then answers what waited for it. A failed sync is a disk that can no
+    /// longer be trusted: what waited is refused with `ERR`, so publishers resend elsewhere.
+    pub(super) fn sync_log(&mut self) {
+        self.sync_asked = false;
+        self.timers.stop(Timer::Sync);
+        let upto = self.next_mid - 1;
+        match self.log.sync() {
+            Ok(()) => {
+                self.synced_mid = upto;
+                self.release_ready_acks();
+                if let Some((conn, mid)) = self.stored_after_sync.take() {
+                    self.reply(conn, Frame::Stored { mid });
+                }
+            }
+            Err(e) => {
+                error!("the log could not be synced: {e}; refusing what waited for it");
+                let reason = format!("storage: {e}");
+                if let Some(p) = self.primary() {
+                    let acks = std::mem::take(&mut p.acks);
+                    let err = Frame::Err { reason };
+                    let mut conns: Vec<ConnId> = acks.iter().map(|a| a.conn).collect();
+                    conns.dedup();
+                    for conn in conns {
+                        self.flush_replies(conn, Some(u64::MAX), Some(&err));
+                    }
+                }
+                if let Some((conn, _)) = self.stored_after_sync.take() {
+                    self.close(conn);
+                }
+            }
+        }
+    }
+
+    /// Every `ACK` waiting for a message up to this `mid` may go: the backup stored it (or there
+    /// is no backup to wait for) and the local disk has it (when the policy says to wait).
+    pub(super) fn ack_floor(&self) -> u64 {
+        let local = if self.must_sync() {
+            self.synced_mid
+        } else {
+            u64::MAX
+        };
+        let backup = match &self.role {
+            RoleState::Primary(p) => match p.link.up() {
+                Some((_, false)) => p.confirmed,
+                _ => u64::MAX,
+            },
+            RoleState::Backup(_) => u64::MAX,
+        };
+        local.min(backup)
+    }
+
+    /// Sends every `ACK` whose message is now safe.
+    pub(super) fn release_ready_acks(&mut self) {
+        let floor = self.ack_floor();
+        let Some(p) = self.primary() else {
+            return;
+        };
+        let mut conns: Vec<ConnId> = Vec::new();
+        while p.acks.front().is_some_and(|a| a.mid <= floor) {
+            if let Some(a) = p.acks.pop_front() {
+                if conns.last() != Some(&a.conn) {
+                    conns.push(a.conn);
+                }
+            }
+        }
+        for conn in conns {
+            self.flush_replies(conn, Some(floor), None);
+        }
+    }
+
+    /// At start: relearn publisher identities from the end of each topic, and take up what an
+    /// earlier life did not deliver (a primary delivers it once the startup grace is over; a
+    /// backup holds it, as it is already in its log).
+    pub(super) fn recover(&mut self) {
+        let topics = self.log.topics();
+        let mut undelivered = 0u64;
+        for t in &topics {
+            let from = t.next.saturating_sub(SEEN_REBUILD).max(t.first);
+            match self.log.read(&t.topic, from, usize::MAX) {
+                Ok(entries) => {
+                    for e in entries.iter().filter(|e| !e.id.is_anonymous()) {
+                        self.seen.record(&e.id.publisher, e.id.seq);
+                    }
+                }
+                Err(e) => error!("topic '{}': cannot read the log back: {e}", t.topic),
+            }
+            undelivered += t.next - t.delivered.max(t.first);
+        }
+        if topics.is_empty() {
+            return;
+        }
+        info!(
+            "log: {} topic(s), {} entries, {undelivered} not yet delivered",
+            topics.len(),
+            topics.iter().map(|t| t.next - t.first).sum::<u64>()
+        );
+        if self.role() == Role::Primary {
+            for (topic, entry) in self.held_entries() {
+                self.take_up(topic, entry);
+            }
+            // What was taken up is on the disk already.
+            self.synced_mid = self.next_mid - 1;
+        }
+    }
+
+    /// Puts an entry from the log (back) in flight, with a new `mid` and its own offset:
+    /// computed and delivered again, in order with the rest of its topic.
+    pub(super) fn take_up(&mut self, topic: String, entry: Arc<Entry>) {
+        let mid = self.next_mid;
+        self.next_mid += 1;
+        self.enqueue(Arc::new(Message { mid, topic, entry }), false);
+    }
+
+    /// The undelivered entries of every topic, oldest first within each topic.
+    pub(super) fn held_entries(&self) -> Vec<(String, Arc<Entry>)> {
+        let mut out = Vec::new();
+        for t in self.log.topics() {
+            let cleared = self.cleared.get(&t.topic);
+            let from = t.delivered.max(t.first);
+            match self.log.read(&t.topic, from, usize::MAX) {
+                Ok(entries) => out.extend(
+                    entries
+                        .into_iter()
+                        .filter(|e| !cleared.is_some_and(|c| c.contains(&e.offset)))
+                        .map(|e| (t.topic.clone(), e)),
+                ),
+                Err(e) => error!("topic '{}': cannot read held entries: {e}", t.topic),
+            }
+        }
+        // Across topics, in the order they arrived.
+        out.sort_by_key(|(_, e)| e.received_us);
+        out
+    }
+
+    /// How many entries a backup holds (not yet delivered).
+    pub(super) fn held_count(&self) -> u64 {
+        self.log
+            .topics()
+            .iter()
+            .map(|t| {
+                let cleared = self.cleared.get(&t.topic).map_or(0, |c| c.len() as u64);
+                (t.next - t.delivered.max(t.first)).saturating_sub(cleared)
+            })
+            .sum()
+    }
+
+    /// Entry `offset` of `topic` was delivered: move the mark over it and over whatever was
+    /// cleared out of order just above it.
+    pub(super) fn mark_delivered(&mut self, topic: &str, offset: u64) {
+        let mark = self.log.topic(topic).delivered;
+        if offset < mark {
+            return;
+        }
+        let cleared = self.cleared.entry(topic.to_string()).or_default();
+        cleared.insert(offset);
+        let mut upto = mark;
+        while cleared.remove(&upto) {
+            upto += 1;
+        }
+        if cleared.is_empty() {
+            self.cleared.remove(topic);
+        }
+        if upto > mark {
+            self.log.set_delivered(topic, upto);
+        }
+    }
+
+    /// `REPL` on a backup: append the entry at its offset (answer `STORED`, after the sync when
+    /// the policy says so), or refuse it.
+    pub(super) fn on_repl(&mut self, conn: ConnId, mid: u64, topic: String, entry: Entry) {
+        if self.role() != Role::Backup {
+            self.reply(conn, not_a_backup());
+            return;
+        }
+        let entry = Arc::new(entry);
+        if let Err(e) = self.store(&topic, &entry) {
+            warn!("cannot store entry {} of '{topic}': {e}", entry.offset);
+            self.reply(
+                conn,
+                Frame::Err {
+                    reason: format!("not stored: {e}"),
+                },
+            );
+            return;
+        }
+        if mid == 0 {
+            // Catching up: the primary expects no answer.
+            return;
+        }
+        if let RoleState::Backup(b) = &mut self.role {
+            b.pending.insert(mid, (topic, entry.offset));
+        }
+        if self.must_sync() && self.log.unsynced() > 0 {
+            self.stored_after_sync = Some((conn, mid));
+            self.ask_sync();
+        } else {
+            self.reply(conn, Frame::Stored { mid });
+        }
+    }
+
+    /// Appends a replicated entry at its offset. The same entry again is fine; a different one
+    /// at an offset we have means our tail diverged from the primary's log: it is cut (and
+    /// what of it was not delivered is handed to the primary) before the entry is appended.
+    fn store(&mut self, topic: &str, entry: &Arc<Entry>) -> Result<(), LogError> {
+        let next = self.log.topic(topic).next;
+        if entry.offset < next {
+            let have = self.log.read(topic, entry.offset, 1)?;
+            if have
+                .first()
+                .is_some_and(|h| h.id == entry.id && h.epoch == entry.epoch)
+            {
+                return Ok(());
+            }
+            self.cut_tail(topic, entry.offset)?;
+        } else if entry.offset > next {
+            return Err(LogError::NotDense {
+                topic: topic.to_string(),
+                want: next,
+                got: entry.offset,
+            });
+        }
+        self.append(topic, entry)?;
+        if !entry.id.is_anonymous() {
+            self.seen.record(&entry.id.publisher, entry.id.seq);
+        }
+        Ok(())
+    }
+
+    /// Cuts the entries of `topic` from `from` on, handing the undelivered ones to the peer
+    /// (which drops those it already has, by identity).
+    fn cut_tail(&mut self, topic: &str, from: u64) -> Result<(), LogError> {
+        let t = self.log.topic(topic);
+        if from >= t.next {
+            return Ok(());
+        }
+        let keep_delivered = t.delivered.max(from);
+        let undelivered: Vec<Arc<Entry>> = self
+            .log
+            .read(topic, keep_delivered, usize::MAX)?
+            .into_iter()
+            .filter(|e| {
+                !self
+                    .cleared
+                    .get(topic)
+                    .is_some_and(|c| c.contains(&e.offset))
+            })
+            .collect();
+        let cut = self.log.truncate(topic, from)?;
+        if let Some(c) = self.cleared.get_mut(topic) {
+            c.retain(|o| *o < from);
+        }
+        warn!(
+            "topic '{topic}': cut {cut} entr{} from offset {from} that the primary's log does not have; handing {} undelivered one(s) to it",
+            if cut == 1 { "y" } else { "ies" },
+            undelivered.len()
+        );
+        if !undelivered.is_empty() && self.cfg.peer.is_some() {
+            let msgs = undelivered
+                .into_iter()
+                .map(|entry| {
+                    Arc::new(Message {
+                        mid: 0,
+                        topic: topic.to_string(),
+                        entry,
+                    })
+                })
+                .collect();
+            self.hand_over(msgs);
+        }
+        Ok(())
+    }
+
+    /// Seed `REPLICATE`: append at our own next offset, anonymous.
+    pub(super) fn store_seed(&mut self, topic: String, payload: String) -> bool {
+        if self.role() != Role::Backup {
+            return false;
+        }
+        let entry = Arc::new(Entry {
+            offset: self.log.topic(&topic).next,
+            epoch: self.epoch,
+            id: MsgId::anonymous(),
+            sent_us: self.now.wall_us,
+            received_us: self.now.wall_us,
+            payload,
+        });
+        match self.append(&topic, &entry) {
+            Ok(()) => true,
+            Err(e) => {
+                error!("cannot store a seed REPLICATE on '{topic}': {e}");
+                false
+            }
+        }
+    }
+
+    /// `CLR|mid`: the primary delivered it.
+    pub(super) fn clear_mid(&mut self, mid: u64) {
+        let RoleState::Backup(b) = &mut self.role else {
+            return;
+        };
+        if let Some((topic, offset)) = b.pending.remove(&mid) {
+            self.mark_delivered(&topic, offset);
+        }
+    }
+
+    /// `CLEAR|topic|payload` (seed): the oldest held entry of `topic` with this payload.
+    pub(super) fn clear_seed(&mut self, topic: &str, payload: &str) {
+        if self.role() != Role::Backup {
+            return;
+        }
+        let t = self.log.topic(topic);
+        let found = self
+            .log
+            .read(topic, t.delivered.max(t.first), usize::MAX)
+            .ok()
+            .and_then(|v| {
+                v.into_iter().find(|e| {
+                    e.payload == payload
+                        && !self
+                            .cleared
+                            .get(topic)
+                            .is_some_and(|c| c.contains(&e.offset))
+                })
+            });
+        if let Some(e) = found {
+            self.mark_delivered(topic, e.offset);
+        }
+    }
+
+    /// `MARK|topic|upto|next` after a catch-up: our log of `topic` must end at `next` and is
+    /// delivered below `upto`.
+    pub(super) fn on_mark(&mut self, topic: &str, upto: u64, next: u64) {
+        if self.role() != Role::Backup {
+            return;
+        }
+        if let Err(e) = self.cut_tail(topic, next) {
+            error!("topic '{topic}': cannot cut the log at {next}: {e}");
+        }
+        self.log.set_delivered(topic, upto);
+        if let Some(c) = self.cleared.get_mut(topic) {
+            c.retain(|o| *o >= upto);
+        }
+    }
+
+    /// A backup answering its primary's `HELLO`: where its log of each topic ends.
+    pub(super) fn send_tails(&mut self, conn: ConnId) {
+        for t in self.log.topics() {
+            let epoch = match t.next.checked_sub(1).filter(|last| *last >= t.first) {
+                Some(last) => self
+                    .log
+                    .read(&t.topic, last, 1)
+                    .ok()
+                    .and_then(|v| v.first().map(|e| e.epoch))
+                    .unwrap_or(0),
+                None => 0,
+            };
+            let f = Frame::Tail {
+                topic: t.topic,
+                next: t.next,
+                epoch,
+            };
+            self.reply(conn, f);
+        }
+        self.reply(conn, Frame::TailEnd);
+    }
+
+    /// The primary, once its backup said where its log ends (`tails`: topic, next, epoch of
+    /// the last entry): send each topic's missing entries, then its delivered mark and end.
+    pub(super) fn catch_up(&mut self, conn: ConnId, tails: Vec<(String, u64, u64)>) {
+        let mut topics: BTreeSet<String> = tails.iter().map(|t| t.0.clone()).collect();
+        topics.extend(self.log.topics().into_iter().map(|t| t.topic));
+        let mut sent = 0u64;
+        for topic in topics {
+            let t = self.log.topic(&topic);
+            let (b_next, b_epoch) = tails
+                .iter()
+                .find(|x| x.0 == topic)
+                .map_or((0, 0), |x| (x.1, x.2));
+            let start = b_next.min(self.end_of_epoch(&topic, b_epoch)).max(t.first);
+            let mut at = start;
+            while at < t.next {
+                let chunk = match self.log.read(&topic, at, CATCH_UP_CHUNK) {
+                    Ok(c) if !c.is_empty() => c,
+                    Ok(_) => break,
+                    Err(e) => {
+                        error!("topic '{topic}': cannot read the log to catch the backup up: {e}");
+                        break;
+                    }
+                };
+                let mut buf = Vec::new();
+                for e in &chunk {
+                    buf.extend_from_slice(&crate::protocol::repl_line(0, &topic, e));
+                }
+                at = chunk.last().map_or(t.next, |e| e.offset + 1);
+                sent += chunk.len() as u64;
+                self.out.push_back(Output::Send {
+                    conn,
+                    line: buf.into(),
+                    delivery: false,
+                });
+            }
+            let mark = Frame::Mark {
+                topic,
+                upto: t.delivered.max(t.first),
+                next: t.next,
+            };
+            self.send_frame(conn, &mark);
+        }
+        if sent > 0 {
+            info!(
+                "caught the backup up: {sent} log entr{} sent",
+                if sent == 1 { "y" } else { "ies" }
+            );
+        }
+    }
+
+    /// The first offset of `topic` whose entry is of a later epoch than `epoch` (entries of
+    /// one epoch were all written by one primary, so up to there a backup's copy of that
+    /// epoch agrees with ours). Epochs never decrease along a log, so this is a binary search.
+    fn end_of_epoch(&self, topic: &str, epoch: u64) -> u64 {
+        let t = self.log.topic(topic);
+        let (mut lo, mut hi) = (t.first, t.next);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let e = self
+                .log
+                .read(topic, mid, 1)
+                .ok()
+                .and_then(|v| v.first().map(|e| e.epoch));
+            match e {
+                Some(e) if e <= epoch => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        lo
+    }
+}
+
+pub(super) fn not_a_backup() -> Frame {
+    Frame::Err {
+        reason: "not a backup".into(),
+    }
+}
