@@ -9,6 +9,7 @@ use tracing::{error, info};
 
 use crate::compute::{parse_duration, Compute, ComputeMode, ComputeRange};
 use crate::driver::{self, NodeConfig};
+use crate::log::Fsync;
 use crate::net::Net;
 use crate::protocol::Role;
 
@@ -100,6 +101,17 @@ pub struct BrokerOpts {
     /// either way.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Directory of the node's log: one folder of segment files per topic. Without it the log
+    /// is kept in memory (the last 100,000 delivered entries per topic) and nothing survives a
+    /// restart of the node.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// When a publish is acknowledged, as far as this node's disk goes: `always` = after its
+    /// entry is fsync'd (one fsync per batch of publishes); `batch` = written at once, fsync'd
+    /// within 5 ms or 1,000 entries (a crash of the process loses nothing, a power cut at most
+    /// that); `never` = written, fsync'd only at a clean stop. Needs `--data-dir`.
+    #[arg(long, default_value_t = Fsync::Batch)]
+    pub fsync: Fsync,
 }
 
 fn broker_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
@@ -147,6 +159,8 @@ pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCo
         cfg.ping_interval = opts.ping_interval;
         cfg.ping_timeout = opts.ping_timeout;
         cfg.repl_timeout = opts.repl_timeout;
+        cfg.data_dir = opts.data_dir;
+        cfg.fsync = opts.fsync;
         match driver::run(listener, cfg, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -298,3 +298,110 @@ fn frames_behind_a_forwarded_publish_are_answered_in_order_and_reading_is_held_m
     );
     assert_eq!(p.role(B), Role::Primary);
 }
+
+#[test]
+fn both_nodes_crash_and_every_acknowledged_message_is_delivered_from_their_logs() {
+    let (mut p, ..) = linked(steady);
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=5);
+    p.run_until(ms(50), |p| p.count(publ, "ACK|pub|") == 5);
+    assert!(
+        p.msgs(publ).is_empty(),
+        "acknowledged while still in compute"
+    );
+    p.crash_keeping_log(P);
+    p.crash_keeping_log(B);
+    p.run_for(ms(500));
+    p.start(B);
+    p.start(P);
+    let sp = p.client(P);
+    p.send(sp, "SUB|t");
+    p.run_until(ms(2_000), |p| p.msgs(sp).len() == 5);
+    assert_eq!(seqs(&p, sp), [1, 2, 3, 4, 5], "every one, in order");
+    let offsets: Vec<u64> = p.msgs(sp).iter().map(|m| m.2.offset).collect();
+    assert_eq!(
+        offsets,
+        [0, 1, 2, 3, 4],
+        "at the offsets they were logged at"
+    );
+    p.run_until(ms(2_000), |p| link(p, P) == "up" && held(p, B) == 0);
+    // A resend of an acknowledged message after the restart is recognised from the log.
+    let again = p.client(P);
+    publish(&mut p, again, 3..=3);
+    p.run_for(ms(500));
+    assert_eq!(
+        seqs(&p, sp),
+        [1, 2, 3, 4, 5],
+        "the resend is not logged twice"
+    );
+    let sp2 = p.client(P);
+    p.send(sp2, "SUB|t");
+    publish(&mut p, again, 6..=6);
+    p.run_until(ms(1_000), |p| p.msgs(sp2).len() == 1);
+    assert_eq!(
+        p.msgs(sp2)[0].2.offset,
+        5,
+        "new entries go after the old ones"
+    );
+}
+
+#[test]
+fn a_backup_that_lost_its_log_is_caught_up_from_the_primarys_log() {
+    let (mut p, sp, _) = linked(|_| ms(1));
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=4);
+    p.run_until(ms(500), |p| p.count(publ, "ACK|pub|") == 4);
+    p.crash(B);
+    publish(&mut p, publ, 5..=8);
+    p.run_until(ms(500), |p| p.count(publ, "ACK|pub|") == 8);
+    p.start(B);
+    p.run_until(ms(3_000), |p| link(p, P) == "up");
+    publish(&mut p, publ, 9..=9);
+    p.run_until(ms(500), |p| p.count(publ, "ACK|pub|") == 9);
+    p.run_until(ms(2_000), |p| p.msgs(sp).len() == 9);
+    p.run_until(ms(500), |p| held(p, B) == 0);
+    assert_eq!(held(&p, B), 0, "everything caught up is marked delivered");
+    // The backup's copy is the primary's: it takes over with offsets continuing after 8.
+    p.crash(P);
+    p.run_until(ms(500), |p| p.role(B) == Role::Primary);
+    let sb2 = p.client(B);
+    p.send(sb2, "SUB|t");
+    let publ2 = p.client(B);
+    publish(&mut p, publ2, 10..=10);
+    p.run_until(ms(1_000), |p| p.msgs(sb2).len() == 1);
+    assert_eq!(p.msgs(sb2)[0].2.offset, 9);
+}
+
+#[test]
+fn a_divergent_tail_is_cut_and_its_undelivered_entries_handed_over() {
+    // The primary runs degraded in a partition and logs 1..=2 (compute long, so undelivered);
+    // the backup takes over and logs 3 at the same offsets. When the partition heals the
+    // deposed primary's log diverges from the new primary's: its entries are cut and handed
+    // over, so nothing acknowledged is lost and both logs agree.
+    let (mut p, _, sb) = linked(|_| ms(2_000));
+    p.partitioned = true;
+    p.run_until(ms(3_000), |p| p.role(B) == Role::Primary);
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=2);
+    p.run_until(ms(1_000), |p| p.count(publ, "ACK|pub|") == 2);
+    let publ_b = p.client(B);
+    p.send(publ_b, "PUB|t|other|1|1|x");
+    p.run_until(ms(1_000), |p| p.count(publ_b, "ACK|other|") == 1);
+    p.partitioned = false;
+    p.run_until(ms(5_000), |p| p.role(P) == Role::Backup);
+    p.run_until(ms(10_000), |p| p.msgs(sb).len() == 3);
+    let mut got: Vec<(String, u64)> = p.msgs(sb).iter().map(|m| (m.0.clone(), m.1)).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [("other".into(), 1), ("pub".into(), 1), ("pub".into(), 2)]
+    );
+    let offsets: Vec<u64> = p.msgs(sb).iter().map(|m| m.2.offset).collect();
+    assert_eq!(offsets, [0, 1, 2], "one log, dense, in delivery order");
+    p.run_until(ms(3_000), |p| held(p, P) == 0);
+    assert_eq!(
+        held(&p, P),
+        0,
+        "the deposed node's copy agrees with the log"
+    );
+}

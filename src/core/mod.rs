@@ -424,6 +424,11 @@ impl Broker {
         self.sync_log();
     }
 
+    /// The node's log, as a process that dies leaves it behind (tests restart a node on it).
+    pub fn into_log(self) -> Box<dyn Storage> {
+        self.log
+    }
+
     /// Makes the log durable on the way out (a clean stop): best effort, the error is
     /// returned for the caller to report.
     pub fn shutdown(&mut self) -> Result<(), crate::log::LogError> {

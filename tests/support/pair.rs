@@ -41,6 +41,8 @@ struct Node {
     held: VecDeque<Input>,
     born: Role,
     lives: u64,
+    /// The log of a node that crashed, kept for its next start.
+    disk: Option<Box<dyn edgepair::log::Storage>>,
 }
 
 /// A test's own connection to a node: what it received, line by line.
@@ -95,6 +97,7 @@ impl Pair {
             held: VecDeque::new(),
             born,
             lives: 0,
+            disk: None,
         };
         let mut p = Pair {
             now: Time(0),
@@ -127,7 +130,11 @@ impl Pair {
         cfg.peer = Some(NAMES[1 - n].to_string());
         self.nodes[n].lives += 1;
         cfg.incarnation = WALL0 + self.now.0 + self.nodes[n].lives;
-        self.nodes[n].core = Some(Broker::new(cfg, self.wall()));
+        let core = match self.nodes[n].disk.take() {
+            Some(log) => Broker::with_log(cfg, log, self.wall()),
+            None => Broker::new(cfg, self.wall()),
+        };
+        self.nodes[n].core = Some(core);
         self.nodes[n].paused = false;
         self.drain(n);
     }
@@ -138,6 +145,14 @@ impl Pair {
 
     pub fn role(&self, n: usize) -> Role {
         self.core(n).role()
+    }
+
+    /// SIGKILL of a node whose log is on disk: the process is gone, what it wrote to its log
+    /// stays (the page cache outlives a process), and its next [`Pair::start`] opens it again.
+    pub fn crash_keeping_log(&mut self, n: usize) {
+        let log = self.nodes[n].core.take().map(Broker::into_log);
+        self.crash(n);
+        self.nodes[n].disk = log;
     }
 
     /// SIGKILL: the core is gone and every connection of it closes.
