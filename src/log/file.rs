@@ -499,3 +499,416 @@ impl Storage for FileLog {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::segment::encode_record;
+    use crate::log::CutReason;
+    use crate::protocol::MsgId;
+
+    /// Small segments, so a few hundred entries span several.
+    const SEG: u64 = 2048;
+
+    fn entry(offset: u64) -> Arc<Entry> {
+        Arc::new(Entry {
+            offset,
+            epoch: 1 + offset / 100,
+            id: MsgId {
+                publisher: format!("p{}", offset % 3),
+                seq: offset + 1,
+            },
+            sent_us: 1_000 + offset,
+            received_us: 2_000 + offset,
+            payload: format!("message {offset} ✓"),
+        })
+    }
+
+    fn fill(log: &mut FileLog, topic: &str, range: std::ops::Range<u64>) {
+        for o in range {
+            log.append(topic, &entry(o)).expect("append");
+        }
+    }
+
+    fn read_all(log: &FileLog, topic: &str) -> Vec<Arc<Entry>> {
+        let mut all = Vec::new();
+        let mut at = 0;
+        loop {
+            let got = log.read(topic, at, 37).expect("read");
+            let Some(last) = got.last() else { break };
+            at = last.offset + 1;
+            all.extend(got);
+        }
+        all
+    }
+
+    fn assert_entries(log: &FileLog, topic: &str, range: std::ops::Range<u64>) {
+        let got = read_all(log, topic);
+        let want: Vec<Arc<Entry>> = range.map(entry).collect();
+        assert_eq!(got.len(), want.len(), "entry count of {topic}");
+        assert_eq!(got, want);
+    }
+
+    fn open(dir: &Path) -> (FileLog, Recovery) {
+        FileLog::open_with(dir, SEG).expect("open")
+    }
+
+    fn topic_dir(dir: &Path, topic: &str) -> PathBuf {
+        dir.join("topics").join(encode_topic(topic))
+    }
+
+    fn last_segment(dir: &Path, topic: &str) -> PathBuf {
+        let mut logs: Vec<PathBuf> = fs::read_dir(topic_dir(dir, topic))
+            .expect("list")
+            .map(|d| d.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.sort();
+        logs.pop().expect("a segment")
+    }
+
+    fn record_len(offset: u64) -> u64 {
+        let mut b = Vec::new();
+        encode_record(&entry(offset), &mut b).expect("encode");
+        b.len() as u64
+    }
+
+    #[test]
+    fn roundtrip_across_segments_and_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (mut log, rec) = open(dir.path());
+            assert!(rec.is_clean());
+            assert!(log.is_durable());
+            fill(&mut log, "t", 0..300);
+            fill(&mut log, "u", 0..5);
+            assert_eq!(log.unsynced(), 305);
+            // Entries are readable before the sync.
+            assert_entries(&log, "t", 0..300);
+            log.sync().expect("sync");
+            assert_eq!(log.unsynced(), 0);
+            log.set_delivered("t", 120);
+            log.set_delivered("t", 100); // never backwards
+            log.set_delivered("u", 99); // capped at next
+            assert!(
+                log.topic_segments("t").len() > 5,
+                "{:?}",
+                log.topic_segments("t")
+            );
+            let err = log.append("t", &entry(301)).expect_err("a gap is refused");
+            assert!(err.to_string().contains("expects 300"), "{err}");
+            assert_eq!(log.read("t", 295, 100).expect("read").len(), 5);
+            assert!(log.read("t", 300, 10).expect("read").is_empty());
+            assert!(log.read("nope", 0, 10).expect("read").is_empty());
+            log.sync().expect("sync");
+        }
+        let (log, rec) = open(dir.path());
+        assert!(rec.is_clean(), "{:?}", rec.lines());
+        assert_entries(&log, "t", 0..300);
+        assert_entries(&log, "u", 0..5);
+        let names: Vec<(String, u64, u64, u64)> = log
+            .topics()
+            .into_iter()
+            .map(|t| (t.topic, t.first, t.next, t.delivered))
+            .collect();
+        assert_eq!(
+            names,
+            vec![("t".into(), 0, 300, 120), ("u".into(), 0, 5, 5)]
+        );
+        assert_eq!(log.topic("missing").next, 0);
+    }
+
+    #[test]
+    fn marks_are_saved_on_drop_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (mut log, _) = open(dir.path());
+            fill(&mut log, "t", 0..10);
+            log.sync().expect("sync");
+            log.set_delivered("t", 7);
+        }
+        assert_eq!(open(dir.path()).0.topic("t").delivered, 7);
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (mut log, _) = open(dir.path());
+            fill(&mut log, "t", 0..200);
+            log.sync().expect("sync");
+        }
+        let last = last_segment(dir.path(), "t");
+        let len = fs::metadata(&last).expect("meta").len();
+        let rec_len = record_len(199);
+        let f = OpenOptions::new().write(true).open(&last).expect("open");
+        f.set_len(len - rec_len / 2).expect("truncate");
+        drop(f);
+        let (mut log, rec) = open(dir.path());
+        assert_eq!(rec.damage.len(), 1, "{:?}", rec.lines());
+        let (topic, d) = &rec.damage[0];
+        assert_eq!(topic, "t");
+        assert_eq!(d.reason, CutReason::Torn);
+        assert!(d.cut);
+        assert_eq!(d.bytes, rec_len - rec_len / 2);
+        assert_eq!(d.at, len - rec_len);
+        assert_eq!(fs::metadata(&last).expect("meta").len(), len - rec_len);
+        assert_entries(&log, "t", 0..199);
+        // The log goes on at the cut, and the next open is clean.
+        fill(&mut log, "t", 199..210);
+        log.sync().expect("sync");
+        drop(log);
+        let (log, rec) = open(dir.path());
+        assert!(rec.is_clean(), "{:?}", rec.lines());
+        assert_entries(&log, "t", 0..210);
+    }
+
+    #[test]
+    fn flipped_byte_in_the_last_record_is_caught_by_the_checksum() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (mut log, _) = open(dir.path());
+            fill(&mut log, "t", 0..50);
+            log.sync().expect("sync");
+        }
+        let last = last_segment(dir.path(), "t");
+        let mut bytes = fs::read(&last).expect("read");
+        let n = bytes.len();
+        bytes[n - 3] ^= 0x20; // inside the payload of entry 49
+        fs::write(&last, &bytes).expect("write");
+        let (log, rec) = open(dir.path());
+        assert_eq!(rec.damage.len(), 1, "{:?}", rec.lines());
+        assert_eq!(rec.damage[0].1.reason, CutReason::Checksum);
+        assert_eq!(rec.damage[0].1.bytes, record_len(49));
+        assert_eq!(log.topic("t").next, 49);
+        assert_entries(&log, "t", 0..49);
+    }
+
+    #[test]
+    fn garbage_length_is_cut_as_bad_length() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (mut log, _) = open(dir.path());
+            fill(&mut log, "t", 0..20);
+            log.sync().expect("sync");
+        }
+        let last = last_segment(dir.path(), "t");
+        let mut f = OpenOptions::new().append(true).open(&last).expect("open");
+        f.write_all(&[0u8; 100]).expect("write zeros");
+        drop(f);
+        let (log, rec) = open(dir.path());
+        assert_eq!(rec.damage[0].1.reason, CutReason::BadLength);
+        assert_eq!(rec.damage[0].1.bytes, 100);
+        assert_entries(&log, "t", 0..20);
+    }
+
+    #[test]
+    fn a_sealed_segment_that_does_not_end_cleanly_is_reported_and_reads_fail_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let segs = {
+            let (mut log, _) = open(dir.path());
+            fill(&mut log, "t", 0..100);
+            log.sync().expect("sync");
+            log.topic_segments("t")
+        };
+        assert!(segs.len() > 2);
+        let first = topic_dir(dir.path(), "t").join(format!("{:020}.log", segs[0].0));
+        let f = OpenOptions::new().write(true).open(&first).expect("open");
+        f.set_len(segs[0].1 - 5).expect("truncate");
+        drop(f);
+        let (log, rec) = open(dir.path());
+        assert_eq!(rec.damage.len(), 1, "{:?}", rec.lines());
+        assert!(!rec.damage[0].1.cut, "a sealed segment is not cut");
+        assert_eq!(rec.damage[0].1.reason, CutReason::Torn);
+        assert_eq!(log.topic("t").next, 100);
+        let err = log.read("t", 0, 100).expect_err("the hole fails the read");
+        assert!(matches!(err, LogError::Corrupt(_)), "{err}");
+        let later = log.read("t", segs[1].0, 5).expect("later segments read");
+        assert_eq!(later[0].offset, segs[1].0);
+    }
+
+    #[test]
+    fn truncate_across_segment_boundaries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut log, _) = open(dir.path());
+        fill(&mut log, "t", 0..300);
+        log.set_delivered("t", 290);
+        let segs = log.topic_segments("t");
+        // Into the middle of the third segment: the later ones go.
+        let from = segs[2].0 + 3;
+        assert_eq!(log.truncate("t", from).expect("truncate"), 300 - from);
+        assert_eq!(log.topic_segments("t").len(), 3);
+        assert_eq!(log.topic("t").next, from);
+        assert_eq!(log.topic("t").delivered, from);
+        assert_eq!(log.unsynced(), 0, "the cut makes the topic durable");
+        assert_entries(&log, "t", 0..from);
+        // Exactly at a segment's base.
+        assert_eq!(
+            log.truncate("t", segs[1].0).expect("truncate"),
+            from - segs[1].0
+        );
+        assert_eq!(log.topic("t").next, segs[1].0);
+        assert_eq!(log.truncate("t", 10_000).expect("nothing to cut"), 0);
+        fill(&mut log, "t", segs[1].0..260);
+        assert_entries(&log, "t", 0..260);
+        log.sync().expect("sync");
+        drop(log);
+        let (log, rec) = open(dir.path());
+        assert!(rec.is_clean(), "{:?}", rec.lines());
+        assert_entries(&log, "t", 0..260);
+        drop(log);
+        let (mut log, _) = open(dir.path());
+        assert_eq!(log.truncate("t", 0).expect("truncate all"), 260);
+        assert_eq!(log.topic("t").next, 0);
+        fill(&mut log, "t", 0..3);
+        assert_entries(&log, "t", 0..3);
+    }
+
+    #[test]
+    fn odd_topic_names_roundtrip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let names = ["a/b", "..", ".", "x y", "é", "%41", "A-_z"];
+        {
+            let (mut log, _) = open(dir.path());
+            for (i, n) in names.iter().enumerate() {
+                fill(&mut log, n, 0..(i as u64 + 1));
+            }
+            log.sync().expect("sync");
+            for bad in ["", "a|b", "a\nb"] {
+                let err = log.append(bad, &entry(0)).expect_err("refused");
+                assert!(matches!(err, LogError::BadTopic { .. }), "{err}");
+            }
+            let long = "é".repeat(100);
+            assert!(matches!(
+                log.append(&long, &entry(0)),
+                Err(LogError::BadTopic { .. })
+            ));
+            // A refused topic name does not fail the log.
+            fill(&mut log, "a/b", 1..2);
+        }
+        fs::create_dir(dir.path().join("topics").join("not%2")).expect("mkdir");
+        fs::create_dir(dir.path().join("topics").join("%61")).expect("mkdir");
+        let (log, rec) = open(dir.path());
+        assert_eq!(rec.ignored.len(), 2, "{:?}", rec.lines());
+        for (i, n) in names.iter().enumerate() {
+            let want = if *n == "a/b" { 2 } else { i as u64 + 1 };
+            assert_eq!(log.topic(n).next, want, "topic {n:?}");
+            assert_entries(&log, n, 0..want);
+        }
+        assert_eq!(log.topics().len(), names.len());
+        for n in names {
+            assert_eq!(decode_topic(&encode_topic(n)).as_deref(), Some(n));
+            assert!(!encode_topic(n).contains(['.', '/']));
+        }
+    }
+
+    #[test]
+    fn a_second_open_is_refused_naming_the_pid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, _) = open(dir.path());
+        let err = FileLog::open(dir.path()).expect_err("locked");
+        match &err {
+            LogError::Locked { pid, .. } => assert_eq!(*pid, Some(std::process::id())),
+            other => panic!("expected Locked, got {other}"),
+        }
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("in use by process {}", std::process::id())),
+            "{msg}"
+        );
+        assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+        // Inspection needs no lock.
+        assert!(FileLog::inspect(dir.path()).is_ok());
+        drop(log);
+        assert!(FileLog::open(dir.path()).is_ok(), "free again once closed");
+    }
+
+    #[test]
+    fn inspect_reports_a_torn_tail_and_cuts_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut log, _) = open(dir.path());
+        fill(&mut log, "t", 0..30);
+        log.sync().expect("sync");
+        let last = last_segment(dir.path(), "t");
+        let mut f = OpenOptions::new().append(true).open(&last).expect("open");
+        f.write_all(&[7u8; 5]).expect("write");
+        let len = fs::metadata(&last).expect("meta").len();
+        let (view, rec) = FileLog::inspect(dir.path()).expect("inspect");
+        assert_eq!(rec.damage.len(), 1);
+        assert!(!rec.damage[0].1.cut);
+        assert_eq!(rec.damage[0].1.reason, CutReason::Torn);
+        assert_eq!(fs::metadata(&last).expect("meta").len(), len, "nothing cut");
+        assert_entries(&view, "t", 0..30);
+        let mut view = view;
+        assert!(matches!(
+            view.append("t", &entry(30)),
+            Err(LogError::Failed(_))
+        ));
+        assert!(FileLog::inspect(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn retention_removes_only_delivered_sealed_segments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut log, _) = open(dir.path());
+        fill(&mut log, "t", 0..300);
+        log.sync().expect("sync");
+        let segs = log.topic_segments("t");
+        assert!(segs.len() > 5);
+        assert!(log
+            .enforce_retention(u64::MAX)
+            .expect("no bounds")
+            .is_empty());
+        log.set_retention(Some(1), None);
+        // Nothing delivered: nothing goes, however far over the bound.
+        assert!(log.enforce_retention(0).expect("retention").is_empty());
+        // Delivered up to inside the third segment: the first two go.
+        log.set_delivered("t", segs[2].0 + 1);
+        let moved = log.enforce_retention(0).expect("retention");
+        assert_eq!(moved, vec![("t".to_string(), segs[2].0)]);
+        assert_eq!(log.topic("t").first, segs[2].0);
+        let got = log.read("t", 0, 2).expect("read from before first");
+        assert_eq!(got[0].offset, segs[2].0);
+        // By age: entries received at 2000 + offset µs; a bound of 1 s at a "now" where
+        // everything is older than that: every delivered sealed segment goes.
+        log.set_retention(None, Some(Duration::from_secs(1)));
+        log.set_delivered("t", 300);
+        let moved = log.enforce_retention(10_000_000).expect("retention");
+        let last_base = segs[segs.len() - 1].0;
+        assert_eq!(moved, vec![("t".to_string(), last_base)]);
+        drop(log);
+        let (log, rec) = open(dir.path());
+        assert!(rec.is_clean(), "{:?}", rec.lines());
+        assert_eq!(log.topic("t").first, last_base);
+        assert_entries(&log, "t", last_base..300);
+    }
+
+    #[test]
+    fn recovery_without_an_index_and_with_a_bad_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (mut log, _) = FileLog::open_with(dir.path(), 1 << 20).expect("open");
+            fill(&mut log, "t", 0..400);
+            log.sync().expect("sync");
+        }
+        let last = last_segment(dir.path(), "t");
+        let idx = last.with_extension("idx");
+        assert!(
+            fs::metadata(&idx).expect("meta").len() >= 16,
+            "index points written"
+        );
+        // An index point that does not start a record is dropped and recovery still works.
+        let mut f = OpenOptions::new().append(true).open(&idx).expect("open");
+        f.write_all(&1000u64.to_le_bytes()).expect("write");
+        f.write_all(&(fs::metadata(&last).expect("meta").len() - 7).to_le_bytes())
+            .expect("write");
+        drop(f);
+        let (log, rec) = FileLog::open_with(dir.path(), 1 << 20).expect("open");
+        assert!(rec.is_clean(), "{:?}", rec.lines());
+        assert_entries(&log, "t", 0..400);
+        drop(log);
+        fs::remove_file(&idx).expect("remove index");
+        let (log, _) = FileLog::open_with(dir.path(), 1 << 20).expect("open");
+        assert_entries(&log, "t", 0..400);
+    }
+}
