@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 
 use super::{Entry, FileLog, Storage};
@@ -165,7 +165,7 @@ fn seg_name(d: &super::Damage) -> String {
 
 /// Writes up to `count` entries of `topic` from `from` on, one per line.
 pub fn dump(dir: &Path, topic: &str, from: u64, count: u64, out: &mut dyn Write) -> Result<()> {
-    let (log, _) = FileLog::inspect(dir)?;
+    let (log, rec) = FileLog::inspect(dir)?;
     let state = log.topics();
     if !state.iter().any(|t| t.topic == topic) {
         let names: Vec<&str> = state.iter().map(|t| t.topic.as_str()).collect();
@@ -181,9 +181,25 @@ pub fn dump(dir: &Path, topic: &str, from: u64, count: u64, out: &mut dyn Write)
     }
     let (mut at, mut left) = (from, count);
     while left > 0 {
-        let got = log
-            .read(topic, at, left.min(1024) as usize)
-            .with_context(|| format!("reading topic '{topic}' at offset {at}"))?;
+        let got = match log.read(topic, at, left.min(1024) as usize) {
+            Ok(got) => got,
+            Err(e) => {
+                let found: Vec<String> = rec
+                    .damage
+                    .iter()
+                    .filter(|(t, _)| t == topic)
+                    .map(|(_, d)| d.to_string())
+                    .collect();
+                bail!(
+                    "reading topic '{topic}' at offset {at}: {e}{}",
+                    if found.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (found at open: {})", found.join("; "))
+                    }
+                );
+            }
+        };
         let Some(last) = got.last() else { break };
         at = last.offset + 1;
         left -= got.len() as u64;
@@ -194,6 +210,18 @@ pub fn dump(dir: &Path, topic: &str, from: u64, count: u64, out: &mut dyn Write)
                 e.offset, e.epoch, e.id.publisher, e.id.seq, e.sent_us, e.received_us, e.payload
             )?;
         }
+    }
+    // A torn tail may be a record being written by a running node; anything else is damage.
+    let mut corrupt = Vec::new();
+    for (_, d) in rec.damage.iter().filter(|(t, _)| t == topic) {
+        if d.reason == super::CutReason::Torn {
+            eprintln!("edgepair-log: note: {d}");
+        } else {
+            corrupt.push(d.to_string());
+        }
+    }
+    if !corrupt.is_empty() {
+        bail!("corrupt data in topic '{topic}': {}", corrupt.join("; "));
     }
     Ok(())
 }

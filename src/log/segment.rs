@@ -765,7 +765,18 @@ impl SegmentLog {
         for i in first..self.segs.len() {
             let seg = &self.segs[i];
             if seg.end <= want {
-                continue;
+                match self.segs.get(i + 1) {
+                    Some(n) if n.base > want => {
+                        return Err(LogError::Corrupt(format!(
+                            "{}: no valid record for offset {want}: its records end at {}, \
+                             the next segment starts at {}",
+                            log_path(&self.dir, seg.base).display(),
+                            seg.end,
+                            n.base
+                        )))
+                    }
+                    _ => continue,
+                }
             }
             let p = seg.index.partition_point(|p| p.0 <= want).max(1) - 1;
             let f = self.open_segment(i)?;
