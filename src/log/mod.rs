@@ -12,7 +12,10 @@
 //! `sync` once per batch of events (group commit) and sends an `ACK` only when the policy of
 //! [`Fsync`] is met.
 
+mod file;
+pub mod inspect;
 mod mem;
+pub mod segment;
 
 use std::sync::Arc;
 
@@ -20,7 +23,9 @@ use thiserror::Error;
 
 use crate::protocol::MsgId;
 
+pub use file::{decode_topic, encode_topic, FileLog, Recovery};
 pub use mem::{MemLog, DEFAULT_RETAIN_ENTRIES};
+pub use segment::{CutReason, Damage, DEFAULT_SEGMENT_BYTES};
 
 /// One entry of a topic's log. Immutable once appended; shared by the core's in-flight
 /// message, the in-memory log and deliveries without copying.
@@ -124,6 +129,37 @@ pub enum LogError {
     /// An earlier write or sync failed; the log refuses appends until it is reopened.
     #[error("the log failed earlier and must be reopened: {0}")]
     Failed(String),
+    /// Another process holds the log directory.
+    #[error(
+        "log directory {} is in use by {} (it holds {}); stop it, or give this node another data directory",
+        path.parent().map_or_else(|| path.display().to_string(), |p| p.display().to_string()),
+        pid.map_or_else(|| "another process".to_string(), |p| format!("process {p}")),
+        path.display()
+    )]
+    Locked {
+        /// The lock file.
+        path: std::path::PathBuf,
+        /// The holder's pid, as it wrote it into the lock file.
+        pid: Option<u32>,
+    },
+    /// A topic name the log cannot keep on disk.
+    #[error("topic '{topic}' cannot be logged: its name {why}")]
+    BadTopic {
+        /// The topic.
+        topic: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// An entry too large for a record.
+    #[error("topic '{topic}': entry {offset} cannot be logged: {why}")]
+    TooLarge {
+        /// The topic.
+        topic: String,
+        /// The entry's offset.
+        offset: u64,
+        /// Its size and the limit.
+        why: String,
+    },
 }
 
 /// The log of every topic of one node.

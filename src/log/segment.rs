@@ -1,0 +1,971 @@
+//! One topic's log on disk: segment files and their sparse indexes.
+//!
+//! A topic directory holds segments `<base offset, 20 digits>.log`, each an append-only run of
+//! records `[body length u32 LE][CRC32C of body u32 LE][body]`. The body is offset, epoch,
+//! seq, sent_us, received_us (u64 LE each), the publisher's length (u16 LE) and bytes, then
+//! the payload (the rest; UTF-8). Beside each segment, `<base>.idx` holds sparse index points
+//! `(offset u64 LE, file position u64 LE)`, one per [`INDEX_EVERY`] bytes of records; the
+//! point `(base, 0)` is implied.
+//!
+//! Appends are written to the active (last) segment at once, without fsync. [`SegmentLog::sync`]
+//! fsyncs the active segment, then writes the index points gathered since the last sync (so an
+//! index point never names bytes that were not fsync'd first), and fsyncs the directory when a
+//! file was created. A segment is sealed once it passes the segment size: the next append
+//! first fsyncs it and its index, so sealed segments are complete on disk.
+//!
+//! Opening trusts the sealed segments (it only checks that the last records of each end
+//! cleanly, from the last index point, without scanning them) and recovers the last one: from
+//! the last index point that starts a valid record it scans forward, verifying length,
+//! checksum and offset of every record, and cuts the file at the first torn or corrupt one.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{Entry, LogError};
+use crate::protocol::MsgId;
+
+/// Bytes of the record header (length, checksum).
+pub const HEADER: usize = 8;
+/// Bytes of the body before the publisher id: five u64 and the publisher's u16 length.
+const FIXED: usize = 5 * 8 + 2;
+/// Largest body accepted; a larger length field means a torn or corrupt header.
+pub const MAX_BODY: usize = 16 << 20;
+/// One index point per this many bytes of records.
+pub const INDEX_EVERY: u64 = 4096;
+/// Default segment size before rolling to a new one.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+/// Bytes read at a time when scanning records.
+const CHUNK: usize = 256 << 10;
+
+/// Why the bytes at the end of a segment were not taken as records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutReason {
+    /// The file ends inside a record (a write interrupted by a crash).
+    Torn,
+    /// A record whose checksum does not match its bytes.
+    Checksum,
+    /// A length field out of range (garbage, or zeros after a crash).
+    BadLength,
+    /// A record with a valid checksum that does not decode or has the wrong offset.
+    BadRecord,
+}
+
+impl std::fmt::Display for CutReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CutReason::Torn => "torn record",
+            CutReason::Checksum => "checksum mismatch",
+            CutReason::BadLength => "bad record length",
+            CutReason::BadRecord => "bad record",
+        })
+    }
+}
+
+/// Bytes at the end of a segment that are not valid records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The segment file.
+    pub segment: PathBuf,
+    /// Where the valid records end (file position).
+    pub at: u64,
+    /// Bytes from there to the end of the file.
+    pub bytes: u64,
+    /// What was found there.
+    pub reason: CutReason,
+    /// Details (the checksums, the length, ...).
+    pub detail: String,
+    /// Whether the bytes were cut (false for a sealed segment, which is left as it is and
+    /// fails reads there, and for a read-only open).
+    pub cut: bool,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} ({}): {} bytes at position {} {}",
+            self.segment.display(),
+            self.reason,
+            self.detail,
+            self.bytes,
+            self.at,
+            if self.cut { "cut" } else { "left in place" }
+        )
+    }
+}
+
+/// Appends the record of `e` to `out`; refuses a publisher id or a body too large.
+pub fn encode_record(e: &Entry, out: &mut Vec<u8>) -> Result<(), String> {
+    let publisher = e.id.publisher.as_bytes();
+    let plen = u16::try_from(publisher.len())
+        .map_err(|_| format!("publisher id of {} bytes (at most 65535)", publisher.len()))?;
+    let body_len = FIXED + publisher.len() + e.payload.len();
+    if body_len > MAX_BODY {
+        return Err(format!("entry of {body_len} bytes (at most {MAX_BODY})"));
+    }
+    out.reserve(HEADER + body_len);
+    let start = out.len();
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0u8; 4]);
+    for v in [e.offset, e.epoch, e.id.seq, e.sent_us, e.received_us] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&plen.to_le_bytes());
+    out.extend_from_slice(publisher);
+    out.extend_from_slice(e.payload.as_bytes());
+    let crc = crc32c::crc32c(&out[start + HEADER..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn decode_body(body: &[u8]) -> Result<Entry, String> {
+    // The caller checked `body.len() >= FIXED`.
+    let plen = usize::from(u16::from_le_bytes([body[40], body[41]]));
+    let Some(pb) = body.get(FIXED..FIXED + plen) else {
+        return Err(format!("publisher id of {plen} bytes runs past the record"));
+    };
+    let publisher = std::str::from_utf8(pb).map_err(|_| "publisher id is not UTF-8")?;
+    let payload = std::str::from_utf8(&body[FIXED + plen..]).map_err(|_| "payload is not UTF-8")?;
+    Ok(Entry {
+        offset: u64_at(body, 0),
+        epoch: u64_at(body, 8),
+        id: MsgId {
+            publisher: publisher.to_string(),
+            seq: u64_at(body, 16),
+        },
+        sent_us: u64_at(body, 24),
+        received_us: u64_at(body, 32),
+        payload: payload.to_string(),
+    })
+}
+
+/// What is at the start of a byte slice.
+enum Parsed {
+    /// A valid record and its total size.
+    Record(Entry, usize),
+    /// The slice ends before the record does; the record needs this many bytes.
+    Short(usize),
+    /// Not a valid record.
+    Bad(CutReason, String),
+}
+
+fn parse_record(b: &[u8]) -> Parsed {
+    if b.len() < HEADER {
+        return Parsed::Short(HEADER);
+    }
+    let len = u32_at(b, 0) as usize;
+    if !(FIXED..=MAX_BODY).contains(&len) {
+        return Parsed::Bad(CutReason::BadLength, format!("length field {len}"));
+    }
+    let Some(body) = b.get(HEADER..HEADER + len) else {
+        return Parsed::Short(HEADER + len);
+    };
+    let (want, got) = (u32_at(b, 4), crc32c::crc32c(body));
+    if want != got {
+        return Parsed::Bad(
+            CutReason::Checksum,
+            format!("CRC32C {got:08x}, header says {want:08x}"),
+        );
+    }
+    match decode_body(body) {
+        Ok(e) => Parsed::Record(e, HEADER + len),
+        Err(why) => Parsed::Bad(CutReason::BadRecord, why),
+    }
+}
+
+/// One step of a [`Records`] scan.
+enum Step {
+    /// A valid record at this file position, of this size.
+    Record(Entry, u64, usize),
+    /// The end of the range, exactly at a record boundary.
+    End,
+    /// Not a valid record at this position.
+    Bad(u64, CutReason, String),
+}
+
+/// Reads records one after the other from a range of a file, by pread.
+struct Records<'a> {
+    file: &'a File,
+    buf: Vec<u8>,
+    /// File position of `buf[0]`.
+    buf_pos: u64,
+    /// Next record in `buf`.
+    at: usize,
+    /// End of the range.
+    end: u64,
+}
+
+impl<'a> Records<'a> {
+    fn new(file: &'a File, from: u64, end: u64) -> Self {
+        Records {
+            file,
+            buf: Vec::new(),
+            buf_pos: from,
+            at: 0,
+            end,
+        }
+    }
+
+    fn next(&mut self) -> std::io::Result<Step> {
+        loop {
+            let pos = self.buf_pos + self.at as u64;
+            let need = match parse_record(&self.buf[self.at..]) {
+                Parsed::Record(e, n) => {
+                    self.at += n;
+                    return Ok(Step::Record(e, pos, n));
+                }
+                Parsed::Bad(why, detail) => return Ok(Step::Bad(pos, why, detail)),
+                Parsed::Short(need) => need,
+            };
+            self.buf.drain(..self.at);
+            self.buf_pos = pos;
+            self.at = 0;
+            let have = self.buf.len();
+            let left = self.end.saturating_sub(pos + have as u64);
+            if left == 0 {
+                return Ok(if have == 0 {
+                    Step::End
+                } else {
+                    Step::Bad(
+                        pos,
+                        CutReason::Torn,
+                        format!("{have} of {need} bytes of a record"),
+                    )
+                });
+            }
+            let add = ((need - have).max(CHUNK) as u64).min(left) as usize;
+            self.buf.resize(have + add, 0);
+            self.file
+                .read_exact_at(&mut self.buf[have..], pos + have as u64)?;
+        }
+    }
+}
+
+/// A segment as the log keeps it in memory.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    /// Offset of its first record (also its file name).
+    pub base: u64,
+    /// Bytes of valid records.
+    pub size: u64,
+    /// Offset after its last record.
+    pub end: u64,
+    /// `received_us` of its last record (0 when empty or unknown): its age for retention.
+    pub last_us: u64,
+    /// Sparse index, always starting with `(base, 0)`.
+    index: Vec<(u64, u64)>,
+}
+
+fn log_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}.log"))
+}
+
+fn idx_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}.idx"))
+}
+
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LogError {
+    let what = what.into();
+    move |source| LogError::Io { what, source }
+}
+
+/// fsyncs a directory, so the names created or removed in it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(format!("fsync directory {}", dir.display())))
+}
+
+/// Reads an index file, keeping the leading points that are in order and inside `size`.
+fn load_index(path: &Path, base: u64, size: u64) -> Result<Vec<(u64, u64)>, LogError> {
+    let mut index = vec![(base, 0u64)];
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io_err(format!("read {}", path.display()))(e)),
+    };
+    for point in bytes.chunks_exact(16) {
+        let (off, pos) = (u64_at(point, 0), u64_at(point, 8));
+        let (last_off, last_pos) = index[index.len() - 1];
+        if off <= last_off || pos <= last_pos || pos >= size {
+            break;
+        }
+        index.push((off, pos));
+    }
+    Ok(index)
+}
+
+fn index_bytes(points: &[(u64, u64)]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(points.len() * 16);
+    for &(off, pos) in points {
+        b.extend_from_slice(&off.to_le_bytes());
+        b.extend_from_slice(&pos.to_le_bytes());
+    }
+    b
+}
+
+/// What a scan of a segment's end found.
+struct Scanned {
+    index: Vec<(u64, u64)>,
+    size: u64,
+    end: u64,
+    last_us: u64,
+    damage: Option<(u64, CutReason, String)>,
+}
+
+/// Scans a segment from its last index point that starts a valid record (dropping the later
+/// ones) to the end of the file.
+fn scan_tail(file: &File, mut index: Vec<(u64, u64)>, len: u64) -> std::io::Result<Scanned> {
+    loop {
+        let (off, pos) = index[index.len() - 1];
+        let mut recs = Records::new(file, pos, len);
+        let (mut next, mut size, mut last_us) = (off, pos, 0);
+        let first_ok = loop {
+            match recs.next()? {
+                Step::Record(e, at, n) if e.offset == next => {
+                    next += 1;
+                    size = at + n as u64;
+                    last_us = e.received_us;
+                }
+                Step::Record(e, at, _) => {
+                    break Some((
+                        at,
+                        CutReason::BadRecord,
+                        format!("offset {} where {next} was expected", e.offset),
+                    ))
+                }
+                Step::End => break None,
+                Step::Bad(at, why, detail) => break Some((at, why, detail)),
+            }
+        };
+        // An index point that does not start a valid record is not trusted: fall back to the
+        // one before it (the first point, (base, 0), always stays).
+        if next == off && index.len() > 1 && pos < len {
+            index.pop();
+            continue;
+        }
+        return Ok(Scanned {
+            index,
+            size,
+            end: next,
+            last_us,
+            damage: first_ok,
+        });
+    }
+}
+
+/// One topic's log: its segments in one directory.
+#[derive(Debug)]
+pub struct SegmentLog {
+    dir: PathBuf,
+    segment_bytes: u64,
+    /// Never empty; the last one is active.
+    segs: Vec<Segment>,
+    /// Read and append handle of the active segment (`None` only for an empty read-only log).
+    active: Option<File>,
+    /// Append handle of the active index (`None` when read-only).
+    active_idx: Option<File>,
+    /// Index points of the active segment not yet in its index file (written by `sync`).
+    pending_points: Vec<(u64, u64)>,
+    /// Bytes appended to the active segment since its last index point.
+    since_index: u64,
+    /// Bytes written and not fsync'd.
+    dirty: bool,
+    /// Names created or removed in `dir` since the last sync.
+    names_changed: bool,
+    read_only: bool,
+    buf: Vec<u8>,
+}
+
+impl SegmentLog {
+    /// Creates an empty log in the new directory `dir` (created by the caller).
+    pub fn create(dir: &Path, segment_bytes: u64) -> Result<SegmentLog, LogError> {
+        let (active, idx) = create_files(dir, 0)?;
+        Ok(SegmentLog {
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            segs: vec![Segment {
+                base: 0,
+                size: 0,
+                end: 0,
+                last_us: 0,
+                index: vec![(0, 0)],
+            }],
+            active: Some(active),
+            active_idx: Some(idx),
+            pending_points: Vec::new(),
+            since_index: 0,
+            dirty: false,
+            names_changed: true,
+            read_only: false,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Opens the log in `dir`; see the module doc for what is checked and cut. A read-only
+    /// open writes nothing and reports a torn tail instead of cutting it.
+    pub fn open(
+        dir: &Path,
+        segment_bytes: u64,
+        read_only: bool,
+    ) -> Result<(SegmentLog, Vec<Damage>), LogError> {
+        let mut bases = Vec::new();
+        let mut idx_only = Vec::new();
+        let list = fs::read_dir(dir).map_err(io_err(format!("list {}", dir.display())))?;
+        for de in list {
+            let de = de.map_err(io_err(format!("list {}", dir.display())))?;
+            let name = de.file_name();
+            let name = name.to_string_lossy();
+            if let Some(b) = name
+                .strip_suffix(".log")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                bases.push(b);
+            } else if let Some(b) = name
+                .strip_suffix(".idx")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                idx_only.push(b);
+            }
+        }
+        bases.sort_unstable();
+        if !read_only {
+            // An index whose segment is gone (a removal interrupted by a crash).
+            for b in idx_only
+                .into_iter()
+                .filter(|b| bases.binary_search(b).is_err())
+            {
+                let p = idx_path(dir, b);
+                fs::remove_file(&p).map_err(io_err(format!("remove {}", p.display())))?;
+            }
+        }
+        let Some(&last_base) = bases.last() else {
+            if read_only {
+                let mut log = SegmentLog::create_in_memory(dir, segment_bytes);
+                log.read_only = true;
+                return Ok((log, Vec::new()));
+            }
+            return Ok((SegmentLog::create(dir, segment_bytes)?, Vec::new()));
+        };
+        let mut damage = Vec::new();
+        let mut segs = Vec::with_capacity(bases.len());
+        for (i, &base) in bases.iter().enumerate() {
+            let last = base == last_base;
+            let path = log_path(dir, base);
+            let mut opts = OpenOptions::new();
+            opts.read(true);
+            if last && !read_only {
+                opts.append(true);
+            }
+            let file = opts
+                .open(&path)
+                .map_err(io_err(format!("open {}", path.display())))?;
+            let len = file
+                .metadata()
+                .map_err(io_err(format!("stat {}", path.display())))?
+                .len();
+            let index = load_index(&idx_path(dir, base), base, len)?;
+            let loaded = index.len();
+            let s =
+                scan_tail(&file, index, len).map_err(io_err(format!("read {}", path.display())))?;
+            let cut = last && !read_only;
+            if let Some((at, reason, detail)) = s.damage {
+                damage.push(Damage {
+                    segment: path.clone(),
+                    at,
+                    bytes: len - at,
+                    reason,
+                    detail,
+                    cut,
+                });
+                if cut {
+                    tracing::warn!(segment = %path.display(), at, cut = len - at, %reason, "torn or corrupt tail cut");
+                    file.set_len(at)
+                        .and_then(|()| file.sync_all())
+                        .map_err(io_err(format!("cut {}", path.display())))?;
+                }
+            } else if let Some(&next_base) = bases.get(i + 1) {
+                if s.end != next_base {
+                    damage.push(Damage {
+                        segment: path.clone(),
+                        at: s.size,
+                        bytes: 0,
+                        reason: CutReason::BadRecord,
+                        detail: format!(
+                            "records end at offset {}, the next segment starts at {next_base}",
+                            s.end
+                        ),
+                        cut: false,
+                    });
+                }
+            }
+            if !read_only && s.index.len() != loaded {
+                let p = idx_path(dir, base);
+                fs::write(&p, index_bytes(&s.index[1..]))
+                    .and_then(|()| File::open(&p)?.sync_all())
+                    .map_err(io_err(format!("rewrite {}", p.display())))?;
+            }
+            segs.push(Segment {
+                base,
+                size: s.size,
+                end: s.end,
+                last_us: s.last_us,
+                index: s.index,
+            });
+            if last {
+                let since_index = s.size - segs[segs.len() - 1].index.last().map_or(0, |p| p.1);
+                let active_idx = if read_only {
+                    None
+                } else {
+                    let p = idx_path(dir, base);
+                    Some(
+                        OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(&p)
+                            .map_err(io_err(format!("open {}", p.display())))?,
+                    )
+                };
+                let log = SegmentLog {
+                    dir: dir.to_path_buf(),
+                    segment_bytes,
+                    segs,
+                    active: Some(file),
+                    active_idx,
+                    pending_points: Vec::new(),
+                    since_index,
+                    dirty: false,
+                    names_changed: false,
+                    read_only,
+                    buf: Vec::new(),
+                };
+                return Ok((log, damage));
+            }
+        }
+        Err(LogError::Corrupt(format!(
+            "{}: no active segment",
+            dir.display()
+        )))
+    }
+
+    fn create_in_memory(dir: &Path, segment_bytes: u64) -> SegmentLog {
+        SegmentLog {
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            segs: vec![Segment {
+                base: 0,
+                size: 0,
+                end: 0,
+                last_us: 0,
+                index: vec![(0, 0)],
+            }],
+            active: None,
+            active_idx: None,
+            pending_points: Vec::new(),
+            since_index: 0,
+            dirty: false,
+            names_changed: false,
+            read_only: true,
+            buf: Vec::new(),
+        }
+    }
+
+    fn last(&self) -> &Segment {
+        &self.segs[self.segs.len() - 1]
+    }
+
+    /// The oldest offset kept.
+    pub fn first(&self) -> u64 {
+        self.segs[0].base
+    }
+
+    /// The offset the next entry gets.
+    pub fn next(&self) -> u64 {
+        self.last().end
+    }
+
+    /// The segments, oldest first (the last one is active).
+    pub fn segments(&self) -> &[Segment] {
+        &self.segs
+    }
+
+    /// Bytes of records and index points on disk.
+    pub fn bytes(&self) -> u64 {
+        self.segs
+            .iter()
+            .map(|s| s.size + 16 * (s.index.len() as u64 - 1))
+            .sum()
+    }
+
+    /// The topic's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn writable(&self) -> Result<(), LogError> {
+        if self.read_only {
+            return Err(LogError::Failed(format!(
+                "{} is opened read-only",
+                self.dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Seals the active segment (fsync'd with its index) and starts a new one at `next`.
+    fn roll(&mut self) -> Result<(), LogError> {
+        self.sync()?;
+        if let Some(idx) = &self.active_idx {
+            idx.sync_data().map_err(io_err(format!(
+                "fsync {}",
+                idx_path(&self.dir, self.last().base).display()
+            )))?;
+        }
+        let base = self.next();
+        let (log, idx) = create_files(&self.dir, base)?;
+        self.active = Some(log);
+        self.active_idx = Some(idx);
+        self.since_index = 0;
+        self.names_changed = true;
+        self.segs.push(Segment {
+            base,
+            size: 0,
+            end: base,
+            last_us: 0,
+            index: vec![(base, 0)],
+        });
+        Ok(())
+    }
+
+    /// Writes `entries` (dense from [`SegmentLog::next`]) to the active segment with one
+    /// write, without fsync. An error may leave part of them in the file: the caller must
+    /// stop appending until the log is reopened (which cuts it).
+    pub fn append(&mut self, topic: &str, entries: &[Arc<Entry>]) -> Result<(), LogError> {
+        self.writable()?;
+        let next = self.next();
+        for (i, e) in entries.iter().enumerate() {
+            if e.offset != next + i as u64 {
+                return Err(LogError::NotDense {
+                    topic: topic.to_string(),
+                    want: next + i as u64,
+                    got: e.offset,
+                });
+            }
+        }
+        let Some(last_e) = entries.last() else {
+            return Ok(());
+        };
+        if self.last().size >= self.segment_bytes {
+            self.roll()?;
+        }
+        self.buf.clear();
+        let size = self.last().size;
+        let mut points = Vec::new();
+        for e in entries {
+            if self.since_index >= INDEX_EVERY {
+                points.push((e.offset, size + self.buf.len() as u64));
+                self.since_index = 0;
+            }
+            let before = self.buf.len();
+            encode_record(e, &mut self.buf).map_err(|why| LogError::TooLarge {
+                topic: topic.to_string(),
+                offset: e.offset,
+                why,
+            })?;
+            self.since_index += (self.buf.len() - before) as u64;
+        }
+        let path = log_path(&self.dir, self.last().base);
+        let Some(file) = self.active.as_mut() else {
+            return Err(LogError::Failed(format!("{}: not open", path.display())));
+        };
+        self.dirty = true;
+        file.write_all(&self.buf)
+            .map_err(io_err(format!("write {}", path.display())))?;
+        let written = self.buf.len() as u64;
+        let seg = self.segs.last_mut().ok_or_else(|| {
+            LogError::Failed(format!("{}: no active segment", self.dir.display()))
+        })?;
+        seg.size += written;
+        seg.end = last_e.offset + 1;
+        seg.last_us = last_e.received_us;
+        seg.index.extend_from_slice(&points);
+        self.pending_points.extend(points);
+        Ok(())
+    }
+
+    /// Makes what was written durable: fsyncs the active segment, writes the pending index
+    /// points, fsyncs the directory if names changed.
+    pub fn sync(&mut self) -> Result<(), LogError> {
+        if self.read_only {
+            return Ok(());
+        }
+        let base = self.last().base;
+        if self.dirty {
+            if let Some(f) = &self.active {
+                f.sync_data().map_err(io_err(format!(
+                    "fsync {}",
+                    log_path(&self.dir, base).display()
+                )))?;
+            }
+            self.dirty = false;
+        }
+        if !self.pending_points.is_empty() {
+            if let Some(idx) = self.active_idx.as_mut() {
+                idx.write_all(&index_bytes(&self.pending_points))
+                    .map_err(io_err(format!(
+                        "write {}",
+                        idx_path(&self.dir, base).display()
+                    )))?;
+            }
+            self.pending_points.clear();
+        }
+        if self.names_changed {
+            sync_dir(&self.dir)?;
+            self.names_changed = false;
+        }
+        Ok(())
+    }
+
+    fn open_segment(&self, i: usize) -> Result<SegFile<'_>, LogError> {
+        if i + 1 == self.segs.len() {
+            if let Some(f) = &self.active {
+                return Ok(SegFile::Active(f));
+            }
+        }
+        let p = log_path(&self.dir, self.segs[i].base);
+        File::open(&p)
+            .map(SegFile::Sealed)
+            .map_err(io_err(format!("open {}", p.display())))
+    }
+
+    /// Up to `max` entries from `from` on (from the oldest kept if `from` is older),
+    /// checksums verified.
+    pub fn read(&self, from: u64, max: usize) -> Result<Vec<Arc<Entry>>, LogError> {
+        let mut want = from.max(self.first());
+        let mut out = Vec::new();
+        if want >= self.next() || max == 0 {
+            return Ok(out);
+        }
+        let first = self.segs.partition_point(|s| s.base <= want).max(1) - 1;
+        for i in first..self.segs.len() {
+            let seg = &self.segs[i];
+            if seg.end <= want {
+                match self.segs.get(i + 1) {
+                    Some(n) if n.base > want => {
+                        return Err(LogError::Corrupt(format!(
+                            "{}: no valid record for offset {want}: its records end at {}, \
+                             the next segment starts at {}",
+                            log_path(&self.dir, seg.base).display(),
+                            seg.end,
+                            n.base
+                        )))
+                    }
+                    _ => continue,
+                }
+            }
+            let p = seg.index.partition_point(|p| p.0 <= want).max(1) - 1;
+            let f = self.open_segment(i)?;
+            let path = || log_path(&self.dir, seg.base).display().to_string();
+            let mut recs = Records::new(f.get(), seg.index[p].1, seg.size);
+            loop {
+                match recs.next().map_err(io_err(format!("read {}", path())))? {
+                    Step::Record(e, at, _) => {
+                        if e.offset < want {
+                            continue;
+                        }
+                        if e.offset != want {
+                            return Err(LogError::Corrupt(format!(
+                                "{} position {at}: offset {} where {want} was expected",
+                                path(),
+                                e.offset
+                            )));
+                        }
+                        out.push(Arc::new(e));
+                        want += 1;
+                        if out.len() == max || want == self.next() {
+                            return Ok(out);
+                        }
+                    }
+                    Step::End => break,
+                    Step::Bad(at, why, detail) => {
+                        return Err(LogError::Corrupt(format!(
+                            "{} position {at}: {why} ({detail})",
+                            path()
+                        )))
+                    }
+                }
+            }
+            if want < seg.end {
+                return Err(LogError::Corrupt(format!(
+                    "{}: records end before offset {}",
+                    path(),
+                    seg.end
+                )));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the entries at `from` and after, durably; returns how many.
+    pub fn truncate(&mut self, from: u64) -> Result<u64, LogError> {
+        self.writable()?;
+        let from = from.max(self.first());
+        let old_next = self.next();
+        if from >= old_next {
+            return Ok(0);
+        }
+        let i = self.segs.partition_point(|s| s.base <= from).max(1) - 1;
+        // Later segments go, newest first, so a crash leaves a log that is still dense.
+        let later: Vec<u64> = self.segs[i + 1..].iter().map(|s| s.base).collect();
+        if !later.is_empty() {
+            self.active = None;
+            self.active_idx = None;
+        }
+        for base in later.into_iter().rev() {
+            for p in [idx_path(&self.dir, base), log_path(&self.dir, base)] {
+                fs::remove_file(&p).map_err(io_err(format!("remove {}", p.display())))?;
+            }
+            self.segs.pop();
+            self.names_changed = true;
+        }
+        let path = log_path(&self.dir, self.segs[i].base);
+        // Where the record `from` starts, and the time of the one before it.
+        let (pos, last_us) = {
+            let seg = &self.segs[i];
+            let p = seg.index.partition_point(|p| p.0 <= from).max(1) - 1;
+            let f = self.open_segment(i)?;
+            let mut recs = Records::new(f.get(), seg.index[p].1, seg.size);
+            let mut last_us = 0;
+            loop {
+                match recs
+                    .next()
+                    .map_err(io_err(format!("read {}", path.display())))?
+                {
+                    Step::Record(e, at, _) if e.offset >= from => break (at, last_us),
+                    Step::Record(e, _, _) => last_us = e.received_us,
+                    _ => {
+                        return Err(LogError::Corrupt(format!(
+                            "{}: no record at offset {from} to cut at",
+                            path.display()
+                        )))
+                    }
+                }
+            }
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(format!("open {}", path.display())))?;
+        file.set_len(pos)
+            .and_then(|()| file.sync_all())
+            .map_err(io_err(format!("cut {}", path.display())))?;
+        let seg = &mut self.segs[i];
+        let base = seg.base;
+        seg.index.retain(|p| p.0 < from || p.1 == 0);
+        seg.size = pos;
+        seg.end = from;
+        seg.last_us = last_us;
+        let ip = idx_path(&self.dir, base);
+        fs::write(&ip, index_bytes(&seg.index[1..]))
+            .and_then(|()| File::open(&ip)?.sync_all())
+            .map_err(io_err(format!("rewrite {}", ip.display())))?;
+        self.since_index = pos - seg.index.last().map_or(0, |p| p.1);
+        self.pending_points.clear();
+        self.active_idx = Some(
+            OpenOptions::new()
+                .append(true)
+                .open(&ip)
+                .map_err(io_err(format!("open {}", ip.display())))?,
+        );
+        self.active = Some(file);
+        self.dirty = false;
+        if self.names_changed {
+            sync_dir(&self.dir)?;
+            self.names_changed = false;
+        }
+        Ok(old_next - from)
+    }
+
+    /// Removes the oldest sealed segments while they end at or below `delivered` and either
+    /// the log is over `max_bytes` or the segment's last entry is older than `cutoff_us`.
+    /// Returns whether any went.
+    pub fn retain(
+        &mut self,
+        max_bytes: Option<u64>,
+        cutoff_us: Option<u64>,
+        delivered: u64,
+    ) -> Result<bool, LogError> {
+        self.writable()?;
+        let mut total: u64 = self.segs.iter().map(|s| s.size).sum();
+        let mut removed = false;
+        while self.segs.len() > 1 {
+            let s = &self.segs[0];
+            let over_size = max_bytes.is_some_and(|m| total > m);
+            let too_old = cutoff_us.is_some_and(|c| s.last_us < c);
+            if self.segs[1].base > delivered || !(over_size || too_old) {
+                break;
+            }
+            for p in [idx_path(&self.dir, s.base), log_path(&self.dir, s.base)] {
+                match fs::remove_file(&p) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(io_err(format!("remove {}", p.display()))(e))
+                    }
+                    _ => {}
+                }
+            }
+            total -= s.size;
+            self.segs.remove(0);
+            removed = true;
+        }
+        if removed {
+            sync_dir(&self.dir)?;
+        }
+        Ok(removed)
+    }
+}
+
+/// A segment's file for reading: the active handle, or one opened for the read.
+enum SegFile<'a> {
+    Active(&'a File),
+    Sealed(File),
+}
+
+impl SegFile<'_> {
+    fn get(&self) -> &File {
+        match self {
+            SegFile::Active(f) => f,
+            SegFile::Sealed(f) => f,
+        }
+    }
+}
+
+fn create_files(dir: &Path, base: u64) -> Result<(File, File), LogError> {
+    let open = |p: PathBuf, read: bool| {
+        OpenOptions::new()
+            .create_new(true)
+            .read(read)
+            .append(true)
+            .open(&p)
+            .map_err(io_err(format!("create {}", p.display())))
+    };
+    Ok((
+        open(log_path(dir, base), true)?,
+        open(idx_path(dir, base), false)?,
+    ))
+}
