@@ -210,10 +210,14 @@ fn open_log(cfg: &NodeConfig) -> anyhow::Result<Box<dyn crate::log::Storage>> {
         None => Ok(Box::new(crate::log::MemLog::new(
             crate::log::DEFAULT_RETAIN_ENTRIES,
         ))),
-        Some(dir) => anyhow::bail!(
-            "--data-dir {}: the file log is not built in yet",
-            dir.display()
-        ),
+        Some(dir) => {
+            let (log, recovery) = crate::log::FileLog::open(dir)?;
+            for line in recovery.lines() {
+                warn!("log recovery: {line}");
+            }
+            info!("log in {} (fsync {})", dir.display(), cfg.fsync);
+            Ok(Box::new(log))
+        }
     }
 }
 

@@ -420,6 +420,10 @@ impl Storage for FileLog {
         v
     }
 
+    fn next_offset(&self, topic: &str) -> u64 {
+        self.topics.get(topic).map_or(0, |t| t.log.next())
+    }
+
     fn topic(&self, topic: &str) -> TopicState {
         let (first, next, delivered) = self
             .topics

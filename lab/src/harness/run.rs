@@ -111,12 +111,19 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     let takeover_us = Arc::new(AtomicU64::new(0));
     watch_lines(lrx, counters.clone(), takeover_us.clone());
 
+    // Each node keeps its log under the run's folder, so a restarted node starts on it and
+    // the logs can be inspected after the run (`edgepair-log topics DIR`).
     let broker_args = |port: u16, peer: &str, seed_offset: u64| {
         let mut a = vec![
             port.to_string(),
             peer.to_string(),
             "--compute".into(),
             opts.compute.to_string(),
+            "--data-dir".into(),
+            dir.join("data")
+                .join(label[seed_offset as usize])
+                .display()
+                .to_string(),
         ];
         if let Some(s) = opts.seed {
             a.push("--seed".into());
