@@ -7,7 +7,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::compute::{parse_duration, Compute, ComputeMode, ComputeRange};
+use crate::compute::{parse_bytes, parse_duration, Compute, ComputeMode, ComputeRange};
 use crate::driver::{self, NodeConfig};
 use crate::log::Fsync;
 use crate::net::Net;
@@ -112,6 +112,14 @@ pub struct BrokerOpts {
     /// that); `never` = written, fsync'd only at a clean stop. Needs `--data-dir`.
     #[arg(long, default_value_t = Fsync::Batch)]
     pub fsync: Fsync,
+    /// Keep at most about this much of each topic's log (e.g. `500M`, `2G`): older segments
+    /// (64 MiB each) are removed once every entry in them was delivered. Needs `--data-dir`.
+    #[arg(long, value_parser = parse_bytes, value_name = "SIZE")]
+    pub retain_bytes: Option<u64>,
+    /// Remove a topic's segments whose newest entry is older than this (e.g. `12h`, `7d`),
+    /// once delivered. Needs `--data-dir`.
+    #[arg(long, value_parser = parse_duration, value_name = "AGE")]
+    pub retain_age: Option<Duration>,
 }
 
 fn broker_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
@@ -161,6 +169,8 @@ pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCo
         cfg.repl_timeout = opts.repl_timeout;
         cfg.data_dir = opts.data_dir;
         cfg.fsync = opts.fsync;
+        cfg.retain_bytes = opts.retain_bytes;
+        cfg.retain_age = opts.retain_age;
         match driver::run(listener, cfg, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -150,6 +150,28 @@ impl Compute {
     }
 }
 
+/// Parses a byte size: a number with an optional `K`, `M`, `G` (powers of 1,024, also written
+/// `KiB`, `MiB`, `GiB`) or `B`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let v: u64 = num
+        .parse()
+        .map_err(|_| format!("size '{s}': expected e.g. 500M, 2G, 1048576"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        other => return Err(format!("size '{s}': unknown unit '{other}'")),
+    };
+    v.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}' out of range"))
+}
+
 /// Parses a duration such as `500ms`, `1s`, `1.5s`, `2m` or a bare number of milliseconds.
 /// Shared by every binary's command line.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -160,12 +182,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     let v: f64 = num
         .parse()
-        .map_err(|_| format!("duration '{s}': expected e.g. 500ms, 1s, 1.5s, 2m"))?;
+        .map_err(|_| format!("duration '{s}': expected e.g. 500ms, 1s, 1.5s, 2m, 12h, 7d"))?;
     let secs = match unit.trim() {
         "us" | "µs" => v / 1e6,
         "ms" => v / 1e3,
         "s" => v,
         "m" | "min" => v * 60.0,
+        "h" => v * 3600.0,
+        "d" => v * 86400.0,
         other => return Err(format!("duration '{s}': unknown unit '{other}'")),
     };
     if !secs.is_finite() || secs < 0.0 {
@@ -200,11 +224,23 @@ mod tests {
     }
 
     #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("500M"), Ok(500 << 20));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5T").is_err());
+        assert!(parse_bytes("99999999999999999999G").is_err());
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+    }
+
+    #[test]
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("250"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("3h").is_err());
+        assert_eq!(parse_duration("3h"), Ok(Duration::from_secs(3 * 3600)));
+        assert!(parse_duration("3y").is_err());
     }
 }

@@ -15,6 +15,9 @@ use super::{Broker, ConnId, Message, Output, RoleState, SEEN_REBUILD};
 use crate::log::{Entry, Fsync, LogError, BATCH_ENTRIES, BATCH_INTERVAL};
 use crate::protocol::{Frame, MsgId, Role};
 
+/// How often segments past the retention bounds are looked for.
+pub(super) const RETAIN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Entries sent per topic in one go when catching a backup up.
 const CATCH_UP_CHUNK: usize = 4096;
 
@@ -84,6 +87,19 @@ impl Broker {
                     self.close(conn);
                 }
             }
+        }
+    }
+
+    /// Removes old segments past the retention bounds (`--retain-bytes`, `--retain-age`).
+    pub(super) fn retain(&mut self) {
+        self.timers.set(Timer::Retain, self.now.mono + RETAIN_EVERY);
+        match self.log.enforce_retention(self.now.wall_us) {
+            Ok(moved) => {
+                for (topic, first) in moved {
+                    info!("retention: topic '{topic}' now starts at offset {first}");
+                }
+            }
+            Err(e) => warn!("retention: {e}"),
         }
     }
 

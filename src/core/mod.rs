@@ -268,6 +268,8 @@ impl Broker {
         };
         b.synced_mid = b.next_mid - 1;
         b.recover();
+        b.timers
+            .set(Timer::Retain, now.mono + durable::RETAIN_EVERY);
         b.timers.set(Timer::Watchdog, now.mono + STALL / 5);
         match (b.cfg.born, b.cfg.peer.is_some()) {
             (Role::Primary, true) => b.connect_link(),
@@ -413,6 +415,7 @@ impl Broker {
                 Timer::Answer(conn) => self.on_answer_timeout(conn),
                 Timer::HandOver(id) => self.retry_hand_over(id),
                 Timer::Sync => self.sync_log(),
+                Timer::Retain => self.retain(),
             }
         }
     }

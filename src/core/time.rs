@@ -68,6 +68,8 @@ pub enum Timer {
     HandOver(u64),
     /// Under `--fsync batch`: the log is fsync'd at the latest this long after an append.
     Sync,
+    /// Old segments past the retention bounds are removed.
+    Retain,
 }
 
 /// The deadline table.

@@ -61,6 +61,10 @@ pub struct NodeConfig {
     pub data_dir: Option<std::path::PathBuf>,
     /// When answers wait for the disk (with a `data_dir`).
     pub fsync: crate::log::Fsync,
+    /// Per topic, the log's segments beyond this many bytes are removed once delivered.
+    pub retain_bytes: Option<u64>,
+    /// Per topic, segments whose newest entry is older than this are removed once delivered.
+    pub retain_age: Option<Duration>,
 }
 
 impl NodeConfig {
@@ -77,6 +81,8 @@ impl NodeConfig {
             net: Net::Tokio,
             data_dir: None,
             fsync: crate::log::Fsync::default(),
+            retain_bytes: None,
+            retain_age: None,
         }
     }
 }
@@ -211,7 +217,8 @@ fn open_log(cfg: &NodeConfig) -> anyhow::Result<Box<dyn crate::log::Storage>> {
             crate::log::DEFAULT_RETAIN_ENTRIES,
         ))),
         Some(dir) => {
-            let (log, recovery) = crate::log::FileLog::open(dir)?;
+            let (mut log, recovery) = crate::log::FileLog::open(dir)?;
+            log.set_retention(cfg.retain_bytes, cfg.retain_age);
             for line in recovery.lines() {
                 warn!("log recovery: {line}");
             }

@@ -420,6 +420,10 @@ impl Storage for FileLog {
         v
     }
 
+    fn enforce_retention(&mut self, now_us: u64) -> Result<Vec<(String, u64)>, LogError> {
+        FileLog::enforce_retention(self, now_us)
+    }
+
     fn next_offset(&self, topic: &str) -> u64 {
         self.topics.get(topic).map_or(0, |t| t.log.next())
     }

@@ -187,6 +187,11 @@ pub trait Storage: Send + std::fmt::Debug {
     fn sync(&mut self) -> Result<(), LogError>;
     /// Entries appended and not yet synced.
     fn unsynced(&self) -> u64;
+    /// Drops what is past the retention bounds (and already delivered); returns the topics
+    /// whose first offset moved, with the new one. Nothing to do for a log without bounds.
+    fn enforce_retention(&mut self, _now_us: u64) -> Result<Vec<(String, u64)>, LogError> {
+        Ok(Vec::new())
+    }
     /// True when [`Storage::sync`] reaches a disk (false for [`MemLog`]).
     fn is_durable(&self) -> bool;
 }
