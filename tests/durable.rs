@@ -124,3 +124,50 @@ fn a_data_directory_in_use_is_refused_with_a_clear_error() {
         "the error names the holder"
     );
 }
+
+#[test]
+fn a_full_disk_refuses_publishes_with_an_error_and_loses_nothing_acknowledged() {
+    let (pp, dead) = (free_port(), free_port());
+    let pa = addr(pp);
+    let dir = tempfile::tempdir().unwrap();
+    let args = node_args(pp, &addr(dead), dir.path(), "0");
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    // The segment file may not grow past 64 KiB: the disk is "full" after ~60 messages of 1 KiB.
+    let _primary = common::spawn_bin_file_limit("primary", &argv, 64 * 1024);
+    wait_status(&pa, "primary", "down");
+    let mut sub = common::subscribe(&pa, "t");
+    let mut c = common::LineConn::connect(&pa);
+    let body = "x".repeat(1000);
+    let (mut acked, mut refused) = (Vec::new(), 0);
+    for seq in 1..=200u64 {
+        c.send_line(&format!("PUB|t|full|{seq}|1|{body}"));
+        match c.next(5 * SEC) {
+            Got::Line(l) if l.starts_with("ACK|") => acked.push(seq),
+            Got::Line(l) if l.starts_with("ERR|not stored") => refused += 1,
+            other => panic!("publish {seq}: {other:?}"),
+        }
+    }
+    assert!(
+        !acked.is_empty() && refused > 0,
+        "acked {} refused {refused}",
+        acked.len()
+    );
+    assert_eq!(
+        acked,
+        (1..=acked.len() as u64).collect::<Vec<_>>(),
+        "once the log fails, nothing more is acknowledged"
+    );
+    assert_eq!(
+        collect(&mut sub, acked.len()),
+        acked,
+        "every acknowledged one is delivered"
+    );
+    assert!(
+        matches!(sub.next(Duration::from_millis(500)), Got::TimedOut),
+        "and no refused one"
+    );
+    assert!(
+        common::status(&pa).starts_with("STATUS|primary"),
+        "still serving"
+    );
+}

@@ -36,6 +36,30 @@ pub fn spawn_bin_capture(name: &str, args: &[&str]) -> ChildGuard {
     spawn_inner(name, args, true)
 }
 
+/// Like [`spawn_bin_capture`], in a process whose files may not grow past `max_file_bytes`
+/// (`RLIMIT_FSIZE`, with `SIGXFSZ` ignored): a write past it fails with `EFBIG`, as on a full
+/// disk, without needing one.
+pub fn spawn_bin_file_limit(name: &str, args: &[&str], max_file_bytes: u64) -> ChildGuard {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin(name));
+    // SAFETY: between fork and exec the closure only calls async-signal-safe functions
+    // (signal, setrlimit) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: max_file_bytes,
+                rlim_max: max_file_bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    spawn_cmd(cmd, name, args, true)
+}
+
 fn collect<R: std::io::Read + Send + 'static>(pipe: R) -> Arc<Mutex<Vec<String>>> {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let sink = lines.clone();
@@ -50,7 +74,16 @@ fn collect<R: std::io::Read + Send + 'static>(pipe: R) -> Arc<Mutex<Vec<String>>
 }
 
 fn spawn_inner(name: &str, args: &[&str], capture_stdout: bool) -> ChildGuard {
-    let mut child = Command::new(assert_cmd::cargo::cargo_bin(name))
+    spawn_cmd(
+        Command::new(assert_cmd::cargo::cargo_bin(name)),
+        name,
+        args,
+        capture_stdout,
+    )
+}
+
+fn spawn_cmd(mut cmd: Command, name: &str, args: &[&str], capture_stdout: bool) -> ChildGuard {
+    let mut child = cmd
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
