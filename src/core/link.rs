@@ -291,6 +291,8 @@ impl Broker {
         warn!("replication link to backup lost ({why}): running degraded");
         self.close(conn);
         self.release_acks(acks, keep_role);
+        // No backup to wait for: what waited for its STORED goes now (degraded).
+        self.release_stored();
         // A link that drops at once would otherwise be retried in a tight loop.
         let quick = now - since < Duration::from_secs(1);
         self.link_retry(if quick { None } else { Some(Duration::ZERO) });

@@ -33,6 +33,8 @@ pub(super) struct Primary {
     pub suspect: bool,
     /// Results held back while `suspect`.
     pub fenced: Vec<(Arc<Message>, Stamps)>,
+    /// Results waiting for the backup to store their message, in the order they were ready.
+    pub unstored: VecDeque<(Arc<Message>, Stamps)>,
     /// The connection asking the peer who is primary, after a pause.
     pub fence: Option<ConnId>,
 }
@@ -65,6 +67,7 @@ impl Primary {
             last_tick: now,
             suspect: false,
             fenced: Vec::new(),
+            unstored: VecDeque::new(),
             fence: None,
         }
     }
@@ -262,7 +265,46 @@ impl Broker {
     }
 
     /// Delivers a finished message, forgets it as in flight and tells the backup to drop it.
+    ///
+    /// While the backup is linked, a result waits until the backup has stored its message: an
+    /// entry is delivered only once two logs hold it at that offset, so the offset a subscriber
+    /// saw names the same entry on whichever node serves it next (the rule Kafka calls the high
+    /// watermark), and a message the backup never got is never delivered by a primary about to
+    /// die (its publisher, not acknowledged, resends it to the other node).
     pub(super) fn release(&mut self, m: Arc<Message>, stamps: Stamps) {
+        if let Some(p) = self.primary() {
+            let waiting = !p.unstored.is_empty()
+                || matches!(p.link.up(), Some((_, false))) && m.mid > p.confirmed;
+            if waiting {
+                p.unstored.push_back((m, stamps));
+                return;
+            }
+        }
+        self.deliver_now(m, stamps);
+    }
+
+    /// Delivers the results that waited for the backup, up to the first whose message it has
+    /// not stored yet (all of them when there is no backup to wait for any more).
+    pub(super) fn release_stored(&mut self) {
+        loop {
+            let Some(p) = self.primary() else {
+                return;
+            };
+            let linked = matches!(p.link.up(), Some((_, false)));
+            let ready = p
+                .unstored
+                .front()
+                .is_some_and(|(m, _)| !linked || m.mid <= p.confirmed);
+            if !ready {
+                return;
+            }
+            if let Some((m, stamps)) = p.unstored.pop_front() {
+                self.deliver_now(m, stamps);
+            }
+        }
+    }
+
+    fn deliver_now(&mut self, m: Arc<Message>, stamps: Stamps) {
         self.deliver(&m, stamps);
         self.log.set_delivered(&m.topic, m.offset + 1);
         let Some(p) = self.primary() else {
@@ -322,6 +364,7 @@ impl Broker {
         };
         p.confirmed = p.confirmed.max(mid);
         self.release_ready_acks();
+        self.release_stored();
     }
 
     /// Answers every publish still waiting for `STORED`: with its `ACK` when this node is still
