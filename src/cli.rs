@@ -245,6 +245,10 @@ pub struct SubscriberCli {
     /// the Unix epoch, or RFC 3339 (`2025-01-31T12:00:00Z`, `2025-01-31T13:00:00.5+01:00`).
     #[arg(long, value_name = "TIME", group = "start", value_parser = parse_time_us)]
     pub from_time: Option<u64>,
+    /// After a reconnect, subscribe again from the offset after the highest one received
+    /// (see BACKUP_SYSTEM.md for when offsets of the two brokers disagree).
+    #[arg(long)]
+    pub resume: bool,
 }
 
 impl SubscriberCli {
@@ -499,6 +503,7 @@ pub fn subscriber(cli: SubscriberCli) -> ExitCode {
             Net::Tokio,
         );
         cfg.start = cli.start();
+        cfg.resume = cli.resume;
         let mut sink = crate::client::PrintSink {
             out: std::io::BufWriter::new(std::io::stdout()),
             csv,
