@@ -259,6 +259,90 @@ pub struct SubscriberCli {
     /// Also write one CSV row per delivery to FILE (columns in README.md).
     #[arg(long, value_name = "FILE")]
     pub csv: Option<std::path::PathBuf>,
+    /// Start with the topic's delivered entries from offset N on, then go live.
+    #[arg(long, value_name = "N", group = "start")]
+    pub from_offset: Option<u64>,
+    /// Start with the last N delivered entries of the topic, then go live.
+    #[arg(long, value_name = "N", group = "start")]
+    pub history: Option<u64>,
+    /// Start with the first entry the broker received at or after TIME, then go live: µs since
+    /// the Unix epoch, or RFC 3339 (`2025-01-31T12:00:00Z`, `2025-01-31T13:00:00.5+01:00`).
+    #[arg(long, value_name = "TIME", group = "start", value_parser = parse_time_us)]
+    pub from_time: Option<u64>,
+    /// After a reconnect, subscribe again from the offset after the highest one received
+    /// (see BACKUP_SYSTEM.md for when offsets of the two brokers disagree).
+    #[arg(long)]
+    pub resume: bool,
+}
+
+impl SubscriberCli {
+    /// Where the first subscription starts, from `--from-offset`/`--history`/`--from-time`.
+    pub fn start(&self) -> Option<crate::protocol::Start> {
+        use crate::protocol::Start;
+        (self.from_offset.map(Start::Offset))
+            .or(self.history.map(Start::Last))
+            .or(self.from_time.map(Start::Time))
+    }
+}
+
+/// `--from-time`: µs since the Unix epoch, or an RFC 3339 date-time with a `Z` or `±HH:MM` offset.
+pub fn parse_time_us(s: &str) -> Result<u64, String> {
+    if let Ok(us) = s.parse::<u64>() {
+        return Ok(us);
+    }
+    rfc3339_us(s).ok_or_else(|| {
+        format!("'{s}': expected µs since the Unix epoch or RFC 3339 like 2025-01-31T12:00:00Z")
+    })
+}
+
+fn rfc3339_us(s: &str) -> Option<u64> {
+    let num = |t: &str| -> Option<i64> {
+        (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| t.parse().ok())
+            .flatten()
+    };
+    let (date, rest) = s.split_once(['T', 't', ' '])?;
+    let mut d = date.split('-');
+    let (y, m, day) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
+    if d.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+        return None;
+    }
+    let (clock, offset_s) = if let Some(c) = rest.strip_suffix(['Z', 'z']) {
+        (c, 0)
+    } else {
+        let at = rest.rfind(['+', '-'])?;
+        let (c, off) = rest.split_at(at);
+        let (oh, om) = off[1..].split_once(':')?;
+        let secs = num(oh)? * 3600 + num(om)? * 60;
+        (c, if off.starts_with('-') { -secs } else { secs })
+    };
+    let (hms, frac) = match clock.split_once('.') {
+        Some((h, f)) => (h, f),
+        None => (clock, ""),
+    };
+    let mut t = hms.split(':');
+    let (hh, mm, ss) = (num(t.next()?)?, num(t.next()?)?, num(t.next()?)?);
+    if t.next().is_some() || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    let micros = if frac.is_empty() {
+        0
+    } else {
+        let digits: String = frac.chars().chain(std::iter::repeat('0')).take(6).collect();
+        num(&digits)?
+    };
+    // Days from 1970-01-01 to the civil date (proleptic Gregorian).
+    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss - offset_s;
+    u64::try_from(secs)
+        .ok()?
+        .checked_mul(1_000_000)?
+        .checked_add(micros as u64)
 }
 
 fn runtime() -> Option<tokio::runtime::Runtime> {
@@ -434,14 +518,16 @@ pub fn subscriber(cli: SubscriberCli) -> ExitCode {
     };
     rt.block_on(async move {
         let shutdown = shutdown_on_signals();
-        let cfg = crate::client::SubscriberConfig {
-            topic: cli.topic,
-            brokers: crate::client::Brokers {
-                primary: cli.primary,
-                backup: cli.backup,
+        let mut cfg = crate::client::SubscriberConfig::new(
+            cli.topic.clone(),
+            crate::client::Brokers {
+                primary: cli.primary.clone(),
+                backup: cli.backup.clone(),
             },
-            net: Net::Tokio,
-        };
+            Net::Tokio,
+        );
+        cfg.start = cli.start();
+        cfg.resume = cli.resume;
         let mut sink = crate::client::PrintSink {
             out: std::io::BufWriter::new(std::io::stdout()),
             csv,

@@ -405,3 +405,74 @@ fn a_divergent_tail_is_cut_and_its_undelivered_entries_handed_over() {
         "the deposed node's copy agrees with the log"
     );
 }
+
+/// `(offset, seq)` of every `MSG` a client got.
+fn offsets(p: &Pair, client: usize) -> Vec<(u64, u64)> {
+    p.msgs(client).iter().map(|m| (m.2.offset, m.1)).collect()
+}
+
+#[test]
+fn a_replay_chases_live_deliveries_and_hands_over_without_gap_or_duplicate() {
+    let (mut p, sp, _) = linked(|_| ms(1));
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=3000);
+    p.run_until(ms(5_000), |p| p.msgs(sp).len() == 3000);
+    // A subscriber from offset 0 that does not read: one chunk, then the replay waits.
+    let s = p.client(P);
+    p.clients[s].stalled = true;
+    p.send(s, "SUB|t|0");
+    p.run_for(ms(10));
+    assert_eq!(
+        p.msgs(s).len(),
+        edgepair::core::REPLAY_CHUNK,
+        "the next chunk waits for the writer to drain"
+    );
+    // Live traffic meanwhile: it must not reach the subscriber ahead of its replay.
+    publish(&mut p, publ, 3001..=3100);
+    p.run_until(ms(5_000), |p| p.msgs(sp).len() == 3100);
+    assert_eq!(p.msgs(s).len(), edgepair::core::REPLAY_CHUNK);
+    p.unstall(s);
+    publish(&mut p, publ, 3101..=3200);
+    p.run_until(ms(5_000), |p| p.msgs(s).len() >= 3200);
+    p.run_for(ms(100));
+    let got = offsets(&p, s);
+    let want: Vec<(u64, u64)> = (0..3200).map(|o| (o, o + 1)).collect();
+    assert_eq!(got.len(), want.len(), "no duplicate, nothing missing");
+    assert_eq!(got, want, "offsets 0.. in order, each once");
+    // The end of the replay is marked once, between replayed and live deliveries.
+    let lines = &p.clients[s].lines;
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("REPLAYED|t|"))
+        .expect("REPLAYED sent");
+    assert_eq!(p.count(s, "REPLAYED|"), 1);
+    let next: u64 = lines[at]["REPLAYED|t|".len()..].parse().expect("offset");
+    assert!((3100..=3200).contains(&next), "replay ended at {next}");
+    assert_eq!(at as u64, next, "every line before it is a replayed MSG");
+}
+
+#[test]
+fn history_sends_the_last_entries_and_subscribes_nobody() {
+    let (mut p, sp, _) = linked(|_| ms(1));
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=10);
+    p.run_until(ms(2_000), |p| p.msgs(sp).len() == 10);
+    let h = p.client(P);
+    p.send(h, "HISTORY|t|3");
+    p.send(h, "SUB|t|time:0");
+    p.run_for(ms(10));
+    let lines = p.clients[h].lines.clone();
+    assert_eq!(lines.len(), 3 + 1 + 10 + 1, "{lines:?}");
+    assert_eq!(lines[3], "REPLAYED|t|10");
+    assert_eq!(seqs(&p, h)[..3], [8, 9, 10]);
+    assert_eq!(lines[14], "REPLAYED|t|10");
+    // A start past the end of this node's log (a subscriber that saw more on the other
+    // node) is taken as the end of the log: what lands there next is not skipped.
+    let r = p.client(P);
+    p.send(r, "SUB|t|12");
+    publish(&mut p, publ, 11..=14);
+    p.run_until(ms(2_000), |p| p.msgs(h).len() == 3 + 14);
+    p.run_for(ms(50));
+    assert_eq!(p.clients[r].lines[0], "REPLAYED|t|10");
+    assert_eq!(offsets(&p, r), vec![(10, 11), (11, 12), (12, 13), (13, 14)]);
+}

@@ -2,7 +2,7 @@
 //! No sockets: the parser and the codec are pure.
 
 use bytes::BytesMut;
-use edgepair::protocol::{Frame, FrameCodec, MsgId, ProtocolError, Role, Stamps, MAX_FRAME};
+use edgepair::protocol::{Frame, FrameCodec, MsgId, ProtocolError, Role, Stamps, Start, MAX_FRAME};
 use tokio_util::codec::Decoder;
 
 fn parse(s: &str) -> Result<Frame, ProtocolError> {
@@ -78,7 +78,34 @@ fn every_frame_round_trips_through_encode_and_parse() {
             payload: "a|b|c".into(),
         },
         Frame::Subscribe { topic: "t".into() },
-        Frame::Sub { topic: "t".into() },
+        Frame::Sub {
+            topic: "t".into(),
+            from: None,
+        },
+        Frame::Sub {
+            topic: "t".into(),
+            from: Some(Start::New),
+        },
+        Frame::Sub {
+            topic: "t".into(),
+            from: Some(Start::Offset(41)),
+        },
+        Frame::Sub {
+            topic: "t".into(),
+            from: Some(Start::Last(3)),
+        },
+        Frame::Sub {
+            topic: "t".into(),
+            from: Some(Start::Time(1_735_689_600_000_000)),
+        },
+        Frame::History {
+            topic: "t".into(),
+            n: 5,
+        },
+        Frame::Replayed {
+            topic: "t".into(),
+            next: 42,
+        },
         Frame::Msg {
             topic: "t".into(),
             id: id("p1", 7),
@@ -145,6 +172,86 @@ fn every_frame_round_trips_through_encode_and_parse() {
         let back = Frame::parse(line.trim_end_matches('\n').as_bytes());
         assert_eq!(back.ok(), Some(f.clone()), "{line:?}");
     }
+}
+
+#[test]
+fn reading_the_past_has_these_wire_forms() {
+    let sub = |from| Frame::Sub {
+        topic: "t".into(),
+        from,
+    };
+    // `SUB|topic` is unchanged: live only.
+    assert_eq!(parse("SUB|t").ok(), Some(sub(None)));
+    assert_eq!(sub(None).encode(), "SUB|t\n");
+    for (line, from) in [
+        ("SUB|t|new", Start::New),
+        ("SUB|t|0", Start::Offset(0)),
+        ("SUB|t|17", Start::Offset(17)),
+        ("SUB|t|last:3", Start::Last(3)),
+        (
+            "SUB|t|time:1735689600000000",
+            Start::Time(1_735_689_600_000_000),
+        ),
+    ] {
+        assert_eq!(parse(line).ok(), Some(sub(Some(from))), "{line}");
+        assert_eq!(sub(Some(from)).encode(), format!("{line}\n"));
+    }
+    assert_eq!(
+        parse("HISTORY|t|5").ok(),
+        Some(Frame::History {
+            topic: "t".into(),
+            n: 5
+        })
+    );
+    assert_eq!(
+        parse("REPLAYED|t|9").ok(),
+        Some(Frame::Replayed {
+            topic: "t".into(),
+            next: 9
+        })
+    );
+}
+
+#[test]
+fn a_bad_start_or_count_says_what_is_wrong_and_keeps_the_connection() {
+    for bad in [
+        "SUB|t|",
+        "SUB|t|-1",
+        "SUB|t|soon",
+        "SUB|t|last:",
+        "SUB|t|last:x",
+        "SUB|t|time:yesterday",
+        "SUB|t|first:2",
+        "SUB|t|1|2",
+    ] {
+        match parse(bad) {
+            Err(e @ ProtocolError::BadValue(_)) => {
+                let msg = e.to_string();
+                assert!(msg.contains("bad SUB start"), "{bad}: {msg}");
+                assert!(msg.contains("last:N"), "{bad}: {msg}");
+                assert!(!e.is_fatal(), "{bad}");
+            }
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+    match parse("HISTORY|t|many") {
+        Err(e @ ProtocolError::BadValue(_)) => {
+            assert!(e.to_string().contains("bad HISTORY count 'many'"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        parse("HISTORY|t"),
+        Err(ProtocolError::MissingFields("HISTORY", 2))
+    ));
+    assert!(matches!(
+        parse("SUB||0"),
+        Err(ProtocolError::EmptyField("topic"))
+    ));
+    assert!(matches!(
+        parse("REPLAYED|t|x"),
+        Err(ProtocolError::BadField("next"))
+    ));
 }
 
 #[test]

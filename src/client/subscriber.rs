@@ -1,8 +1,16 @@
 //! The subscriber: one connection to each broker, every delivery labelled by where it came
 //! from, duplicates marked.
+//!
+//! It may start in the topic's past ([`SubscriberConfig::start`]: `SUB|topic|from`), and, with
+//! [`SubscriberConfig::resume`], it remembers the highest offset it got from either broker:
+//! when a connection is lost (a broker restarted, failed over, or the network cut it), it
+//! subscribes again from the offset after that one, so the broker replays what it missed and
+//! nothing it already had.
 
 use std::collections::HashSet;
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -13,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::clock::now_us;
 use crate::net::Net;
-use crate::protocol::{Frame, FrameCodec, MsgId};
+use crate::protocol::{Frame, FrameCodec, MsgId, Start};
 
 use super::{broker_name, Brokers};
 
@@ -26,6 +34,26 @@ pub struct SubscriberConfig {
     pub brokers: Brokers,
     /// Network to use.
     pub net: Net,
+    /// Where the first subscription starts: `None` for live deliveries only (`SUB|topic`).
+    pub start: Option<Start>,
+    /// After a reconnect, subscribe again from the offset after the highest one received (from
+    /// either broker), rather than from `start`.
+    pub resume: bool,
+}
+
+impl SubscriberConfig {
+    /// Live deliveries of `topic` from `brokers`, subscribing live again after a reconnect.
+    /// (Resuming by offset is opt-in: offsets can name different entries on the two nodes after
+    /// a takeover or a restart with a memory log, and a resume then skips entries.)
+    pub fn new(topic: String, brokers: Brokers, net: Net) -> Self {
+        SubscriberConfig {
+            topic,
+            brokers,
+            net,
+            start: None,
+            resume: false,
+        }
+    }
 }
 
 /// One delivery as the subscriber saw it: one row of a delivery CSV (`subscriber --csv`, the
@@ -58,6 +86,9 @@ pub struct Delivery {
     pub compute_end_us: u64,
     /// Message body.
     pub payload: String,
+    /// The entry's offset in the topic's log (0 from a broker that does not say).
+    #[serde(default)]
+    pub offset: u64,
 }
 
 /// Where a subscriber puts its deliveries.
@@ -119,16 +150,17 @@ pub async fn run_subscriber(
     shutdown: CancellationToken,
 ) -> anyhow::Result<u64> {
     let (tx, mut rx) = mpsc::channel::<(usize, Frame, u64)>(4096);
+    let next = Arc::new(AtomicU64::new(0));
     for i in 0..2 {
-        let addr = cfg.brokers.addr(i).to_string();
-        crate::net::spawn(follow(
-            cfg.net,
-            i,
-            addr,
-            cfg.topic.clone(),
-            tx.clone(),
-            shutdown.clone(),
-        ));
+        let f = Follow {
+            net: cfg.net,
+            src: i,
+            addr: cfg.brokers.addr(i).to_string(),
+            topic: cfg.topic.clone(),
+            start: cfg.start,
+            resume: cfg.resume.then(|| next.clone()),
+        };
+        crate::net::spawn(follow(f, tx.clone(), shutdown.clone()));
     }
     drop(tx);
     let mut seen: HashSet<MsgId> = HashSet::new();
@@ -164,6 +196,7 @@ pub async fn run_subscriber(
                     compute_start_us: stamps.compute_start_us,
                     compute_end_us: stamps.compute_end_us,
                     payload,
+                    offset: stamps.offset,
                 }
             }
             _ => continue,
@@ -178,15 +211,53 @@ pub async fn run_subscriber(
     Ok(count)
 }
 
-/// Keeps one subscription to one broker alive, reconnecting with a capped backoff.
-async fn follow(
+/// One subscription to one broker, as [`follow`] keeps it.
+struct Follow {
     net: Net,
     src: usize,
     addr: String,
     topic: String,
-    tx: mpsc::Sender<(usize, Frame, u64)>,
-    shutdown: CancellationToken,
-) {
+    start: Option<Start>,
+    /// The offset after the highest one received from either broker (0: none yet), shared by
+    /// both connections; `None` when not resuming.
+    resume: Option<Arc<AtomicU64>>,
+}
+
+impl Follow {
+    /// The `SUB` for the next connection: after the last offset received, if any, else as
+    /// configured.
+    fn sub(&self) -> Frame {
+        let next = self
+            .resume
+            .as_ref()
+            .map_or(0, |n| n.load(Ordering::Acquire));
+        Frame::Sub {
+            topic: self.topic.clone(),
+            from: if next > 0 {
+                Some(Start::Offset(next))
+            } else {
+                self.start
+            },
+        }
+    }
+
+    /// Notes that everything below `next` has been received.
+    fn got(&self, next: u64) {
+        if let Some(n) = &self.resume {
+            n.fetch_max(next, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Keeps one subscription to one broker alive, reconnecting with a capped backoff.
+async fn follow(f: Follow, tx: mpsc::Sender<(usize, Frame, u64)>, shutdown: CancellationToken) {
+    let Follow {
+        net,
+        src,
+        ref addr,
+        ref topic,
+        ..
+    } = f;
     let name = broker_name(src);
     let mut backoff = Duration::from_millis(10);
     let mut was_connected = false;
@@ -194,27 +265,37 @@ async fn follow(
         if shutdown.is_cancelled() {
             return;
         }
-        if let Ok(s) = net.connect(&addr, Duration::from_secs(1)).await {
+        if let Ok(s) = net.connect(addr, Duration::from_secs(1)).await {
             let mut c = Framed::new(s, FrameCodec::default());
-            if c.send(Frame::Sub {
-                topic: topic.clone(),
-            })
-            .await
-            .is_ok()
-            {
-                info!("subscribed to '{topic}' on {name} ({addr})");
+            let sub = f.sub();
+            if c.send(sub.clone()).await.is_ok() {
+                match &sub {
+                    Frame::Sub {
+                        from: Some(from), ..
+                    } => {
+                        info!("subscribed to '{topic}' on {name} ({addr}) from {from}")
+                    }
+                    _ => info!("subscribed to '{topic}' on {name} ({addr})"),
+                }
                 was_connected = true;
                 backoff = Duration::from_millis(10);
                 loop {
-                    let f = tokio::select! {
+                    let got = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        f = c.next() => f,
+                        g = c.next() => g,
                     };
-                    match f {
-                        Some(Ok(f @ Frame::Msg { .. })) => {
-                            if tx.send((src, f, now_us())).await.is_err() {
+                    match got {
+                        Some(Ok(m @ Frame::Msg { .. })) => {
+                            if let Frame::Msg { stamps, .. } = &m {
+                                f.got(stamps.offset + 1);
+                            }
+                            if tx.send((src, m, now_us())).await.is_err() {
                                 return;
                             }
+                        }
+                        Some(Ok(Frame::Replayed { next, .. })) => {
+                            info!("{name}: past replayed up to offset {next}, live from there");
+                            f.got(next);
                         }
                         Some(Ok(Frame::Err { reason })) => warn!("{name} says: {reason}"),
                         Some(Ok(_)) => {}

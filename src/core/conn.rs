@@ -117,12 +117,17 @@ impl Broker {
             }
             c.replies.pop_front();
         }
+        let drained = c.replies.is_empty();
         if !buf.is_empty() {
             self.out.push_back(Output::Send {
                 conn,
                 line: buf.into(),
                 delivery: false,
             });
+        }
+        if drained && self.replays.active(conn) {
+            // A replay waited for these answers to go first.
+            self.pump_replay(conn);
         }
     }
 
@@ -158,6 +163,7 @@ impl Broker {
     /// subscriptions and stops its answer timer.
     pub(super) fn forget(&mut self, conn: ConnId) -> Option<Conn> {
         let c = self.conns.remove(&conn)?;
+        self.replays.forget(conn);
         for topic in &c.topics {
             if let Some(subs) = self.topics.get_mut(topic) {
                 subs.retain(|s| s.conn != conn);

@@ -36,6 +36,7 @@ mod backup;
 mod conn;
 mod durable;
 pub mod failover;
+mod history;
 mod link;
 mod peer;
 mod primary;
@@ -52,6 +53,7 @@ use tracing::{info, warn};
 
 use crate::log::{Entry, Fsync, MemLog, Storage, DEFAULT_RETAIN_ENTRIES};
 use crate::protocol::{Frame, ProtocolError, Role};
+pub use history::REPLAY_CHUNK;
 pub use time::{Backoff, Now, Time};
 
 use backup::Backup;
@@ -141,6 +143,13 @@ pub enum Output {
         /// Stop reading (true) or read again (false).
         held: bool,
     },
+    /// Call [`Broker::handle_writable`] for `conn` once everything sent to it so far has been
+    /// handed to the socket (at once if that is already so); a replay of the topic's past
+    /// sends its next chunk then. Not repeated: one call per `Writable`.
+    Writable {
+        /// The connection.
+        conn: ConnId,
+    },
     /// Answers wait for the log to reach the disk: once the outputs queued now are acted on
     /// (so one fsync covers a whole batch of events), call [`Broker::handle_sync`].
     Sync,
@@ -183,6 +192,10 @@ struct Sub {
     conn: ConnId,
     /// Seed subscribers get bare payload lines, identified ones `MSG` frames.
     legacy: bool,
+    /// Its replay of the topic's past is going on: live deliveries skip it (see `history.rs`).
+    replaying: bool,
+    /// Live deliveries of entries below this offset skip it (it has them, or asked not to).
+    from: u64,
 }
 
 /// A broker node in either role. See the module documentation for the call order.
@@ -225,6 +238,8 @@ pub struct Broker {
     /// Backup: offsets above a topic's delivered mark that were cleared out of order (the
     /// seed's `CLEAR` comes in the order its compute tasks end).
     cleared: HashMap<String, std::collections::BTreeSet<u64>>,
+    /// Replays of topics' pasts to subscribers (`history.rs`).
+    replays: history::Replays,
 }
 
 impl Broker {
@@ -265,6 +280,7 @@ impl Broker {
             sync_asked: false,
             stored_after_sync: None,
             cleared: HashMap::new(),
+            replays: history::Replays::default(),
         };
         b.synced_mid = b.next_mid - 1;
         b.recover();
@@ -494,7 +510,12 @@ impl Broker {
         match frame {
             Frame::Publish { .. } | Frame::Pub { .. } => self.on_publish(conn, frame),
             Frame::Subscribe { topic } => self.subscribe(conn, topic, true),
-            Frame::Sub { topic } => self.subscribe(conn, topic, false),
+            Frame::Sub { topic, from: None } => self.subscribe(conn, topic, false),
+            Frame::Sub {
+                topic,
+                from: Some(from),
+            } => self.subscribe_from(conn, topic, from),
+            Frame::History { topic, n } => self.history(conn, topic, n),
             Frame::Ping => self.reply(conn, Frame::Pong),
             Frame::StatusQuery => self.reply(conn, self.status()),
             Frame::Hello {
@@ -546,6 +567,7 @@ impl Broker {
             | Frame::Pong
             | Frame::Ack { .. }
             | Frame::Status { .. }
+            | Frame::Replayed { .. }
             | Frame::Err { .. }) => {
                 let line = other.encode();
                 let verb = line.split(['|', '\n']).next().unwrap_or("?");
@@ -563,10 +585,12 @@ impl Broker {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.topics.push(topic.clone());
         }
-        self.topics
-            .entry(topic)
-            .or_default()
-            .push(Sub { conn, legacy });
+        self.topics.entry(topic).or_default().push(Sub {
+            conn,
+            legacy,
+            replaying: false,
+            from: 0,
+        });
     }
 
     /// A publish from a client: served here as primary, or forwarded by a backup.

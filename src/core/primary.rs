@@ -333,6 +333,10 @@ impl Broker {
         let mut msg_line: Option<Bytes> = None;
         let mut bare_line: Option<Bytes> = None;
         for s in subs {
+            if s.replaying || m.offset < s.from {
+                // Its replay sends this one (or it had it already).
+                continue;
+            }
             let line = if s.legacy {
                 bare_line
                     .get_or_insert_with(|| format!("{}\n", m.payload).into_bytes().into())

@@ -46,12 +46,18 @@ struct Backlog {
     queued: AtomicUsize,
     /// The core asked not to be given more of this connection's frames for now.
     held: AtomicBool,
+    /// The core asked to be told when everything queued has been handed to the socket
+    /// (`Output::Writable`); whoever clears it (writer task or driver) tells it.
+    want_writable: AtomicBool,
     reader: AtomicWaker,
 }
 
 /// The sending half of a connection, owned by the driver.
 pub struct Writer {
+    conn: ConnId,
     tx: mpsc::UnboundedSender<Bytes>,
+    /// Where to say that the writer drained, when asked (see [`Writer::notify_drained`]).
+    drained: mpsc::UnboundedSender<ConnId>,
     backlog: Arc<Backlog>,
     /// Ends the reader.
     stop: CancellationToken,
@@ -69,6 +75,18 @@ impl Writer {
     pub fn send(&self, line: Bytes) {
         self.backlog.queued.fetch_add(1, Ordering::Relaxed);
         let _ = self.tx.send(line);
+    }
+
+    /// Sends this connection's id on the drained channel once nothing is queued any more (at
+    /// once if nothing is): the core's `Output::Writable`.
+    pub fn notify_drained(&self) {
+        self.backlog.want_writable.store(true, Ordering::Release);
+        // The writer may have emptied the queue before the flag was up: check here too.
+        if self.backlog.queued.load(Ordering::Acquire) == 0
+            && self.backlog.want_writable.swap(false, Ordering::AcqRel)
+        {
+            let _ = self.drained.send(self.conn);
+        }
     }
 
     /// Ends the connection: the reader stops (and reports it closed), the writer writes what is
@@ -126,6 +144,7 @@ pub fn split(
     conn: ConnId,
     stream: BoxStream,
     paced: bool,
+    drained: mpsc::UnboundedSender<ConnId>,
 ) -> (Pin<Box<dyn Stream<Item = ConnEvent> + Send>>, Writer) {
     let (r, w) = tokio::io::split(stream);
     // A small first read buffer (it grows with the traffic): an idle subscriber then costs a
@@ -144,7 +163,13 @@ pub fn split(
         .chain(stream::once(async move { ConnEvent::Closed(conn) }));
     let (tx, rx) = mpsc::unbounded_channel();
     let ended = stop.clone();
-    let writing = write_loop(w, rx, backlog.clone(), kill.clone());
+    let writing = write_loop(
+        w,
+        rx,
+        backlog.clone(),
+        kill.clone(),
+        (conn, drained.clone()),
+    );
     crate::net::spawn(async move {
         writing.await;
         // However the writer ended (done, cut, or the peer gone), the reader ends too, even if
@@ -152,7 +177,9 @@ pub fn split(
         ended.cancel();
     });
     let writer = Writer {
+        conn,
         tx,
+        drained,
         backlog,
         stop,
         kill,
@@ -166,6 +193,7 @@ async fn write_loop(
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     backlog: Arc<Backlog>,
     kill: CancellationToken,
+    (conn, drained): (ConnId, mpsc::UnboundedSender<ConnId>),
 ) {
     // Allocated on first use: most connections of a big fan-out are idle subscribers, and a
     // buffer each would be most of their memory.
@@ -194,8 +222,12 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        if backlog.queued.fetch_sub(n, Ordering::AcqRel) - n < READ_PAUSE {
+        let left = backlog.queued.fetch_sub(n, Ordering::AcqRel) - n;
+        if left < READ_PAUSE {
             backlog.reader.wake();
+        }
+        if left == 0 && backlog.want_writable.swap(false, Ordering::AcqRel) {
+            let _ = drained.send(conn);
         }
         let written = tokio::select! {
             _ = &mut cut => return,

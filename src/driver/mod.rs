@@ -122,6 +122,8 @@ struct Driver {
     /// Accepted connections still open, against [`MAX_CONNECTIONS`].
     inbound: HashSet<ConnId>,
     done_tx: mpsc::UnboundedSender<Done>,
+    /// Writers that drained after an [`Output::Writable`] say so here.
+    drained_tx: mpsc::UnboundedSender<ConnId>,
     compute: Compute,
     net: Net,
 }
@@ -158,6 +160,7 @@ pub async fn run(
         cfg.peer.as_deref().unwrap_or("none")
     );
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let (drained_tx, mut drained_rx) = mpsc::unbounded_channel();
     let mut d = Driver {
         core: Broker::with_log(core_cfg, log, clock.now()),
         clock,
@@ -165,6 +168,7 @@ pub async fn run(
         writers: HashMap::new(),
         inbound: HashSet::new(),
         done_tx,
+        drained_tx,
         compute: cfg.compute,
         net: cfg.net,
     };
@@ -195,6 +199,10 @@ pub async fn run(
             }
             Some(ev) = d.readers.next(), if !d.readers.is_empty() => d.read_batch(ev),
             Some(done) = done_rx.recv() => d.done(done),
+            Some(conn) = drained_rx.recv() => {
+                let now = d.clock.now();
+                d.core.handle_writable(conn, now);
+            }
             _ = &mut timer, if armed.is_some() => {
                 let now = d.clock.now();
                 d.core.handle_timeout(now);
@@ -276,6 +284,11 @@ impl Driver {
                     let _ = tx.send(done);
                 });
             }
+            Output::Writable { conn } => {
+                if let Some(w) = self.writers.get(&conn) {
+                    w.notify_drained();
+                }
+            }
             Output::Hold { conn, held } => {
                 if let Some(w) = self.writers.get(&conn) {
                     w.hold(held);
@@ -347,7 +360,7 @@ impl Driver {
     /// Registers a connection; `paced`: stop reading it while its answers are not being read
     /// (clients; not our own connections to the peer, whose answers we must always read).
     fn register(&mut self, conn: ConnId, stream: BoxStream, paced: bool) {
-        let (reader, writer) = io::split(conn, stream, paced);
+        let (reader, writer) = io::split(conn, stream, paced, self.drained_tx.clone());
         self.readers.push(reader);
         self.writers.insert(conn, writer);
     }

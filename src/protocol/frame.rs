@@ -1,6 +1,6 @@
 //! One frame of either dialect: the `Frame` enum, its parser and its encoder.
 
-use super::{MsgId, ProtocolError, Role, Stamps};
+use super::{MsgId, ProtocolError, Role, Stamps, Start};
 
 /// One protocol frame, either dialect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,10 +28,31 @@ pub enum Frame {
         /// Topic to follow.
         topic: String,
     },
-    /// `SUB|topic`: the connection then receives `MSG` frames.
+    /// `SUB|topic` (live deliveries only) or `SUB|topic|from`: the connection then receives
+    /// `MSG` frames. With `from`, the topic's delivered entries from that point are replayed
+    /// first, then [`Frame::Replayed`] marks where the replay ends and live deliveries begin.
     Sub {
         /// Topic to follow.
         topic: String,
+        /// Where to start; `None` for live deliveries only (the wire form `SUB|topic`).
+        from: Option<Start>,
+    },
+    /// `HISTORY|topic|N`: the last `N` delivered entries of the topic as `MSG` frames, then
+    /// [`Frame::Replayed`]; no subscription.
+    History {
+        /// The topic.
+        topic: String,
+        /// How many entries, at most.
+        n: u64,
+    },
+    /// `REPLAYED|topic|next`: sent by the broker at the end of a replay (`SUB` with a start,
+    /// `HISTORY`): every entry of the topic below `next` it was going to send has been sent;
+    /// for a `SUB`, live deliveries follow from `next` on.
+    Replayed {
+        /// The topic.
+        topic: String,
+        /// The first offset not part of the replay.
+        next: u64,
     },
     /// `MSG|topic|publisher|seq|sent_us|stamps|payload`: one delivery to an identified subscriber.
     Msg {
@@ -233,9 +254,33 @@ impl Frame {
                 }
             }
             "SUB" => {
-                let f = fields::<1>(line, "SUB")?;
+                let rest = fields::<1>(line, "SUB")?[0];
+                let (topic, from) = match rest.split_once('|') {
+                    Some((t, f)) => (t, Some(f.parse::<Start>()?)),
+                    None => (rest, None),
+                };
                 Frame::Sub {
+                    topic: s(non_empty(topic, "topic")?),
+                    from,
+                }
+            }
+            "HISTORY" => {
+                let f = fields::<2>(line, "HISTORY")?;
+                Frame::History {
                     topic: s(non_empty(f[0], "topic")?),
+                    n: f[1].parse().map_err(|_| {
+                        let v: String = f[1].chars().take(32).collect();
+                        ProtocolError::BadValue(format!(
+                            "bad HISTORY count '{v}': expected a number"
+                        ))
+                    })?,
+                }
+            }
+            "REPLAYED" => {
+                let f = fields::<2>(line, "REPLAYED")?;
+                Frame::Replayed {
+                    topic: s(non_empty(f[0], "topic")?),
+                    next: number(f[1], "next")?,
                 }
             }
             "MSG" => {
@@ -379,7 +424,13 @@ impl Frame {
                 id.publisher, id.seq
             ),
             Frame::Subscribe { topic } => write!(out, "SUBSCRIBE|{topic}"),
-            Frame::Sub { topic } => write!(out, "SUB|{topic}"),
+            Frame::Sub { topic, from: None } => write!(out, "SUB|{topic}"),
+            Frame::Sub {
+                topic,
+                from: Some(from),
+            } => write!(out, "SUB|{topic}|{from}"),
+            Frame::History { topic, n } => write!(out, "HISTORY|{topic}|{n}"),
+            Frame::Replayed { topic, next } => write!(out, "REPLAYED|{topic}|{next}"),
             Frame::Msg {
                 topic,
                 id,

@@ -8,7 +8,8 @@
 //! * the **seed dialect** of the Go course project this crate succeeds: `PUBLISH|topic|payload`,
 //!   `SUBSCRIBE|topic`, `REPLICATE|topic|payload`, `CLEAR|topic|payload`, `PING` (also `PING||`),
 //!   `PONG`, `ACK`. A client written to that table works against our brokers unchanged;
-//! * the **identified dialect** (`PUB`, `SUB`, `MSG`, `REPL`, `STORED`, `CLR`, `HELLO`), which
+//! * the **identified dialect** (`PUB`, `SUB`, `MSG`, `REPL`, `STORED`, `CLR`, `HELLO`, and for
+//!   reading a topic's past `SUB|topic|from`, `HISTORY`, `REPLAYED`), which
 //!   carries a stable message identity (publisher id + per-publisher sequence) and the send time,
 //!   so that two messages with the same payload stay two messages, duplicates can be spotted and
 //!   latency measured. A peer opts in simply by sending the new verbs; a seed peer never sees them.
@@ -111,6 +112,58 @@ impl Stamps {
     }
 }
 
+/// Where a `SUB|topic|from` starts reading the topic's log (the `from` field).
+///
+/// Wire forms: `new` (nothing old: live from the delivered mark on, but with the
+/// `REPLAYED` marker telling that offset), a decimal offset, `last:N` (the last `N` delivered
+/// entries), `time:µs` (the first entry the broker received at or after that wall-clock time,
+/// µs since the Unix epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// `new`.
+    New,
+    /// A decimal offset.
+    Offset(u64),
+    /// `last:N`.
+    Last(u64),
+    /// `time:µs`.
+    Time(u64),
+}
+
+impl std::fmt::Display for Start {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Start::New => f.write_str("new"),
+            Start::Offset(o) => write!(f, "{o}"),
+            Start::Last(n) => write!(f, "last:{n}"),
+            Start::Time(t) => write!(f, "time:{t}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Start {
+    type Err = ProtocolError;
+    fn from_str(s: &str) -> Result<Self, ProtocolError> {
+        let num = |v: &str| v.parse::<u64>().ok();
+        let got = match s.split_once(':') {
+            None if s == "new" => Some(Start::New),
+            None => num(s).map(Start::Offset),
+            Some(("last", n)) => num(n).map(Start::Last),
+            Some(("time", t)) => num(t).map(Start::Time),
+            Some(_) => None,
+        };
+        got.ok_or_else(|| {
+            let mut v: String = s.chars().take(32).collect();
+            if s.len() > v.len() {
+                v.push('…');
+            }
+            ProtocolError::BadValue(format!(
+                "bad SUB start '{v}': expected new, an offset, last:N or time:<µs since the epoch>"
+            ))
+        })
+    }
+}
+
 /// Which part a node currently plays; announced in `HELLO`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -164,6 +217,9 @@ pub enum ProtocolError {
     /// A field does not parse (a number that is not one, say).
     #[error("bad {0}")]
     BadField(&'static str),
+    /// The start of a `SUB` or the count of a `HISTORY` does not parse; says what was wrong.
+    #[error("{0}")]
+    BadValue(String),
     /// The connection ended in the middle of a frame.
     #[error("connection closed mid-frame")]
     Incomplete,

@@ -54,6 +54,11 @@ pub struct Client {
     /// The node asked not to be given more of this client's frames (`Output::Hold`), and
     /// every change of that, in order.
     pub holds: Vec<bool>,
+    /// The client does not read: the node's `Output::Writable` for it waits (see
+    /// [`Pair::unstall`]) instead of being answered at once, as a drained socket would.
+    pub stalled: bool,
+    /// A `Writable` the node asked for while the client was stalled.
+    writable_due: bool,
 }
 
 /// Two nodes, their clients and the network between them.
@@ -201,6 +206,8 @@ impl Pair {
             lines: Vec::new(),
             open: true,
             holds: Vec::new(),
+            stalled: false,
+            writable_due: false,
         });
         self.wires.insert((n, conn), End::Client(id));
         id
@@ -214,6 +221,19 @@ impl Pair {
             Err(e) => Input::Bad(conn, e),
         };
         self.put(self.now, node, input);
+    }
+
+    /// The client reads again: a `Writable` the node waits for is answered.
+    pub fn unstall(&mut self, client: usize) {
+        self.clients[client].stalled = false;
+        if std::mem::take(&mut self.clients[client].writable_due) {
+            let (n, conn) = (self.clients[client].node, self.clients[client].conn);
+            let now = self.wall();
+            if let Some(core) = self.nodes[n].core.as_mut() {
+                core.handle_writable(conn, now);
+            }
+            self.drain(n);
+        }
     }
 
     /// The client hangs up.
@@ -374,6 +394,21 @@ impl Pair {
                 Output::Hold { conn, held } => {
                     if let Some(End::Client(c)) = self.wires.get(&(n, conn)).copied() {
                         self.clients[c].holds.push(held);
+                    }
+                }
+                Output::Writable { conn } => {
+                    let client = match self.wires.get(&(n, conn)).copied() {
+                        Some(End::Client(c)) => Some(c),
+                        _ => None,
+                    };
+                    match client {
+                        Some(c) if self.clients[c].stalled => self.clients[c].writable_due = true,
+                        _ => {
+                            let now = self.wall();
+                            if let Some(core) = self.nodes[n].core.as_mut() {
+                                core.handle_writable(conn, now);
+                            }
+                        }
                     }
                 }
                 Output::Sync => {

@@ -38,7 +38,7 @@ use plot::{latency_svg, timeline_svg};
 use crate::check::{self, FaultSpan, Verdict};
 
 /// Columns of a delivery CSV (`subscriber --csv`, `deliveries.csv`), in order.
-pub const DELIVERY_COLUMNS: [&str; 13] = [
+pub const DELIVERY_COLUMNS: [&str; 14] = [
     "received_at_us",
     "source",
     "topic",
@@ -52,6 +52,7 @@ pub const DELIVERY_COLUMNS: [&str; 13] = [
     "compute_start_us",
     "compute_end_us",
     "payload",
+    "offset",
 ];
 
 /// Columns of `gaps.csv`.

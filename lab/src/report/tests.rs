@@ -17,6 +17,7 @@ fn d(seq: u64, at_ms: u64, source: &str, dup: bool) -> Delivery {
         compute_start_us: 0,
         compute_end_us: 0,
         payload: seq.to_string(),
+        offset: seq,
     }
 }
 

@@ -242,11 +242,7 @@ pub fn run_seed(seed: u64, cfg: &SimConfig) -> (SimResult, Vec<Delivery>) {
             backup: "backup:8081".into(),
         };
         let stop = CancellationToken::new();
-        let sub_cfg = SubscriberConfig {
-            topic: "t".into(),
-            brokers: brokers.clone(),
-            net: Net::Sim,
-        };
+        let sub_cfg = SubscriberConfig::new("t".into(), brokers.clone(), Net::Sim);
         let sub_stop = stop.clone();
         let sub = edgepair::net::spawn(async move {
             let mut v: Vec<Delivery> = Vec::new();
