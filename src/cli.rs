@@ -120,6 +120,21 @@ pub struct BrokerOpts {
     /// once delivered. Needs `--data-dir`.
     #[arg(long, value_parser = parse_duration, value_name = "AGE")]
     pub retain_age: Option<Duration>,
+    /// Never let two nodes deliver in overlapping reigns: a primary acknowledges and delivers
+    /// only while its backup has answered it within this lease, and a backup takes over only
+    /// once a lease has passed since it last heard from its primary. Costs at least the lease in
+    /// every failover, and a primary that cannot reach its backup (a partition) stops serving.
+    /// Give both nodes the same value. Off by default.
+    #[arg(long, value_parser = parse_lease, value_name = "DUR")]
+    pub lease: Option<Duration>,
+}
+
+fn parse_lease(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(50) {
+        return Err(format!("lease '{s}': at least 50ms"));
+    }
+    Ok(d)
 }
 
 fn broker_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
@@ -171,6 +186,7 @@ pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCo
         cfg.fsync = opts.fsync;
         cfg.retain_bytes = opts.retain_bytes;
         cfg.retain_age = opts.retain_age;
+        cfg.lease = opts.lease;
         match driver::run(listener, cfg, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -476,3 +476,88 @@ fn history_sends_the_last_entries_and_subscribes_nobody() {
     assert_eq!(p.clients[r].lines[0], "REPLAYED|t|10");
     assert_eq!(offsets(&p, r), vec![(10, 11), (11, 12), (12, 13), (13, 14)]);
 }
+
+/// A linked pair whose nodes run with a 2 s lease.
+fn leased(compute: fn(u64) -> Duration) -> (Pair, usize, usize) {
+    let mut cfg = pair::config();
+    cfg.lease = Some(ms(2_000));
+    let mut p = Pair::with_config(compute, cfg);
+    p.run_until(ms(2_000), |p| link(p, P) == "up" && link(p, B) == "armed");
+    let (sp, sb) = (p.client(P), p.client(B));
+    p.send(sp, "SUB|t");
+    p.send(sb, "SUB|t");
+    (p, sp, sb)
+}
+
+#[test]
+fn with_a_lease_a_crashed_primary_is_replaced_once_its_lease_has_run_out() {
+    let (mut p, _, sb) = leased(steady);
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=3);
+    p.run_until(ms(100), |p| p.count(publ, "ACK|pub|") == 3);
+    assert_eq!(p.count(publ, "ACK|pub|"), 3, "a granted lease acknowledges");
+    p.crash(P);
+    let crashed = p.now;
+    p.run_until(ms(5_000), |p| p.role(B) == Role::Primary);
+    let took = p.now - crashed;
+    assert!(
+        took >= ms(1_400) && took <= ms(2_100),
+        "waited out the lease (2 s from the last contact, at most 0.5 s before the crash): {took:?}"
+    );
+    p.run_until(ms(1_000), |p| p.msgs(sb).len() == 3);
+    assert_eq!(
+        seqs(&p, sb),
+        [1, 2, 3],
+        "a refused connect to the dead node's port grants the new primary its lease"
+    );
+}
+
+#[test]
+fn with_a_lease_reigns_never_overlap_in_a_partition() {
+    // Long compute: the primary has results to deliver throughout the partition.
+    let (mut p, sp, sb) = leased(|_| ms(1_000));
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=2);
+    p.run_until(ms(100), |p| p.count(publ, "ACK|pub|") == 2);
+    p.partitioned = true;
+    let cut = p.now;
+    // Within its lease the cut-off primary still acknowledges (degraded, once the backup's
+    // STORED is overdue) and delivers: its lease ends before the backup may take over.
+    publish(&mut p, publ, 3..=3);
+    p.run_until(ms(1_000), |p| p.count(publ, "ACK|pub|3") == 1);
+    p.run_until(ms(10_000), |p| p.role(B) == Role::Primary);
+    assert!(p.now - cut >= ms(2_000), "no takeover within the lease");
+    let by_old = p.msgs(sp).len();
+    // Past its lease the old primary acknowledges and delivers nothing more.
+    publish(&mut p, publ, 4..=4);
+    p.run_for(ms(5_000));
+    assert_eq!(
+        p.count(publ, "ACK|pub|4"),
+        0,
+        "published after the lease ran out: not acknowledged"
+    );
+    assert_eq!(
+        p.msgs(sp).len(),
+        by_old,
+        "the old primary delivered nothing once the new one reigned"
+    );
+    assert!(
+        p.msgs(sb).is_empty(),
+        "the new primary has no lease either while the old one is cut off"
+    );
+    p.partitioned = false;
+    p.run_until(ms(10_000), |p| p.role(P) == Role::Backup);
+    let all = |p: &Pair| {
+        let mut got: Vec<u64> = seqs(p, sp).into_iter().chain(seqs(p, sb)).collect();
+        got.sort();
+        got.dedup();
+        got
+    };
+    p.run_until(ms(10_000), |p| all(p).starts_with(&[1, 2, 3]));
+    assert_eq!(
+        p.msgs(sp).len(),
+        by_old,
+        "still nothing from the old primary"
+    );
+    assert!(p.msgs(sb).iter().all(|m| m.2.epoch == 2));
+}

@@ -28,6 +28,10 @@ pub(super) struct Backup {
     /// A probe in flight, and what waits for its verdict.
     pub probe: Option<Probe>,
     logged_waiting: bool,
+    /// When the primary was last heard from (with `--lease`, no takeover before a lease after).
+    pub last_contact: Time,
+    /// A takeover decided while the primary's lease may still run (why).
+    pub pending_takeover: Option<String>,
 }
 
 /// The polling connection.
@@ -62,6 +66,8 @@ impl Backup {
             poll: Poll::Idle,
             probe: None,
             logged_waiting: false,
+            last_contact: now,
+            pending_takeover: None,
         }
     }
 
@@ -208,8 +214,13 @@ impl Broker {
         match b.detector.on_evidence(Evidence::Publish) {
             Verdict::Probe => self.start_probe(Evidence::Publish, vec![(conn, frame, attempt)]),
             Verdict::TakeOver => {
-                self.take_over("a publish arrived and the primary does not answer");
-                self.serve_here(conn, frame);
+                if self.take_over_when_free("a publish arrived and the primary does not answer") {
+                    self.serve_here(conn, frame);
+                } else {
+                    let reason =
+                        "not primary yet: waiting for the primary's lease to run out; retry".into();
+                    self.finish_forward(conn, Frame::Err { reason });
+                }
             }
             Verdict::Wait => self.forward(conn, frame, attempt),
         }
@@ -268,7 +279,7 @@ impl Broker {
             Verdict::Probe => self.start_probe(e, Vec::new()),
             Verdict::TakeOver => {
                 let why = self.why(e);
-                self.take_over(&why);
+                self.take_over_when_free(&why);
             }
             Verdict::Wait => {
                 if !b.detector.is_armed() && !b.logged_waiting {
@@ -359,9 +370,12 @@ impl Broker {
         };
         let verdict = b.detector.on_probe(alive);
         self.close(probe.conn);
+        if alive {
+            self.primary_heard();
+        }
         if verdict == Verdict::TakeOver {
             let why = self.why(probe.cause);
-            self.take_over(&why);
+            self.take_over_when_free(&why);
         }
         for (conn, frame, attempt) in probe.publishes {
             if self.role() == Role::Primary {
@@ -412,6 +426,7 @@ impl Broker {
     pub(super) fn on_poll_answer(&mut self, conn: ConnId, answer: Frame) {
         match self.answer_alive(&answer) {
             Some(true) => {
+                self.primary_heard();
                 self.timers.stop(Timer::Answer(conn));
                 let primary = self.cfg.peer.clone().unwrap_or_default();
                 if let Some(b) = self.backup() {

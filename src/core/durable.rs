@@ -106,6 +106,9 @@ impl Broker {
     /// Every `ACK` waiting for a message up to this `mid` may go: the backup stored it (or there
     /// is no backup to wait for) and the local disk has it (when the policy says to wait).
     pub(super) fn ack_floor(&self) -> u64 {
+        if !self.lease_held() {
+            return 0;
+        }
         let local = if self.must_sync() {
             self.synced_mid
         } else {

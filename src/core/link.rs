@@ -28,6 +28,8 @@ pub(super) struct Link {
     said_degraded: bool,
     /// The backup's `TAIL`s (topic, next offset, epoch of its last entry) while they come in.
     tails: Vec<(String, u64, u64)>,
+    /// When the current connect attempt started (a refusal grants the lease from then).
+    connect_started: Time,
 }
 
 impl Link {
@@ -40,6 +42,7 @@ impl Link {
             ever_up: false,
             said_degraded: false,
             tails: Vec::new(),
+            connect_started: Time::default(),
         }
     }
 
@@ -88,9 +91,11 @@ impl Broker {
         {
             return;
         }
+        let now = self.now.mono;
         let conn = self.open(Purpose::Link, peer, LINK_TIMEOUT);
         if let Some(p) = self.primary() {
             p.link.state = LinkState::Connecting(conn);
+            p.link.connect_started = now;
         }
     }
 
@@ -140,6 +145,7 @@ impl Broker {
             }
             (LinkState::Up { .. }, Frame::Stored { mid }) => self.stored(mid),
             (LinkState::Up { .. }, Frame::Ack { .. }) => {}
+            (LinkState::Up { .. }, Frame::Status { .. }) => self.lease_answered(),
             (_, other) => {
                 let why = format!("backup answered {}", other.encode().trim_end());
                 self.link_lost(&why);
@@ -231,6 +237,10 @@ impl Broker {
         for m in inflight {
             self.replicate(&m);
         }
+        if self.cfg.lease.is_some() {
+            // Ask for the lease at once rather than at the next tick.
+            self.on_lease_timer();
+        }
     }
 
     /// The link failed: it could not connect, or broke or was closed (`reason` says which).
@@ -249,6 +259,14 @@ impl Broker {
                 self.link_lost(why);
             }
             LinkState::Connecting(c) if c == conn => {
+                if reason.to_ascii_lowercase().contains("refused") {
+                    // Nobody listens on the peer's port: no node there can take over.
+                    let asked = p.link.connect_started;
+                    self.lease_granted(asked);
+                }
+                let Some(p) = self.primary() else {
+                    return;
+                };
                 if !p.link.said_degraded {
                     warn!("backup {peer} unreachable ({reason}): running degraded, retrying");
                     p.link.said_degraded = true;

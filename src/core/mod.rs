@@ -37,6 +37,7 @@ mod conn;
 mod durable;
 pub mod failover;
 mod history;
+mod lease;
 mod link;
 mod peer;
 mod primary;
@@ -99,6 +100,8 @@ pub struct Config {
     /// When an `ACK` (and a backup's `STORED`) waits for the local disk; see [`Fsync`]. Only
     /// matters with a log that reaches a disk.
     pub fsync: Fsync,
+    /// The lease (`--lease`; see `lease.rs`): `None` chooses availability, as without it.
+    pub lease: Option<Duration>,
 }
 
 /// What the broker asks its caller to do.
@@ -312,6 +315,12 @@ impl Broker {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        if matches!(c.kind, Kind::InLink) {
+            self.primary_heard();
+        }
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         match &c.kind {
             Kind::Out(_) => self.on_peer_frame(conn, frame),
             Kind::Client | Kind::InLink if c.busy => self.hold_back(conn, Ok(frame)),
@@ -432,6 +441,7 @@ impl Broker {
                 Timer::HandOver(id) => self.retry_hand_over(id),
                 Timer::Sync => self.sync_log(),
                 Timer::Retain => self.retain(),
+                Timer::Lease => self.on_lease_timer(),
             }
         }
     }

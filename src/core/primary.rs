@@ -35,6 +35,12 @@ pub(super) struct Primary {
     pub fenced: Vec<(Arc<Message>, Stamps)>,
     /// Results waiting for the backup to store their message, in the order they were ready.
     pub unstored: VecDeque<(Arc<Message>, Stamps)>,
+    /// With `--lease`: acknowledging and delivering is allowed until then.
+    pub lease_until: Time,
+    /// When each lease question still unanswered on the link was asked.
+    pub lease_asks: VecDeque<Time>,
+    /// The lease ran out (logged once).
+    pub lease_lapsed: bool,
     /// The connection asking the peer who is primary, after a pause.
     pub fence: Option<ConnId>,
 }
@@ -68,6 +74,9 @@ impl Primary {
             suspect: false,
             fenced: Vec::new(),
             unstored: VecDeque::new(),
+            lease_until: Time::default(),
+            lease_asks: VecDeque::new(),
+            lease_lapsed: false,
             fence: None,
         }
     }
@@ -127,7 +136,7 @@ impl Broker {
             let msg = Arc::new(Message { mid, topic, entry });
             let repl = self.replicate(&msg);
             self.enqueue(msg, true);
-            (repl.is_some() || self.must_sync()).then_some(mid)
+            (repl.is_some() || self.must_sync() || !self.lease_held()).then_some(mid)
         };
         match wait {
             None => self.reply(conn, Frame::Ack { id: ack_id }),
@@ -181,7 +190,7 @@ impl Broker {
         let queued = self
             .primary()
             .is_none_or(|p| p.order.contains_key(&msg.topic));
-        if compute_off && fresh && !queued && !self.stalled() {
+        if compute_off && fresh && !queued && !self.stalled() && self.lease_held() {
             // Pure relay, nothing of this publisher waiting ahead of it, free to deliver: the
             // reorder stage and the in-flight map would hold it for no time at all.
             let now = self.now.wall_us;
@@ -272,6 +281,13 @@ impl Broker {
     /// watermark), and a message the backup never got is never delivered by a primary about to
     /// die (its publisher, not acknowledged, resends it to the other node).
     pub(super) fn release(&mut self, m: Arc<Message>, stamps: Stamps) {
+        if !self.lease_held() {
+            self.note_lease_lapsed();
+            if let Some(p) = self.primary() {
+                p.fenced.push((m, stamps));
+            }
+            return;
+        }
         if let Some(p) = self.primary() {
             let waiting = !p.unstored.is_empty()
                 || matches!(p.link.up(), Some((_, false))) && m.mid > p.confirmed;

@@ -47,6 +47,9 @@ impl Broker {
                 self.decide_publish(conn, frame, 0);
             }
         }
+        if self.cfg.lease.is_some() {
+            self.timers.set(Timer::Lease, now);
+        }
         match self.cfg.peer.clone() {
             Some(peer) => {
                 warn!("running degraded until {peer} comes back as our backup");

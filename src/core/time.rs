@@ -70,6 +70,8 @@ pub enum Timer {
     Sync,
     /// Old segments past the retention bounds are removed.
     Retain,
+    /// Primary: ask for the lease again. Backup: the primary's lease has run out.
+    Lease,
 }
 
 /// The deadline table.

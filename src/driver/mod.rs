@@ -65,6 +65,9 @@ pub struct NodeConfig {
     pub retain_bytes: Option<u64>,
     /// Per topic, segments whose newest entry is older than this are removed once delivered.
     pub retain_age: Option<Duration>,
+    /// The lease (`--lease`): no overlapping reigns, at the price of failover time and of
+    /// availability in a partition. `None`: off.
+    pub lease: Option<Duration>,
 }
 
 impl NodeConfig {
@@ -83,6 +86,7 @@ impl NodeConfig {
             fsync: crate::log::Fsync::default(),
             retain_bytes: None,
             retain_age: None,
+            lease: None,
         }
     }
 }
@@ -151,6 +155,7 @@ pub async fn run(
         forward_timeout: cfg.forward_timeout,
         incarnation: now_us().max(1),
         fsync: cfg.fsync,
+        lease: cfg.lease,
     };
     let log = open_log(&cfg)?;
     info!(

@@ -23,7 +23,8 @@ enum Input {
     Bad(ConnId, ProtocolError),
     Closed(ConnId),
     Connected(ConnId),
-    ConnectFailed(ConnId),
+    /// The connect failed: refused (nobody listens) or timed out (nobody answers).
+    ConnectFailed(ConnId, &'static str),
     Computed(u64),
 }
 
@@ -90,12 +91,18 @@ pub fn config() -> Config {
         forward_timeout: Duration::from_secs(1),
         incarnation: 0,
         fsync: edgepair::log::Fsync::default(),
+        lease: None,
     }
 }
 
 impl Pair {
     /// A primary and its backup, started at time zero, each message computing for `compute(mid)`.
     pub fn new(compute: fn(u64) -> Duration) -> Pair {
+        Pair::with_config(compute, config())
+    }
+
+    /// Like [`Pair::new`], both nodes configured with `cfg` (role, peer and incarnation aside).
+    pub fn with_config(compute: fn(u64) -> Duration, cfg: Config) -> Pair {
         let node = |born| Node {
             core: None,
             paused: false,
@@ -114,7 +121,7 @@ impl Pair {
             computes: Vec::new(),
             compute,
             partitioned: false,
-            cfg: config(),
+            cfg,
         };
         p.start(B);
         p.start(P);
@@ -360,7 +367,7 @@ impl Pair {
             Input::Bad(conn, e) => core.handle_bad_frame(conn, &e, now),
             Input::Closed(conn) => core.handle_closed(conn, now),
             Input::Connected(conn) => core.handle_connected(conn, now),
-            Input::ConnectFailed(conn) => core.handle_connect_failed(conn, "refused", now),
+            Input::ConnectFailed(conn, why) => core.handle_connect_failed(conn, why, now),
             Input::Computed(mid) => {
                 let start = now.wall_us - compute(mid).as_micros() as u64;
                 core.handle_computed(mid, start, now.wall_us, now)
@@ -452,9 +459,14 @@ impl Pair {
         let now = self.wall();
         let target = &mut self.nodes[m];
         match target.core.as_mut() {
-            Some(_) if target.paused => {
-                // The kernel would accept, but nobody answers: the connect times out.
-                self.put(self.now + timeout, n, Input::ConnectFailed(conn));
+            Some(_) if target.paused || self.partitioned => {
+                // The kernel would accept (or the packets are lost), but nobody answers: the
+                // connect times out.
+                self.put(
+                    self.now + timeout,
+                    n,
+                    Input::ConnectFailed(conn, "timed out"),
+                );
             }
             Some(core) if !self.partitioned => {
                 let mc = core.handle_accepted(now);
@@ -462,7 +474,11 @@ impl Pair {
                 self.wires.insert((m, mc), End::Node(n, conn));
                 self.put(self.now, n, Input::Connected(conn));
             }
-            _ => self.put(self.now, n, Input::ConnectFailed(conn)),
+            _ => self.put(
+                self.now,
+                n,
+                Input::ConnectFailed(conn, "connection refused"),
+            ),
         }
     }
 }
