@@ -284,6 +284,7 @@ impl Broker {
         if !self.lease_held() {
             self.note_lease_lapsed();
             if let Some(p) = self.primary() {
+                p.inflight.entry(m.mid).or_insert_with(|| m.clone());
                 p.fenced.push((m, stamps));
             }
             return;
@@ -292,6 +293,9 @@ impl Broker {
             let waiting = !p.unstored.is_empty()
                 || matches!(p.link.up(), Some((_, false))) && m.mid > p.confirmed;
             if waiting {
+                // In flight until delivered (the relay's fast path skipped that): replayed to a
+                // backup that reconnects, handed over on a step-down.
+                p.inflight.entry(m.mid).or_insert_with(|| m.clone());
                 p.unstored.push_back((m, stamps));
                 return;
             }
