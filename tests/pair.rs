@@ -324,6 +324,10 @@ fn both_nodes_crash_and_every_acknowledged_message_is_delivered_from_their_logs(
         [0, 1, 2, 3, 4],
         "at the offsets they were logged at"
     );
+    assert!(
+        p.msgs(sp).iter().all(|m| m.2.epoch == 3),
+        "a new reign after the one its log remembers (1), of its own parity"
+    );
     p.run_until(ms(2_000), |p| link(p, P) == "up" && held(p, B) == 0);
     // A resend of an acknowledged message after the restart is recognised from the log.
     let again = p.client(P);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use tracing::{error, info, warn};
 
+use super::failover::next_epoch;
 use super::time::Timer;
 use super::{Broker, ConnId, Message, Output, RoleState, SEEN_REBUILD};
 use crate::log::{Entry, Fsync, LogError, BATCH_ENTRIES, BATCH_INTERVAL};
@@ -149,6 +150,7 @@ impl Broker {
     pub(super) fn recover(&mut self) {
         let topics = self.log.topics();
         let mut undelivered = 0u64;
+        let mut last_epoch = 0u64;
         for t in &topics {
             let from = t.next.saturating_sub(SEEN_REBUILD).max(t.first);
             match self.log.read(&t.topic, from, usize::MAX) {
@@ -156,6 +158,8 @@ impl Broker {
                     for e in entries.iter().filter(|e| !e.id.is_anonymous()) {
                         self.seen.record(&e.id.publisher, e.id.seq);
                     }
+                    let newest = entries.iter().map(|e| e.epoch).max().unwrap_or(0);
+                    last_epoch = last_epoch.max(newest);
                 }
                 Err(e) => error!("topic '{}': cannot read the log back: {e}", t.topic),
             }
@@ -164,10 +168,19 @@ impl Broker {
         if topics.is_empty() {
             return;
         }
+        // The log remembers the newest reign it saw: a primary starts a newer one (its own
+        // parity), a backup follows from there, so a node that starts again after both were
+        // down never delivers in an epoch older than one its subscribers have seen.
+        let born_primary = self.cfg.born == Role::Primary;
+        self.epoch = match self.role() {
+            Role::Primary => self.epoch.max(next_epoch(last_epoch, born_primary)),
+            Role::Backup => self.epoch.max(last_epoch),
+        };
         info!(
-            "log: {} topic(s), {} entries, {undelivered} not yet delivered",
+            "log: {} topic(s), {} entries, {undelivered} not yet delivered; epoch {}",
             topics.len(),
-            topics.iter().map(|t| t.next - t.first).sum::<u64>()
+            topics.iter().map(|t| t.next - t.first).sum::<u64>(),
+            self.epoch
         );
         if self.role() == Role::Primary {
             for (topic, entry) in self.held_entries() {
