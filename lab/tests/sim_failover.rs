@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use edgepair::log::Fsync;
 use edgepair_lab::sim::{run_seed, FaultKind, SimConfig};
 
 fn crashes_only() -> SimConfig {
@@ -80,5 +81,93 @@ fn seeds_run_in_parallel_report_in_seed_order_with_the_same_results() {
             "seed {seed} differs when run beside others"
         );
         assert_eq!(r.failover_gaps_ms, alone.failover_gaps_ms);
+    }
+}
+
+fn power(faults: Vec<FaultKind>, fsync: Fsync) -> SimConfig {
+    SimConfig {
+        duration: Duration::from_secs(20),
+        faults,
+        fsync,
+        ..SimConfig::default()
+    }
+}
+
+#[test]
+fn a_power_loss_of_one_node_loses_nothing_acknowledged_under_batch() {
+    // The node that lost power drops its unsynced window; the other node holds what was
+    // acknowledged and catches it up. Nothing is excused: a loss would be a violation.
+    let cfg = power(vec![FaultKind::Power], Fsync::Batch);
+    for seed in [1, 3, 5] {
+        let (r, _) = run_seed(seed, &cfg);
+        assert!(r.faults.contains("power "), "{}", r.faults);
+        assert!(r.failovers >= 1, "seed {seed}: the primary lost power once");
+        assert_eq!(
+            (r.lost, r.lost_acked, r.lost_by_policy),
+            (0, 0, 0),
+            "seed {seed}: {} [{}]",
+            r.violations,
+            r.faults
+        );
+        assert!(r.power_oldest_unsynced_ms <= 6.0, "seed {seed}: {r:?}");
+        assert!(r.violations.is_empty(), "seed {seed}: {}", r.violations);
+    }
+}
+
+#[test]
+fn a_power_loss_of_both_nodes_loses_nothing_acknowledged_under_always() {
+    let cfg = power(vec![FaultKind::PowerBoth], Fsync::Always);
+    for seed in [1, 2, 3] {
+        let (r, _) = run_seed(seed, &cfg);
+        assert_eq!(r.faults.matches("power both").count(), 3, "{}", r.faults);
+        assert_eq!(
+            (r.lost, r.lost_acked, r.lost_by_policy),
+            (0, 0, 0),
+            "seed {seed}: {} [{}]",
+            r.violations,
+            r.faults
+        );
+        assert!(r.violations.is_empty(), "seed {seed}: {}", r.violations);
+    }
+}
+
+#[test]
+fn a_power_loss_of_both_nodes_under_never_loses_acknowledged_messages_by_policy_only() {
+    // Nothing is ever synced under `never` (the model's OS never writes back): each power loss
+    // of both nodes wipes both logs, and what was acknowledged but not yet delivered is gone.
+    // That is what `never` allows, counted apart; the checker's verdict excludes exactly it.
+    let cfg = power(vec![FaultKind::PowerBoth], Fsync::Never);
+    let mut excused = 0;
+    for seed in [1, 2, 3] {
+        let (r, _) = run_seed(seed, &cfg);
+        assert!(r.power_dropped > 0, "seed {seed}: nothing dropped");
+        assert_eq!(r.lost_acked, r.lost_by_policy, "seed {seed}: {r:?}");
+        assert_eq!(r.lost, r.lost_by_policy, "seed {seed}: {r:?}");
+        assert!(r.violations.is_empty(), "seed {seed}: {}", r.violations);
+        excused += r.lost_by_policy;
+    }
+    assert!(excused > 0, "the model of the disk lost nothing");
+    // The same schedules under `always` lose nothing: the loss comes from the policy.
+    let cfg = power(vec![FaultKind::PowerBoth], Fsync::Always);
+    for seed in [1, 2, 3] {
+        let (r, _) = run_seed(seed, &cfg);
+        assert_eq!((r.lost, r.power_dropped), (0, 0), "seed {seed}: {r:?}");
+    }
+}
+
+/// A node restarts in epoch 1 whatever its log holds (`Broker::with_log` starts at
+/// `epoch: 1`): after a takeover (epoch 2) and a power loss of both nodes, the node born
+/// primary reigns in epoch 1 again and the subscriber sees a stale epoch. Seed 4 under
+/// `--faults crash,power-both --fsync always --duration 20s`: crash primary@2.1s, crash
+/// backup@8.5s, power both@13.5s, then 67 deliveries in epoch 1 after epoch 2. Ignored until
+/// the core takes its epoch up from the log.
+#[test]
+#[ignore = "core: a node restarted on its log starts in epoch 1"]
+fn a_power_loss_of_both_nodes_after_a_takeover_keeps_epochs_monotonic() {
+    let cfg = power(vec![FaultKind::Crash, FaultKind::PowerBoth], Fsync::Always);
+    for seed in [4, 6, 7] {
+        let (r, _) = run_seed(seed, &cfg);
+        assert!(r.faults.contains("power both"), "{}", r.faults);
+        assert_eq!(r.stale, 0, "seed {seed}: {} [{}]", r.violations, r.faults);
     }
 }

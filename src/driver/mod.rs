@@ -141,6 +141,19 @@ pub async fn run(
     cfg: NodeConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let log = open_log(&cfg)?;
+    run_on(listener, cfg, log, shutdown).await
+}
+
+/// [`run`] on a log the caller opened (`cfg.data_dir` is not looked at). The simulation keeps
+/// each node's simulated disk outside the node, so that it outlives a crash of the node and
+/// can lose what was not synced at a power loss.
+pub async fn run_on(
+    listener: Listener,
+    cfg: NodeConfig,
+    log: Box<dyn crate::log::Storage>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let clock = Clock {
         origin: tokio::time::Instant::now(),
@@ -157,7 +170,6 @@ pub async fn run(
         fsync: cfg.fsync,
         lease: cfg.lease,
     };
-    let log = open_log(&cfg)?;
     info!(
         "{} listening on {addr} (compute {} ms, peer {})",
         cfg.role.as_str(),

@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use edgepair::compute::parse_duration;
 use edgepair_lab::sim::report::{self as simreport, Axis};
 use edgepair_lab::sim::{run_seed, FaultKind, SimConfig, SimResult};
@@ -28,9 +28,15 @@ struct Cli {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "crash,restart,partition,hold,latency"
+        default_value = "crash,restart,partition,hold,latency,power,power-both"
     )]
     faults: Vec<FaultKind>,
+    /// Both nodes' fsync policy (`always`, `batch`, `never`): what a power loss may take.
+    #[arg(long, default_value_t = edgepair::log::Fsync::default())]
+    fsync: edgepair::log::Fsync,
+    /// Nodes without a disk (as without `--data-dir`): a crash loses a node's whole log.
+    #[arg(long)]
+    memory_only: bool,
     /// Backup's ping interval.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     ping_interval: Duration,
@@ -61,10 +67,11 @@ fn default_jobs() -> usize {
 
 fn row(r: &SimResult) {
     println!(
-        "{:>6} {:>5} {:>4} {:>5} {:>4} {:>5} {:>6} {:>8.0}  {}",
+        "{:>6} {:>5} {:>4} {:>6} {:>5} {:>4} {:>5} {:>6} {:>8.0}  {}",
         r.seed,
         r.published,
         r.lost,
+        r.lost_by_policy,
         r.duplicates,
         r.reordered,
         r.split_brain,
@@ -93,6 +100,17 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    if cli.memory_only
+        && cli
+            .faults
+            .iter()
+            .any(|f| matches!(f, FaultKind::Power | FaultKind::PowerBoth))
+    {
+        eprintln!(
+            "simulate: --memory-only nodes have no disk to lose power on; give --faults without power and power-both"
+        );
+        return ExitCode::from(2);
+    }
     let cfg = SimConfig {
         duration: cli.duration,
         faults: cli.faults.clone(),
@@ -100,6 +118,8 @@ fn main() -> ExitCode {
         ping_timeout: cli.ping_timeout,
         ack_timeout: cli.ack_timeout,
         resend: cli.resend,
+        fsync: cli.fsync,
+        memory_only: cli.memory_only,
         ..SimConfig::default()
     };
     let dir = cli.out.join(format!(
@@ -123,24 +143,30 @@ fn main() -> ExitCode {
 
 fn header() {
     println!(
-        "{:>6} {:>5} {:>4} {:>5} {:>4} {:>5} {:>6} {:>8}  faults",
-        "seed", "pub", "lost", "dups", "reord", "split", "stale", "gap ms"
+        "{:>6} {:>5} {:>4} {:>6} {:>5} {:>4} {:>5} {:>6} {:>8}  faults",
+        "seed", "pub", "lost", "policy", "dups", "reord", "split", "stale", "gap ms"
     );
 }
 
 fn replay_command(cfg: &SimConfig, seed: u64) -> String {
     format!(
-        "cargo run --release --bin simulate -- --seed {seed} --duration {}ms --faults {} --ping-interval {}ms --ping-timeout {}ms --ack-timeout {}ms --resend {}",
+        "cargo run --release --bin simulate -- --seed {seed} --duration {}ms --faults {} --ping-interval {}ms --ping-timeout {}ms --ack-timeout {}ms --resend {} --fsync {}{}",
         cfg.duration.as_millis(),
         cfg.faults
             .iter()
-            .map(|f| format!("{f:?}").to_lowercase())
+            .filter_map(|f| f.to_possible_value().map(|v| v.get_name().to_string()))
             .collect::<Vec<_>>()
             .join(","),
         cfg.ping_interval.as_millis(),
         cfg.ping_timeout.as_millis(),
         cfg.ack_timeout.as_millis(),
-        cfg.resend
+        cfg.resend,
+        cfg.fsync,
+        if cfg.memory_only {
+            " --memory-only"
+        } else {
+            ""
+        }
     )
 }
 
@@ -201,6 +227,25 @@ fn batch(cli: &Cli, cfg: &SimConfig, dir: &std::path::Path) -> ExitCode {
         } else {
             format!(": {bad:?}")
         }
+    );
+    let power: usize = results
+        .iter()
+        .map(|r| r.faults.matches("power").count())
+        .sum();
+    println!(
+        "fsync {}: {power} power loss(es); {} entries dropped unsynced (oldest {:.1} ms); acknowledged lost by policy {} in {} seed(s); acknowledged lost against the policy {}",
+        cfg.fsync,
+        results.iter().map(|r| r.power_dropped).sum::<u64>(),
+        results
+            .iter()
+            .map(|r| r.power_oldest_unsynced_ms)
+            .fold(0.0, f64::max),
+        results.iter().map(|r| r.lost_by_policy).sum::<u64>(),
+        results.iter().filter(|r| r.lost_by_policy > 0).count(),
+        results
+            .iter()
+            .map(|r| r.lost_acked - r.lost_by_policy)
+            .sum::<u64>(),
     );
     println!(
         "lost {}; failovers/seed {:.2}; failover gap p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; duplicates/seed {:.1}, max {}",

@@ -24,17 +24,22 @@ use crate::report::Delivery;
 use edgepair::client::{self, Brokers, PublisherConfig, SubscriberConfig};
 use edgepair::compute::{Compute, ComputeMode, ComputeRange};
 use edgepair::driver::{self, NodeConfig};
+use edgepair::log::{Fsync, BATCH_ENTRIES, BATCH_INTERVAL};
 use edgepair::net::Net;
-use edgepair::protocol::Role;
+use edgepair::protocol::{MsgId, Role};
 
+pub mod disk;
 pub mod report;
+
+pub use disk::{PowerLoss, SimDisk};
 
 /// A kind of fault the schedule may draw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum FaultKind {
-    /// Crash a broker and bring it back after a while (it restarts with no memory).
+    /// Kill a broker's process and bring it back after a while. Its disk is kept whole (the
+    /// page cache outlives a killed process): it restarts on its log.
     Crash,
-    /// Crash a broker and restart it at once.
+    /// Kill a broker's process and restart it at once, on its log.
     Restart,
     /// Cut the primary↔backup link for a while.
     Partition,
@@ -42,6 +47,25 @@ pub enum FaultKind {
     Hold,
     /// Raise the primary↔backup link latency for a while.
     Latency,
+    /// Cut a broker's power: it stops, its disk loses every entry not yet synced, and it
+    /// restarts on what is left after a while.
+    Power,
+    /// Cut both brokers' power at once, each losing what it had not synced; both restart
+    /// after a while.
+    PowerBoth,
+}
+
+impl FaultKind {
+    /// The faults the simulation had before it modelled the disk: the schedules of the
+    /// regression seeds in `lab/tests/sim_seeds.rs` were drawn from this list (the schedule
+    /// depends on the list, so it is kept).
+    pub const PROCESS_AND_LINK: [FaultKind; 5] = [
+        FaultKind::Crash,
+        FaultKind::Restart,
+        FaultKind::Partition,
+        FaultKind::Hold,
+        FaultKind::Latency,
+    ];
 }
 
 /// Settings of a simulation run.
@@ -61,6 +85,12 @@ pub struct SimConfig {
     pub ack_timeout: Duration,
     /// Publisher's resend window.
     pub resend: usize,
+    /// Both nodes' `--fsync` policy; what a power loss may take depends on it.
+    pub fsync: Fsync,
+    /// Run the nodes without a disk, as without `--data-dir`: a crash loses the node's whole
+    /// log (the simulation before it modelled the disk). Power faults then are crashes, and
+    /// nothing is excused as lost by policy.
+    pub memory_only: bool,
 }
 
 impl Default for SimConfig {
@@ -74,11 +104,15 @@ impl Default for SimConfig {
                 FaultKind::Partition,
                 FaultKind::Hold,
                 FaultKind::Latency,
+                FaultKind::Power,
+                FaultKind::PowerBoth,
             ],
             ping_interval: Duration::from_secs(1),
             ping_timeout: Duration::from_millis(300),
             ack_timeout: Duration::from_millis(500),
             resend: 5,
+            fsync: Fsync::default(),
+            memory_only: false,
         }
     }
 }
@@ -90,7 +124,7 @@ pub struct Fault {
     pub at: Duration,
     /// What.
     pub kind: FaultKind,
-    /// Which broker (for crash/restart).
+    /// Which broker (for crash, restart and power; `both` for power-both).
     pub host: &'static str,
     /// How long it lasts.
     pub lasts: Duration,
@@ -137,7 +171,82 @@ pub struct SimResult {
     /// rest is `lost_acked`). Last, so that `simulation.csv`'s earlier columns stay where they
     /// were.
     pub lost_unacked: u64,
+    /// Of `lost_acked`, the messages the fsync policy allowed to lose: under `batch` and
+    /// `never`, acknowledged messages that a power loss of both nodes took off both disks
+    /// before either had synced them (see [`lost_by_policy`]). Not a violation; every other
+    /// acknowledged loss is.
+    pub lost_by_policy: u64,
+    /// Entries the power losses of the run took off the disks, both nodes together (unsynced
+    /// entries; acknowledged or not, delivered or not).
+    pub power_dropped: u64,
+    /// Longest time an entry dropped by a power loss had waited for its sync, ms.
+    pub power_oldest_unsynced_ms: f64,
 }
+
+/// One power loss as the simulation saw it.
+#[derive(Debug, Clone)]
+pub struct PowerEvent {
+    /// The node, or `both`.
+    pub host: &'static str,
+    /// What each node's disk lost, by node.
+    pub losses: Vec<(&'static str, PowerLoss)>,
+    /// After a power loss of both nodes: the identities dropped that neither disk still holds.
+    pub gone: BTreeSet<MsgId>,
+}
+
+/// What a policy allows a run to lose: the acknowledged messages (`lost_acked`) that a power
+/// loss of both nodes took off both disks, under `batch` and `never`. `always` allows nothing
+/// (every `ACK` waited for both nodes' fsync, or for the primary's alone while it ran
+/// degraded); nor does a power loss of one node under any policy (the other node holds what was
+/// acknowledged), nor a process crash (the disk keeps what was written).
+pub fn lost_by_policy(
+    fsync: Fsync,
+    publisher: &str,
+    lost_acked: &[u64],
+    power: &[PowerEvent],
+) -> BTreeSet<u64> {
+    if fsync == Fsync::Always {
+        return BTreeSet::new();
+    }
+    lost_acked
+        .iter()
+        .copied()
+        .filter(|&seq| {
+            let id = MsgId {
+                publisher: publisher.to_string(),
+                seq,
+            };
+            power.iter().any(|p| p.gone.contains(&id))
+        })
+        .collect()
+}
+
+/// What `batch` promises of the disk itself, checked at every power loss: no entry dropped had
+/// waited more than [`BATCH_INTERVAL`] for its sync (plus one tick of the simulation's clock,
+/// on which the sync timer fires), and no more than [`BATCH_ENTRIES`] were dropped. `always`
+/// and `never` promise nothing here (`always` syncs before it answers, whatever is dropped was
+/// not answered yet; `never` leaves it all to the OS, which the model never lets write back).
+pub fn batch_window_violations(fsync: Fsync, tick: Duration, power: &[PowerEvent]) -> Vec<String> {
+    if fsync != Fsync::Batch {
+        return Vec::new();
+    }
+    let mut v = Vec::new();
+    for (host, loss) in power.iter().flat_map(|p| p.losses.iter()) {
+        if loss.oldest_unsynced > BATCH_INTERVAL + tick || loss.dropped.len() as u64 > BATCH_ENTRIES
+        {
+            v.push(format!(
+                "a power loss of the {host} dropped {} entries, the oldest unsynced for {:.1} ms (batch promises at most {} ms, {BATCH_ENTRIES} entries)",
+                loss.dropped.len(),
+                loss.oldest_unsynced.as_secs_f64() * 1000.0,
+                BATCH_INTERVAL.as_millis()
+            ));
+        }
+    }
+    v
+}
+
+/// The simulation's clock step.
+const TICK: Duration = Duration::from_millis(1);
 
 /// Draws the fault schedule of a seed: one fault every 2–6 s, healed before the next, so that
 /// the pair is never asked to survive two overlapping faults.
@@ -155,10 +264,10 @@ pub fn schedule(seed: u64, cfg: &SimConfig) -> Vec<Fault> {
             FaultKind::Restart => Duration::from_millis(10),
             _ => Duration::from_millis(rng.gen_range(500..3000)),
         };
-        let host = if rng.gen_bool(0.5) {
-            "primary"
-        } else {
-            "backup"
+        let host = match (rng.gen_bool(0.5), kind) {
+            (_, FaultKind::PowerBoth) => "both",
+            (true, _) => "primary",
+            (false, _) => "backup",
         };
         out.push(Fault {
             at: t,
@@ -181,6 +290,8 @@ fn describe(faults: &[Fault]) -> String {
                 FaultKind::Partition => "partition".into(),
                 FaultKind::Hold => "hold".into(),
                 FaultKind::Latency => "latency".into(),
+                FaultKind::Power => format!("power {}", f.host),
+                FaultKind::PowerBoth => "power both".into(),
             };
             format!(
                 "{what}@{:.1}s/{:.1}s",
@@ -198,9 +309,11 @@ fn broker(
     peer: &'static str,
     seed: u64,
     cfg: &SimConfig,
+    disk: Option<SimDisk>,
 ) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = turmoil::Result> + 'static>> {
-    let (ping, ping_timeout) = (cfg.ping_interval, cfg.ping_timeout);
+    let (ping, ping_timeout, fsync) = (cfg.ping_interval, cfg.ping_timeout, cfg.fsync);
     move || {
+        let disk = disk.clone();
         Box::pin(async move {
             let listener = Net::Sim.bind(&format!("0.0.0.0:{port}")).await?;
             let compute = Compute::new(ComputeRange::DEFAULT, ComputeMode::Sleep, Some(seed), 0);
@@ -208,9 +321,13 @@ fn broker(
             c.net = Net::Sim;
             c.ping_interval = ping;
             c.ping_timeout = ping_timeout;
-            driver::run(listener, c, CancellationToken::new())
-                .await
-                .map_err(|e| e.to_string().into())
+            c.fsync = fsync;
+            let stop = CancellationToken::new();
+            match disk {
+                Some(d) => driver::run_on(listener, c, d.storage(), stop).await,
+                None => driver::run(listener, c, stop).await,
+            }
+            .map_err(|e| e.to_string().into())
         })
     }
 }
@@ -220,16 +337,37 @@ pub fn run_seed(seed: u64, cfg: &SimConfig) -> (SimResult, Vec<Delivery>) {
     let faults = schedule(seed, cfg);
     let mut sim = turmoil::Builder::new()
         .simulation_duration(cfg.duration + Duration::from_secs(120))
-        .tick_duration(Duration::from_millis(1))
+        .tick_duration(TICK)
         .rng_seed(seed)
         .build();
+    let disks = (!cfg.memory_only).then(|| (SimDisk::new(), SimDisk::new()));
+    let disk_of = |host: &str| {
+        disks.as_ref().map(|(p, b)| match host {
+            "primary" => p.clone(),
+            _ => b.clone(),
+        })
+    };
     sim.host(
         "primary",
-        broker(Role::Primary, 8080, "backup:8081", seed, cfg),
+        broker(
+            Role::Primary,
+            8080,
+            "backup:8081",
+            seed,
+            cfg,
+            disk_of("primary"),
+        ),
     );
     sim.host(
         "backup",
-        broker(Role::Backup, 8081, "primary:8080", seed + 1, cfg),
+        broker(
+            Role::Backup,
+            8081,
+            "primary:8080",
+            seed + 1,
+            cfg,
+            disk_of("backup"),
+        ),
     );
     type Out = (Vec<Delivery>, client::PubSummary, BTreeSet<u64>);
     let got: Arc<Mutex<Out>> = Arc::default();
@@ -305,6 +443,7 @@ pub fn run_seed(seed: u64, cfg: &SimConfig) -> (SimResult, Vec<Delivery>) {
     actions.sort_by_key(|a| (a.0, !a.2));
     let mut next = 0;
     let mut error = None;
+    let mut power: Vec<PowerEvent> = Vec::new();
     loop {
         while next < actions.len() && sim.elapsed() >= actions[next].0 {
             let (_, i, start) = actions[next];
@@ -328,6 +467,48 @@ pub fn run_seed(seed: u64, cfg: &SimConfig) -> (SimResult, Vec<Delivery>) {
                 (FaultKind::Latency, false) => {
                     sim.set_link_latency("primary", "backup", Duration::from_millis(1))
                 }
+                (FaultKind::Power | FaultKind::PowerBoth, true) => {
+                    let hosts: &[&'static str] = match f.host {
+                        "both" => &["primary", "backup"],
+                        "primary" => &["primary"],
+                        _ => &["backup"],
+                    };
+                    // The nodes stop first (turmoil drops their tasks), then their disks lose
+                    // what was not synced.
+                    for h in hosts {
+                        sim.crash(*h);
+                    }
+                    let mut ev = PowerEvent {
+                        host: f.host,
+                        losses: Vec::new(),
+                        gone: BTreeSet::new(),
+                    };
+                    for h in hosts {
+                        if let Some(d) = disk_of(h) {
+                            ev.losses.push((h, d.power_loss(sim.elapsed())));
+                        }
+                    }
+                    if hosts.len() == 2 {
+                        let held = |id: &MsgId| {
+                            hosts
+                                .iter()
+                                .any(|h| disk_of(h).is_some_and(|d| d.holds(id)))
+                        };
+                        ev.gone = ev
+                            .losses
+                            .iter()
+                            .flat_map(|(_, l)| l.dropped.iter())
+                            .filter(|id| !held(id))
+                            .cloned()
+                            .collect();
+                    }
+                    power.push(ev);
+                }
+                (FaultKind::Power, false) => sim.bounce(f.host),
+                (FaultKind::PowerBoth, false) => {
+                    sim.bounce("primary");
+                    sim.bounce("backup");
+                }
             }
         }
         match sim.step() {
@@ -340,7 +521,7 @@ pub fn run_seed(seed: u64, cfg: &SimConfig) -> (SimResult, Vec<Delivery>) {
         }
     }
     let (deliveries, summary, acked) = got.lock().map(|g| g.clone()).unwrap_or_default();
-    let mut r = judge(seed, cfg, &faults, &deliveries, &summary, &acked);
+    let mut r = judge(seed, cfg, &faults, &deliveries, &summary, &acked, &power);
     if let Some(e) = error {
         r.violations = format!("simulation error: {e}; {}", r.violations);
     }
@@ -363,6 +544,8 @@ pub fn fault_spans(faults: &[Fault]) -> Vec<check::FaultSpan> {
                     FaultKind::Partition => check::FaultKind::Partition,
                     FaultKind::Hold => check::FaultKind::Hold,
                     FaultKind::Latency => check::FaultKind::Latency,
+                    // A node stopped without warning, as a crash: no split brain excused.
+                    FaultKind::Power | FaultKind::PowerBoth => check::FaultKind::Crash,
                 },
                 from_us,
                 to_us: from_us + f.lasts.as_micros() as u64,
@@ -379,9 +562,10 @@ fn judge(
     deliveries: &[Delivery],
     summary: &client::PubSummary,
     acked: &BTreeSet<u64>,
+    power: &[PowerEvent],
 ) -> SimResult {
     let spans = fault_spans(faults);
-    let v = check::check(
+    let mut v = check::check(
         deliveries,
         &check::Expect {
             publisher: Some("sim"),
@@ -392,6 +576,21 @@ fn judge(
             ping_interval_us: cfg.ping_interval.as_micros() as u64,
         },
     );
+    // The checker's verdict, less what the fsync policy allowed to lose (reported apart).
+    let lost_acked = v.lost_acked.len() as u64;
+    let lost = v.missing.len() as u64;
+    let excused = if cfg.memory_only {
+        BTreeSet::new()
+    } else {
+        lost_by_policy(cfg.fsync, "sim", &v.lost_acked, power)
+    };
+    v.lost_acked.retain(|s| !excused.contains(s));
+    v.missing.retain(|s| !excused.contains(s));
+    let mut violations = v.violations();
+    violations.extend(batch_window_violations(cfg.fsync, TICK, power));
+    let losses = power.iter().flat_map(|p| p.losses.iter().map(|(_, l)| l));
+    let power_dropped = losses.clone().map(|l| l.dropped.len() as u64).sum();
+    let power_oldest = losses.map(|l| l.oldest_unsynced).max().unwrap_or_default();
     let mut rows: Vec<&Delivery> = deliveries.iter().filter(|d| d.publisher == "sim").collect();
     rows.sort_by_key(|d| d.received_at_us);
     // Changes of reign: the first delivery of each (epoch, node), and the silence before it.
@@ -412,8 +611,8 @@ fn judge(
         seed,
         faults: describe(faults),
         published: v.published,
-        lost_acked: v.lost_acked.len() as u64,
-        lost: v.missing.len() as u64,
+        lost_acked,
+        lost,
         duplicates: v.duplicates,
         duplicate_bound: v.duplicate_bound,
         reordered: v.reordered,
@@ -423,8 +622,11 @@ fn judge(
         failovers: epochs.len().saturating_sub(1) as u64,
         max_failover_gap_ms: failover_gaps_ms.iter().copied().fold(0.0, f64::max),
         failover_gaps_ms,
-        violations: v.violations().join("; "),
+        violations: violations.join("; "),
         lost_unacked: v.unacked_missing.len() as u64,
+        lost_by_policy: excused.len() as u64,
+        power_dropped,
+        power_oldest_unsynced_ms: power_oldest.as_secs_f64() * 1000.0,
     }
 }
 
@@ -439,5 +641,59 @@ impl tracing_subscriber::fmt::time::FormatTime for SimTime {
             Some(t) => write!(w, "t={:>9.3}s", t.as_secs_f64()),
             None => write!(w, "t=        -"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(seq: u64) -> MsgId {
+        MsgId {
+            publisher: "sim".into(),
+            seq,
+        }
+    }
+
+    fn event(host: &'static str, dropped: &[u64], gone: &[u64], unsynced_ms: u64) -> PowerEvent {
+        PowerEvent {
+            host,
+            losses: vec![(
+                "primary",
+                PowerLoss {
+                    dropped: dropped.iter().map(|s| id(*s)).collect(),
+                    oldest_unsynced: Duration::from_millis(unsynced_ms),
+                },
+            )],
+            gone: gone.iter().map(|s| id(*s)).collect(),
+        }
+    }
+
+    #[test]
+    fn only_what_both_nodes_lost_to_power_is_lost_by_policy_and_never_under_always() {
+        let power = [
+            event("primary", &[7], &[], 1),
+            event("both", &[9, 10], &[10], 1),
+        ];
+        // 7 was dropped by one node only (the other had it): not excused; 10 left both disks.
+        let lost = [7, 10, 12];
+        let want: BTreeSet<u64> = [10].into();
+        assert_eq!(lost_by_policy(Fsync::Batch, "sim", &lost, &power), want);
+        assert_eq!(lost_by_policy(Fsync::Never, "sim", &lost, &power), want);
+        assert!(lost_by_policy(Fsync::Always, "sim", &lost, &power).is_empty());
+        assert!(lost_by_policy(Fsync::Batch, "other", &lost, &power).is_empty());
+    }
+
+    #[test]
+    fn batch_promises_the_window_of_the_disk_and_the_others_do_not() {
+        let tick = Duration::from_millis(1);
+        let within = [event("both", &[1], &[1], 6)];
+        assert!(batch_window_violations(Fsync::Batch, tick, &within).is_empty());
+        let late = [event("backup", &[1, 2], &[], 7)];
+        let v = batch_window_violations(Fsync::Batch, tick, &late);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].contains("7.0 ms"), "{}", v[0]);
+        assert!(batch_window_violations(Fsync::Never, tick, &late).is_empty());
+        assert!(batch_window_violations(Fsync::Always, tick, &late).is_empty());
     }
 }
