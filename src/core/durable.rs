@@ -12,11 +12,20 @@ use tracing::{error, info, warn};
 
 use super::time::Timer;
 use super::{Broker, ConnId, Message, Output, RoleState, SEEN_REBUILD};
-use crate::log::{Entry, Fsync, LogError, BATCH_ENTRIES, BATCH_INTERVAL};
+use crate::log::{Entry, Fsync, LogError, SyncJob, BATCH_ENTRIES, BATCH_INTERVAL};
 use crate::protocol::{Frame, MsgId, Role};
 
 /// Entries sent per topic in one go when catching a backup up.
 const CATCH_UP_CHUNK: usize = 4096;
+
+/// A sync running off the core's caller: what it answers when it ends.
+#[derive(Debug)]
+pub(super) struct Syncing {
+    /// Every `mid` up to this one is covered.
+    upto: u64,
+    /// The `STORED` that waits for it (backup).
+    stored: Option<(ConnId, u64)>,
+}
 
 impl Broker {
     /// True when an `ACK` (or a backup's `STORED`) waits for the local disk.
@@ -47,7 +56,11 @@ impl Broker {
         }
     }
 
-    fn ask_sync(&mut self) {
+    pub(super) fn ask_sync(&mut self) {
+        if self.syncing.is_some() {
+            self.sync_again = true;
+            return;
+        }
         if !self.sync_asked {
             self.sync_asked = true;
             self.out.push_back(Output::Sync);
@@ -62,28 +75,86 @@ impl Broker {
         let upto = self.next_mid - 1;
         match self.log.sync() {
             Ok(()) => {
-                self.synced_mid = upto;
-                self.release_ready_acks();
-                if let Some((conn, mid)) = self.stored_after_sync.take() {
-                    self.reply(conn, Frame::Stored { mid });
-                }
+                let stored = self.stored_after_sync.take();
+                self.synced(upto, stored);
+            }
+            Err(e) => self.sync_failed(e),
+        }
+    }
+
+    /// Starts the sync the core asked for, to run off the caller's thread: see
+    /// [`Broker::begin_sync`](super::Broker::begin_sync).
+    pub(super) fn begin_sync_job(&mut self) -> Option<SyncJob> {
+        if self.syncing.is_some() {
+            // One at a time: the next one starts when this one ends, covering all since.
+            self.sync_asked = false;
+            self.sync_again = true;
+            return None;
+        }
+        match self.log.begin_sync() {
+            Ok(Some(job)) => {
+                self.sync_asked = false;
+                self.timers.stop(Timer::Sync);
+                self.syncing = Some(Syncing {
+                    upto: self.next_mid - 1,
+                    stored: self.stored_after_sync.take(),
+                });
+                Some(job)
+            }
+            Ok(None) => {
+                self.sync_log();
+                None
             }
             Err(e) => {
-                error!("the log could not be synced: {e}; refusing what waited for it");
-                let reason = format!("storage: {e}");
-                if let Some(p) = self.primary() {
-                    let acks = std::mem::take(&mut p.acks);
-                    let err = Frame::Err { reason };
-                    let mut conns: Vec<ConnId> = acks.iter().map(|a| a.conn).collect();
-                    conns.dedup();
-                    for conn in conns {
-                        self.flush_replies(conn, Some(u64::MAX), Some(&err));
-                    }
-                }
-                if let Some((conn, _)) = self.stored_after_sync.take() {
+                self.sync_asked = false;
+                self.sync_failed(e);
+                None
+            }
+        }
+    }
+
+    /// The job from [`Broker::begin_sync_job`] ended with `result`.
+    pub(super) fn end_sync_job(&mut self, job: SyncJob, result: Result<(), LogError>) {
+        let Some(s) = self.syncing.take() else {
+            return;
+        };
+        match self.log.end_sync(job, result) {
+            Ok(()) => self.synced(s.upto, s.stored),
+            Err(e) => {
+                if let Some((conn, _)) = s.stored {
                     self.close(conn);
                 }
+                self.sync_failed(e);
             }
+        }
+        if std::mem::take(&mut self.sync_again) || self.stored_after_sync.is_some() {
+            self.ask_sync();
+        }
+    }
+
+    /// Every `mid` up to `upto` is on the disk: answer what waited for it.
+    fn synced(&mut self, upto: u64, stored: Option<(ConnId, u64)>) {
+        self.synced_mid = self.synced_mid.max(upto);
+        self.release_ready_acks();
+        if let Some((conn, mid)) = stored {
+            self.reply(conn, Frame::Stored { mid });
+        }
+    }
+
+    fn sync_failed(&mut self, e: LogError) {
+        error!("the log could not be synced: {e}; refusing what waited for it");
+        let reason = format!("storage: {e}");
+        if let Some(p) = self.primary() {
+            let acks = std::mem::take(&mut p.acks);
+            let err = Frame::Err { reason };
+            let mut conns: Vec<ConnId> = acks.iter().map(|a| a.conn).collect();
+            conns.dedup();
+            for conn in conns {
+                self.flush_replies(conn, Some(u64::MAX), Some(&err));
+            }
+        }
+        if let Some((conn, _)) = self.stored_after_sync.take() {
+            self.close(conn);
         }
     }
 

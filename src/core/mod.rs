@@ -142,7 +142,8 @@ pub enum Output {
         held: bool,
     },
     /// Answers wait for the log to reach the disk: once the outputs queued now are acted on
-    /// (so one fsync covers a whole batch of events), call [`Broker::handle_sync`].
+    /// (so one fsync covers a whole batch of events), call [`Broker::handle_sync`] (or
+    /// [`Broker::begin_sync`], to fsync on another thread meanwhile).
     Sync,
 }
 
@@ -222,6 +223,10 @@ pub struct Broker {
     sync_asked: bool,
     /// Backup: the `STORED` that waits for the sync (the last one; `STORED` is cumulative).
     stored_after_sync: Option<(ConnId, u64)>,
+    /// A sync handed out by [`Broker::begin_sync`] and not yet ended.
+    syncing: Option<durable::Syncing>,
+    /// A sync was asked for while one was in flight: ask again when it ends.
+    sync_again: bool,
     /// Backup: offsets above a topic's delivered mark that were cleared out of order (the
     /// seed's `CLEAR` comes in the order its compute tasks end).
     cleared: HashMap<String, std::collections::BTreeSet<u64>>,
@@ -264,6 +269,8 @@ impl Broker {
             synced_mid: 0,
             sync_asked: false,
             stored_after_sync: None,
+            syncing: None,
+            sync_again: false,
             cleared: HashMap::new(),
         };
         b.synced_mid = b.next_mid - 1;
@@ -412,7 +419,7 @@ impl Broker {
                 Timer::Ping => self.on_ping_due(),
                 Timer::Answer(conn) => self.on_answer_timeout(conn),
                 Timer::HandOver(id) => self.retry_hand_over(id),
-                Timer::Sync => self.sync_log(),
+                Timer::Sync => self.ask_sync(),
             }
         }
     }
@@ -422,6 +429,27 @@ impl Broker {
     pub fn handle_sync(&mut self, now: Now) {
         self.now = now;
         self.sync_log();
+    }
+
+    /// Instead of [`Broker::handle_sync`], for a caller that can fsync on another thread while
+    /// it goes on feeding events: the fsyncs to run (then call [`Broker::handle_synced`] with
+    /// the job and its result), or `None` when there is nothing to run (the sync was done
+    /// here, or one is in flight and another is asked for when it ends).
+    pub fn begin_sync(&mut self, now: Now) -> Option<crate::log::SyncJob> {
+        self.now = now;
+        self.begin_sync_job()
+    }
+
+    /// The job from [`Broker::begin_sync`] ran ([`SyncJob::run`](crate::log::SyncJob::run))
+    /// with `result`: answer what waited for it.
+    pub fn handle_synced(
+        &mut self,
+        job: crate::log::SyncJob,
+        result: Result<(), crate::log::LogError>,
+        now: Now,
+    ) {
+        self.now = now;
+        self.end_sync_job(job, result);
     }
 
     /// The node's log, as a process that dies leaves it behind (tests restart a node on it).

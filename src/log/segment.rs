@@ -741,6 +741,51 @@ impl SegmentLog {
         Ok(())
     }
 
+    /// The first half of a sync whose fsync runs elsewhere: a handle on the active segment
+    /// (with its path) when it holds bytes not yet fsync'd, and where those bytes end. Call
+    /// [`SegmentLog::end_sync`] with that end once the fsync of the handle succeeded.
+    pub fn begin_sync(&mut self) -> Result<Option<(File, PathBuf, u64, u64)>, LogError> {
+        if self.read_only || !self.dirty {
+            return Ok(None);
+        }
+        let (base, size) = (self.last().base, self.last().size);
+        let path = log_path(&self.dir, base);
+        let Some(f) = &self.active else {
+            return Ok(None);
+        };
+        let f = f
+            .try_clone()
+            .map_err(io_err(format!("reopen {}", path.display())))?;
+        self.dirty = false;
+        Ok(Some((f, path, base, size)))
+    }
+
+    /// The second half: the active segment is fsync'd up to `size` if it still starts at
+    /// `base`; writes the index points below that, and fsyncs the directory if names changed.
+    pub fn end_sync(&mut self, base: u64, size: u64) -> Result<(), LogError> {
+        if self.read_only {
+            return Ok(());
+        }
+        if self.last().base == base {
+            let n = self.pending_points.partition_point(|p| p.1 < size);
+            if n > 0 {
+                if let Some(idx) = self.active_idx.as_mut() {
+                    idx.write_all(&index_bytes(&self.pending_points[..n]))
+                        .map_err(io_err(format!(
+                            "write {}",
+                            idx_path(&self.dir, base).display()
+                        )))?;
+                }
+                self.pending_points.drain(..n);
+            }
+        }
+        if self.names_changed {
+            sync_dir(&self.dir)?;
+            self.names_changed = false;
+        }
+        Ok(())
+    }
+
     fn open_segment(&self, i: usize) -> Result<SegFile<'_>, LogError> {
         if i + 1 == self.segs.len() {
             if let Some(f) = &self.active {
