@@ -36,6 +36,7 @@ impl Broker {
     /// Appends a new entry to `topic`; asks for the sync the policy wants.
     pub(super) fn append(&mut self, topic: &str, entry: &Arc<Entry>) -> Result<(), LogError> {
         self.log.append(topic, entry)?;
+        self.unflushed = true;
         self.after_append();
         Ok(())
     }

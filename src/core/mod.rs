@@ -227,6 +227,8 @@ pub struct Broker {
     syncing: Option<durable::Syncing>,
     /// A sync was asked for while one was in flight: ask again when it ends.
     sync_again: bool,
+    /// Appends since the log was last flushed: flushed before the next output leaves.
+    unflushed: bool,
     /// Backup: offsets above a topic's delivered mark that were cleared out of order (the
     /// seed's `CLEAR` comes in the order its compute tasks end).
     cleared: HashMap<String, std::collections::BTreeSet<u64>>,
@@ -271,6 +273,7 @@ impl Broker {
             stored_after_sync: None,
             syncing: None,
             sync_again: false,
+            unflushed: false,
             cleared: HashMap::new(),
         };
         b.synced_mid = b.next_mid - 1;
@@ -465,6 +468,13 @@ impl Broker {
 
     /// The next thing the caller should do, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
+        if std::mem::take(&mut self.unflushed) {
+            // Before anything leaves (an `ACK`, a `STORED`), what was appended is written: a
+            // crash of the process then loses none of it.
+            if let Err(e) = self.log.flush() {
+                tracing::error!("the log could not be written: {e}; it refuses appends now");
+            }
+        }
         self.out.pop_front()
     }
 

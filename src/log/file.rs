@@ -508,6 +508,16 @@ impl Storage for FileLog {
         self.unsynced
     }
 
+    fn flush(&mut self) -> Result<(), LogError> {
+        for t in self.topics.values() {
+            if let Err(e) = t.log.flush() {
+                self.failed = Some(e.to_string());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     fn begin_sync(&mut self) -> Result<Option<SyncJob>, LogError> {
         self.check_writable()?;
         if self.syncing {

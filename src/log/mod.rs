@@ -220,6 +220,11 @@ pub trait Storage: Send + std::fmt::Debug {
     fn set_delivered(&mut self, topic: &str, upto: u64);
     /// Makes everything appended so far durable (fsync), and saves the delivered marks.
     fn sync(&mut self) -> Result<(), LogError>;
+    /// Writes what [`Storage::append`] buffered to the files (no fsync): after it, a crash of
+    /// the process (not of the machine) loses none of it. Reads and syncs do it first.
+    fn flush(&mut self) -> Result<(), LogError> {
+        Ok(())
+    }
     /// Entries appended and not yet synced (those a [`SyncJob`] in flight covers included).
     fn unsynced(&self) -> u64;
     /// Starts a sync whose fsyncs may run on another thread while appends go on: the job
