@@ -140,6 +140,7 @@ pub(super) struct DurableOpts {
 /// A setting of one broker: ours under an `--fsync` policy, or Redis under an `appendfsync` one.
 #[derive(Debug, Clone, Copy)]
 enum Setting {
+    /// Under an `--fsync` policy; `"memory"`: no `--data-dir` (the log in memory).
     Ours(&'static str),
     Redis(&'static str),
 }
@@ -147,6 +148,7 @@ enum Setting {
 impl Setting {
     fn name(self) -> String {
         match self {
+            Setting::Ours("memory") => "pair no data dir".into(),
             Setting::Ours(p) => format!("pair fsync {p}"),
             Setting::Redis(p) => format!("redis {p}"),
         }
@@ -173,6 +175,15 @@ impl Running {
 
 async fn start_setting(bin_dir: &Path, o: &DurableOpts, s: Setting) -> anyhow::Result<Running> {
     match s {
+        Setting::Ours("memory") => {
+            let procs = start_nodes(bin_dir, true, "0", None, o.threads, &[]).await?;
+            Ok(Running {
+                addr: procs[0].addr.clone(),
+                procs,
+                proto: Proto::Ours,
+                _dirs: Vec::new(),
+            })
+        }
         Setting::Ours(fsync) => {
             let dirs = [
                 tempfile::tempdir_in(&o.data_root)?,
@@ -304,6 +315,7 @@ pub(super) async fn durable(bin_dir: &Path, o: &DurableOpts) -> anyhow::Result<V
             series.push((b, Series::default()));
         }
     }
+    series.push((Setting::Ours("memory"), Series::default()));
     for _ in 0..o.runs {
         for (s, fig) in series.iter_mut() {
             let run = start_setting(bin_dir, o, *s).await?;
@@ -388,37 +400,75 @@ pub(super) async fn durable(bin_dir: &Path, o: &DurableOpts) -> anyhow::Result<V
     Ok(lines)
 }
 
-/// A primary started on a data directory holding `entries` entries (written by
-/// `edgepair-log fill`): seconds until it answers `STATUS`; and the entries read back from the
-/// log per second (from offset 0, in chunks, as a catching-up reader would).
-pub(super) async fn restart(
-    bin_dir: &Path,
-    o: &DurableOpts,
-    entries: u64,
-) -> anyhow::Result<(f64, f64)> {
-    let dir = tempfile::tempdir_in(&o.data_root)?;
-    let data = dir.path().join("node");
-    let fill = Command::new(bin_dir.join("edgepair-log"))
-        .arg("fill")
-        .arg(&data)
-        .args([
-            "bench",
-            "--count",
-            &entries.to_string(),
-            "--sync-every",
-            "100000",
-        ])
+/// Fills a fresh log with `entries` entries (`edgepair-log fill`), every one marked delivered
+/// or none.
+async fn fill(bin_dir: &Path, data: &Path, entries: u64, delivered: bool) -> anyhow::Result<()> {
+    let mut cmd = Command::new(bin_dir.join("edgepair-log"));
+    cmd.arg("fill").arg(data).args([
+        "bench",
+        "--count",
+        &entries.to_string(),
+        "--sync-every",
+        "100000",
+    ]);
+    if delivered {
+        cmd.arg("--delivered");
+    }
+    let st = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .await
         .context("cannot run edgepair-log fill")?;
-    if !fill.success() {
-        bail!("edgepair-log fill failed: {fill}");
+    if !st.success() {
+        bail!("edgepair-log fill failed: {st}");
     }
-    // Read back (the page cache is warm from the fill, as it is for a recent tail).
+    Ok(())
+}
+
+/// Starts a solo primary on `data`: seconds until it answers `STATUS`.
+async fn time_to_serve(bin_dir: &Path, o: &DurableOpts, data: &Path) -> anyhow::Result<f64> {
+    let extra = ["--data-dir".to_string(), data.display().to_string()];
     let t = Instant::now();
-    let (log, _) = FileLog::inspect(&data)?;
+    let mut b = super::spawn_node(
+        bin_dir,
+        "primary",
+        free_port()?,
+        free_port()?,
+        "0",
+        None,
+        o.threads,
+        &extra,
+    )?;
+    let deadline = t + Duration::from_secs(60);
+    let secs = loop {
+        if status(&b.addr).await.is_some() {
+            break t.elapsed().as_secs_f64();
+        }
+        if Instant::now() > deadline {
+            bail!("the primary did not answer STATUS within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    b.proc.stop(Duration::from_secs(10)).await;
+    Ok(secs)
+}
+
+/// On logs of `entries` entries (written by `edgepair-log fill`): seconds until a primary
+/// started on them answers `STATUS`, when every entry was delivered and when none was (it
+/// takes them all up again); and the entries read back from the log per second (from offset
+/// 0, in chunks of 4,096, page cache warm), as a catching-up reader would.
+pub(super) async fn restart(
+    bin_dir: &Path,
+    o: &DurableOpts,
+    entries: u64,
+) -> anyhow::Result<[f64; 3]> {
+    let dir = tempfile::tempdir_in(&o.data_root)?;
+    let (done, undone) = (dir.path().join("delivered"), dir.path().join("undelivered"));
+    fill(bin_dir, &done, entries, true).await?;
+    fill(bin_dir, &undone, entries, false).await?;
+    let t = Instant::now();
+    let (log, _) = FileLog::inspect(&done)?;
     let mut from = 0;
     let mut read = 0u64;
     loop {
@@ -434,29 +484,7 @@ pub(super) async fn restart(
         bail!("read back {read} of {entries} entries");
     }
     drop(log);
-    let extra = ["--data-dir".to_string(), data.display().to_string()];
-    let t = Instant::now();
-    let spawned = super::spawn_node(
-        bin_dir,
-        "primary",
-        free_port()?,
-        free_port()?,
-        "0",
-        None,
-        o.threads,
-        &extra,
-    )?;
-    let deadline = t + Duration::from_secs(60);
-    let secs = loop {
-        if status(&spawned.addr).await.is_some() {
-            break t.elapsed().as_secs_f64();
-        }
-        if Instant::now() > deadline {
-            bail!("the primary did not answer STATUS within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
-    let mut spawned = spawned;
-    spawned.proc.stop(Duration::from_secs(10)).await;
-    Ok((secs, read_rate))
+    let up_done = time_to_serve(bin_dir, o, &done).await?;
+    let up_undone = time_to_serve(bin_dir, o, &undone).await?;
+    Ok([up_done, up_undone, read_rate])
 }

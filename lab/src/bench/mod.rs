@@ -400,19 +400,27 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         }
     }
     if want("restart") {
-        let (mut up, mut read) = (vec![], vec![]);
+        let (mut done, mut undone, mut read) = (vec![], vec![], vec![]);
         for _ in 0..o.runs {
-            let (secs, rate) = durable::restart(&bin_dir, &dopts, o.restart_entries).await?;
-            up.push(secs * 1000.0);
-            read.push(rate);
+            let [d, u, r] = durable::restart(&bin_dir, &dopts, o.restart_entries).await?;
+            done.push(d * 1000.0);
+            undone.push(u * 1000.0);
+            read.push(r);
         }
         let n = o.restart_entries;
         push(
             &format!("restart on {n} entries"),
-            "solo",
-            up,
+            "all delivered",
+            done,
             "ms",
             "<= 1000",
+        );
+        push(
+            &format!("restart on {n} entries"),
+            "none delivered",
+            undone,
+            "ms",
+            "-",
         );
         push(
             &format!("log read of {n} entries"),
