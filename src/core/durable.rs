@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 use super::failover::next_epoch;
 use super::time::Timer;
 use super::{Broker, ConnId, Message, Output, RoleState, SEEN_REBUILD};
-use crate::log::{Entry, Fsync, LogError, BATCH_ENTRIES, BATCH_INTERVAL};
+use crate::log::{Entry, Fsync, LogError, SyncJob, BATCH_ENTRIES, BATCH_INTERVAL};
 use crate::protocol::{Frame, MsgId, Role};
 
 /// How often segments past the retention bounds are looked for.
@@ -21,6 +21,15 @@ pub(super) const RETAIN_EVERY: std::time::Duration = std::time::Duration::from_s
 
 /// Entries sent per topic in one go when catching a backup up.
 const CATCH_UP_CHUNK: usize = 4096;
+
+/// A sync running off the core's caller: what it answers when it ends.
+#[derive(Debug)]
+pub(super) struct Syncing {
+    /// Every `mid` up to this one is covered.
+    upto: u64,
+    /// The `STORED` that waits for it (backup).
+    stored: Option<(ConnId, u64)>,
+}
 
 impl Broker {
     /// True when an `ACK` (or a backup's `STORED`) waits for the local disk.
@@ -31,6 +40,7 @@ impl Broker {
     /// Appends a new entry to `topic`; asks for the sync the policy wants.
     pub(super) fn append(&mut self, topic: &str, entry: &Arc<Entry>) -> Result<(), LogError> {
         self.log.append(topic, entry)?;
+        self.unflushed = true;
         self.after_append();
         Ok(())
     }
@@ -51,7 +61,11 @@ impl Broker {
         }
     }
 
-    fn ask_sync(&mut self) {
+    pub(super) fn ask_sync(&mut self) {
+        if self.syncing.is_some() {
+            self.sync_again = true;
+            return;
+        }
         if !self.sync_asked {
             self.sync_asked = true;
             self.out.push_back(Output::Sync);
@@ -66,28 +80,121 @@ impl Broker {
         let upto = self.next_mid - 1;
         match self.log.sync() {
             Ok(()) => {
-                self.synced_mid = upto;
+                let stored = self.stored_after_sync.take();
+                self.synced(upto, stored);
+            }
+            Err(e) => self.sync_failed(e),
+        }
+    }
+
+    /// Starts the sync the core asked for, to run off the caller's thread: see
+    /// [`Broker::begin_sync`](super::Broker::begin_sync).
+    pub(super) fn begin_sync_job(&mut self) -> Option<SyncJob> {
+        if self.syncing.is_some() {
+            // One at a time: the next one starts when this one ends, covering all since.
+            self.sync_asked = false;
+            self.sync_again = true;
+            return None;
+        }
+        match self.log.begin_sync() {
+            Ok(Some(job)) => {
+                self.sync_asked = false;
+                self.timers.stop(Timer::Sync);
+                self.syncing = Some(Syncing {
+                    upto: self.next_mid - 1,
+                    stored: self.stored_after_sync.take(),
+                });
+                Some(job)
+            }
+            Ok(None) => {
+                self.sync_log();
+                None
+            }
+            Err(e) => {
+                self.sync_asked = false;
+                self.sync_failed(e);
+                None
+            }
+        }
+    }
+
+    /// The job from [`Broker::begin_sync_job`] ended with `result`.
+    pub(super) fn end_sync_job(&mut self, job: SyncJob, result: Result<(), LogError>) {
+        let Some(s) = self.syncing.take() else {
+            return;
+        };
+        match self.log.end_sync(job, result) {
+            Ok(()) => self.synced(s.upto, s.stored),
+            Err(e) => {
+                if let Some((conn, _)) = s.stored {
+                    self.close(conn);
+                }
+                self.sync_failed(e);
+            }
+        }
+        if std::mem::take(&mut self.sync_again) || self.stored_after_sync.is_some() {
+            self.ask_sync();
+        }
+    }
+
+    /// Every `mid` up to `upto` is on the disk: answer what waited for it.
+    fn synced(&mut self, upto: u64, stored: Option<(ConnId, u64)>) {
+        self.synced_mid = self.synced_mid.max(upto);
+        self.release_ready_acks();
+        if let Some((conn, mid)) = stored {
+            self.reply(conn, Frame::Stored { mid });
+        }
+    }
+
+    /// Writes what was appended since the last write (one `write` for a whole batch of events),
+    /// then answers what waited for it; a failed write is treated as a failed sync.
+    pub(super) fn write_log(&mut self) {
+        match self.log.flush() {
+            Ok(()) => {
+                self.written_mid = self.next_mid - 1;
                 self.release_ready_acks();
-                if let Some((conn, mid)) = self.stored_after_sync.take() {
+                self.release_stored();
+                if let Some((conn, mid)) = self.stored_after_write.take() {
                     self.reply(conn, Frame::Stored { mid });
                 }
             }
             Err(e) => {
-                error!("the log could not be synced: {e}; refusing what waited for it");
-                let reason = format!("storage: {e}");
-                if let Some(p) = self.primary() {
-                    let acks = std::mem::take(&mut p.acks);
-                    let err = Frame::Err { reason };
-                    let mut conns: Vec<ConnId> = acks.iter().map(|a| a.conn).collect();
-                    conns.dedup();
-                    for conn in conns {
-                        self.flush_replies(conn, Some(u64::MAX), Some(&err));
-                    }
-                }
-                if let Some((conn, _)) = self.stored_after_sync.take() {
+                if let Some((conn, _)) = self.stored_after_write.take() {
                     self.close(conn);
                 }
+                // What was not written is refused below and must not be delivered either.
+                let written = self.written_mid;
+                if let Some(p) = self.primary() {
+                    let dropped: Vec<u64> = p
+                        .unstored
+                        .iter()
+                        .filter(|(m, _)| m.mid > written)
+                        .map(|(m, _)| m.mid)
+                        .collect();
+                    p.unstored.retain(|(m, _)| m.mid <= written);
+                    for mid in dropped {
+                        p.inflight.remove(&mid);
+                    }
+                }
+                self.sync_failed(e);
             }
+        }
+    }
+
+    fn sync_failed(&mut self, e: LogError) {
+        error!("the log could not be synced: {e}; refusing what waited for it");
+        let reason = format!("not stored: {e}");
+        if let Some(p) = self.primary() {
+            let acks = std::mem::take(&mut p.acks);
+            let err = Frame::Err { reason };
+            let mut conns: Vec<ConnId> = acks.iter().map(|a| a.conn).collect();
+            conns.dedup();
+            for conn in conns {
+                self.flush_replies(conn, Some(u64::MAX), Some(&err));
+            }
+        }
+        if let Some((conn, _)) = self.stored_after_sync.take() {
+            self.close(conn);
         }
     }
 
@@ -112,6 +219,8 @@ impl Broker {
         }
         let local = if self.must_sync() {
             self.synced_mid
+        } else if self.log.is_durable() {
+            self.written_mid
         } else {
             u64::MAX
         };
@@ -188,6 +297,7 @@ impl Broker {
             }
             // What was taken up is on the disk already.
             self.synced_mid = self.next_mid - 1;
+            self.written_mid = self.synced_mid;
         }
     }
 
@@ -278,7 +388,10 @@ impl Broker {
         if let RoleState::Backup(b) = &mut self.role {
             b.pending.insert(mid, (topic, entry.offset));
         }
-        if self.must_sync() && self.log.unsynced() > 0 {
+        if self.log.is_durable() && !self.must_sync() {
+            // Answered once the entry is written (see `Broker::poll_output`).
+            self.stored_after_write = Some((conn, mid));
+        } else if self.must_sync() && self.log.unsynced() > 0 {
             self.stored_after_sync = Some((conn, mid));
             self.ask_sync();
         } else {

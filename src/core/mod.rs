@@ -154,7 +154,8 @@ pub enum Output {
         conn: ConnId,
     },
     /// Answers wait for the log to reach the disk: once the outputs queued now are acted on
-    /// (so one fsync covers a whole batch of events), call [`Broker::handle_sync`].
+    /// (so one fsync covers a whole batch of events), call [`Broker::handle_sync`] (or
+    /// [`Broker::begin_sync`], to fsync on another thread meanwhile).
     Sync,
 }
 
@@ -238,6 +239,17 @@ pub struct Broker {
     sync_asked: bool,
     /// Backup: the `STORED` that waits for the sync (the last one; `STORED` is cumulative).
     stored_after_sync: Option<(ConnId, u64)>,
+    /// Backup: the `STORED` that waits for the write of the log (a data directory's log under
+    /// `batch` or `never`).
+    stored_after_write: Option<(ConnId, u64)>,
+    /// Every `mid` up to this one is written to the log's files (when answers wait for it).
+    written_mid: u64,
+    /// A sync handed out by [`Broker::begin_sync`] and not yet ended.
+    syncing: Option<durable::Syncing>,
+    /// A sync was asked for while one was in flight: ask again when it ends.
+    sync_again: bool,
+    /// Appends since the log was last flushed: flushed before the next output leaves.
+    unflushed: bool,
     /// Backup: offsets above a topic's delivered mark that were cleared out of order (the
     /// seed's `CLEAR` comes in the order its compute tasks end).
     cleared: HashMap<String, std::collections::BTreeSet<u64>>,
@@ -282,10 +294,16 @@ impl Broker {
             synced_mid: 0,
             sync_asked: false,
             stored_after_sync: None,
+            stored_after_write: None,
+            written_mid: 0,
+            syncing: None,
+            sync_again: false,
+            unflushed: false,
             cleared: HashMap::new(),
             replays: history::Replays::default(),
         };
         b.synced_mid = b.next_mid - 1;
+        b.written_mid = b.synced_mid;
         b.recover();
         b.timers
             .set(Timer::Retain, now.mono + durable::RETAIN_EVERY);
@@ -439,7 +457,7 @@ impl Broker {
                 Timer::Ping => self.on_ping_due(),
                 Timer::Answer(conn) => self.on_answer_timeout(conn),
                 Timer::HandOver(id) => self.retry_hand_over(id),
-                Timer::Sync => self.sync_log(),
+                Timer::Sync => self.ask_sync(),
                 Timer::Retain => self.retain(),
                 Timer::Lease => self.on_lease_timer(),
             }
@@ -451,6 +469,27 @@ impl Broker {
     pub fn handle_sync(&mut self, now: Now) {
         self.now = now;
         self.sync_log();
+    }
+
+    /// Instead of [`Broker::handle_sync`], for a caller that can fsync on another thread while
+    /// it goes on feeding events: the fsyncs to run (then call [`Broker::handle_synced`] with
+    /// the job and its result), or `None` when there is nothing to run (the sync was done
+    /// here, or one is in flight and another is asked for when it ends).
+    pub fn begin_sync(&mut self, now: Now) -> Option<crate::log::SyncJob> {
+        self.now = now;
+        self.begin_sync_job()
+    }
+
+    /// The job from [`Broker::begin_sync`] ran ([`SyncJob::run`](crate::log::SyncJob::run))
+    /// with `result`: answer what waited for it.
+    pub fn handle_synced(
+        &mut self,
+        job: crate::log::SyncJob,
+        result: Result<(), crate::log::LogError>,
+        now: Now,
+    ) {
+        self.now = now;
+        self.end_sync_job(job, result);
     }
 
     /// The node's log, as a process that dies leaves it behind (tests restart a node on it).
@@ -466,6 +505,12 @@ impl Broker {
 
     /// The next thing the caller should do, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
+        if std::mem::take(&mut self.unflushed) {
+            // What was appended is written before the `ACK`s and `STORED`s that wait for it go
+            // out (they wait in reply queues until then): a crash of the process loses none of
+            // it, and a write that fails refuses them instead.
+            self.write_log();
+        }
         self.out.pop_front()
     }
 

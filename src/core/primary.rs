@@ -136,7 +136,8 @@ impl Broker {
             let msg = Arc::new(Message { mid, topic, entry });
             let repl = self.replicate(&msg);
             self.enqueue(msg, true);
-            (repl.is_some() || self.must_sync() || !self.lease_held()).then_some(mid)
+            let local = self.log.is_durable();
+            (repl.is_some() || local || !self.lease_held()).then_some(mid)
         };
         match wait {
             None => self.reply(conn, Frame::Ack { id: ack_id }),
@@ -289,9 +290,11 @@ impl Broker {
             }
             return;
         }
+        let written = self.written_floor();
         if let Some(p) = self.primary() {
             let waiting = !p.unstored.is_empty()
-                || matches!(p.link.up(), Some((_, false))) && m.mid > p.confirmed;
+                || matches!(p.link.up(), Some((_, false))) && m.mid > p.confirmed
+                || m.mid > written;
             if waiting {
                 // In flight until delivered (the relay's fast path skipped that): replayed to a
                 // backup that reconnects, handed over on a step-down.
@@ -303,10 +306,22 @@ impl Broker {
         self.deliver_now(m, stamps);
     }
 
-    /// Delivers the results that waited for the backup, up to the first whose message it has
-    /// not stored yet (all of them when there is no backup to wait for any more).
+    /// Every `mid` up to this one is written to this node's log (all of them for a log in
+    /// memory): a result is delivered only once its entry is written here too, so a write that
+    /// fails (a full disk) refuses a message that nobody has seen.
+    fn written_floor(&self) -> u64 {
+        if self.log.is_durable() {
+            self.written_mid
+        } else {
+            u64::MAX
+        }
+    }
+
+    /// Delivers the results that waited for the backup (and for the local write), up to the
+    /// first whose message is not stored yet (with no backup to wait for, only the write).
     pub(super) fn release_stored(&mut self) {
         loop {
+            let written = self.written_floor();
             let Some(p) = self.primary() else {
                 return;
             };
@@ -314,7 +329,7 @@ impl Broker {
             let ready = p
                 .unstored
                 .front()
-                .is_some_and(|(m, _)| !linked || m.mid <= p.confirmed);
+                .is_some_and(|(m, _)| (!linked || m.mid <= p.confirmed) && m.mid <= written);
             if !ready {
                 return;
             }

@@ -39,6 +39,7 @@ impl Broker {
             self.take_up(topic, entry);
         }
         self.synced_mid = self.next_mid - 1;
+        self.written_mid = self.synced_mid;
         for conn in b.link_conns {
             self.close(conn);
         }

@@ -96,6 +96,7 @@ enum Done {
     Connected(ConnId, BoxStream),
     ConnectFailed(ConnId, String),
     Computed { mid: u64, start: u64, end: u64 },
+    Synced(crate::log::SyncJob, Result<(), crate::log::LogError>),
 }
 
 /// The one clock reading of the driver: monotonic time since the node started, and the wall
@@ -255,7 +256,9 @@ fn open_log(cfg: &NodeConfig) -> anyhow::Result<Box<dyn crate::log::Storage>> {
 
 impl Driver {
     /// Acts on every output of the core, in order; then, if the core asked for it, syncs the
-    /// log once for all of them (group commit) and acts on what that released.
+    /// log once for all of them (group commit): on a blocking thread, so that the loop goes on
+    /// reading (and the replication frames just queued go out) during the fsync; what it
+    /// releases is acted on when it reports back ([`Done::Synced`]).
     fn act(&mut self) {
         let mut sync = false;
         loop {
@@ -270,7 +273,13 @@ impl Driver {
                 break;
             }
             let now = self.clock.now();
-            self.core.handle_sync(now);
+            if let Some(job) = self.core.begin_sync(now) {
+                let tx = self.done_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let r = job.run();
+                    let _ = tx.send(Done::Synced(job, r));
+                });
+            }
         }
     }
 
@@ -423,6 +432,7 @@ impl Driver {
             }
             Done::ConnectFailed(conn, e) => self.core.handle_connect_failed(conn, &e, now),
             Done::Computed { mid, start, end } => self.core.handle_computed(mid, start, end, now),
+            Done::Synced(job, r) => self.core.handle_synced(job, r, now),
         }
     }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::segment::{io_err, sync_dir, Damage, SegmentLog, DEFAULT_SEGMENT_BYTES};
-use super::{Entry, LogError, Storage, TopicState};
+use super::{Covered, Entry, LogError, Storage, SyncJob, TopicState};
 
 /// Content of the `FORMAT` file of a log directory.
 const FORMAT: &str = "edgepair-log 1\n";
@@ -104,6 +104,9 @@ struct Topic {
     /// The mark as last saved.
     saved: u64,
     unsynced: u64,
+    /// Times the topic was cut (a cut makes it durable, so a sync job begun before it does
+    /// not settle entries appended after it).
+    cuts: u64,
 }
 
 /// Every topic's log on disk, in one directory held locked while open.
@@ -117,6 +120,8 @@ pub struct FileLog {
     read_only: bool,
     failed: Option<String>,
     unsynced: u64,
+    /// A [`SyncJob`] is in flight.
+    syncing: bool,
     /// A topic directory was created since the last sync.
     topics_changed: bool,
     max_bytes: Option<u64>,
@@ -219,6 +224,7 @@ impl FileLog {
                     delivered,
                     saved,
                     unsynced: 0,
+                    cuts: 0,
                 },
             );
         }
@@ -230,6 +236,7 @@ impl FileLog {
             read_only,
             failed: None,
             unsynced: 0,
+            syncing: false,
             topics_changed: false,
             max_bytes: None,
             max_age: None,
@@ -347,6 +354,7 @@ impl FileLog {
                 delivered: 0,
                 saved: 0,
                 unsynced: 0,
+                cuts: 0,
             },
         );
         Ok(())
@@ -456,6 +464,7 @@ impl Storage for FileLog {
                 // The cut fsync'd the segment: what is left of this topic is durable.
                 self.unsynced -= t.unsynced;
                 t.unsynced = 0;
+                t.cuts += 1;
                 Ok(n)
             }
             Err(e) => {
@@ -501,6 +510,81 @@ impl Storage for FileLog {
 
     fn unsynced(&self) -> u64 {
         self.unsynced
+    }
+
+    fn flush(&mut self) -> Result<(), LogError> {
+        for t in self.topics.values() {
+            if let Err(e) = t.log.flush() {
+                self.failed = Some(e.to_string());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn begin_sync(&mut self) -> Result<Option<SyncJob>, LogError> {
+        self.check_writable()?;
+        if self.syncing {
+            return Err(LogError::Failed("a sync is already in flight".into()));
+        }
+        let mut job = SyncJob::default();
+        for (name, t) in self.topics.iter_mut() {
+            match t.log.begin_sync() {
+                Ok(Some((file, path, base, size))) => {
+                    job.files.push((file, path));
+                    job.covered.push(Covered {
+                        topic: name.clone(),
+                        base,
+                        size,
+                        entries: t.unsynced,
+                        cuts: t.cuts,
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.failed = Some(e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+        if job.files.is_empty() {
+            return Ok(None);
+        }
+        self.syncing = true;
+        Ok(Some(job))
+    }
+
+    fn end_sync(&mut self, job: SyncJob, result: Result<(), LogError>) -> Result<(), LogError> {
+        self.syncing = false;
+        if let Err(e) = result {
+            self.failed = Some(e.to_string());
+            return Err(e);
+        }
+        self.check_writable()?;
+        for c in &job.covered {
+            if let Some(t) = self.topics.get_mut(&c.topic) {
+                if t.cuts != c.cuts {
+                    // Cut meanwhile: the cut made what the job covered durable.
+                    continue;
+                }
+                t.unsynced = t.unsynced.saturating_sub(c.entries);
+                if let Err(e) = t.log.end_sync(c.base, c.size) {
+                    self.failed = Some(e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+        if self.topics_changed {
+            if let Err(e) = sync_dir(&self.dir.join("topics")) {
+                self.failed = Some(e.to_string());
+                return Err(e);
+            }
+            self.topics_changed = false;
+        }
+        // Entries appended while the job ran stay unsynced.
+        self.unsynced = self.topics.values().map(|t| t.unsynced).sum();
+        self.save_marks();
+        Ok(())
     }
 
     fn is_durable(&self) -> bool {

@@ -64,6 +64,9 @@ enum LogCmd {
         /// Segment size in bytes.
         #[arg(long, default_value_t = super::DEFAULT_SEGMENT_BYTES)]
         segment_bytes: u64,
+        /// Also mark every entry delivered (as a node that relayed them leaves its log).
+        #[arg(long)]
+        delivered: bool,
     },
 }
 
@@ -86,13 +89,17 @@ pub fn main(cli: LogCli) -> ExitCode {
             sync_every,
             payload,
             segment_bytes,
+            delivered,
         } => fill(
             &dir,
             &topic,
-            count,
-            sync_every,
-            payload,
-            segment_bytes,
+            Fill {
+                count,
+                sync_every,
+                payload,
+                segment_bytes,
+                delivered,
+            },
             &mut out,
         ),
     };
@@ -247,16 +254,30 @@ pub fn fill_entry(offset: u64, payload: usize) -> Entry {
     }
 }
 
+/// What [`fill`] writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Fill {
+    /// Entries to append.
+    pub count: u64,
+    /// Entries between syncs.
+    pub sync_every: u64,
+    /// Payload bytes per entry.
+    pub payload: usize,
+    /// Segment size in bytes.
+    pub segment_bytes: u64,
+    /// Mark every entry delivered at the end.
+    pub delivered: bool,
+}
+
 /// Appends `count` entries from the topic's next offset on, syncing every `sync_every`.
-pub fn fill(
-    dir: &Path,
-    topic: &str,
-    count: u64,
-    sync_every: u64,
-    payload: usize,
-    segment_bytes: u64,
-    out: &mut dyn Write,
-) -> Result<()> {
+pub fn fill(dir: &Path, topic: &str, f: Fill, out: &mut dyn Write) -> Result<()> {
+    let Fill {
+        count,
+        sync_every,
+        payload,
+        segment_bytes,
+        delivered,
+    } = f;
     let (mut log, rec) = FileLog::open_with(dir, segment_bytes)?;
     for l in rec.lines() {
         tracing::warn!("{l}");
@@ -272,6 +293,10 @@ pub fn fill(
             writeln!(out, "synced {next}")?;
             out.flush()?;
         }
+    }
+    if delivered {
+        log.set_delivered(topic, next);
+        log.sync()?;
     }
     let secs = start.elapsed().as_secs_f64();
     eprintln!(

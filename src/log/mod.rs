@@ -162,6 +162,41 @@ pub enum LogError {
     },
 }
 
+/// The fsyncs of one sync, to run off the thread that owns the log ([`SyncJob::run`]), for
+/// instance on a blocking thread while the node goes on reading and appending.
+#[derive(Debug, Default)]
+pub struct SyncJob {
+    /// Handles on the files to fsync, with their paths (for errors).
+    files: Vec<(std::fs::File, std::path::PathBuf)>,
+    /// What the owner needs to finish, per topic.
+    covered: Vec<Covered>,
+}
+
+/// What a [`SyncJob`] covers of one topic.
+#[derive(Debug)]
+struct Covered {
+    topic: String,
+    /// The active segment's base and the size the fsync covers.
+    base: u64,
+    size: u64,
+    /// Entries it covers, and the topic's cut count when it began.
+    entries: u64,
+    cuts: u64,
+}
+
+impl SyncJob {
+    /// fsyncs the job's files (the data, not the metadata that does not change on an append).
+    pub fn run(&self) -> Result<(), LogError> {
+        for (f, path) in &self.files {
+            f.sync_data().map_err(|source| LogError::Io {
+                what: format!("fsync {}", path.display()),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
 /// The log of every topic of one node.
 pub trait Storage: Send + std::fmt::Debug {
     /// Every topic the log holds.
@@ -185,12 +220,31 @@ pub trait Storage: Send + std::fmt::Debug {
     fn set_delivered(&mut self, topic: &str, upto: u64);
     /// Makes everything appended so far durable (fsync), and saves the delivered marks.
     fn sync(&mut self) -> Result<(), LogError>;
-    /// Entries appended and not yet synced.
+    /// Writes what [`Storage::append`] buffered to the files (no fsync): after it, a crash of
+    /// the process (not of the machine) loses none of it. Reads and syncs do it first.
+    fn flush(&mut self) -> Result<(), LogError> {
+        Ok(())
+    }
+    /// Entries appended and not yet synced (those a [`SyncJob`] in flight covers included).
     fn unsynced(&self) -> u64;
     /// Drops what is past the retention bounds (and already delivered); returns the topics
     /// whose first offset moved, with the new one. Nothing to do for a log without bounds.
     fn enforce_retention(&mut self, _now_us: u64) -> Result<Vec<(String, u64)>, LogError> {
         Ok(Vec::new())
+    }
+    /// Starts a sync whose fsyncs may run on another thread while appends go on: the job
+    /// covers everything appended so far. `None`: nothing to hand off (nothing written since
+    /// the last sync, or a log that is not on a disk); call [`Storage::sync`] instead. At most
+    /// one job is in flight at a time; finish it with [`Storage::end_sync`].
+    fn begin_sync(&mut self) -> Result<Option<SyncJob>, LogError> {
+        Ok(None)
+    }
+    /// The job from [`Storage::begin_sync`] ran, with `result`: on success, what it covered
+    /// is durable (the rest of the sync, such as the delivered marks, is done here); an error
+    /// fails the log as a failed [`Storage::sync`] does.
+    fn end_sync(&mut self, job: SyncJob, result: Result<(), LogError>) -> Result<(), LogError> {
+        let _ = job;
+        result
     }
     /// True when [`Storage::sync`] reaches a disk (false for [`MemLog`]).
     fn is_durable(&self) -> bool;

@@ -18,6 +18,7 @@
 //! the last index point that starts a valid record it scans forward, verifying length,
 //! checksum and offset of every record, and cuts the file at the first torn or corrupt one.
 
+use std::cell::RefCell;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -369,6 +370,10 @@ fn scan_tail(file: &File, mut index: Vec<(u64, u64)>, len: u64) -> std::io::Resu
     }
 }
 
+/// Unwritten appends that make [`SegmentLog::append`] write at once rather than wait for
+/// [`SegmentLog::flush`].
+const FLUSH_BYTES: usize = 256 * 1024;
+
 /// One topic's log: its segments in one directory.
 #[derive(Debug)]
 pub struct SegmentLog {
@@ -389,7 +394,12 @@ pub struct SegmentLog {
     /// Names created or removed in `dir` since the last sync.
     names_changed: bool,
     read_only: bool,
-    buf: Vec<u8>,
+    /// Records appended and not yet written to the active segment (counted in its size
+    /// already): appends of one batch of events go out with one write, at
+    /// [`SegmentLog::flush`] (which reads, syncs and cuts do first).
+    unflushed: RefCell<Vec<u8>>,
+    /// A write of `unflushed` failed: appends are refused until the log is reopened.
+    flush_failed: RefCell<Option<String>>,
 }
 
 impl SegmentLog {
@@ -413,7 +423,8 @@ impl SegmentLog {
             dirty: false,
             names_changed: true,
             read_only: false,
-            buf: Vec::new(),
+            unflushed: RefCell::new(Vec::new()),
+            flush_failed: RefCell::new(None),
         })
     }
 
@@ -552,7 +563,8 @@ impl SegmentLog {
                     dirty: false,
                     names_changed: false,
                     read_only,
-                    buf: Vec::new(),
+                    unflushed: RefCell::new(Vec::new()),
+                    flush_failed: RefCell::new(None),
                 };
                 return Ok((log, damage));
             }
@@ -581,7 +593,8 @@ impl SegmentLog {
             dirty: false,
             names_changed: false,
             read_only: true,
-            buf: Vec::new(),
+            unflushed: RefCell::new(Vec::new()),
+            flush_failed: RefCell::new(None),
         }
     }
 
@@ -618,6 +631,9 @@ impl SegmentLog {
     }
 
     fn writable(&self) -> Result<(), LogError> {
+        if let Some(e) = self.flush_failed.borrow().as_ref() {
+            return Err(LogError::Failed(e.clone()));
+        }
         if self.read_only {
             return Err(LogError::Failed(format!(
                 "{} is opened read-only",
@@ -673,30 +689,30 @@ impl SegmentLog {
         if self.last().size >= self.segment_bytes {
             self.roll()?;
         }
-        self.buf.clear();
         let size = self.last().size;
         let mut points = Vec::new();
-        for e in entries {
-            if self.since_index >= INDEX_EVERY {
-                points.push((e.offset, size + self.buf.len() as u64));
-                self.since_index = 0;
+        let written = {
+            let mut buf = self.unflushed.borrow_mut();
+            let start = buf.len();
+            for e in entries {
+                if self.since_index >= INDEX_EVERY {
+                    points.push((e.offset, size + (buf.len() - start) as u64));
+                    self.since_index = 0;
+                }
+                let before = buf.len();
+                if let Err(why) = encode_record(e, &mut buf) {
+                    buf.truncate(start);
+                    return Err(LogError::TooLarge {
+                        topic: topic.to_string(),
+                        offset: e.offset,
+                        why,
+                    });
+                }
+                self.since_index += (buf.len() - before) as u64;
             }
-            let before = self.buf.len();
-            encode_record(e, &mut self.buf).map_err(|why| LogError::TooLarge {
-                topic: topic.to_string(),
-                offset: e.offset,
-                why,
-            })?;
-            self.since_index += (self.buf.len() - before) as u64;
-        }
-        let path = log_path(&self.dir, self.last().base);
-        let Some(file) = self.active.as_mut() else {
-            return Err(LogError::Failed(format!("{}: not open", path.display())));
+            (buf.len() - start) as u64
         };
         self.dirty = true;
-        file.write_all(&self.buf)
-            .map_err(io_err(format!("write {}", path.display())))?;
-        let written = self.buf.len() as u64;
         let seg = self.segs.last_mut().ok_or_else(|| {
             LogError::Failed(format!("{}: no active segment", self.dir.display()))
         })?;
@@ -705,7 +721,34 @@ impl SegmentLog {
         seg.last_us = last_e.received_us;
         seg.index.extend_from_slice(&points);
         self.pending_points.extend(points);
+        if self.unflushed.borrow().len() >= FLUSH_BYTES {
+            self.flush()?;
+        }
         Ok(())
+    }
+
+    /// Writes the records appended since the last flush to the active segment, with one
+    /// write (no fsync). A failure fails the log: appends are refused until it is reopened
+    /// (which cuts whatever part of the write reached the file).
+    pub fn flush(&self) -> Result<(), LogError> {
+        let mut buf = self.unflushed.borrow_mut();
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let path = log_path(&self.dir, self.last().base);
+        let r = match &self.active {
+            Some(f) => {
+                let mut w: &File = f;
+                w.write_all(&buf)
+                    .map_err(io_err(format!("write {}", path.display())))
+            }
+            None => Err(LogError::Failed(format!("{}: not open", path.display()))),
+        };
+        buf.clear();
+        if let Err(e) = &r {
+            *self.flush_failed.borrow_mut() = Some(e.to_string());
+        }
+        r
     }
 
     /// Makes what was written durable: fsyncs the active segment, writes the pending index
@@ -714,6 +757,7 @@ impl SegmentLog {
         if self.read_only {
             return Ok(());
         }
+        self.flush()?;
         let base = self.last().base;
         if self.dirty {
             if let Some(f) = &self.active {
@@ -741,6 +785,55 @@ impl SegmentLog {
         Ok(())
     }
 
+    /// The first half of a sync whose fsync runs elsewhere: a handle on the active segment
+    /// (with its path) when it holds bytes not yet fsync'd, and where those bytes end. Call
+    /// [`SegmentLog::end_sync`] with that end once the fsync of the handle succeeded.
+    pub fn begin_sync(&mut self) -> Result<Option<(File, PathBuf, u64, u64)>, LogError> {
+        if self.read_only {
+            return Ok(None);
+        }
+        self.flush()?;
+        if !self.dirty {
+            return Ok(None);
+        }
+        let (base, size) = (self.last().base, self.last().size);
+        let path = log_path(&self.dir, base);
+        let Some(f) = &self.active else {
+            return Ok(None);
+        };
+        let f = f
+            .try_clone()
+            .map_err(io_err(format!("reopen {}", path.display())))?;
+        self.dirty = false;
+        Ok(Some((f, path, base, size)))
+    }
+
+    /// The second half: the active segment is fsync'd up to `size` if it still starts at
+    /// `base`; writes the index points below that, and fsyncs the directory if names changed.
+    pub fn end_sync(&mut self, base: u64, size: u64) -> Result<(), LogError> {
+        if self.read_only {
+            return Ok(());
+        }
+        if self.last().base == base {
+            let n = self.pending_points.partition_point(|p| p.1 < size);
+            if n > 0 {
+                if let Some(idx) = self.active_idx.as_mut() {
+                    idx.write_all(&index_bytes(&self.pending_points[..n]))
+                        .map_err(io_err(format!(
+                            "write {}",
+                            idx_path(&self.dir, base).display()
+                        )))?;
+                }
+                self.pending_points.drain(..n);
+            }
+        }
+        if self.names_changed {
+            sync_dir(&self.dir)?;
+            self.names_changed = false;
+        }
+        Ok(())
+    }
+
     fn open_segment(&self, i: usize) -> Result<SegFile<'_>, LogError> {
         if i + 1 == self.segs.len() {
             if let Some(f) = &self.active {
@@ -756,6 +849,7 @@ impl SegmentLog {
     /// Up to `max` entries from `from` on (from the oldest kept if `from` is older),
     /// checksums verified.
     pub fn read(&self, from: u64, max: usize) -> Result<Vec<Arc<Entry>>, LogError> {
+        self.flush()?;
         let mut want = from.max(self.first());
         let mut out = Vec::new();
         if want >= self.next() || max == 0 {
@@ -824,6 +918,7 @@ impl SegmentLog {
     /// Removes the entries at `from` and after, durably; returns how many.
     pub fn truncate(&mut self, from: u64) -> Result<u64, LogError> {
         self.writable()?;
+        self.flush()?;
         let from = from.max(self.first());
         let old_next = self.next();
         if from >= old_next {
@@ -937,6 +1032,13 @@ impl SegmentLog {
             sync_dir(&self.dir)?;
         }
         Ok(removed)
+    }
+}
+
+impl Drop for SegmentLog {
+    /// What was appended reaches the file even if nobody flushed it (best effort).
+    fn drop(&mut self) {
+        let _ = self.flush();
     }
 }
 

@@ -17,6 +17,7 @@ use tokio::process::Command;
 
 use edgepair::clock::now_us;
 
+mod durable;
 mod figures;
 
 use figures::*;
@@ -50,7 +51,8 @@ pub struct BenchOpts {
     /// Shorter everything (1 run, 50,000 messages, 2 s paced, 10 s compute) for a quick look.
     #[arg(long)]
     pub quick: bool,
-    /// Only these figures (comma-separated: throughput,latency,fanout,rss,compute).
+    /// Only these figures (comma-separated: throughput,latency,fanout,rss,compute,durable,
+    /// restart).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where the CSV goes.
@@ -60,9 +62,30 @@ pub struct BenchOpts {
     /// default, 1; 0 = one per core).
     #[arg(long)]
     pub broker_threads: Option<usize>,
-    /// Folder holding the `primary` and `backup` binaries (default: the bench's own folder).
+    /// Folder holding the `primary`, `backup` and `edgepair-log` binaries (default: the
+    /// bench's own folder).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
+    /// Durable figures: requests per figure written `--durable-depth` at a time.
+    #[arg(long, default_value_t = 100_000)]
+    pub durable_messages: u64,
+    /// Durable figures: requests written at once, all answered before the next go (as
+    /// `redis-benchmark -P`).
+    #[arg(long, default_value_t = 64)]
+    pub durable_depth: u64,
+    /// Durable figures: requests sent one at a time for the latency figure.
+    #[arg(long, default_value_t = 3000)]
+    pub durable_single: u64,
+    /// The `redis-server` binary the durable figures compare with (left out if missing).
+    #[arg(long, default_value = "redis-server")]
+    pub redis_server: PathBuf,
+    /// Where the data directories of the durable and restart figures go (default: the
+    /// system's temporary folder; put it on the disk you care about).
+    #[arg(long)]
+    pub data_root: Option<PathBuf>,
+    /// Entries in the log of the restart and read-back figures.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub restart_entries: u64,
 }
 
 /// A broker child process, killed by PID when dropped.
@@ -85,6 +108,54 @@ impl Broker {
     }
 }
 
+/// Spawns one broker binary (`primary` or `backup`) on `port` with `peer` as its peer, and
+/// `extra` arguments.
+#[allow(clippy::too_many_arguments)]
+fn spawn_node(
+    bin_dir: &Path,
+    name: &'static str,
+    port: u16,
+    peer: u16,
+    compute: &str,
+    workers: Option<usize>,
+    threads: Option<usize>,
+    extra: &[String],
+) -> anyhow::Result<Broker> {
+    let mut cmd = Command::new(bin_dir.join(name));
+    cmd.args([
+        port.to_string(),
+        format!("127.0.0.1:{peer}"),
+        "--compute".into(),
+        compute.into(),
+    ]);
+    if let Some(w) = workers {
+        cmd.args(["--workers".to_string(), w.to_string()]);
+    }
+    if let Some(t) = threads {
+        cmd.args(["--threads".to_string(), t.to_string()]);
+    }
+    cmd.args(extra);
+    let child = cmd
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(if std::env::var("BENCH_LOG").is_ok() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {name} from {}", bin_dir.display()))?;
+    Ok(Broker {
+        proc: Proc::new(name, child, Vec::new()),
+        addr: format!("127.0.0.1:{port}"),
+    })
+}
+
 /// Starts a solo primary (`replicated = false`) or a primary + backup pair on free ports.
 async fn start(
     bin_dir: &Path,
@@ -93,58 +164,44 @@ async fn start(
     workers: Option<usize>,
     threads: Option<usize>,
 ) -> anyhow::Result<Vec<Broker>> {
+    start_nodes(bin_dir, replicated, compute, workers, threads, &[]).await
+}
+
+/// [`start`] with extra arguments per node: `extra[0]` for the primary, `extra[1]` for the
+/// backup (none when missing).
+async fn start_nodes(
+    bin_dir: &Path,
+    replicated: bool,
+    compute: &str,
+    workers: Option<usize>,
+    threads: Option<usize>,
+    extra: &[Vec<String>],
+) -> anyhow::Result<Vec<Broker>> {
     let (pp, bp) = (free_port()?, free_port()?);
-    let spawn = |name: &str, port: u16, peer: u16| -> anyhow::Result<Broker> {
-        let mut cmd = Command::new(bin_dir.join(name));
-        cmd.args([
-            port.to_string(),
-            format!("127.0.0.1:{peer}"),
-            "--compute".into(),
-            compute.into(),
-        ]);
-        if let Some(w) = workers {
-            cmd.args(["--workers".to_string(), w.to_string()]);
-        }
-        if let Some(t) = threads {
-            cmd.args(["--threads".to_string(), t.to_string()]);
-        }
-        let child = cmd
-            .env(
-                "RUST_LOG",
-                std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(if std::env::var("BENCH_LOG").is_ok() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {name} from {}", bin_dir.display()))?;
-        Ok(Broker {
-            proc: Proc::new(
-                if name == "primary" {
-                    "primary"
-                } else {
-                    "backup"
-                },
-                child,
-                Vec::new(),
-            ),
-            addr: format!("127.0.0.1:{port}"),
-        })
-    };
+    let args = |i: usize| extra.get(i).map_or(&[][..], |v| v.as_slice());
     // A solo primary points at a port nothing listens on: it runs degraded, acknowledging at once.
     let solo_peer = free_port()?;
-    let mut v = vec![spawn(
+    let mut v = vec![spawn_node(
+        bin_dir,
         "primary",
         pp,
         if replicated { bp } else { solo_peer },
+        compute,
+        workers,
+        threads,
+        args(0),
     )?];
     if replicated {
-        v.push(spawn("backup", bp, pp)?);
+        v.push(spawn_node(
+            bin_dir,
+            "backup",
+            bp,
+            pp,
+            compute,
+            workers,
+            threads,
+            args(1),
+        )?);
     }
     let addrs: Vec<String> = v.iter().map(|b| b.addr.clone()).collect();
     let mut procs: Vec<Proc> = Vec::new();
@@ -203,6 +260,8 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         o.paced_for = o.paced_for.min(Duration::from_secs(2));
         o.compute_for = o.compute_for.min(Duration::from_secs(10));
         o.fanout = o.fanout.min(1000);
+        o.durable_messages = o.durable_messages.min(20_000);
+        o.durable_single = o.durable_single.min(1000);
     }
     let bin_dir = match &o.bin_dir {
         Some(d) => d.clone(),
@@ -325,6 +384,51 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
             push("10 Hz less compute p50", setup, o50, "ms", "-");
             push("10 Hz less compute p99", setup, o99, "ms", "-");
         }
+    }
+    let dopts = durable::DurableOpts {
+        runs: o.runs,
+        messages: o.durable_messages,
+        depth: o.durable_depth.max(1),
+        single: o.durable_single.max(1),
+        redis: o.redis_server.clone(),
+        data_root: o.data_root.clone().unwrap_or_else(std::env::temp_dir),
+        threads: o.broker_threads,
+    };
+    if want("durable") {
+        for (figure, setup, runs, unit, target) in durable::durable(&bin_dir, &dopts).await? {
+            push(&figure, &setup, runs, unit, &target);
+        }
+    }
+    if want("restart") {
+        let (mut done, mut undone, mut read) = (vec![], vec![], vec![]);
+        for _ in 0..o.runs {
+            let [d, u, r] = durable::restart(&bin_dir, &dopts, o.restart_entries).await?;
+            done.push(d * 1000.0);
+            undone.push(u * 1000.0);
+            read.push(r);
+        }
+        let n = o.restart_entries;
+        push(
+            &format!("restart on {n} entries"),
+            "all delivered",
+            done,
+            "ms",
+            "<= 1000",
+        );
+        push(
+            &format!("restart on {n} entries"),
+            "none delivered",
+            undone,
+            "ms",
+            "-",
+        );
+        push(
+            &format!("log read of {n} entries"),
+            "FileLog",
+            read,
+            "msg/s",
+            ">= 1,000,000",
+        );
     }
     std::fs::create_dir_all(&o.out)?;
     let path = o

@@ -1,0 +1,490 @@
+//! The durable figures: our pair with a `--data-dir` on each node under every `--fsync` policy,
+//! against `redis-server` with an append-only file (`XADD` of a 64-byte field), in alternating
+//! rounds of one run; the time a primary takes to serve again on a log of many entries, and how
+//! fast the log reads back.
+//!
+//! Both brokers are driven by the same client loop: `depth` requests written at once, then
+//! every answer read before the next `depth` go (what `redis-benchmark -P depth` does), or one
+//! request at a time for the latency figure.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::Command;
+use tokio::time::Instant;
+
+use edgepair::clock::now_us;
+use edgepair::log::{FileLog, Storage};
+
+use super::figures::payload;
+use super::{start_nodes, Broker};
+use crate::procs::{free_port, status, Proc};
+
+/// Who answers the requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    /// Our line protocol: `PUB|…` answered by one `ACK|…` line.
+    Ours,
+    /// Redis: `XADD bench * f <payload>` answered by a bulk string (two lines).
+    Redis,
+}
+
+impl Proto {
+    /// Request `seq` of publisher `who` (each phase publishes as its own publisher: a sequence
+    /// number seen before would be taken for a resend and acknowledged without being logged).
+    fn request(self, who: &str, seq: u64, out: &mut Vec<u8>) {
+        let p = payload(seq);
+        match self {
+            Proto::Ours => out
+                .extend_from_slice(format!("PUB|bench|{who}|{seq}|{}|{p}\n", now_us()).as_bytes()),
+            Proto::Redis => out.extend_from_slice(
+                format!(
+                    "*5\r\n$4\r\nXADD\r\n$5\r\nbench\r\n$1\r\n*\r\n$1\r\nf\r\n${}\r\n{p}\r\n",
+                    p.len()
+                )
+                .as_bytes(),
+            ),
+        }
+    }
+}
+
+/// Reads one answer; an error answer (or a closed connection) is an error.
+async fn read_reply<R: AsyncBufReadExt + Unpin>(
+    proto: Proto,
+    r: &mut R,
+    line: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    line.clear();
+    if r.read_until(b'\n', line).await? == 0 {
+        bail!("connection closed");
+    }
+    match proto {
+        Proto::Ours if line.starts_with(b"ACK") => Ok(()),
+        Proto::Redis if line.starts_with(b"$") => {
+            line.clear();
+            if r.read_until(b'\n', line).await? == 0 {
+                bail!("connection closed");
+            }
+            Ok(())
+        }
+        _ => bail!("unexpected answer {:?}", String::from_utf8_lossy(line)),
+    }
+}
+
+async fn connect(
+    addr: &str,
+) -> anyhow::Result<(
+    BufReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+)> {
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (r, w) = s.into_split();
+    Ok((BufReader::with_capacity(64 * 1024, r), w))
+}
+
+/// `n` requests, `depth` at a time (all answered before the next go): answers per second.
+async fn pipelined(addr: &str, proto: Proto, n: u64, depth: u64) -> anyhow::Result<f64> {
+    let (mut r, mut w) = connect(addr).await?;
+    let mut out = Vec::with_capacity(256 * depth as usize);
+    let mut line = Vec::new();
+    let start = Instant::now();
+    let mut seq = 0;
+    while seq < n {
+        let k = depth.min(n - seq);
+        out.clear();
+        for _ in 0..k {
+            seq += 1;
+            proto.request("deep", seq, &mut out);
+        }
+        w.write_all(&out).await?;
+        for _ in 0..k {
+            read_reply(proto, &mut r, &mut line).await?;
+        }
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// `n` requests one at a time: the request→answer histogram (µs).
+async fn one_at_a_time(addr: &str, proto: Proto, n: u64) -> anyhow::Result<Histogram<u64>> {
+    let (mut r, mut w) = connect(addr).await?;
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut out, mut line) = (Vec::new(), Vec::new());
+    for seq in 1..=n {
+        out.clear();
+        proto.request("single", seq, &mut out);
+        let t = Instant::now();
+        w.write_all(&out).await?;
+        read_reply(proto, &mut r, &mut line).await?;
+        h.record((t.elapsed().as_micros() as u64).max(1))?;
+    }
+    Ok(h)
+}
+
+/// What the durable section measures, from the bench's options.
+pub(super) struct DurableOpts {
+    pub runs: usize,
+    pub messages: u64,
+    pub depth: u64,
+    pub single: u64,
+    pub redis: PathBuf,
+    pub data_root: PathBuf,
+    pub threads: Option<usize>,
+}
+
+/// A setting of one broker: ours under an `--fsync` policy, or Redis under an `appendfsync` one.
+#[derive(Debug, Clone, Copy)]
+enum Setting {
+    /// Under an `--fsync` policy; `"memory"`: no `--data-dir` (the log in memory).
+    Ours(&'static str),
+    Redis(&'static str),
+}
+
+impl Setting {
+    fn name(self) -> String {
+        match self {
+            Setting::Ours("memory") => "pair no data dir".into(),
+            Setting::Ours(p) => format!("pair fsync {p}"),
+            Setting::Redis(p) => format!("redis {p}"),
+        }
+    }
+}
+
+/// A running broker of one setting, with its data directories (removed when dropped, after
+/// the processes are stopped).
+struct Running {
+    procs: Vec<Broker>,
+    addr: String,
+    proto: Proto,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Running {
+    /// Stops the backup before the primary (so it does not take over meanwhile).
+    async fn stop(mut self) {
+        for b in self.procs.iter_mut().rev() {
+            b.proc.stop(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+async fn start_setting(bin_dir: &Path, o: &DurableOpts, s: Setting) -> anyhow::Result<Running> {
+    match s {
+        Setting::Ours("memory") => {
+            let procs = start_nodes(bin_dir, true, "0", None, o.threads, &[]).await?;
+            Ok(Running {
+                addr: procs[0].addr.clone(),
+                procs,
+                proto: Proto::Ours,
+                _dirs: Vec::new(),
+            })
+        }
+        Setting::Ours(fsync) => {
+            let dirs = [
+                tempfile::tempdir_in(&o.data_root)?,
+                tempfile::tempdir_in(&o.data_root)?,
+            ];
+            let extra: Vec<Vec<String>> = dirs
+                .iter()
+                .map(|d| {
+                    vec![
+                        "--data-dir".to_string(),
+                        d.path().display().to_string(),
+                        "--fsync".to_string(),
+                        fsync.to_string(),
+                    ]
+                })
+                .collect();
+            let procs = start_nodes(bin_dir, true, "0", None, o.threads, &extra).await?;
+            Ok(Running {
+                addr: procs[0].addr.clone(),
+                procs,
+                proto: Proto::Ours,
+                _dirs: dirs.into(),
+            })
+        }
+        Setting::Redis(policy) => {
+            let dir = tempfile::tempdir_in(&o.data_root)?;
+            let port = free_port()?;
+            let child = Command::new(&o.redis)
+                .args([
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    policy,
+                    "--daemonize",
+                    "no",
+                    "--dir",
+                ])
+                .arg(dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("cannot start {}", o.redis.display()))?;
+            let addr = format!("127.0.0.1:{port}");
+            let b = Broker {
+                proc: Proc::new("redis-server", child, Vec::new()),
+                addr: addr.clone(),
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if redis_ping(&addr).await {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("redis-server on {addr} did not answer PING within 10 s");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(Running {
+                procs: vec![b],
+                addr,
+                proto: Proto::Redis,
+                _dirs: vec![dir],
+            })
+        }
+    }
+}
+
+async fn redis_ping(addr: &str) -> bool {
+    let Ok(Ok((mut r, mut w))) =
+        tokio::time::timeout(Duration::from_millis(500), connect(addr)).await
+    else {
+        return false;
+    };
+    if w.write_all(b"PING\r\n").await.is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), r.read_line(&mut line)).await,
+        Ok(Ok(_)) if line.starts_with("+PONG")
+    )
+}
+
+/// Figures of one setting over the runs.
+#[derive(Default)]
+struct Series {
+    rate: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    single_rate: Vec<f64>,
+}
+
+/// One line of the durable table: (figure, setup, runs, unit, target).
+pub(super) type Line = (String, String, Vec<f64>, &'static str, String);
+
+/// Our pair under always / batch / never and Redis under always / everysec / no, in
+/// alternating rounds; returns the figures and prints the ratios.
+pub(super) async fn durable(bin_dir: &Path, o: &DurableOpts) -> anyhow::Result<Vec<Line>> {
+    let redis_ok = Command::new(&o.redis)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    if !redis_ok {
+        println!(
+            "  ({} not found: Redis figures left out; apt-get install -y redis-server)",
+            o.redis.display()
+        );
+    }
+    let pairs = [
+        (Setting::Ours("always"), Setting::Redis("always")),
+        (Setting::Ours("batch"), Setting::Redis("everysec")),
+        (Setting::Ours("never"), Setting::Redis("no")),
+    ];
+    let mut series: Vec<(Setting, Series)> = Vec::new();
+    for (a, b) in pairs {
+        series.push((a, Series::default()));
+        if redis_ok {
+            series.push((b, Series::default()));
+        }
+    }
+    series.push((Setting::Ours("memory"), Series::default()));
+    for _ in 0..o.runs {
+        for (s, fig) in series.iter_mut() {
+            let run = start_setting(bin_dir, o, *s).await?;
+            let rate = pipelined(&run.addr, run.proto, o.messages, o.depth).await;
+            let t = Instant::now();
+            let h = one_at_a_time(&run.addr, run.proto, o.single).await;
+            let secs = t.elapsed().as_secs_f64();
+            run.stop().await;
+            let (rate, h) = (
+                rate.with_context(|| format!("{}: pipelined", s.name()))?,
+                h.with_context(|| format!("{}: one at a time", s.name()))?,
+            );
+            fig.rate.push(rate);
+            fig.p50.push(h.value_at_quantile(0.5) as f64);
+            fig.p99.push(h.value_at_quantile(0.99) as f64);
+            fig.single_rate.push(o.single as f64 / secs.max(1e-9));
+        }
+    }
+    let mut lines: Vec<Line> = Vec::new();
+    let depth = o.depth;
+    for (s, fig) in &series {
+        let (t_rate, t_p50) = match s {
+            Setting::Ours("always") => (">= 1.0x redis always", "<= 250"),
+            Setting::Ours("batch") => (">= 500,000; >= 0.9x never", "-"),
+            _ => ("-", "-"),
+        };
+        let setup = s.name();
+        lines.push((
+            format!("durable {depth}-deep"),
+            setup.clone(),
+            fig.rate.clone(),
+            "msg/s",
+            t_rate.into(),
+        ));
+        lines.push((
+            "durable 1-at-a-time".into(),
+            setup.clone(),
+            fig.single_rate.clone(),
+            "msg/s",
+            "-".into(),
+        ));
+        lines.push((
+            "durable 1-at-a-time p50".into(),
+            setup.clone(),
+            fig.p50.clone(),
+            "us",
+            t_p50.into(),
+        ));
+        lines.push((
+            "durable 1-at-a-time p99".into(),
+            setup,
+            fig.p99.clone(),
+            "us",
+            "-".into(),
+        ));
+    }
+    // Ratios of the medians, ours over Redis's counterpart, and batch over never.
+    let med = |name: &str| {
+        series
+            .iter()
+            .find(|(s, _)| s.name() == name)
+            .map(|(_, f)| (super::median(f.rate.clone()), super::median(f.p50.clone())))
+    };
+    println!("  ratios (medians, same run):");
+    for (a, b) in pairs {
+        if let (Some((ra, la)), Some((rb, lb))) = (med(&a.name()), med(&b.name())) {
+            println!(
+                "    {:<18} / {:<15} {depth}-deep {:>5.2}x   1-at-a-time p50 {:>5.2}x",
+                a.name(),
+                b.name(),
+                ra / rb,
+                la / lb
+            );
+        }
+    }
+    if let (Some((rb, _)), Some((rn, _))) = (med("pair fsync batch"), med("pair fsync never")) {
+        println!(
+            "    pair fsync batch / pair fsync never  {depth}-deep {:>5.2}x",
+            rb / rn
+        );
+    }
+    Ok(lines)
+}
+
+/// Fills a fresh log with `entries` entries (`edgepair-log fill`), every one marked delivered
+/// or none.
+async fn fill(bin_dir: &Path, data: &Path, entries: u64, delivered: bool) -> anyhow::Result<()> {
+    let mut cmd = Command::new(bin_dir.join("edgepair-log"));
+    cmd.arg("fill").arg(data).args([
+        "bench",
+        "--count",
+        &entries.to_string(),
+        "--sync-every",
+        "100000",
+    ]);
+    if delivered {
+        cmd.arg("--delivered");
+    }
+    let st = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .context("cannot run edgepair-log fill")?;
+    if !st.success() {
+        bail!("edgepair-log fill failed: {st}");
+    }
+    Ok(())
+}
+
+/// Starts a solo primary on `data`: seconds until it answers `STATUS`.
+async fn time_to_serve(bin_dir: &Path, o: &DurableOpts, data: &Path) -> anyhow::Result<f64> {
+    let extra = ["--data-dir".to_string(), data.display().to_string()];
+    let t = Instant::now();
+    let mut b = super::spawn_node(
+        bin_dir,
+        "primary",
+        free_port()?,
+        free_port()?,
+        "0",
+        None,
+        o.threads,
+        &extra,
+    )?;
+    let deadline = t + Duration::from_secs(60);
+    let secs = loop {
+        if status(&b.addr).await.is_some() {
+            break t.elapsed().as_secs_f64();
+        }
+        if Instant::now() > deadline {
+            bail!("the primary did not answer STATUS within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    b.proc.stop(Duration::from_secs(10)).await;
+    Ok(secs)
+}
+
+/// On logs of `entries` entries (written by `edgepair-log fill`): seconds until a primary
+/// started on them answers `STATUS`, when every entry was delivered and when none was (it
+/// takes them all up again); and the entries read back from the log per second (from offset
+/// 0, in chunks of 4,096, page cache warm), as a catching-up reader would.
+pub(super) async fn restart(
+    bin_dir: &Path,
+    o: &DurableOpts,
+    entries: u64,
+) -> anyhow::Result<[f64; 3]> {
+    let dir = tempfile::tempdir_in(&o.data_root)?;
+    let (done, undone) = (dir.path().join("delivered"), dir.path().join("undelivered"));
+    fill(bin_dir, &done, entries, true).await?;
+    fill(bin_dir, &undone, entries, false).await?;
+    let t = Instant::now();
+    let (log, _) = FileLog::inspect(&done)?;
+    let mut from = 0;
+    let mut read = 0u64;
+    loop {
+        let chunk = log.read("bench", from, 4096)?;
+        let Some(last) = chunk.last() else {
+            break;
+        };
+        from = last.offset + 1;
+        read += chunk.len() as u64;
+    }
+    let read_rate = read as f64 / t.elapsed().as_secs_f64().max(1e-9);
+    if read != entries {
+        bail!("read back {read} of {entries} entries");
+    }
+    drop(log);
+    let up_done = time_to_serve(bin_dir, o, &done).await?;
+    let up_undone = time_to_serve(bin_dir, o, &undone).await?;
+    Ok([up_done, up_undone, read_rate])
+}
