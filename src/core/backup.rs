@@ -201,6 +201,20 @@ impl Broker {
         self.decide_publish(conn, frame, 0);
     }
 
+    /// The hand-overs ended: forward (or serve, if this node took over meanwhile) what waited.
+    pub(super) fn after_hand_overs(&mut self) {
+        if !self.handovers.is_empty() {
+            return;
+        }
+        for (conn, frame, attempt) in std::mem::take(&mut self.forwards_waiting) {
+            if self.role() == Role::Primary {
+                self.serve_here(conn, frame);
+            } else {
+                self.forward(conn, frame, attempt);
+            }
+        }
+    }
+
     /// Decides what to do with a publish at this backup (attempt `attempt`).
     pub(super) fn decide_publish(&mut self, conn: ConnId, frame: Frame, attempt: u8) {
         let Some(b) = self.backup() else {
@@ -226,8 +240,14 @@ impl Broker {
         }
     }
 
-    /// Sends a publish to the primary on a fresh connection.
+    /// Sends a publish to the primary on a fresh connection. While messages this node
+    /// accepted as primary are being handed over, it waits for them: they are older than
+    /// anything their publishers sent since, and the primary logs in arrival order.
     fn forward(&mut self, client: ConnId, frame: Frame, attempt: u8) {
+        if !self.handovers.is_empty() {
+            self.forwards_waiting.push((client, frame, attempt));
+            return;
+        }
         let Some(peer) = self.cfg.peer.clone() else {
             return;
         };
@@ -258,7 +278,7 @@ impl Broker {
     }
 
     /// Serves a publish that waited for a forward here, as the primary this node now is.
-    fn serve_here(&mut self, conn: ConnId, frame: Frame) {
+    pub(super) fn serve_here(&mut self, conn: ConnId, frame: Frame) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.replies.retain(|r| !matches!(r, Reply::Forward));
         }

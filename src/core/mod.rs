@@ -227,6 +227,8 @@ pub struct Broker {
     out: VecDeque<Output>,
     /// Messages being handed to the peer after a step-down or a primary's restart.
     handovers: BTreeMap<u64, peer::HandOver>,
+    /// Publishes to forward once the hand-overs are done (connection, frame, attempt).
+    forwards_waiting: Vec<(ConnId, Frame, u8)>,
     next_handover: u64,
     /// Results computed during the startup grace: (mid, compute start, compute end).
     graced: Vec<(u64, u64, u64)>,
@@ -287,6 +289,7 @@ impl Broker {
             timers: Timers::default(),
             out: VecDeque::new(),
             handovers: BTreeMap::new(),
+            forwards_waiting: Vec::new(),
             next_handover: 0,
             graced: Vec::new(),
             delivered: 0,

@@ -256,6 +256,7 @@ impl Broker {
         self.close(conn);
         let peer = self.cfg.peer.clone().unwrap_or_default();
         info!("handed {n} message(s) over to the new primary {peer}");
+        self.after_hand_overs();
     }
 
     fn hand_over_failed(&mut self, id: u64, e: &str) {
@@ -275,6 +276,7 @@ impl Broker {
             let n = h.msgs.len();
             self.handovers.remove(&id);
             error!("could not hand {n} message(s) over to {peer}: they are lost unless their publishers resend them");
+            self.after_hand_overs();
         }
     }
 

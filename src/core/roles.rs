@@ -48,6 +48,9 @@ impl Broker {
                 self.decide_publish(conn, frame, 0);
             }
         }
+        for (conn, frame, _) in std::mem::take(&mut self.forwards_waiting) {
+            self.serve_here(conn, frame);
+        }
         if self.cfg.lease.is_some() {
             self.timers.set(Timer::Lease, now);
         }
