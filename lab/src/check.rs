@@ -5,17 +5,26 @@
 //! messages were acknowledged) and the faults that were injected (kind and time window), and
 //! returns one [`Verdict`]:
 //!
-//! 1. **lost**: acknowledged messages never delivered ([`Verdict::lost_acked`]), and, counted
-//!    apart, produced but unacknowledged messages never delivered
-//!    ([`Verdict::unacked_missing`]); together they are [`Verdict::missing`];
+//! 1. **lost**: acknowledged messages never delivered ([`Verdict::acked_lost`], a violation),
+//!    and, counted apart, produced but unacknowledged messages never delivered
+//!    ([`Verdict::unacked_lost`], not a violation: see below); together they are
+//!    [`Verdict::missing`];
 //! 2. **duplicates**: deliveries of a `(publisher, seq)` already delivered, judged against
 //!    [`duplicate_bound`];
-//! 3. **reordering**, per publisher: first deliveries that came after a higher sequence number
-//!    of the same publisher;
+//! 3. **order**, per publisher: a first delivery with a lower sequence number than an earlier
+//!    first delivery of the same publisher is out of order, a violation ([`Verdict::reordered`]);
 //! 4. **epochs**: two different nodes delivering in one epoch, or a node delivering in an epoch
 //!    older than one already delivered in. Such a delivery inside the window of a link fault
 //!    (see [`FaultKind::excuses_split_brain`] and [`excused_until_us`]) is split brain, counted
 //!    apart and not a violation; anywhere else it is an [`EpochViolation`].
+//!
+//! An unacknowledged message is the publisher's to resend, not the pair's to keep: a broker
+//! promises only what it acknowledged (after replication, or in its log when it runs alone), and
+//! a publisher resends everything unacknowledged after a switch. So an unacknowledged message can
+//! be lost only when the publisher stops before it is acknowledged (it gave up, both brokers
+//! being down for `--give-up`, or it was killed), and the publisher then says so itself (exit
+//! status 1, its unacknowledged list). It is counted, not judged. When the acknowledged set is
+//! not known, nothing tells the two apart, and every missing message is a violation.
 //!
 //! Pure: no socket, no clock; every rule is tested on hand-made deliveries at the bottom.
 
@@ -111,8 +120,9 @@ pub struct Expect<'a> {
     pub publisher: Option<&'a str>,
     /// The publisher produced sequence numbers `1..=published`.
     pub published: u64,
-    /// The sequence numbers the publisher had acknowledged, when known (the simulation knows;
-    /// the harness does not, and then every missing message counts as unacknowledged).
+    /// The sequence numbers the publisher had acknowledged, when known (the simulation knows it,
+    /// the harness reads it from `test-publisher --acks`). Unknown: every missing message is
+    /// counted as unacknowledged, and judged as lost.
     pub acked: Option<&'a BTreeSet<u64>>,
     /// The faults injected.
     pub faults: &'a [FaultSpan],
@@ -159,17 +169,20 @@ pub struct Verdict {
     pub unique: u64,
     /// Sequence numbers in `1..=published` never delivered, ascending.
     pub missing: Vec<u64>,
-    /// Acknowledged sequence numbers never delivered (empty when acks are unknown).
-    pub lost_acked: Vec<u64>,
-    /// Missing sequence numbers that were not acknowledged (all of them when acks are unknown).
-    pub unacked_missing: Vec<u64>,
+    /// Acknowledged sequence numbers never delivered, ascending (empty when acks are unknown):
+    /// each one a violation.
+    pub acked_lost: Vec<u64>,
+    /// Missing sequence numbers that were not acknowledged, ascending (all of them when acks
+    /// are unknown): counted, a violation only when acks are unknown.
+    pub unacked_lost: Vec<u64>,
     /// Whether the acknowledged set was known.
     pub acks_known: bool,
     /// Deliveries of a `(publisher, seq)` delivered before.
     pub duplicates: u64,
     /// The duplicates allowed ([`duplicate_bound`]).
     pub duplicate_bound: u64,
-    /// First deliveries that came after a higher sequence number of the same publisher.
+    /// First deliveries that came after a higher sequence number of the same publisher: each
+    /// one a violation.
     pub reordered: u64,
     /// The same, per publisher.
     pub reordered_by_publisher: BTreeMap<String, u64>,
@@ -182,26 +195,39 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    /// Every produced message was delivered at least once, and something was produced: what the
-    /// harness's PASS and exit status say.
+    /// Every produced message was delivered at least once, and something was produced.
     pub fn all_delivered(&self) -> bool {
         self.missing.is_empty() && self.published > 0
+    }
+
+    /// Something was produced, no acknowledged message was lost (no message at all when the
+    /// acknowledgements are unknown), and every publisher's first deliveries came in order: what
+    /// the harness's PASS and exit status say. Epochs and duplicates are judged by
+    /// [`Verdict::violations`] (the simulation) and reported by the harness.
+    pub fn delivery_ok(&self) -> bool {
+        self.published > 0
+            && self.acked_lost.is_empty()
+            && (self.acks_known || self.missing.is_empty())
+            && self.reordered == 0
     }
 
     /// The broken invariants, in words; empty when the run is clean.
     pub fn violations(&self) -> Vec<String> {
         let mut v = Vec::new();
-        if !self.lost_acked.is_empty() {
+        if !self.acked_lost.is_empty() {
             v.push(format!(
                 "{} acknowledged message(s) lost",
-                self.lost_acked.len()
+                self.acked_lost.len()
             ));
         }
-        if !self.missing.is_empty() {
+        if !self.acks_known && !self.missing.is_empty() {
             v.push(format!(
-                "{} produced message(s) never delivered",
+                "{} produced message(s) never delivered (acknowledgements unknown)",
                 self.missing.len()
             ));
+        }
+        if self.reordered > 0 {
+            v.push(format!("{} out-of-order first deliveries", self.reordered));
         }
         if self.epoch_violations > 0 {
             v.push(format!(
@@ -229,7 +255,9 @@ pub fn check(deliveries: &[Delivery], x: &Expect<'_>) -> Verdict {
     all.sort_by_key(|d| d.received_at_us);
     let judged = |d: &&&Delivery| x.publisher.is_none_or(|p| d.publisher == p);
 
-    // 1–3: loss, duplicates, order, over the judged publisher(s).
+    // 1–3: loss, duplicates, order, over the judged publisher(s). Only first deliveries are
+    // judged for order: a duplicate of an old message after newer ones is a resend, not a
+    // reordering.
     let mut seen: HashSet<(&str, u64)> = HashSet::new();
     let mut highest: HashMap<&str, u64> = HashMap::new();
     let mut reordered_by_publisher: BTreeMap<String, u64> = BTreeMap::new();
@@ -253,7 +281,7 @@ pub fn check(deliveries: &[Delivery], x: &Expect<'_>) -> Verdict {
     let missing: Vec<u64> = (1..=x.published)
         .filter(|s| !delivered_seqs.contains(s))
         .collect();
-    let lost_acked: Vec<u64> = x
+    let acked_lost: Vec<u64> = x
         .acked
         .map(|a| {
             a.iter()
@@ -262,7 +290,7 @@ pub fn check(deliveries: &[Delivery], x: &Expect<'_>) -> Verdict {
                 .collect()
         })
         .unwrap_or_default();
-    let unacked_missing: Vec<u64> = missing
+    let unacked_lost: Vec<u64> = missing
         .iter()
         .copied()
         .filter(|s| x.acked.is_none_or(|a| !a.contains(s)))
@@ -310,8 +338,8 @@ pub fn check(deliveries: &[Delivery], x: &Expect<'_>) -> Verdict {
         delivered,
         unique: seen.len() as u64,
         missing,
-        lost_acked,
-        unacked_missing,
+        acked_lost,
+        unacked_lost,
         acks_known: x.acked.is_some(),
         duplicates,
         duplicate_bound: duplicate_bound(x.resend, x.faults.len()),

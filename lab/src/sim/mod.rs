@@ -416,7 +416,7 @@ fn judge(
         seed,
         faults: describe(faults),
         published: v.published,
-        lost_acked: v.lost_acked.len() as u64,
+        lost_acked: v.acked_lost.len() as u64,
         lost: v.missing.len() as u64,
         duplicates: v.duplicates,
         duplicate_bound: v.duplicate_bound,
@@ -428,7 +428,7 @@ fn judge(
         max_failover_gap_ms: failover_gaps_ms.iter().copied().fold(0.0, f64::max),
         failover_gaps_ms,
         violations: v.violations().join("; "),
-        lost_unacked: v.unacked_missing.len() as u64,
+        lost_unacked: v.unacked_lost.len() as u64,
     }
 }
 
