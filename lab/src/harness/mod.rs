@@ -77,11 +77,16 @@ pub enum Scenario {
     PartitionPeers,
     /// Add `--delay` each way on the primary↔backup link for `--fault-for`.
     SlowLink,
+    /// SIGKILL both nodes at once, restart both after `--restart-after` on their data dirs:
+    /// every acknowledged message must come back from their logs.
+    PowerLoss,
+    /// SIGTERM both nodes at once (clean stops), restart both after `--restart-after`.
+    RestartBoth,
 }
 
 impl Scenario {
     /// Every scenario, in the order the matrix runs them.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::KillPrimary,
         Scenario::TermPrimary,
         Scenario::HangPrimary,
@@ -89,6 +94,8 @@ impl Scenario {
         Scenario::RestartPrimary,
         Scenario::PartitionPeers,
         Scenario::SlowLink,
+        Scenario::PowerLoss,
+        Scenario::RestartBoth,
     ];
 
     /// Name as given on the command line.
@@ -101,6 +108,8 @@ impl Scenario {
             Scenario::RestartPrimary => "restart-primary",
             Scenario::PartitionPeers => "partition-peers",
             Scenario::SlowLink => "slow-link",
+            Scenario::PowerLoss => "power-loss",
+            Scenario::RestartBoth => "restart-both",
         }
     }
 
@@ -131,7 +140,8 @@ pub struct HarnessOpts {
     /// How long a hung primary stays stopped before SIGCONT.
     #[arg(long, value_parser = parse_duration, default_value = "3s")]
     pub hang_for: Duration,
-    /// How long after its kill a node is restarted (`restart-primary`, chaos).
+    /// How long after its kill a node is restarted (`restart-primary`, `power-loss`,
+    /// `restart-both`, chaos).
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     pub restart_after: Duration,
     /// How long a network fault lasts (`partition-peers`, `slow-link`).

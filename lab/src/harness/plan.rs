@@ -37,16 +37,22 @@ pub enum ChaosFault {
     Partition,
     /// Delay the peer link for a while.
     SlowLink,
+    /// SIGKILL both nodes at once, restart both later (on their data dirs).
+    PowerLoss,
+    /// SIGTERM both nodes at once, restart both later.
+    RestartBoth,
 }
 
 impl ChaosFault {
-    pub(crate) const ALL: [ChaosFault; 6] = [
+    pub(crate) const ALL: [ChaosFault; 8] = [
         ChaosFault::KillActive,
         ChaosFault::TermActive,
         ChaosFault::HangActive,
         ChaosFault::KillStandby,
         ChaosFault::Partition,
         ChaosFault::SlowLink,
+        ChaosFault::PowerLoss,
+        ChaosFault::RestartBoth,
     ];
 
     /// Name used in reports.
@@ -58,6 +64,8 @@ impl ChaosFault {
             ChaosFault::KillStandby => "kill-standby",
             ChaosFault::Partition => "partition-peers",
             ChaosFault::SlowLink => "slow-link",
+            ChaosFault::PowerLoss => "power-loss",
+            ChaosFault::RestartBoth => "restart-both",
         }
     }
 }
@@ -101,7 +109,20 @@ pub(crate) fn plan(opts: &HarnessOpts, scenario: Scenario) -> Vec<(Duration, Act
             (t, Action::Link(Fault::Delay(opts.delay))),
             (t + opts.fault_for, Action::Link(Fault::Pass)),
         ],
+        Scenario::PowerLoss => both_down(t, opts.restart_after, KillSignal::Kill),
+        Scenario::RestartBoth => both_down(t, opts.restart_after, KillSignal::Term),
     }
+}
+
+/// Both nodes signalled at `at` (the primary first, microseconds apart) and both restarted
+/// `restart_after` later, on their data dirs.
+fn both_down(at: Duration, restart_after: Duration, sig: KillSignal) -> Vec<(Duration, Action)> {
+    vec![
+        (at, Action::Signal(0, sig)),
+        (at, Action::Signal(1, sig)),
+        (at + restart_after, Action::Restart(0)),
+        (at + restart_after, Action::Restart(1)),
+    ]
 }
 
 /// The scenario a run uses: `--signal` overrides the primary-fault scenarios.
