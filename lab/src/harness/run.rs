@@ -289,14 +289,11 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
                     }
                 };
                 let heal_at = elapsed + heal_after;
-                let mut pos = faults[next..]
+                let pos = faults[next..]
                     .iter()
                     .position(|f| f.0 > heal_at)
                     .map_or(faults.len(), |p| next + p);
-                for h in heals {
-                    faults.insert(pos, (heal_at, h));
-                    pos += 1;
-                }
+                faults.splice(pos..pos, heals.into_iter().map(|h| (heal_at, h)));
                 chaos_events.push(ChaosEvent {
                     cycle: chaos_events.len() + 1,
                     at_us: now_us(),
