@@ -158,6 +158,26 @@ pub struct EpochViolation {
     pub excused: bool,
 }
 
+/// A first delivery that came after a higher sequence number of the same publisher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderViolation {
+    /// When it arrived.
+    pub received_at_us: u64,
+    /// The publisher.
+    pub publisher: String,
+    /// Its sequence number.
+    pub seq: u64,
+    /// The highest sequence number of that publisher first-delivered before it.
+    pub after_seq: u64,
+    /// The node (connection) it came from.
+    pub source: String,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Inside a link fault's split-brain window ([`excused_until_us`]). Still a violation:
+    /// said only to tell where it happened.
+    pub during_link_fault: bool,
+}
+
 /// The verdict on a run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
@@ -186,6 +206,9 @@ pub struct Verdict {
     pub reordered: u64,
     /// The same, per publisher.
     pub reordered_by_publisher: BTreeMap<String, u64>,
+    /// Each of them, in arrival order.
+    #[serde(default)]
+    pub order_events: Vec<OrderViolation>,
     /// Deliveries that broke the epoch rule, excused or not, in arrival order.
     pub epoch_events: Vec<EpochViolation>,
     /// Of those, outside any excuse window: violations.
@@ -227,7 +250,19 @@ impl Verdict {
             ));
         }
         if self.reordered > 0 {
-            v.push(format!("{} out-of-order first deliveries", self.reordered));
+            let in_link = self
+                .order_events
+                .iter()
+                .filter(|e| e.during_link_fault)
+                .count();
+            v.push(if in_link > 0 {
+                format!(
+                    "{} out-of-order first deliveries ({in_link} during a link fault)",
+                    self.reordered
+                )
+            } else {
+                format!("{} out-of-order first deliveries", self.reordered)
+            });
         }
         if self.epoch_violations > 0 {
             v.push(format!(
@@ -254,6 +289,15 @@ pub fn check(deliveries: &[Delivery], x: &Expect<'_>) -> Verdict {
     let mut all: Vec<&Delivery> = deliveries.iter().collect();
     all.sort_by_key(|d| d.received_at_us);
     let judged = |d: &&&Delivery| x.publisher.is_none_or(|p| d.publisher == p);
+    // Inside a link fault's split-brain window: what excuses an epoch event, and what an order
+    // violation is labelled with (not excused).
+    let excused = |us: u64| {
+        x.faults.iter().any(|f| {
+            f.kind.excuses_split_brain()
+                && us >= f.from_us
+                && us <= excused_until_us(f, x.ping_interval_us)
+        })
+    };
 
     // 1–3: loss, duplicates, order, over the judged publisher(s). Only first deliveries are
     // judged for order: a duplicate of an old message after newer ones is a resend, not a
@@ -261,6 +305,7 @@ pub fn check(deliveries: &[Delivery], x: &Expect<'_>) -> Verdict {
     let mut seen: HashSet<(&str, u64)> = HashSet::new();
     let mut highest: HashMap<&str, u64> = HashMap::new();
     let mut reordered_by_publisher: BTreeMap<String, u64> = BTreeMap::new();
+    let mut order_events = Vec::new();
     let mut delivered_seqs: BTreeSet<u64> = BTreeSet::new();
     let (mut delivered, mut duplicates) = (0u64, 0u64);
     for d in all.iter().filter(judged) {
@@ -275,6 +320,15 @@ pub fn check(deliveries: &[Delivery], x: &Expect<'_>) -> Verdict {
             *reordered_by_publisher
                 .entry(d.publisher.clone())
                 .or_insert(0) += 1;
+            order_events.push(OrderViolation {
+                received_at_us: d.received_at_us,
+                publisher: d.publisher.clone(),
+                seq: d.seq,
+                after_seq: *h,
+                source: d.source.clone(),
+                epoch: d.epoch,
+                during_link_fault: excused(d.received_at_us),
+            });
         }
         *h = (*h).max(d.seq);
     }
@@ -297,13 +351,6 @@ pub fn check(deliveries: &[Delivery], x: &Expect<'_>) -> Verdict {
         .collect();
 
     // 4: epochs, over every delivery.
-    let excused = |us: u64| {
-        x.faults.iter().any(|f| {
-            f.kind.excuses_split_brain()
-                && us >= f.from_us
-                && us <= excused_until_us(f, x.ping_interval_us)
-        })
-    };
     let mut epoch_node: HashMap<u64, &str> = HashMap::new();
     let mut newest = 0u64;
     let mut epoch_events = Vec::new();
@@ -345,6 +392,7 @@ pub fn check(deliveries: &[Delivery], x: &Expect<'_>) -> Verdict {
         duplicate_bound: duplicate_bound(x.resend, x.faults.len()),
         reordered: reordered_by_publisher.values().sum(),
         reordered_by_publisher,
+        order_events,
         epoch_violations: epoch_events.len() as u64 - split_brain,
         split_brain,
         epoch_events,

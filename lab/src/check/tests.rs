@@ -171,6 +171,16 @@ fn an_out_of_order_first_delivery_is_a_violation_per_publisher() {
         v.violations(),
         vec!["1 out-of-order first deliveries".to_string()]
     );
+    assert_eq!((v.order_events[0].seq, v.order_events[0].after_seq), (2, 3));
+    // Inside a link fault's window it is still a violation, labelled as such.
+    let f = [fault(FaultKind::Partition, 250, 260)];
+    let v = check(&rows, &expect(4, &f, None));
+    assert!(v.order_events[0].during_link_fault);
+    assert!(!v.delivery_ok());
+    assert_eq!(
+        v.violations(),
+        vec!["1 out-of-order first deliveries (1 during a link fault)".to_string()]
+    );
     // The same messages in order are clean; a duplicate of an old one after newer ones (a
     // resend) is a duplicate, not a reordering.
     let mut in_order = clean(4);
