@@ -143,3 +143,60 @@ pub fn effective_scenario(opts: &HarnessOpts) -> Scenario {
         (_, s) => s,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        opts: HarnessOpts,
+    }
+
+    fn opts(args: &[&str]) -> HarnessOpts {
+        Cli::parse_from(std::iter::once("harness").chain(args.iter().copied())).opts
+    }
+
+    #[test]
+    fn both_down_scenarios_signal_both_nodes_then_restart_both() {
+        let o = opts(&["--kill-at", "3s", "--restart-after", "1s"]);
+        let (t, r) = (Duration::from_secs(3), Duration::from_secs(4));
+        assert_eq!(
+            plan(&o, Scenario::PowerLoss),
+            vec![
+                (t, Action::Signal(0, KillSignal::Kill)),
+                (t, Action::Signal(1, KillSignal::Kill)),
+                (r, Action::Restart(0)),
+                (r, Action::Restart(1)),
+            ]
+        );
+        assert_eq!(
+            plan(&o, Scenario::RestartBoth),
+            vec![
+                (t, Action::Signal(0, KillSignal::Term)),
+                (t, Action::Signal(1, KillSignal::Term)),
+                (r, Action::Restart(0)),
+                (r, Action::Restart(1)),
+            ]
+        );
+        assert!(Scenario::ALL.contains(&Scenario::PowerLoss));
+        assert!(Scenario::ALL.contains(&Scenario::RestartBoth));
+    }
+
+    #[test]
+    fn chaos_draws_both_down_faults() {
+        let o = opts(&["--cycles", "50"]);
+        let drawn: Vec<ChaosFault> = chaos_plan(&o, 7)
+            .into_iter()
+            .filter_map(|(_, a)| match a {
+                Action::Chaos(f) => Some(f),
+                _ => None,
+            })
+            .collect();
+        for f in [ChaosFault::PowerLoss, ChaosFault::RestartBoth] {
+            assert!(drawn.contains(&f), "{f:?} never drawn in {drawn:?}");
+        }
+    }
+}
