@@ -7,8 +7,9 @@ use tokio::time::Instant;
 use super::*;
 use edgepair::clock::now_us;
 /// Runs every scenario (`--repeat` times each) and writes `matrix.csv` and `matrix.md` under
-/// `<out>/<timestamp>/`, one sub-folder per run. Ok(true) when nothing was missing anywhere
-/// except where a partition is allowed to lose (it is reported, not judged).
+/// `<out>/<timestamp>/`, one sub-folder per run. Ok(true) when every run passed (no
+/// acknowledged message lost, first deliveries in order), `partition-peers` aside (it is
+/// reported, not judged).
 pub async fn run_matrix(mut opts: HarnessOpts) -> anyhow::Result<bool> {
     if opts.kill_at == Duration::from_secs(30) && opts.after == Duration::from_secs(10) {
         opts.kill_at = Duration::from_secs(5);

@@ -3,8 +3,9 @@
 //! It starts the real binaries as child processes (primary, backup, subscriber, test publisher),
 //! waits until each is ready (brokers answer `STATUS`, the subscriber says it is subscribed to
 //! both), kills the primary with the chosen signal at the chosen time, keeps publishing, stops the
-//! publisher (which still collects its outstanding `ACK`s), lets the subscriber drain, and then
-//! analyses the subscriber's CSV with [`crate::report`]. No process outlives the harness: every
+//! publisher (which still collects its outstanding `ACK`s and has written each one to
+//! `acks.csv`), lets the subscriber drain, and then judges the subscriber's CSV against what was
+//! acknowledged with [`crate::report`]. No process outlives the harness: every
 //! child is killed by its PID on success, on failure and on Ctrl-C.
 
 use std::path::PathBuf;
