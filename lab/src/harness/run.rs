@@ -20,8 +20,8 @@ use edgepair::net::Net;
 /// How long a restart waits for a node it sent SIGTERM to to finish stopping before it kills it.
 const TERM_GRACE: Duration = Duration::from_secs(5);
 
-/// Runs the whole scenario and writes the report. The returned analysis says whether anything
-/// was missing; the caller turns that into the exit status.
+/// Runs the whole scenario and writes the report. The returned analysis says whether the run
+/// passed (`verdict_ok`); the caller turns that into the exit status.
 pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     if !(opts.rate.is_finite() && opts.rate > 0.0) {
         bail!("--rate must be a positive number of messages per second");
