@@ -3,7 +3,8 @@
 # killed at 30 s, publishing goes on 10 s more, and the run is judged and reported.
 # Every option is passed to the harness (run with --help to list them), e.g.
 #   ./scripts/test_backup.sh --kill-at 5s --after 3s --signal STOP
-# Exit status: 0 when no message is missing, 1 when some are, 2 when the run could not be made.
+# Exit status: 0 when no acknowledged message is lost and first deliveries came in order, 1
+# otherwise, 2 when the run could not be made.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null 2>&1; then

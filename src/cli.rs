@@ -236,6 +236,9 @@ pub struct TestPublisherCli {
     /// Print only switches and the final summary, not one line per ACK.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Also write one CSV row per acknowledged message to FILE (`seq,acked_at_us,broker`).
+    #[arg(long, value_name = "FILE")]
+    pub acks: Option<std::path::PathBuf>,
     /// Publishing options.
     #[command(flatten)]
     pub opts: PublishOpts,
@@ -409,6 +412,16 @@ pub fn test_publisher(cli: TestPublisherCli) -> ExitCode {
         error!("--rate must be a positive number of messages per second");
         return ExitCode::from(2);
     }
+    let mut acks = match &cli.acks {
+        None => None,
+        Some(p) => match std::fs::File::create(p) {
+            Ok(f) => Some(crate::client::AckLog::new(f)),
+            Err(e) => {
+                error!("cannot create {}: {e}", p.display());
+                return ExitCode::from(2);
+            }
+        },
+    };
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;
     };
@@ -421,6 +434,10 @@ pub fn test_publisher(cli: TestPublisherCli) -> ExitCode {
         let quiet = cli.quiet;
         let printer = tokio::spawn(async move {
             while let Some(e) = ev_rx.recv().await {
+                if let Some(Err(err)) = acks.as_mut().map(|a| a.event(&e)) {
+                    error!("cannot write the acknowledgement file: {err}");
+                    acks = None;
+                }
                 if !(quiet && matches!(e, crate::client::PubEvent::Acked { .. })) {
                     crate::client::print_event(&e);
                 }

@@ -5,17 +5,26 @@
 //! messages were acknowledged) and the faults that were injected (kind and time window), and
 //! returns one [`Verdict`]:
 //!
-//! 1. **lost**: acknowledged messages never delivered ([`Verdict::lost_acked`]), and, counted
-//!    apart, produced but unacknowledged messages never delivered
-//!    ([`Verdict::unacked_missing`]); together they are [`Verdict::missing`];
+//! 1. **lost**: acknowledged messages never delivered ([`Verdict::acked_lost`], a violation),
+//!    and, counted apart, produced but unacknowledged messages never delivered
+//!    ([`Verdict::unacked_lost`], not a violation: see below); together they are
+//!    [`Verdict::missing`];
 //! 2. **duplicates**: deliveries of a `(publisher, seq)` already delivered, judged against
 //!    [`duplicate_bound`];
-//! 3. **reordering**, per publisher: first deliveries that came after a higher sequence number
-//!    of the same publisher;
+//! 3. **order**, per publisher: a first delivery with a lower sequence number than an earlier
+//!    first delivery of the same publisher is out of order, a violation ([`Verdict::reordered`]);
 //! 4. **epochs**: two different nodes delivering in one epoch, or a node delivering in an epoch
 //!    older than one already delivered in. Such a delivery inside the window of a link fault
 //!    (see [`FaultKind::excuses_split_brain`] and [`excused_until_us`]) is split brain, counted
 //!    apart and not a violation; anywhere else it is an [`EpochViolation`].
+//!
+//! An unacknowledged message is the publisher's to resend, not the pair's to keep: a broker
+//! promises only what it acknowledged (after replication, or in its log when it runs alone), and
+//! a publisher resends everything unacknowledged after a switch. So an unacknowledged message can
+//! be lost only when the publisher stops before it is acknowledged (it gave up, both brokers
+//! being down for `--give-up`, or it was killed), and the publisher then says so itself (exit
+//! status 1, its unacknowledged list). It is counted, not judged. When the acknowledged set is
+//! not known, nothing tells the two apart, and every missing message is a violation.
 //!
 //! Pure: no socket, no clock; every rule is tested on hand-made deliveries at the bottom.
 
@@ -111,8 +120,9 @@ pub struct Expect<'a> {
     pub publisher: Option<&'a str>,
     /// The publisher produced sequence numbers `1..=published`.
     pub published: u64,
-    /// The sequence numbers the publisher had acknowledged, when known (the simulation knows;
-    /// the harness does not, and then every missing message counts as unacknowledged).
+    /// The sequence numbers the publisher had acknowledged, when known (the simulation knows it,
+    /// the harness reads it from `test-publisher --acks`). Unknown: every missing message is
+    /// counted as unacknowledged, and judged as lost.
     pub acked: Option<&'a BTreeSet<u64>>,
     /// The faults injected.
     pub faults: &'a [FaultSpan],
@@ -148,6 +158,26 @@ pub struct EpochViolation {
     pub excused: bool,
 }
 
+/// A first delivery that came after a higher sequence number of the same publisher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderViolation {
+    /// When it arrived.
+    pub received_at_us: u64,
+    /// The publisher.
+    pub publisher: String,
+    /// Its sequence number.
+    pub seq: u64,
+    /// The highest sequence number of that publisher first-delivered before it.
+    pub after_seq: u64,
+    /// The node (connection) it came from.
+    pub source: String,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Inside a link fault's split-brain window ([`excused_until_us`]). Still a violation:
+    /// said only to tell where it happened.
+    pub during_link_fault: bool,
+}
+
 /// The verdict on a run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
@@ -159,20 +189,26 @@ pub struct Verdict {
     pub unique: u64,
     /// Sequence numbers in `1..=published` never delivered, ascending.
     pub missing: Vec<u64>,
-    /// Acknowledged sequence numbers never delivered (empty when acks are unknown).
-    pub lost_acked: Vec<u64>,
-    /// Missing sequence numbers that were not acknowledged (all of them when acks are unknown).
-    pub unacked_missing: Vec<u64>,
+    /// Acknowledged sequence numbers never delivered, ascending (empty when acks are unknown):
+    /// each one a violation.
+    pub acked_lost: Vec<u64>,
+    /// Missing sequence numbers that were not acknowledged, ascending (all of them when acks
+    /// are unknown): counted, a violation only when acks are unknown.
+    pub unacked_lost: Vec<u64>,
     /// Whether the acknowledged set was known.
     pub acks_known: bool,
     /// Deliveries of a `(publisher, seq)` delivered before.
     pub duplicates: u64,
     /// The duplicates allowed ([`duplicate_bound`]).
     pub duplicate_bound: u64,
-    /// First deliveries that came after a higher sequence number of the same publisher.
+    /// First deliveries that came after a higher sequence number of the same publisher: each
+    /// one a violation.
     pub reordered: u64,
     /// The same, per publisher.
     pub reordered_by_publisher: BTreeMap<String, u64>,
+    /// Each of them, in arrival order.
+    #[serde(default)]
+    pub order_events: Vec<OrderViolation>,
     /// Deliveries that broke the epoch rule, excused or not, in arrival order.
     pub epoch_events: Vec<EpochViolation>,
     /// Of those, outside any excuse window: violations.
@@ -182,26 +218,51 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    /// Every produced message was delivered at least once, and something was produced: what the
-    /// harness's PASS and exit status say.
+    /// Every produced message was delivered at least once, and something was produced.
     pub fn all_delivered(&self) -> bool {
         self.missing.is_empty() && self.published > 0
+    }
+
+    /// Something was produced, no acknowledged message was lost (no message at all when the
+    /// acknowledgements are unknown), and every publisher's first deliveries came in order: what
+    /// the harness's PASS and exit status say. Epochs and duplicates are judged by
+    /// [`Verdict::violations`] (the simulation) and reported by the harness.
+    pub fn delivery_ok(&self) -> bool {
+        self.published > 0
+            && self.acked_lost.is_empty()
+            && (self.acks_known || self.missing.is_empty())
+            && self.reordered == 0
     }
 
     /// The broken invariants, in words; empty when the run is clean.
     pub fn violations(&self) -> Vec<String> {
         let mut v = Vec::new();
-        if !self.lost_acked.is_empty() {
+        if !self.acked_lost.is_empty() {
             v.push(format!(
                 "{} acknowledged message(s) lost",
-                self.lost_acked.len()
+                self.acked_lost.len()
             ));
         }
-        if !self.missing.is_empty() {
+        if !self.acks_known && !self.missing.is_empty() {
             v.push(format!(
-                "{} produced message(s) never delivered",
+                "{} produced message(s) never delivered (acknowledgements unknown)",
                 self.missing.len()
             ));
+        }
+        if self.reordered > 0 {
+            let in_link = self
+                .order_events
+                .iter()
+                .filter(|e| e.during_link_fault)
+                .count();
+            v.push(if in_link > 0 {
+                format!(
+                    "{} out-of-order first deliveries ({in_link} during a link fault)",
+                    self.reordered
+                )
+            } else {
+                format!("{} out-of-order first deliveries", self.reordered)
+            });
         }
         if self.epoch_violations > 0 {
             v.push(format!(
@@ -228,11 +289,23 @@ pub fn check(deliveries: &[Delivery], x: &Expect<'_>) -> Verdict {
     let mut all: Vec<&Delivery> = deliveries.iter().collect();
     all.sort_by_key(|d| d.received_at_us);
     let judged = |d: &&&Delivery| x.publisher.is_none_or(|p| d.publisher == p);
+    // Inside a link fault's split-brain window: what excuses an epoch event, and what an order
+    // violation is labelled with (not excused).
+    let excused = |us: u64| {
+        x.faults.iter().any(|f| {
+            f.kind.excuses_split_brain()
+                && us >= f.from_us
+                && us <= excused_until_us(f, x.ping_interval_us)
+        })
+    };
 
-    // 1–3: loss, duplicates, order, over the judged publisher(s).
+    // 1–3: loss, duplicates, order, over the judged publisher(s). Only first deliveries are
+    // judged for order: a duplicate of an old message after newer ones is a resend, not a
+    // reordering.
     let mut seen: HashSet<(&str, u64)> = HashSet::new();
     let mut highest: HashMap<&str, u64> = HashMap::new();
     let mut reordered_by_publisher: BTreeMap<String, u64> = BTreeMap::new();
+    let mut order_events = Vec::new();
     let mut delivered_seqs: BTreeSet<u64> = BTreeSet::new();
     let (mut delivered, mut duplicates) = (0u64, 0u64);
     for d in all.iter().filter(judged) {
@@ -247,13 +320,22 @@ pub fn check(deliveries: &[Delivery], x: &Expect<'_>) -> Verdict {
             *reordered_by_publisher
                 .entry(d.publisher.clone())
                 .or_insert(0) += 1;
+            order_events.push(OrderViolation {
+                received_at_us: d.received_at_us,
+                publisher: d.publisher.clone(),
+                seq: d.seq,
+                after_seq: *h,
+                source: d.source.clone(),
+                epoch: d.epoch,
+                during_link_fault: excused(d.received_at_us),
+            });
         }
         *h = (*h).max(d.seq);
     }
     let missing: Vec<u64> = (1..=x.published)
         .filter(|s| !delivered_seqs.contains(s))
         .collect();
-    let lost_acked: Vec<u64> = x
+    let acked_lost: Vec<u64> = x
         .acked
         .map(|a| {
             a.iter()
@@ -262,20 +344,13 @@ pub fn check(deliveries: &[Delivery], x: &Expect<'_>) -> Verdict {
                 .collect()
         })
         .unwrap_or_default();
-    let unacked_missing: Vec<u64> = missing
+    let unacked_lost: Vec<u64> = missing
         .iter()
         .copied()
         .filter(|s| x.acked.is_none_or(|a| !a.contains(s)))
         .collect();
 
     // 4: epochs, over every delivery.
-    let excused = |us: u64| {
-        x.faults.iter().any(|f| {
-            f.kind.excuses_split_brain()
-                && us >= f.from_us
-                && us <= excused_until_us(f, x.ping_interval_us)
-        })
-    };
     let mut epoch_node: HashMap<u64, &str> = HashMap::new();
     let mut newest = 0u64;
     let mut epoch_events = Vec::new();
@@ -310,13 +385,14 @@ pub fn check(deliveries: &[Delivery], x: &Expect<'_>) -> Verdict {
         delivered,
         unique: seen.len() as u64,
         missing,
-        lost_acked,
-        unacked_missing,
+        acked_lost,
+        unacked_lost,
         acks_known: x.acked.is_some(),
         duplicates,
         duplicate_bound: duplicate_bound(x.resend, x.faults.len()),
         reordered: reordered_by_publisher.values().sum(),
         reordered_by_publisher,
+        order_events,
         epoch_violations: epoch_events.len() as u64 - split_brain,
         split_brain,
         epoch_events,

@@ -130,6 +130,82 @@ fn short_harness_run_delivers_everything_across_a_sigkill() {
     assert!(rows > 0, "no delivery came from the backup");
 }
 
+#[test]
+fn power_loss_of_both_nodes_loses_no_acknowledged_message() {
+    // Both nodes SIGKILLed at 3 s and restarted 1 s later on their data dirs; 3 s of publishing
+    // after the fault, so messages are acknowledged before, during (the publisher holds them)
+    // and after the outage.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("run");
+    let bin = assert_cmd::cargo::cargo_bin("harness");
+    broker_binaries_are_built(bin.parent().expect("bin dir"));
+    let run = run_harness(
+        &[
+            "--scenario",
+            "power-loss",
+            "--kill-at",
+            "3s",
+            "--after",
+            "3s",
+            "--restart-after",
+            "1s",
+            "--port",
+            "0",
+            "--out-dir",
+            out.to_str().expect("utf-8 path"),
+        ],
+        None,
+    );
+    assert_eq!(
+        run.code,
+        Some(0),
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(run.stdout.contains("PASS"), "{}", run.stdout);
+    for node in ["primary", "backup"] {
+        assert!(
+            run.stdout.contains(&format!("SIGKILL sent to the {node}"))
+                && run.stdout.contains(&format!("{node} restarted")),
+            "the {node} was not killed and restarted:\n{}",
+            run.stdout
+        );
+    }
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("summary.json")).expect("summary.json"),
+    )
+    .expect("summary.json parses");
+    let c = &summary["check"];
+    assert_eq!(c["acks_known"], true, "{c}");
+    assert_eq!(c["acked_lost"], serde_json::json!([]), "{c}");
+    assert_eq!(c["reordered"], 0, "{c}");
+    // The publisher's acknowledgements were read, and span the outage.
+    let acks = edgepair_lab::report::read_acks(&out.join("acks.csv")).expect("acks.csv");
+    let published = summary["analysis"]["published"].as_u64().unwrap_or(0);
+    assert!(published >= 50, "{summary}");
+    assert!(
+        acks.len() as u64 >= published - 5,
+        "{} of {published} acknowledged",
+        acks.len()
+    );
+    // The subscriber came back by itself: subscribed to both nodes again after the restart,
+    // and received from them what was published after it.
+    let sub_log = std::fs::read_to_string(out.join("subscriber.log")).expect("subscriber.log");
+    assert!(
+        sub_log.matches("subscribed to").count() >= 4,
+        "the subscriber did not resubscribe:\n{sub_log}"
+    );
+    let deliveries =
+        edgepair_lab::report::read_deliveries(&out.join("deliveries.csv")).expect("csv");
+    let last = deliveries.iter().map(|d| d.seq).max().unwrap_or(0);
+    assert!(
+        last >= published.saturating_sub(1),
+        "last delivered {last} of {published}"
+    );
+    assert_no_child_left(&run);
+}
+
 /// Output and exit status of one harness run, with the PIDs and names of every child it had
 /// (sampled from /proc while it ran).
 struct Run {

@@ -13,7 +13,8 @@ mod publisher;
 mod subscriber;
 
 pub use publisher::{
-    new_publisher_id, print_event, run_publisher, PubEvent, PubSummary, PublisherConfig,
+    new_publisher_id, print_event, run_publisher, AckLog, AckRecord, PubEvent, PubSummary,
+    PublisherConfig, ACK_COLUMNS,
 };
 pub use subscriber::{run_subscriber, Delivery, DeliverySink, PrintSink, SubscriberConfig};
 

@@ -299,6 +299,48 @@ fn switch(events: &mpsc::UnboundedSender<PubEvent>, from: usize, reason: &str) -
     to
 }
 
+/// Columns of an acknowledgement CSV (`test-publisher --acks FILE`), in order.
+pub const ACK_COLUMNS: [&str; 3] = ["seq", "acked_at_us", "broker"];
+
+/// One acknowledged message: one row of an acknowledgement CSV.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AckRecord {
+    /// Sequence number.
+    pub seq: u64,
+    /// When the publisher saw its (first) `ACK`, µs since the Unix epoch.
+    pub acked_at_us: u64,
+    /// The broker that acknowledged it (`primary` or `backup`, the address it was given as).
+    pub broker: String,
+}
+
+/// Writes one [`AckRecord`] per acknowledged message, flushed row by row, so that what a
+/// publisher got acknowledged survives however it stops.
+pub struct AckLog<W: std::io::Write> {
+    w: csv::Writer<W>,
+}
+
+impl<W: std::io::Write> AckLog<W> {
+    /// An acknowledgement CSV on `w`; the header is written with the first row.
+    pub fn new(w: W) -> Self {
+        AckLog {
+            w: csv::Writer::from_writer(w),
+        }
+    }
+
+    /// Records `e` if it is an [`PubEvent::Acked`], stamped now.
+    pub fn event(&mut self, e: &PubEvent) -> std::io::Result<()> {
+        if let PubEvent::Acked { seq, broker, .. } = e {
+            self.w.serialize(AckRecord {
+                seq: *seq,
+                acked_at_us: now_us(),
+                broker: broker_name(*broker).to_string(),
+            })?;
+            self.w.flush()?;
+        }
+        Ok(())
+    }
+}
+
 /// Prints publisher events the way the binaries show them.
 pub fn print_event(e: &PubEvent) {
     match e {

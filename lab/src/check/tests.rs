@@ -57,6 +57,7 @@ fn fault(kind: FaultKind, from_ms: u64, to_ms: u64) -> FaultSpan {
 fn a_clean_run_has_no_violation() {
     let v = check(&clean(10), &expect(10, &[], None));
     assert!(v.all_delivered());
+    assert!(v.delivery_ok());
     assert!(v.violations().is_empty(), "{:?}", v.violations());
     assert_eq!(
         (v.delivered, v.unique, v.duplicates, v.reordered),
@@ -66,32 +67,46 @@ fn a_clean_run_has_no_violation() {
 }
 
 #[test]
-fn acknowledged_and_unacknowledged_losses_are_counted_apart() {
+fn an_acknowledged_message_lost_is_a_violation_an_unacknowledged_one_is_counted() {
     let mut rows = clean(10);
     rows.retain(|r| r.seq != 4 && r.seq != 9);
-    let acked: BTreeSet<u64> = (1..=8).collect();
+    // 9 was never acknowledged (the publisher stopped first): counted, not a violation.
+    let acked: BTreeSet<u64> = (1..=8).chain([10]).collect();
     let v = check(&rows, &expect(10, &[], Some(&acked)));
     assert_eq!(v.missing, vec![4, 9]);
-    assert_eq!(v.lost_acked, vec![4]);
-    assert_eq!(v.unacked_missing, vec![9]);
+    assert_eq!(v.acked_lost, vec![4]);
+    assert_eq!(v.unacked_lost, vec![9]);
     assert!(!v.all_delivered());
+    assert!(!v.delivery_ok());
     assert_eq!(
         v.violations(),
-        vec![
-            "1 acknowledged message(s) lost".to_string(),
-            "2 produced message(s) never delivered".to_string()
-        ]
+        vec!["1 acknowledged message(s) lost".to_string()]
     );
-    // Acks unknown (the harness): every missing message is unacknowledged, none is "lost acked".
+    // Only the unacknowledged one missing: counted, and the run passes.
+    let rows: Vec<Delivery> = clean(10).into_iter().filter(|r| r.seq != 9).collect();
+    let v = check(&rows, &expect(10, &[], Some(&acked)));
+    assert_eq!(
+        (v.acked_lost.clone(), v.unacked_lost.clone()),
+        (vec![], vec![9])
+    );
+    assert!(v.delivery_ok());
+    assert!(v.violations().is_empty(), "{:?}", v.violations());
+    // Acks unknown: nothing tells the two apart, so every missing message is a violation.
     let v = check(&rows, &expect(10, &[], None));
     assert_eq!(
-        (v.lost_acked.clone(), v.unacked_missing.clone()),
-        (vec![], vec![4, 9])
+        (v.acked_lost.clone(), v.unacked_lost.clone()),
+        (vec![], vec![9])
     );
     assert!(!v.acks_known);
+    assert!(!v.delivery_ok());
+    assert_eq!(
+        v.violations(),
+        vec!["1 produced message(s) never delivered (acknowledgements unknown)".to_string()]
+    );
     // Nothing published is a failure, not a pass.
     let v = check(&[], &expect(0, &[], None));
     assert!(!v.all_delivered());
+    assert!(!v.delivery_ok());
     assert_eq!(v.violations(), vec!["nothing published".to_string()]);
 }
 
@@ -142,7 +157,7 @@ fn duplicates_are_judged_against_a_bound_from_the_faults() {
 }
 
 #[test]
-fn reordering_is_counted_per_publisher() {
+fn an_out_of_order_first_delivery_is_a_violation_per_publisher() {
     let mut rows = vec![
         d(1, 100, "primary", 1),
         d(3, 200, "primary", 1),
@@ -152,10 +167,30 @@ fn reordering_is_counted_per_publisher() {
     let v = check(&rows, &expect(4, &[], None));
     assert_eq!(v.reordered, 1);
     assert_eq!(v.reordered_by_publisher.get("p"), Some(&1));
-    assert!(
-        v.violations().is_empty(),
-        "reordering is reported, not a violation"
+    assert!(!v.delivery_ok());
+    assert_eq!(
+        v.violations(),
+        vec!["1 out-of-order first deliveries".to_string()]
     );
+    assert_eq!((v.order_events[0].seq, v.order_events[0].after_seq), (2, 3));
+    // Inside a link fault's window it is still a violation, labelled as such.
+    let f = [fault(FaultKind::Partition, 250, 260)];
+    let v = check(&rows, &expect(4, &f, None));
+    assert!(v.order_events[0].during_link_fault);
+    assert!(!v.delivery_ok());
+    assert_eq!(
+        v.violations(),
+        vec!["1 out-of-order first deliveries (1 during a link fault)".to_string()]
+    );
+    // The same messages in order are clean; a duplicate of an old one after newer ones (a
+    // resend) is a duplicate, not a reordering.
+    let mut in_order = clean(4);
+    in_order.push(d(2, 500, "backup", 2));
+    let faults = [fault(FaultKind::Crash, 450, 450)];
+    let v = check(&in_order, &expect(4, &faults, None));
+    assert_eq!((v.reordered, v.duplicates), (0, 1));
+    assert!(v.delivery_ok());
+    assert!(v.violations().is_empty(), "{:?}", v.violations());
     // Another publisher's low numbers after p's high ones are not a reordering of either.
     for (i, s) in [1u64, 2].into_iter().enumerate() {
         let mut q = d(s, 500 + i as u64 * 100, "primary", 1);

@@ -7,8 +7,9 @@ use tokio::time::Instant;
 use super::*;
 use edgepair::clock::now_us;
 /// Runs every scenario (`--repeat` times each) and writes `matrix.csv` and `matrix.md` under
-/// `<out>/<timestamp>/`, one sub-folder per run. Ok(true) when nothing was missing anywhere
-/// except where a partition is allowed to lose (it is reported, not judged).
+/// `<out>/<timestamp>/`, one sub-folder per run. Ok(true) when every run passed (no
+/// acknowledged message lost, first deliveries in order), `partition-peers` aside (it is
+/// reported, not judged).
 pub async fn run_matrix(mut opts: HarnessOpts) -> anyhow::Result<bool> {
     if opts.kill_at == Duration::from_secs(30) && opts.after == Duration::from_secs(10) {
         opts.kill_at = Duration::from_secs(5);
@@ -45,6 +46,9 @@ pub async fn run_matrix(mut opts: HarnessOpts) -> anyhow::Result<bool> {
                 verdict: if a.verdict_ok { "PASS" } else { "FAIL" }.to_string(),
                 published: a.published,
                 missing: a.missing.len() as u64,
+                acked_lost: a.acked_lost.len() as u64,
+                unacked_lost: a.unacked_lost.len() as u64,
+                reordered: a.reordered,
                 duplicates: a.duplicates,
                 failover_gap_ms: a.failover_gap_ms,
                 longest_silence_ms: a.longest_silence_ms,
@@ -58,16 +62,18 @@ pub async fn run_matrix(mut opts: HarnessOpts) -> anyhow::Result<bool> {
     }
     w.flush()?;
     let mut md = String::from(
-        "| scenario | run | verdict | published | missing | duplicates | failover gap (ms) | longest silence (ms) | p99 latency (ms) |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | run | verdict | published | acked lost | unacked lost | reordered | duplicates | failover gap (ms) | longest silence (ms) | p99 latency (ms) |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in &rows {
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} |\n",
             r.scenario,
             r.run,
             r.verdict,
             r.published,
-            r.missing,
+            r.acked_lost,
+            r.unacked_lost,
+            r.reordered,
             r.duplicates,
             r.failover_gap_ms
                 .map_or("-".to_string(), |g| format!("{g:.0}")),
@@ -97,8 +103,14 @@ pub struct MatrixRow {
     pub verdict: String,
     /// Messages published.
     pub published: u64,
-    /// Messages missing.
+    /// Messages missing (acknowledged or not).
     pub missing: u64,
+    /// Acknowledged messages never delivered (must be 0).
+    pub acked_lost: u64,
+    /// Unacknowledged messages never delivered (counted, not judged).
+    pub unacked_lost: u64,
+    /// Out-of-order first deliveries (must be 0).
+    pub reordered: u64,
     /// Duplicate deliveries.
     pub duplicates: u64,
     /// Fault → first backup delivery.

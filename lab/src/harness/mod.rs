@@ -3,8 +3,9 @@
 //! It starts the real binaries as child processes (primary, backup, subscriber, test publisher),
 //! waits until each is ready (brokers answer `STATUS`, the subscriber says it is subscribed to
 //! both), kills the primary with the chosen signal at the chosen time, keeps publishing, stops the
-//! publisher (which still collects its outstanding `ACK`s), lets the subscriber drain, and then
-//! analyses the subscriber's CSV with [`crate::report`]. No process outlives the harness: every
+//! publisher (which still collects its outstanding `ACK`s and has written each one to
+//! `acks.csv`), lets the subscriber drain, and then judges the subscriber's CSV against what was
+//! acknowledged with [`crate::report`]. No process outlives the harness: every
 //! child is killed by its PID on success, on failure and on Ctrl-C.
 
 use std::path::PathBuf;
@@ -77,11 +78,16 @@ pub enum Scenario {
     PartitionPeers,
     /// Add `--delay` each way on the primary↔backup link for `--fault-for`.
     SlowLink,
+    /// SIGKILL both nodes at once, restart both after `--restart-after` on their data dirs:
+    /// every acknowledged message must come back from their logs.
+    PowerLoss,
+    /// SIGTERM both nodes at once (clean stops), restart both after `--restart-after`.
+    RestartBoth,
 }
 
 impl Scenario {
     /// Every scenario, in the order the matrix runs them.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::KillPrimary,
         Scenario::TermPrimary,
         Scenario::HangPrimary,
@@ -89,6 +95,8 @@ impl Scenario {
         Scenario::RestartPrimary,
         Scenario::PartitionPeers,
         Scenario::SlowLink,
+        Scenario::PowerLoss,
+        Scenario::RestartBoth,
     ];
 
     /// Name as given on the command line.
@@ -101,6 +109,8 @@ impl Scenario {
             Scenario::RestartPrimary => "restart-primary",
             Scenario::PartitionPeers => "partition-peers",
             Scenario::SlowLink => "slow-link",
+            Scenario::PowerLoss => "power-loss",
+            Scenario::RestartBoth => "restart-both",
         }
     }
 
@@ -131,7 +141,8 @@ pub struct HarnessOpts {
     /// How long a hung primary stays stopped before SIGCONT.
     #[arg(long, value_parser = parse_duration, default_value = "3s")]
     pub hang_for: Duration,
-    /// How long after its kill a node is restarted (`restart-primary`, chaos).
+    /// How long after its kill a node is restarted (`restart-primary`, `power-loss`,
+    /// `restart-both`, chaos).
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     pub restart_after: Duration,
     /// How long a network fault lasts (`partition-peers`, `slow-link`).

@@ -37,16 +37,22 @@ pub enum ChaosFault {
     Partition,
     /// Delay the peer link for a while.
     SlowLink,
+    /// SIGKILL both nodes at once, restart both later (on their data dirs).
+    PowerLoss,
+    /// SIGTERM both nodes at once, restart both later.
+    RestartBoth,
 }
 
 impl ChaosFault {
-    pub(crate) const ALL: [ChaosFault; 6] = [
+    pub(crate) const ALL: [ChaosFault; 8] = [
         ChaosFault::KillActive,
         ChaosFault::TermActive,
         ChaosFault::HangActive,
         ChaosFault::KillStandby,
         ChaosFault::Partition,
         ChaosFault::SlowLink,
+        ChaosFault::PowerLoss,
+        ChaosFault::RestartBoth,
     ];
 
     /// Name used in reports.
@@ -58,6 +64,8 @@ impl ChaosFault {
             ChaosFault::KillStandby => "kill-standby",
             ChaosFault::Partition => "partition-peers",
             ChaosFault::SlowLink => "slow-link",
+            ChaosFault::PowerLoss => "power-loss",
+            ChaosFault::RestartBoth => "restart-both",
         }
     }
 }
@@ -101,7 +109,20 @@ pub(crate) fn plan(opts: &HarnessOpts, scenario: Scenario) -> Vec<(Duration, Act
             (t, Action::Link(Fault::Delay(opts.delay))),
             (t + opts.fault_for, Action::Link(Fault::Pass)),
         ],
+        Scenario::PowerLoss => both_down(t, opts.restart_after, KillSignal::Kill),
+        Scenario::RestartBoth => both_down(t, opts.restart_after, KillSignal::Term),
     }
+}
+
+/// Both nodes signalled at `at` (the primary first, microseconds apart) and both restarted
+/// `restart_after` later, on their data dirs.
+fn both_down(at: Duration, restart_after: Duration, sig: KillSignal) -> Vec<(Duration, Action)> {
+    vec![
+        (at, Action::Signal(0, sig)),
+        (at, Action::Signal(1, sig)),
+        (at + restart_after, Action::Restart(0)),
+        (at + restart_after, Action::Restart(1)),
+    ]
 }
 
 /// The scenario a run uses: `--signal` overrides the primary-fault scenarios.
@@ -120,5 +141,62 @@ pub fn effective_scenario(opts: &HarnessOpts) -> Scenario {
             Scenario::KillPrimary | Scenario::TermPrimary | Scenario::HangPrimary,
         ) => Scenario::HangPrimary,
         (_, s) => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        opts: HarnessOpts,
+    }
+
+    fn opts(args: &[&str]) -> HarnessOpts {
+        Cli::parse_from(std::iter::once("harness").chain(args.iter().copied())).opts
+    }
+
+    #[test]
+    fn both_down_scenarios_signal_both_nodes_then_restart_both() {
+        let o = opts(&["--kill-at", "3s", "--restart-after", "1s"]);
+        let (t, r) = (Duration::from_secs(3), Duration::from_secs(4));
+        assert_eq!(
+            plan(&o, Scenario::PowerLoss),
+            vec![
+                (t, Action::Signal(0, KillSignal::Kill)),
+                (t, Action::Signal(1, KillSignal::Kill)),
+                (r, Action::Restart(0)),
+                (r, Action::Restart(1)),
+            ]
+        );
+        assert_eq!(
+            plan(&o, Scenario::RestartBoth),
+            vec![
+                (t, Action::Signal(0, KillSignal::Term)),
+                (t, Action::Signal(1, KillSignal::Term)),
+                (r, Action::Restart(0)),
+                (r, Action::Restart(1)),
+            ]
+        );
+        assert!(Scenario::ALL.contains(&Scenario::PowerLoss));
+        assert!(Scenario::ALL.contains(&Scenario::RestartBoth));
+    }
+
+    #[test]
+    fn chaos_draws_both_down_faults() {
+        let o = opts(&["--cycles", "50"]);
+        let drawn: Vec<ChaosFault> = chaos_plan(&o, 7)
+            .into_iter()
+            .filter_map(|(_, a)| match a {
+                Action::Chaos(f) => Some(f),
+                _ => None,
+            })
+            .collect();
+        for f in [ChaosFault::PowerLoss, ChaosFault::RestartBoth] {
+            assert!(drawn.contains(&f), "{f:?} never drawn in {drawn:?}");
+        }
     }
 }

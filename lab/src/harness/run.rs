@@ -17,8 +17,11 @@ use super::{chaos::*, plan::*, progress::*};
 use crate::procs::*;
 use edgepair::clock::now_us;
 use edgepair::net::Net;
-/// Runs the whole scenario and writes the report. The returned analysis says whether anything
-/// was missing; the caller turns that into the exit status.
+/// How long a restart waits for a node it sent SIGTERM to to finish stopping before it kills it.
+const TERM_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs the whole scenario and writes the report. The returned analysis says whether the run
+/// passed (`verdict_ok`); the caller turns that into the exit status.
 pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     if !(opts.rate.is_finite() && opts.rate > 0.0) {
         bail!("--rate must be a positive number of messages per second");
@@ -179,6 +182,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         },
     )
     .await?;
+    let acks_path = dir.join("acks.csv");
     let targs = vec![
         opts.topic.clone(),
         primary.clone(),
@@ -189,6 +193,8 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         publisher_id.clone(),
         "--give-up".into(),
         "5s".into(),
+        "--acks".into(),
+        acks_path.display().to_string(),
     ];
     // A node holds the results it computes in its first STARTUP_GRACE (documented in
     // BACKUP_SYSTEM.md), so that subscribers it lost in a previous life can come back first.
@@ -217,54 +223,77 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     loop {
         let elapsed = run_start.elapsed();
         while next < faults.len() && elapsed >= faults[next].0 {
-            let (_, mut action) = faults[next];
+            let (_, action) = faults[next];
             next += 1;
             fault_us.get_or_insert_with(now_us);
             let mut chaos_note = String::new();
+            let mut actions = vec![action];
             if let Action::Chaos(kind) = action {
-                // Aim at whichever node is active now, and schedule the healing step.
+                // Aim at whichever node is active now, and schedule the healing steps.
                 let active = active_node(&primary, &backup).await;
                 let standby = 1 - active;
-                let heal_at = |d: Duration| elapsed + d;
-                let (act, target, heal) = match kind {
+                let (acts, target, heal_after, heals): (
+                    Vec<Action>,
+                    &'static str,
+                    Duration,
+                    Vec<Action>,
+                ) = match kind {
                     ChaosFault::KillActive => (
-                        Action::Signal(active, KillSignal::Kill),
+                        vec![Action::Signal(active, KillSignal::Kill)],
                         label[active],
-                        Some((heal_at(opts.restart_after), Action::Restart(active))),
+                        opts.restart_after,
+                        vec![Action::Restart(active)],
                     ),
                     ChaosFault::TermActive => (
-                        Action::Signal(active, KillSignal::Term),
+                        vec![Action::Signal(active, KillSignal::Term)],
                         label[active],
-                        Some((heal_at(opts.restart_after), Action::Restart(active))),
+                        opts.restart_after,
+                        vec![Action::Restart(active)],
                     ),
                     ChaosFault::HangActive => (
-                        Action::Signal(active, KillSignal::Stop),
+                        vec![Action::Signal(active, KillSignal::Stop)],
                         label[active],
-                        Some((heal_at(opts.hang_for), Action::Resume(active))),
+                        opts.hang_for,
+                        vec![Action::Resume(active)],
                     ),
                     ChaosFault::KillStandby => (
-                        Action::Signal(standby, KillSignal::Kill),
+                        vec![Action::Signal(standby, KillSignal::Kill)],
                         label[standby],
-                        Some((heal_at(opts.restart_after), Action::Restart(standby))),
+                        opts.restart_after,
+                        vec![Action::Restart(standby)],
                     ),
                     ChaosFault::Partition => (
-                        Action::Link(Fault::Blackhole),
+                        vec![Action::Link(Fault::Blackhole)],
                         "link",
-                        Some((heal_at(opts.fault_for), Action::Link(Fault::Pass))),
+                        opts.fault_for,
+                        vec![Action::Link(Fault::Pass)],
                     ),
                     ChaosFault::SlowLink => (
-                        Action::Link(Fault::Delay(opts.delay)),
+                        vec![Action::Link(Fault::Delay(opts.delay))],
                         "link",
-                        Some((heal_at(opts.fault_for), Action::Link(Fault::Pass))),
+                        opts.fault_for,
+                        vec![Action::Link(Fault::Pass)],
                     ),
+                    ChaosFault::PowerLoss | ChaosFault::RestartBoth => {
+                        let sig = if kind == ChaosFault::PowerLoss {
+                            KillSignal::Kill
+                        } else {
+                            KillSignal::Term
+                        };
+                        (
+                            vec![Action::Signal(active, sig), Action::Signal(standby, sig)],
+                            "both",
+                            opts.restart_after,
+                            vec![Action::Restart(active), Action::Restart(standby)],
+                        )
+                    }
                 };
-                if let Some(h) = heal {
-                    let pos = faults[next..]
-                        .iter()
-                        .position(|f| f.0 > h.0)
-                        .map_or(faults.len(), |p| next + p);
-                    faults.insert(pos, h);
-                }
+                let heal_at = elapsed + heal_after;
+                let pos = faults[next..]
+                    .iter()
+                    .position(|f| f.0 > heal_at)
+                    .map_or(faults.len(), |p| next + p);
+                faults.splice(pos..pos, heals.into_iter().map(|h| (heal_at, h)));
                 chaos_events.push(ChaosEvent {
                     cycle: chaos_events.len() + 1,
                     at_us: now_us(),
@@ -277,78 +306,86 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
                     delivered: 0,
                 });
                 chaos_note = format!("chaos cycle {}: {} → ", chaos_events.len(), kind.name());
-                action = act;
+                actions = acts;
             }
-            let now = now_us();
-            let mut begin = |slot: usize, kind: check::FaultKind| {
-                open[slot] = Some(spans.len());
-                spans.push(check::FaultSpan {
-                    kind,
-                    from_us: now,
-                    to_us: now,
-                });
-            };
-            match action {
-                Action::Signal(i, KillSignal::Stop) => begin(i, check::FaultKind::Hang),
-                Action::Signal(i, _) => begin(i, check::FaultKind::Crash),
-                Action::Link(Fault::Blackhole | Fault::Reset) => {
-                    begin(2, check::FaultKind::Partition)
-                }
-                Action::Link(Fault::Delay(_)) => begin(2, check::FaultKind::Latency),
-                Action::Resume(i) | Action::Restart(i) => {
-                    if let Some(k) = open[i].take() {
-                        spans[k].to_us = now;
+            for action in actions {
+                let now = now_us();
+                let mut begin = |slot: usize, kind: check::FaultKind| {
+                    open[slot] = Some(spans.len());
+                    spans.push(check::FaultSpan {
+                        kind,
+                        from_us: now,
+                        to_us: now,
+                    });
+                };
+                match action {
+                    Action::Signal(i, KillSignal::Stop) => begin(i, check::FaultKind::Hang),
+                    Action::Signal(i, _) => begin(i, check::FaultKind::Crash),
+                    Action::Link(Fault::Blackhole | Fault::Reset) => {
+                        begin(2, check::FaultKind::Partition)
                     }
-                }
-                Action::Link(Fault::Pass) => {
-                    if let Some(k) = open[2].take() {
-                        spans[k].to_us = now;
+                    Action::Link(Fault::Delay(_)) => begin(2, check::FaultKind::Latency),
+                    Action::Resume(i) | Action::Restart(i) => {
+                        if let Some(k) = open[i].take() {
+                            spans[k].to_us = now;
+                        }
                     }
+                    Action::Link(Fault::Pass) => {
+                        if let Some(k) = open[2].take() {
+                            spans[k].to_us = now;
+                        }
+                    }
+                    Action::Chaos(_) => {}
                 }
-                Action::Chaos(_) => {}
+                let what = match action {
+                    Action::Signal(i, sig) => {
+                        procs[i].signal(sig.number());
+                        procs[i].stopped = sig == KillSignal::Stop;
+                        format!(
+                            "{} sent to the {} (pid {})",
+                            sig.name(),
+                            node_bins[i],
+                            procs[i].pid().unwrap_or(0)
+                        )
+                    }
+                    Action::Resume(i) => {
+                        procs[i].signal(libc::SIGCONT);
+                        procs[i].stopped = false;
+                        format!("SIGCONT sent to the {}", node_bins[i])
+                    }
+                    Action::Restart(i) => {
+                        if let Ok(None) = procs[i].child.try_wait() {
+                            // A TERM still being honoured: let the clean stop finish (a stop
+                            // turned into a crash would be another scenario), then make sure.
+                            if tokio::time::timeout(TERM_GRACE, procs[i].child.wait())
+                                .await
+                                .is_err()
+                            {
+                                let _ = procs[i].child.kill().await;
+                            }
+                        }
+                        let _ = procs[i].child.wait().await;
+                        procs[i] =
+                            spawn_logged(&bin_dir, node_bins[i], &node_args[i], &dir, ltx.clone())?;
+                        format!(
+                            "{} restarted (pid {})",
+                            node_bins[i],
+                            procs[i].pid().unwrap_or(0)
+                        )
+                    }
+                    Action::Link(f) => {
+                        for p in &proxies {
+                            p.set(f);
+                        }
+                        format!("primary<->backup link: {f:?}")
+                    }
+                    Action::Chaos(_) => String::new(),
+                };
+                progress.println(&format!(
+                    "{:>6.2}s  {chaos_note}{what}",
+                    elapsed.as_secs_f64()
+                ));
             }
-            let what = match action {
-                Action::Signal(i, sig) => {
-                    procs[i].signal(sig.number());
-                    procs[i].stopped = sig == KillSignal::Stop;
-                    format!(
-                        "{} sent to the {} (pid {})",
-                        sig.name(),
-                        node_bins[i],
-                        procs[i].pid().unwrap_or(0)
-                    )
-                }
-                Action::Resume(i) => {
-                    procs[i].signal(libc::SIGCONT);
-                    procs[i].stopped = false;
-                    format!("SIGCONT sent to the {}", node_bins[i])
-                }
-                Action::Restart(i) => {
-                    if let Ok(None) = procs[i].child.try_wait() {
-                        // Still running (a TERM not yet honoured): make sure it is gone.
-                        let _ = procs[i].child.kill().await;
-                    }
-                    let _ = procs[i].child.wait().await;
-                    procs[i] =
-                        spawn_logged(&bin_dir, node_bins[i], &node_args[i], &dir, ltx.clone())?;
-                    format!(
-                        "{} restarted (pid {})",
-                        node_bins[i],
-                        procs[i].pid().unwrap_or(0)
-                    )
-                }
-                Action::Link(f) => {
-                    for p in &proxies {
-                        p.set(f);
-                    }
-                    format!("primary<->backup link: {f:?}")
-                }
-                Action::Chaos(_) => String::new(),
-            };
-            progress.println(&format!(
-                "{:>6.2}s  {chaos_note}{what}",
-                elapsed.as_secs_f64()
-            ));
         }
         if elapsed >= total {
             break;
@@ -434,6 +471,15 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         );
     }
 
+    // What the publisher got acknowledged: without it (an unreadable file) every missing
+    // message is judged as lost.
+    let acked = match report::read_acks(&acks_path) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            println!("note: acknowledgements unknown ({e:#}): every missing message counts");
+            None
+        }
+    };
     let deliveries = report::read_deliveries(&csv_path)?;
     let info = report::RunInfo {
         published,
@@ -456,6 +502,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         // The binaries' defaults: the harness passes neither `--resend` nor `--ping-interval`.
         resend: 5,
         ping_interval_us: 1_000_000,
+        acked,
         signal: match faults.first().map(|f| f.1) {
             Some(Action::Signal(_, s)) => s.name().to_string(),
             Some(Action::Link(f)) => format!("{f:?}"),

@@ -22,7 +22,7 @@
 //! * `timeline.svg`: sequence number against time, coloured by broker, the fault marked and the
 //!   failover gap shaded; `latency.svg`: end-to-end latency of every delivery against time.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -117,6 +117,23 @@ pub struct RunInfo {
     /// The backup's ping interval, µs (`--ping-interval`, default 1 s).
     #[serde(default = "default_ping_interval_us")]
     pub ping_interval_us: u64,
+    /// The sequence numbers the test publisher got acknowledged (`test-publisher --acks`), when
+    /// known. Not written out: the verdict lists what of it was lost.
+    #[serde(skip)]
+    pub acked: Option<BTreeSet<u64>>,
+}
+
+/// Reads an acknowledgement CSV (`test-publisher --acks FILE`) into the acknowledged sequence
+/// numbers; a bad row is an error naming its line.
+pub fn read_acks(path: &Path) -> anyhow::Result<BTreeSet<u64>> {
+    let mut r =
+        csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = BTreeSet::new();
+    for (i, row) in r.deserialize::<edgepair::client::AckRecord>().enumerate() {
+        let row = row.with_context(|| format!("{}: bad row at line {}", path.display(), i + 2))?;
+        out.insert(row.seq);
+    }
+    Ok(out)
 }
 
 fn default_resend() -> u64 {
@@ -187,9 +204,18 @@ pub struct Analysis {
     pub unique: u64,
     /// Sequence numbers in `1..=published` never delivered.
     pub missing: Vec<u64>,
+    /// Of those, the acknowledged ones: each one fails the run.
+    #[serde(default)]
+    pub acked_lost: Vec<u64>,
+    /// Of those, the unacknowledged ones (all of them when the acknowledgements are unknown).
+    #[serde(default)]
+    pub unacked_lost: Vec<u64>,
+    /// Whether the publisher's acknowledgements were known (read from its `--acks` file).
+    #[serde(default)]
+    pub acks_known: bool,
     /// Deliveries of a sequence number seen before.
     pub duplicates: u64,
-    /// First deliveries that came after a higher sequence number.
+    /// First deliveries that came after a higher sequence number: each one fails the run.
     pub reordered: u64,
     /// Deliveries that arrived from the primary.
     pub by_primary: u64,
@@ -213,7 +239,8 @@ pub struct Analysis {
     pub stages: Vec<(String, Percentiles)>,
     /// Silences and missing ranges.
     pub gaps: Vec<Gap>,
-    /// Nothing missing (and something published).
+    /// Something published, no acknowledged message lost (nothing missing at all when the
+    /// acknowledgements are unknown), first deliveries in order ([`Verdict::delivery_ok`]).
     pub verdict_ok: bool,
     /// The checker's whole verdict ([`crate::check`]): the figures above that judge the run come
     /// from it; written to `summary.json` as `check`, beside `analysis`.
@@ -250,7 +277,7 @@ pub fn analyze(all: &[Delivery], info: &RunInfo) -> Analysis {
         &check::Expect {
             publisher: info.publisher.as_deref(),
             published: info.published,
-            acked: None,
+            acked: info.acked.as_ref(),
             faults: &info.faults,
             resend: info.resend,
             ping_interval_us: info.ping_interval_us,
@@ -364,8 +391,11 @@ pub fn analyze(all: &[Delivery], info: &RunInfo) -> Analysis {
         published: verdict.published,
         delivered: verdict.delivered,
         unique: verdict.unique,
-        verdict_ok: verdict.all_delivered(),
+        verdict_ok: verdict.delivery_ok(),
         missing: verdict.missing.clone(),
+        acked_lost: verdict.acked_lost.clone(),
+        unacked_lost: verdict.unacked_lost.clone(),
+        acks_known: verdict.acks_known,
         duplicates: verdict.duplicates,
         reordered: verdict.reordered,
         by_primary: rows.len() as u64 - by_backup,
@@ -419,12 +449,40 @@ fn ranges(v: &[u64]) -> String {
 /// The verdict and the table printed at the end of a run.
 pub fn render_table(a: &Analysis) -> String {
     let mut s = String::new();
-    let verdict = if a.verdict_ok {
-        "PASS: every published message was delivered at least once"
-    } else if a.published == 0 {
-        "FAIL: nothing was published"
+    let verdict = if a.published == 0 {
+        "FAIL: nothing was published".to_string()
+    } else if a.verdict_ok && a.missing.is_empty() {
+        "PASS: every published message was delivered at least once, in order".to_string()
+    } else if a.verdict_ok {
+        format!(
+            "PASS: every acknowledged message was delivered, in order ({} unacknowledged never delivered)",
+            a.unacked_lost.len()
+        )
     } else {
-        "FAIL: messages are missing"
+        let mut why = Vec::new();
+        if !a.acked_lost.is_empty() {
+            why.push(format!(
+                "{} acknowledged message(s) lost",
+                a.acked_lost.len()
+            ));
+        }
+        if !a.acks_known && !a.missing.is_empty() {
+            why.push(format!(
+                "{} message(s) missing (acknowledgements unknown)",
+                a.missing.len()
+            ));
+        }
+        if a.reordered > 0 {
+            why.push(format!("{} out-of-order first deliveries", a.reordered));
+        }
+        format!("FAIL: {}", why.join(", "))
+    };
+    let list = |v: &[u64]| {
+        if v.is_empty() {
+            "0".to_string()
+        } else {
+            format!("{} ({})", v.len(), ranges(v))
+        }
     };
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
     let _ = writeln!(s, "{verdict}");
@@ -446,6 +504,15 @@ pub fn render_table(a: &Analysis) -> String {
                 format!("{} ({})", a.missing.len(), ranges(&a.missing))
             },
         ),
+        (
+            "acked lost",
+            if a.acks_known {
+                list(&a.acked_lost)
+            } else {
+                "? (acknowledgements unknown)".to_string()
+            },
+        ),
+        ("unacked lost", list(&a.unacked_lost)),
         ("duplicates", a.duplicates.to_string()),
         ("reordered", a.reordered.to_string()),
         (

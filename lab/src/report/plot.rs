@@ -150,11 +150,12 @@ pub(super) fn timeline_svg(
     let root = SVGBackend::new(path, (1000, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let title = format!(
-        "{} — {}: {} published, {} missing, {} duplicates, failover gap {}",
+        "{} — {}: {} published, {} missing ({} acknowledged), {} duplicates, failover gap {}",
         info.scenario,
         if a.verdict_ok { "PASS" } else { "FAIL" },
         a.published,
         a.missing.len(),
+        a.acked_lost.len(),
         a.duplicates,
         a.failover_gap_ms
             .map_or("-".into(), |g| format!("{g:.0} ms"))

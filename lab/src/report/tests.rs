@@ -35,6 +35,7 @@ fn info(published: u64, kill_ms: Option<u64>) -> RunInfo {
         faults: Vec::new(),
         resend: 5,
         ping_interval_us: 1_000_000,
+        acked: None,
     }
 }
 
@@ -84,9 +85,84 @@ fn reordering_is_counted_once_per_late_message() {
     ];
     let a = analyze(&rows, &info(4, None));
     assert_eq!(a.reordered, 1);
-    assert!(a.verdict_ok);
+    assert!(
+        !a.verdict_ok,
+        "an out-of-order first delivery fails the run"
+    );
     assert_eq!(a.failover_gap_ms, None);
-    assert!(render_table(&a).starts_with("PASS"));
+    assert!(
+        render_table(&a).starts_with("FAIL: 1 out-of-order first deliveries"),
+        "{}",
+        render_table(&a)
+    );
+}
+
+#[test]
+fn acknowledged_and_unacknowledged_losses_are_shown_apart() {
+    // 4 (acknowledged) and 7 (never acknowledged) are missing.
+    let rows: Vec<Delivery> = (1..=8)
+        .filter(|s| *s != 4 && *s != 7)
+        .map(|s| d(s, s * 100, "primary", false))
+        .collect();
+    let mut i = info(8, None);
+    i.acked = Some((1..=8).filter(|s| *s != 7).collect());
+    let a = analyze(&rows, &i);
+    assert_eq!(
+        (a.acked_lost.clone(), a.unacked_lost.clone()),
+        (vec![4], vec![7])
+    );
+    assert!(!a.verdict_ok);
+    let t = render_table(&a);
+    assert!(t.starts_with("FAIL: 1 acknowledged message(s) lost"), "{t}");
+    assert!(t.contains("acked lost       1 (4)"), "{t}");
+    assert!(t.contains("unacked lost     1 (7)"), "{t}");
+    // Only the unacknowledged one missing: the run passes and says what it did not deliver.
+    let rows: Vec<Delivery> = (1..=8)
+        .filter(|s| *s != 7)
+        .map(|s| d(s, s * 100, "primary", false))
+        .collect();
+    let a = analyze(&rows, &i);
+    assert!(a.verdict_ok);
+    assert!(
+        render_table(&a).starts_with("PASS: every acknowledged message was delivered, in order (1 unacknowledged never delivered)"),
+        "{}",
+        render_table(&a)
+    );
+    // Unknown acknowledgements: the same run fails, every missing message judged.
+    i.acked = None;
+    let a = analyze(&rows, &i);
+    assert!(!a.verdict_ok);
+    assert!(render_table(&a).contains("acked lost       ? (acknowledgements unknown)"));
+}
+
+#[test]
+fn an_acknowledgement_file_is_read_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("acks.csv");
+    let mut log = edgepair::client::AckLog::new(std::fs::File::create(&p).expect("create"));
+    for seq in [1, 2, 4] {
+        log.event(&edgepair::client::PubEvent::Acked {
+            seq,
+            broker: 0,
+            rtt_us: 1,
+        })
+        .expect("write");
+    }
+    log.event(&edgepair::client::PubEvent::Resent { seqs: vec![3] })
+        .expect("ignored");
+    drop(log);
+    let text = std::fs::read_to_string(&p).expect("read");
+    assert!(
+        text.starts_with(&edgepair::client::ACK_COLUMNS.join(",")),
+        "{text}"
+    );
+    assert_eq!(
+        read_acks(&p).expect("acks"),
+        [1, 2, 4].into_iter().collect()
+    );
+    std::fs::write(&p, format!("{text}x,1,primary\n")).expect("write");
+    let err = read_acks(&p).expect_err("bad row").to_string();
+    assert!(err.contains("line 5"), "{err}");
 }
 
 #[test]

@@ -577,14 +577,14 @@ fn judge(
         },
     );
     // The checker's verdict, less what the fsync policy allowed to lose (reported apart).
-    let lost_acked = v.lost_acked.len() as u64;
+    let lost_acked = v.acked_lost.len() as u64;
     let lost = v.missing.len() as u64;
     let excused = if cfg.memory_only {
         BTreeSet::new()
     } else {
-        lost_by_policy(cfg.fsync, "sim", &v.lost_acked, power)
+        lost_by_policy(cfg.fsync, "sim", &v.acked_lost, power)
     };
-    v.lost_acked.retain(|s| !excused.contains(s));
+    v.acked_lost.retain(|s| !excused.contains(s));
     v.missing.retain(|s| !excused.contains(s));
     let mut violations = v.violations();
     violations.extend(batch_window_violations(cfg.fsync, TICK, power));
@@ -623,7 +623,7 @@ fn judge(
         max_failover_gap_ms: failover_gaps_ms.iter().copied().fold(0.0, f64::max),
         failover_gaps_ms,
         violations: violations.join("; "),
-        lost_unacked: v.unacked_missing.len() as u64,
+        lost_unacked: v.unacked_lost.len() as u64,
         lost_by_policy: excused.len() as u64,
         power_dropped,
         power_oldest_unsynced_ms: power_oldest.as_secs_f64() * 1000.0,
