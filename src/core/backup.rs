@@ -144,6 +144,7 @@ impl Broker {
         // Follow the primary's epoch, so that our own takeover, if it comes, starts a newer
         // one than any it has seen (a restarted node starts at 1).
         self.epoch = self.epoch.max(epoch);
+        self.save_epoch();
         let following = self.following;
         self.following = incarnation;
         let Some(b) = self.backup() else {

@@ -198,6 +198,13 @@ impl Broker {
         }
     }
 
+    /// Saves the current epoch (fsync'd on a disk) before the node acts in it.
+    pub(super) fn save_epoch(&mut self) {
+        if let Err(e) = self.log.save_epoch(self.epoch) {
+            error!("cannot save epoch {}: {e}", self.epoch);
+        }
+    }
+
     /// Removes old segments past the retention bounds (`--retain-bytes`, `--retain-age`).
     pub(super) fn retain(&mut self) {
         self.timers.set(Timer::Retain, self.now.mono + RETAIN_EVERY);
@@ -274,17 +281,22 @@ impl Broker {
             }
             undelivered += t.next - t.delivered.max(t.first);
         }
+        // The log remembers the newest reign it saw (the saved epoch, and the entries): a
+        // primary starts a newer one (its own parity), a backup follows from there, so a node
+        // that starts again after both were down never delivers in an epoch older than one its
+        // subscribers have seen.
+        let last_epoch = last_epoch.max(self.log.saved_epoch());
+        if last_epoch > 0 {
+            let born_primary = self.cfg.born == Role::Primary;
+            self.epoch = match self.role() {
+                Role::Primary => self.epoch.max(next_epoch(last_epoch, born_primary)),
+                Role::Backup => self.epoch.max(last_epoch),
+            };
+        }
+        self.save_epoch();
         if topics.is_empty() {
             return;
         }
-        // The log remembers the newest reign it saw: a primary starts a newer one (its own
-        // parity), a backup follows from there, so a node that starts again after both were
-        // down never delivers in an epoch older than one its subscribers have seen.
-        let born_primary = self.cfg.born == Role::Primary;
-        self.epoch = match self.role() {
-            Role::Primary => self.epoch.max(next_epoch(last_epoch, born_primary)),
-            Role::Backup => self.epoch.max(last_epoch),
-        };
         info!(
             "log: {} topic(s), {} entries, {undelivered} not yet delivered; epoch {}",
             topics.len(),

@@ -167,6 +167,7 @@ impl Broker {
                 // forgot it): ours is a new reign, numbered after it. Say hello again so the
                 // backup learns it before it could ever take over in the same epoch.
                 self.epoch = next_epoch(epoch, born_primary);
+                self.save_epoch();
                 info!(
                     "backup {peer} has seen epoch {epoch}: we now reign in epoch {}",
                     self.epoch

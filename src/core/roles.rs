@@ -24,6 +24,7 @@ impl Broker {
             return;
         };
         self.epoch = next_epoch(self.epoch, self.cfg.born == Role::Primary);
+        self.save_epoch();
         self.timers.stop(Timer::Ping);
         let held = self.held_entries();
         warn!(
@@ -83,6 +84,7 @@ impl Broker {
             p.inflight.len()
         );
         self.epoch = self.epoch.max(epoch);
+        self.save_epoch();
         self.release_acks(p.acks, false);
         // Forget which identities we accepted: the undelivered ones are about to come back to
         // us as forwarded publishes if the peer steps down in turn, and must not be taken for

@@ -126,6 +126,8 @@ pub struct FileLog {
     topics_changed: bool,
     max_bytes: Option<u64>,
     max_age: Option<Duration>,
+    /// The newest epoch saved in `EPOCH`.
+    epoch: u64,
 }
 
 impl FileLog {
@@ -228,7 +230,23 @@ impl FileLog {
                 },
             );
         }
+        let epoch_path = dir.join("EPOCH");
+        let epoch = match fs::read_to_string(&epoch_path) {
+            Ok(s) => match s.trim().parse::<u64>() {
+                Ok(v) => v,
+                Err(_) => {
+                    return Err(LogError::Corrupt(format!(
+                        "{}: {:?} is not an epoch number",
+                        epoch_path.display(),
+                        s.trim()
+                    )))
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io_err(format!("read {}", epoch_path.display()))(e)),
+        };
         let log = FileLog {
+            epoch,
             dir: dir.to_path_buf(),
             lock,
             topics,
@@ -426,6 +444,28 @@ impl Storage for FileLog {
         let mut v: Vec<TopicState> = self.topics.keys().map(|n| self.topic(n)).collect();
         v.sort_by(|a, b| a.topic.cmp(&b.topic));
         v
+    }
+
+    fn saved_epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn save_epoch(&mut self, epoch: u64) -> Result<(), LogError> {
+        if self.read_only || epoch <= self.epoch {
+            return Ok(());
+        }
+        let tmp = self.dir.join("EPOCH.tmp");
+        let path = self.dir.join("EPOCH");
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, format!("{epoch}\n").as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        };
+        write().map_err(io_err(format!("save {}", path.display())))?;
+        sync_dir(&self.dir)?;
+        self.epoch = epoch;
+        Ok(())
     }
 
     fn enforce_retention(&mut self, now_us: u64) -> Result<Vec<(String, u64)>, LogError> {
@@ -892,6 +932,26 @@ mod tests {
             assert_eq!(decode_topic(&encode_topic(n)).as_deref(), Some(n));
             assert!(!encode_topic(n).contains(['.', '/']));
         }
+    }
+
+    #[test]
+    fn the_saved_epoch_survives_a_reopen_and_never_goes_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut log, _) = open(dir.path());
+        assert_eq!(log.saved_epoch(), 0);
+        log.save_epoch(3).expect("save");
+        log.save_epoch(2).expect("an older one is ignored");
+        drop(log);
+        let (log, _) = open(dir.path());
+        assert_eq!(log.saved_epoch(), 3);
+        drop(log);
+        fs::write(dir.path().join("EPOCH"), "three").expect("garble");
+        let err = FileLog::open(dir.path()).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("not an epoch number")),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct MemLog {
     /// Behaves as a disk: `sync` is what makes entries survive [`MemLog::crash`].
     disk: bool,
     unsynced: u64,
+    /// The saved epoch (on a simulated disk it survives a crash, as an fsync'd file would).
+    epoch: u64,
 }
 
 impl MemLog {
@@ -44,6 +46,7 @@ impl MemLog {
             retain: retain.max(1),
             disk: false,
             unsynced: 0,
+            epoch: 0,
         }
     }
 
@@ -161,6 +164,15 @@ impl Storage for MemLog {
 
     fn unsynced(&self) -> u64 {
         self.unsynced
+    }
+
+    fn saved_epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn save_epoch(&mut self, epoch: u64) -> Result<(), LogError> {
+        self.epoch = self.epoch.max(epoch);
+        Ok(())
     }
 
     fn is_durable(&self) -> bool {

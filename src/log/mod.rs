@@ -227,6 +227,16 @@ pub trait Storage: Send + std::fmt::Debug {
     }
     /// Entries appended and not yet synced (those a [`SyncJob`] in flight covers included).
     fn unsynced(&self) -> u64;
+    /// The newest epoch this node was ever in, as last saved (0 if never).
+    fn saved_epoch(&self) -> u64 {
+        0
+    }
+    /// Saves `epoch` as the newest this node was in, durably (fsync'd) when the log is on a
+    /// disk, before the node acts in it: epochs are rare and must outlive a power loss under
+    /// any fsync policy, or a node could reign again in an epoch older than one already seen.
+    fn save_epoch(&mut self, _epoch: u64) -> Result<(), LogError> {
+        Ok(())
+    }
     /// Drops what is past the retention bounds (and already delivered); returns the topics
     /// whose first offset moved, with the new one. Nothing to do for a log without bounds.
     fn enforce_retention(&mut self, _now_us: u64) -> Result<Vec<(String, u64)>, LogError> {

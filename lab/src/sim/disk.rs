@@ -153,6 +153,14 @@ impl Storage for SimDisk {
     fn is_durable(&self) -> bool {
         self.lock().log.is_durable()
     }
+
+    fn saved_epoch(&self) -> u64 {
+        self.lock().log.saved_epoch()
+    }
+
+    fn save_epoch(&mut self, epoch: u64) -> Result<(), LogError> {
+        self.lock().log.save_epoch(epoch)
+    }
 }
 
 #[cfg(test)]
