@@ -56,10 +56,15 @@ fn replay(c: &mut LineConn) -> (Vec<(u64, u64, u64)>, u64) {
     }
 }
 
+/// The next `MSG`; the `PONG` to a `PING` sent with the `SUB` may come before it (after the
+/// replay's last chunk) and is skipped.
 fn next_msg(c: &mut LineConn) -> (u64, u64, u64) {
-    match c.next(5 * SEC) {
-        Got::Line(l) => msg(&l).unwrap_or_else(|| panic!("not a MSG: {l}")),
-        other => panic!("no MSG: {other:?}"),
+    loop {
+        match c.next(5 * SEC) {
+            Got::Line(l) if l == "PONG" => {}
+            Got::Line(l) => return msg(&l).unwrap_or_else(|| panic!("not a MSG: {l}")),
+            other => panic!("no MSG: {other:?}"),
+        }
     }
 }
 
