@@ -166,19 +166,11 @@ impl Storage for SimDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edgepair::log::inspect::fill_entry;
 
+    /// The entry at `offset` that `edgepair-log fill` writes (seq = offset + 1).
     fn entry(offset: u64) -> Arc<Entry> {
-        Arc::new(Entry {
-            offset,
-            epoch: 1,
-            id: MsgId {
-                publisher: "p".into(),
-                seq: offset + 1,
-            },
-            sent_us: 0,
-            received_us: 0,
-            payload: format!("m{offset}"),
-        })
+        Arc::new(fill_entry(offset, 8))
     }
 
     #[test]
