@@ -272,6 +272,19 @@ pub struct Segment {
     index: Vec<(u64, u64)>,
 }
 
+impl Segment {
+    /// A segment with no record yet, starting at offset `base`.
+    fn empty(base: u64) -> Segment {
+        Segment {
+            base,
+            size: 0,
+            end: base,
+            last_us: 0,
+            index: vec![(base, 0)],
+        }
+    }
+}
+
 fn log_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(format!("{base:020}.log"))
 }
@@ -406,26 +419,12 @@ impl SegmentLog {
     /// Creates an empty log in the new directory `dir` (created by the caller).
     pub fn create(dir: &Path, segment_bytes: u64) -> Result<SegmentLog, LogError> {
         let (active, idx) = create_files(dir, 0)?;
-        Ok(SegmentLog {
-            dir: dir.to_path_buf(),
-            segment_bytes,
-            segs: vec![Segment {
-                base: 0,
-                size: 0,
-                end: 0,
-                last_us: 0,
-                index: vec![(0, 0)],
-            }],
-            active: Some(active),
-            active_idx: Some(idx),
-            pending_points: Vec::new(),
-            since_index: 0,
-            dirty: false,
-            names_changed: true,
-            read_only: false,
-            unflushed: RefCell::new(Vec::new()),
-            flush_failed: RefCell::new(None),
-        })
+        let mut log = SegmentLog::create_in_memory(dir, segment_bytes);
+        log.active = Some(active);
+        log.active_idx = Some(idx);
+        log.names_changed = true;
+        log.read_only = false;
+        Ok(log)
     }
 
     /// Opens the log in `dir`; see the module doc for what is checked and cut. A read-only
@@ -575,17 +574,12 @@ impl SegmentLog {
         )))
     }
 
+    /// An empty log with no files open (read-only until [`SegmentLog::create`] gives it some).
     fn create_in_memory(dir: &Path, segment_bytes: u64) -> SegmentLog {
         SegmentLog {
             dir: dir.to_path_buf(),
             segment_bytes,
-            segs: vec![Segment {
-                base: 0,
-                size: 0,
-                end: 0,
-                last_us: 0,
-                index: vec![(0, 0)],
-            }],
+            segs: vec![Segment::empty(0)],
             active: None,
             active_idx: None,
             pending_points: Vec::new(),
@@ -658,13 +652,7 @@ impl SegmentLog {
         self.active_idx = Some(idx);
         self.since_index = 0;
         self.names_changed = true;
-        self.segs.push(Segment {
-            base,
-            size: 0,
-            end: base,
-            last_us: 0,
-            index: vec![(base, 0)],
-        });
+        self.segs.push(Segment::empty(base));
         Ok(())
     }
 
