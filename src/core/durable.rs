@@ -183,15 +183,9 @@ impl Broker {
 
     fn sync_failed(&mut self, e: LogError) {
         error!("the log could not be synced: {e}; refusing what waited for it");
-        let reason = format!("not stored: {e}");
         if let Some(p) = self.primary() {
             let acks = std::mem::take(&mut p.acks);
-            let err = Frame::Err { reason };
-            let mut conns: Vec<ConnId> = acks.iter().map(|a| a.conn).collect();
-            conns.dedup();
-            for conn in conns {
-                self.flush_replies(conn, Some(u64::MAX), Some(&err));
-            }
+            self.refuse_acks(&acks, &format!("not stored: {e}"));
         }
         if let Some((conn, _)) = self.stored_after_sync.take() {
             self.close(conn);
@@ -325,21 +319,24 @@ impl Broker {
     pub(super) fn held_entries(&self) -> Vec<(String, Arc<Entry>)> {
         let mut out = Vec::new();
         for t in self.log.topics() {
-            let cleared = self.cleared.get(&t.topic);
-            let from = t.delivered.max(t.first);
-            match self.log.read(&t.topic, from, usize::MAX) {
-                Ok(entries) => out.extend(
-                    entries
-                        .into_iter()
-                        .filter(|e| !cleared.is_some_and(|c| c.contains(&e.offset)))
-                        .map(|e| (t.topic.clone(), e)),
-                ),
+            match self.undelivered(&t.topic, 0) {
+                Ok(entries) => out.extend(entries.into_iter().map(|e| (t.topic.clone(), e))),
                 Err(e) => error!("topic '{}': cannot read held entries: {e}", t.topic),
             }
         }
         // Across topics, in the order they arrived.
         out.sort_by_key(|(_, e)| e.received_us);
         out
+    }
+
+    /// The entries of `topic` from `from` on that are not delivered: past its delivered mark,
+    /// less those cleared out of order.
+    fn undelivered(&self, topic: &str, from: u64) -> Result<Vec<Arc<Entry>>, LogError> {
+        let from = from.max(self.log.delivered(topic));
+        let cleared = self.cleared.get(topic);
+        let mut entries = self.log.read(topic, from, usize::MAX)?;
+        entries.retain(|e| !cleared.is_some_and(|c| c.contains(&e.offset)));
+        Ok(entries)
     }
 
     /// How many entries a backup holds (not yet delivered).
@@ -357,8 +354,13 @@ impl Broker {
     /// Entry `offset` of `topic` was delivered: move the mark over it and over whatever was
     /// cleared out of order just above it.
     pub(super) fn mark_delivered(&mut self, topic: &str, offset: u64) {
-        let mark = self.log.topic(topic).delivered;
+        let mark = self.log.delivered(topic);
         if offset < mark {
+            return;
+        }
+        if offset == mark && !self.cleared.contains_key(topic) {
+            // In order, the usual case: nothing cleared above it to move over.
+            self.log.set_delivered(topic, mark + 1);
             return;
         }
         let cleared = self.cleared.entry(topic.to_string()).or_default();
@@ -415,7 +417,7 @@ impl Broker {
     /// at an offset we have means our tail diverged from the primary's log: it is cut (and
     /// what of it was not delivered is handed to the primary) before the entry is appended.
     fn store(&mut self, topic: &str, entry: &Arc<Entry>) -> Result<(), LogError> {
-        let next = self.log.topic(topic).next;
+        let next = self.log.next_offset(topic);
         if entry.offset < next {
             let have = self.log.read(topic, entry.offset, 1)?;
             if have
@@ -442,22 +444,10 @@ impl Broker {
     /// Cuts the entries of `topic` from `from` on, handing the undelivered ones to the peer
     /// (which drops those it already has, by identity).
     fn cut_tail(&mut self, topic: &str, from: u64) -> Result<(), LogError> {
-        let t = self.log.topic(topic);
-        if from >= t.next {
+        if from >= self.log.next_offset(topic) {
             return Ok(());
         }
-        let keep_delivered = t.delivered.max(from);
-        let undelivered: Vec<Arc<Entry>> = self
-            .log
-            .read(topic, keep_delivered, usize::MAX)?
-            .into_iter()
-            .filter(|e| {
-                !self
-                    .cleared
-                    .get(topic)
-                    .is_some_and(|c| c.contains(&e.offset))
-            })
-            .collect();
+        let undelivered = self.undelivered(topic, from)?;
         let cut = self.log.truncate(topic, from)?;
         if let Some(c) = self.cleared.get_mut(topic) {
             c.retain(|o| *o < from);
@@ -489,7 +479,7 @@ impl Broker {
             return false;
         }
         let entry = Arc::new(Entry {
-            offset: self.log.topic(&topic).next,
+            offset: self.log.next_offset(&topic),
             epoch: self.epoch,
             id: MsgId::anonymous(),
             sent_us: self.now.wall_us,
@@ -520,20 +510,10 @@ impl Broker {
         if self.role() != Role::Backup {
             return;
         }
-        let t = self.log.topic(topic);
         let found = self
-            .log
-            .read(topic, t.delivered.max(t.first), usize::MAX)
+            .undelivered(topic, 0)
             .ok()
-            .and_then(|v| {
-                v.into_iter().find(|e| {
-                    e.payload == payload
-                        && !self
-                            .cleared
-                            .get(topic)
-                            .is_some_and(|c| c.contains(&e.offset))
-                })
-            });
+            .and_then(|v| v.into_iter().find(|e| e.payload == payload));
         if let Some(e) = found {
             self.mark_delivered(topic, e.offset);
         }

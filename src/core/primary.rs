@@ -420,13 +420,19 @@ impl Broker {
             self.release_ready_acks();
             return;
         }
+        self.refuse_acks(&acks, "not primary any more; resend to the other broker");
+    }
+
+    /// Answers each of `acks` with `ERR|reason` instead of its `ACK`, in its connection's
+    /// order, so that the publisher resends it to the other broker.
+    pub(super) fn refuse_acks(&mut self, acks: &VecDeque<PendingAck>, reason: &str) {
         let err = Frame::Err {
-            reason: "not primary any more; resend to the other broker".into(),
+            reason: reason.to_string(),
         };
         let mut conns: Vec<ConnId> = acks.iter().map(|a| a.conn).collect();
         conns.dedup();
         for conn in conns {
-            self.flush_replies(conn, Some(u64::MAX), (!keep_role).then_some(&err));
+            self.flush_replies(conn, Some(u64::MAX), Some(&err));
         }
     }
 

@@ -476,6 +476,10 @@ impl Storage for FileLog {
         self.topics.get(topic).map_or(0, |t| t.log.next())
     }
 
+    fn delivered(&self, topic: &str) -> u64 {
+        self.topics.get(topic).map_or(0, |t| t.delivered)
+    }
+
     fn topic(&self, topic: &str) -> TopicState {
         let (first, next, delivered) = self
             .topics

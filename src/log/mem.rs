@@ -96,6 +96,10 @@ impl Storage for MemLog {
         self.topics.get(topic).map_or(0, Topic::next)
     }
 
+    fn delivered(&self, topic: &str) -> u64 {
+        self.topics.get(topic).map_or(0, |t| t.delivered)
+    }
+
     fn append(&mut self, topic: &str, e: &Arc<Entry>) -> Result<(), LogError> {
         let t = match self.topics.get_mut(topic) {
             Some(t) => t,

@@ -207,6 +207,10 @@ pub trait Storage: Send + std::fmt::Debug {
     fn next_offset(&self, topic: &str) -> u64 {
         self.topic(topic).next
     }
+    /// The delivered mark of `topic` (a backup asks once per `CLR`).
+    fn delivered(&self, topic: &str) -> u64 {
+        self.topic(topic).delivered
+    }
     /// Appends `e` to `topic`; `e.offset` must be the topic's next offset. May stay in a
     /// buffer until [`Storage::sync`].
     fn append(&mut self, topic: &str, e: &Arc<Entry>) -> Result<(), LogError>;

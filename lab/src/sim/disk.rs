@@ -112,6 +112,10 @@ impl Storage for SimDisk {
         self.lock().log.topic(topic)
     }
 
+    fn delivered(&self, topic: &str) -> u64 {
+        self.lock().log.delivered(topic)
+    }
+
     fn next_offset(&self, topic: &str) -> u64 {
         self.lock().log.next_offset(topic)
     }
