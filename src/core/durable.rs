@@ -5,7 +5,7 @@
 //! A backup's "held" messages are no separate store any more: they are the entries of its log
 //! between each topic's delivered mark and its end, less those cleared out of order.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use tracing::{error, info, warn};
@@ -213,7 +213,8 @@ impl Broker {
     }
 
     /// Every `ACK` waiting for a message up to this `mid` may go: the backup stored it (or there
-    /// is no backup to wait for) and the local disk has it (when the policy says to wait).
+    /// is no backup to wait for: none linked, or with a lease none running) and the local disk
+    /// has it (when the policy says to wait).
     pub(super) fn ack_floor(&self) -> u64 {
         if !self.lease_held() {
             return 0;
@@ -225,10 +226,17 @@ impl Broker {
         } else {
             u64::MAX
         };
+        let lease = self.cfg.lease.is_some() && self.cfg.peer.is_some();
         let backup = match &self.role {
             RoleState::Primary(p) => match p.link.up() {
                 Some((_, false)) => p.confirmed,
-                _ => u64::MAX,
+                Some((_, true)) => u64::MAX,
+                // With a lease, degraded only while the backup is known to be down: a backup
+                // that is merely out of reach may be taking over, and a message acknowledged
+                // here alone would reach it only when this node hands it over, after the
+                // publisher's later ones (out of order), so its publisher resends it there.
+                None if lease && !p.link.backup_down => p.confirmed,
+                None => u64::MAX,
             },
             RoleState::Backup(_) => u64::MAX,
         };
@@ -313,6 +321,20 @@ impl Broker {
         let mid = self.next_mid;
         self.next_mid += 1;
         self.enqueue(Arc::new(Message { mid, topic, entry }), false);
+    }
+
+    /// The identities of the last entries of `topic` (as many as a start reads to relearn
+    /// publishers), to tell a message the log has from one it lacks.
+    pub(super) fn recent_ids(&self, topic: &str) -> HashSet<MsgId> {
+        let next = self.log.next_offset(topic);
+        let from = next.saturating_sub(SEEN_REBUILD);
+        match self.log.read(topic, from, usize::MAX) {
+            Ok(entries) => entries.into_iter().map(|e| e.id.clone()).collect(),
+            Err(e) => {
+                error!("topic '{topic}': cannot read the log back: {e}");
+                HashSet::new()
+            }
+        }
     }
 
     /// The undelivered entries of every topic, oldest first within each topic.

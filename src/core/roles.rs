@@ -37,10 +37,17 @@ impl Broker {
         }
         self.cleared.clear();
         for (topic, entry) in held {
+            // Ours to deliver now: a resend of it (or a hand-over of it coming back) is no new
+            // message. (A node that stepped down forgot the identities it had accepted.)
+            if !entry.id.is_anonymous() {
+                self.seen.record(&entry.id.publisher, entry.id.seq);
+            }
             self.take_up(topic, entry);
         }
         self.synced_mid = self.next_mid - 1;
         self.written_mid = self.synced_mid;
+        self.take_back_hand_overs();
+        self.serve_forwards_in_flight();
         for conn in b.link_conns {
             self.close(conn);
         }
