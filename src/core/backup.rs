@@ -289,7 +289,8 @@ impl Broker {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.replies.retain(|r| !matches!(r, Reply::Forward));
         }
-        self.accept_publish(conn, frame);
+        self.accept_publish_now(conn, frame);
+        self.release_gaps(false);
         self.resume(conn);
     }
 

@@ -36,6 +36,7 @@ mod backup;
 mod conn;
 mod durable;
 pub mod failover;
+mod gap;
 mod history;
 mod lease;
 mod link;
@@ -470,6 +471,7 @@ impl Broker {
                 Timer::Sync => self.ask_sync(),
                 Timer::Retain => self.retain(),
                 Timer::Lease => self.on_lease_timer(),
+                Timer::Gap => self.release_gaps(false),
             }
         }
     }

@@ -105,6 +105,7 @@ impl Broker {
         {
             self.close(c);
         }
+        let gap_held = p.gap_held;
         let undelivered: Vec<_> = p.inflight.into_values().collect();
         if self.cfg.peer.is_some() {
             if !undelivered.is_empty() {
@@ -112,6 +113,8 @@ impl Broker {
             }
             self.timers.set(Timer::Ping, now);
         }
+        self.timers.stop(Timer::Gap);
+        self.gap_held_to_backup(gap_held);
     }
 
     /// The peer confirmed (or could not deny) that we are still primary after a pause: deliver
