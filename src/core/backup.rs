@@ -289,8 +289,7 @@ impl Broker {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.replies.retain(|r| !matches!(r, Reply::Forward));
         }
-        self.accept_publish_now(conn, frame);
-        self.release_gaps(false);
+        self.accept_publish(conn, frame);
         self.resume(conn);
     }
 

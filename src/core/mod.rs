@@ -36,7 +36,6 @@ mod backup;
 mod conn;
 mod durable;
 pub mod failover;
-mod gap;
 mod history;
 mod lease;
 mod link;
@@ -471,7 +470,6 @@ impl Broker {
                 Timer::Sync => self.ask_sync(),
                 Timer::Retain => self.retain(),
                 Timer::Lease => self.on_lease_timer(),
-                Timer::Gap => self.release_gaps(false),
             }
         }
     }

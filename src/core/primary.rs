@@ -43,13 +43,6 @@ pub(super) struct Primary {
     pub lease_lapsed: bool,
     /// The connection asking the peer who is primary, after a pause.
     pub fence: Option<ConnId>,
-    /// When this reign began (a publish that skips a message may wait shortly after).
-    pub reign_start: Time,
-    /// Publishes waiting for their publisher's missing message (see `gap.rs`).
-    pub gap_held: Vec<super::gap::Held>,
-    /// Per publisher, the highest sequence number released without its predecessors: nothing
-    /// below it is waited for again.
-    pub gap_gave_up: HashMap<String, u64>,
 }
 
 /// A place in a publisher's delivery queue: filled when the message's compute task ends.
@@ -85,9 +78,6 @@ impl Primary {
             lease_asks: VecDeque::new(),
             lease_lapsed: false,
             fence: None,
-            reign_start: now,
-            gap_held: Vec::new(),
-            gap_gave_up: HashMap::new(),
         }
     }
 }
@@ -103,15 +93,6 @@ impl Broker {
     /// Accepts a publish on the primary. The `ACK` goes at once when running degraded (or for
     /// a resend of a message already safe), otherwise when the backup has stored the message.
     pub(super) fn accept_publish(&mut self, conn: ConnId, frame: Frame) {
-        if self.hold_for_gap(conn, &frame) {
-            return;
-        }
-        self.accept_publish_now(conn, frame);
-        self.release_gaps(false);
-    }
-
-    /// Accepts a publish (see [`Broker::accept_publish`]), without waiting for a gap.
-    pub(super) fn accept_publish_now(&mut self, conn: ConnId, frame: Frame) {
         let (topic, id, sent_us, payload, legacy) = match frame {
             Frame::Pub {
                 topic,

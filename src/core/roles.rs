@@ -105,7 +105,6 @@ impl Broker {
         {
             self.close(c);
         }
-        let gap_held = p.gap_held;
         let undelivered: Vec<_> = p.inflight.into_values().collect();
         if self.cfg.peer.is_some() {
             if !undelivered.is_empty() {
@@ -113,8 +112,6 @@ impl Broker {
             }
             self.timers.set(Timer::Ping, now);
         }
-        self.timers.stop(Timer::Gap);
-        self.gap_held_to_backup(gap_held);
     }
 
     /// The peer confirmed (or could not deny) that we are still primary after a pause: deliver

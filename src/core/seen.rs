@@ -56,13 +56,6 @@ impl SeenMap {
         }
     }
 
-    /// The sequence number expected next from `publisher`: the first one not recorded past
-    /// the last unbroken run. `None` for a publisher never seen.
-    pub fn next_expected(&self, publisher: &str) -> Option<u64> {
-        let s = self.0.get(publisher)?;
-        (s.floor > 0 || !s.above.is_empty()).then(|| s.floor.saturating_add(1))
-    }
-
     /// Whether `seq` of `publisher` was recorded.
     pub fn contains(&self, publisher: &str, seq: u64) -> bool {
         self.0.get(publisher).is_some_and(|s| s.contains(seq))

@@ -72,8 +72,6 @@ pub enum Timer {
     Retain,
     /// Primary: ask for the lease again. Backup: the primary's lease has run out.
     Lease,
-    /// Primary: a publish held for its publisher's missing message has waited long enough.
-    Gap,
 }
 
 /// The deadline table.
