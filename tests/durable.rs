@@ -171,3 +171,126 @@ fn a_full_disk_refuses_publishes_with_an_error_and_loses_nothing_acknowledged() 
         "still serving"
     );
 }
+
+/// Entries of `payload` bytes `edgepair-log fill` writes to topic `t` of `dir`, none of them
+/// delivered.
+fn fill_undelivered(dir: &std::path::Path, count: u64, payload: usize) {
+    let st = std::process::Command::new(assert_cmd::cargo::cargo_bin("edgepair-log"))
+        .arg("fill")
+        .arg(dir)
+        .args(["t", "--count", &count.to_string(), "--sync-every"])
+        .arg(count.to_string())
+        .args(["--payload", &payload.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run edgepair-log fill");
+    assert!(st.success(), "edgepair-log fill failed: {st}");
+}
+
+/// The `inflight` field of a node's `STATUS`.
+fn in_flight(broker: &str) -> u64 {
+    let s = common::status(broker);
+    s.split('|')
+        .nth(5)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no inflight count in {s}"))
+}
+
+/// A subscriber that connects while `broker` is starting (it retries until the node listens),
+/// so that it is registered before the startup grace and the compute time have passed.
+fn subscribe_early(broker: &str) -> common::LineConn {
+    common::subscribe(broker, "t")
+}
+
+/// Reads `n` `MSG`s from `sub` as (publisher, seq), each within 10 s.
+fn collect_ids(sub: &mut common::LineConn, n: usize) -> Vec<(String, u64)> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        match sub.next(10 * SEC) {
+            Got::Line(l) if l.starts_with("MSG|") => {
+                let (p, seq, _, _) = parse_msg(&l);
+                got.push((p, seq));
+            }
+            Got::Line(_) => {}
+            other => panic!("after {} MSGs: {other:?}", got.len()),
+        }
+    }
+    got
+}
+
+/// What a subscriber should get from a log of `n` filled entries (`fill` entry N has publisher
+/// `fill` and seq N + 1) followed by `late` publishes of publisher `late`.
+fn filled_then(n: u64, late: u64) -> Vec<(String, u64)> {
+    let mut want: Vec<(String, u64)> = (1..=n).map(|s| ("fill".to_string(), s)).collect();
+    want.extend((1..=late).map(|s| ("late".to_string(), s)));
+    want
+}
+
+/// Checks `got` against `want` and names the first difference (20,000 lines are too many to
+/// print).
+fn assert_same_order(got: &[(String, u64)], want: &[(String, u64)]) {
+    if let Some(i) = (0..got.len().max(want.len())).find(|&i| got.get(i) != want.get(i)) {
+        panic!(
+            "delivery {i} of {}: got {:?}, want {:?} (offset order, then the new publishes)",
+            want.len(),
+            got.get(i),
+            want.get(i)
+        );
+    }
+}
+
+const LONG_LOG: u64 = 20_000;
+
+#[test]
+fn a_node_restarted_on_a_long_undelivered_log_answers_at_once_and_delivers_it_all_in_order() {
+    let (pp, dead) = (free_port(), free_port());
+    let pa = addr(pp);
+    let dir = tempfile::tempdir().unwrap();
+    // 1 KB entries: 20 MB, more than the socket buffers take in while the subscriber does not
+    // read, so most of the log is surely still to deliver when the publish is acknowledged.
+    fill_undelivered(dir.path(), LONG_LOG, 1000);
+    // A relay (no compute): each chunk taken up from the log is delivered at once. The startup
+    // grace (300 ms) holds the first results until the subscriber is registered.
+    let _primary = spawn_node("primary", &node_args(pp, &addr(dead), dir.path(), "0"));
+    let mut sub = subscribe_early(&pa);
+    // It accepts (and acknowledges) a publish while most of the log is still to deliver.
+    publish_acked(&pa, "late", 1..=3);
+    let left = in_flight(&pa);
+    assert!(
+        left > LONG_LOG / 2,
+        "most of the log should still be to deliver when the publish is acknowledged ({left} left)"
+    );
+    let got = collect_ids(&mut sub, LONG_LOG as usize + 3);
+    assert_same_order(&got, &filled_then(LONG_LOG, 3));
+    assert!(
+        common::wait_until(5 * SEC, || in_flight(&pa) == 0),
+        "nothing left in flight"
+    );
+    assert!(
+        matches!(sub.next(Duration::from_millis(500)), Got::TimedOut),
+        "nothing delivered twice"
+    );
+}
+
+#[test]
+fn a_restarted_primary_with_a_backup_replicates_its_long_undelivered_log_and_clears_it() {
+    let (pp, bp) = (free_port(), free_port());
+    let (pa, ba) = (addr(pp), addr(bp));
+    let (pdir, bdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    fill_undelivered(pdir.path(), LONG_LOG, 64);
+    // Through the compute stage this time: each chunk computed in parallel, 200-300 ms.
+    let _backup = spawn_node("backup", &node_args(bp, &pa, bdir.path(), "200..300"));
+    let _primary = spawn_node("primary", &node_args(pp, &ba, pdir.path(), "200..300"));
+    let mut sub = subscribe_early(&pa);
+    publish_acked(&pa, "late", 1..=3);
+    let got = collect_ids(&mut sub, LONG_LOG as usize + 3);
+    assert_same_order(&got, &filled_then(LONG_LOG, 3));
+    // The backup got the log (caught up), then each taken-up entry's `CLR`: it holds nothing.
+    let held = |s: String| s.split('|').nth(4).and_then(|n| n.parse::<u64>().ok());
+    assert!(
+        common::wait_until(10 * SEC, || held(common::status(&ba)) == Some(0)),
+        "the backup still holds entries: {}",
+        common::status(&ba)
+    );
+    assert_eq!(in_flight(&pa), 0);
+}

@@ -176,6 +176,7 @@ impl Broker {
                         p.inflight.remove(&mid);
                     }
                 }
+                self.unpark_unwritten(written);
                 self.sync_failed(e);
             }
         }
@@ -255,8 +256,8 @@ impl Broker {
     }
 
     /// At start: relearn publisher identities from the end of each topic, and take up what an
-    /// earlier life did not deliver (a primary delivers it once the startup grace is over; a
-    /// backup holds it, as it is already in its log).
+    /// earlier life did not deliver (a primary delivers it once the startup grace is over, a
+    /// chunk at a time; a backup holds it, as it is already in its log).
     pub(super) fn recover(&mut self) {
         let topics = self.log.topics();
         let mut undelivered = 0u64;
@@ -298,21 +299,10 @@ impl Broker {
             self.epoch
         );
         if self.role() == Role::Primary {
-            for (topic, entry) in self.held_entries() {
-                self.take_up(topic, entry);
-            }
-            // What was taken up is on the disk already.
-            self.synced_mid = self.next_mid - 1;
-            self.written_mid = self.synced_mid;
+            // A chunk now, the rest as deliveries go (`takeup.rs`): the node serves at once.
+            let cleared = std::mem::take(&mut self.cleared);
+            self.begin_take_up(cleared);
         }
-    }
-
-    /// Puts an entry from the log (back) in flight, with a new `mid` and its own offset:
-    /// computed and delivered again, in order with the rest of its topic.
-    pub(super) fn take_up(&mut self, topic: String, entry: Arc<Entry>) {
-        let mid = self.next_mid;
-        self.next_mid += 1;
-        self.enqueue(Arc::new(Message { mid, topic, entry }), false);
     }
 
     /// The undelivered entries of every topic, oldest first within each topic.

@@ -112,6 +112,7 @@ impl Broker {
         if let Some(r) = self.replays.by_conn.get_mut(&conn) {
             r.waiting = false;
         }
+        self.take_up_answered(conn);
         self.pump_replay(conn);
     }
 

@@ -43,6 +43,8 @@ pub(super) struct Primary {
     pub lease_lapsed: bool,
     /// The connection asking the peer who is primary, after a pause.
     pub fence: Option<ConnId>,
+    /// Undelivered entries of the log not yet in flight, by topic (`takeup.rs`).
+    pub backlogs: super::takeup::Backlogs,
 }
 
 /// A place in a publisher's delivery queue: filled when the message's compute task ends.
@@ -78,7 +80,14 @@ impl Primary {
             lease_asks: VecDeque::new(),
             lease_lapsed: false,
             fence: None,
+            backlogs: Default::default(),
         }
+    }
+
+    /// Messages accepted (or taken up from the log) and not yet delivered, with the log's
+    /// undelivered entries not yet taken up.
+    pub fn in_flight(&self) -> u64 {
+        self.inflight.len() as u64 + super::takeup::untaken(&self.backlogs)
     }
 }
 
@@ -187,6 +196,10 @@ impl Broker {
     /// accepted (rather than taken up again from the log at a start or a takeover, which a
     /// relay must not deliver before subscribers had time to reconnect).
     pub(super) fn enqueue(&mut self, msg: Arc<Message>, fresh: bool) {
+        if fresh && self.park(&msg) {
+            // Behind the topic's entries still in the log from before (`takeup.rs`).
+            return;
+        }
         let compute_off = self.cfg.compute_off;
         let queued = self
             .primary()
@@ -342,6 +355,7 @@ impl Broker {
     fn deliver_now(&mut self, m: Arc<Message>, stamps: Stamps) {
         self.deliver(&m, stamps);
         self.log.set_delivered(&m.topic, m.offset + 1);
+        self.taken_delivered(&m.topic);
         let Some(p) = self.primary() else {
             return;
         };

@@ -26,19 +26,17 @@ impl Broker {
         self.epoch = next_epoch(self.epoch, self.cfg.born == Role::Primary);
         self.save_epoch();
         self.timers.stop(Timer::Ping);
-        let held = self.held_entries();
         warn!(
             "TAKEOVER: {why}; now primary in epoch {}, replaying {} held message(s) in order",
             self.epoch,
-            held.len()
+            self.held_count()
         );
         for conn in b.own_conns() {
             self.close(conn);
         }
-        self.cleared.clear();
-        for (topic, entry) in held {
-            self.take_up(topic, entry);
-        }
+        // A chunk now, the rest as deliveries go (`takeup.rs`).
+        let cleared = std::mem::take(&mut self.cleared);
+        self.begin_take_up(cleared);
         self.synced_mid = self.next_mid - 1;
         self.written_mid = self.synced_mid;
         for conn in b.link_conns {
@@ -81,7 +79,7 @@ impl Broker {
         warn!(
             "STEP DOWN: {why}; epoch {} → {epoch}, now backup; handing {} undelivered message(s) to the new primary",
             self.epoch,
-            p.inflight.len()
+            p.in_flight()
         );
         self.epoch = self.epoch.max(epoch);
         self.save_epoch();
@@ -98,7 +96,11 @@ impl Broker {
         {
             self.close(c);
         }
-        let undelivered: Vec<_> = p.inflight.into_values().collect();
+        // What was in flight, and what of the log was not taken up yet, each topic in offset
+        // order (a message parked behind a backlog has an older `mid` than the backlog's rest).
+        let mut undelivered = self.untaken_entries(&p.backlogs);
+        undelivered.extend(p.inflight.into_values());
+        undelivered.sort_by(|a, b| a.topic.cmp(&b.topic).then(a.offset.cmp(&b.offset)));
         if self.cfg.peer.is_some() {
             if !undelivered.is_empty() {
                 self.hand_over(undelivered);

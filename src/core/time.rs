@@ -72,6 +72,8 @@ pub enum Timer {
     Retain,
     /// Primary: ask for the lease again. Backup: the primary's lease has run out.
     Lease,
+    /// Primary: the next chunk of undelivered entries from the log is due (`takeup.rs`).
+    TakeUp,
 }
 
 /// The deadline table.
