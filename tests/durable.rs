@@ -294,3 +294,22 @@ fn a_restarted_primary_with_a_backup_replicates_its_long_undelivered_log_and_cle
     );
     assert_eq!(in_flight(&pa), 0);
 }
+
+#[test]
+fn a_subscriber_that_does_not_read_holds_up_a_long_undelivered_log_only_for_a_while() {
+    let (pp, dead) = (free_port(), free_port());
+    let pa = addr(pp);
+    let dir = tempfile::tempdir().unwrap();
+    fill_undelivered(dir.path(), LONG_LOG, 1000);
+    let primary = spawn_node("primary", &node_args(pp, &addr(dead), dir.path(), "0"));
+    // Registered, then never read again: its socket fills up, its writer never drains.
+    let _stuck = subscribe_early(&pa);
+    let mut reader = subscribe_early(&pa);
+    publish_acked(&pa, "late", 1..=3);
+    let got = collect_ids(&mut reader, LONG_LOG as usize + 3);
+    assert_same_order(&got, &filled_then(LONG_LOG, 3));
+    assert!(
+        primary.logged("going on without them"),
+        "the stuck subscriber should have been waited for, then left behind"
+    );
+}

@@ -7,7 +7,10 @@
 //! a chunk of them is left undelivered, the next chunk is read, once every subscriber of the
 //! topic has written out what it was sent ([`Output::Writable`]), so a node with a million
 //! undelivered entries answers at once and reads its log as deliveries go, and a subscriber is
-//! never sent more than about a chunk and a half ahead of what it read.
+//! never sent more than about a chunk and a half ahead of what it read. A subscriber that has
+//! not written out its chunk within [`TAKE_UP_WAIT`] holds the others up no longer: the next
+//! chunk goes anyway (and one that keeps not reading ends up disconnected by the caller's bound
+//! on its queue, as any slow subscriber).
 //!
 //! A publish on a topic whose backlog is not taken up yet is logged, replicated and acknowledged
 //! as usual, and is in flight, but is *parked*: it enters the compute stage only after the last
@@ -18,9 +21,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
-use tracing::error;
+use tracing::{error, warn};
 
-use super::time::Timer;
+use super::time::{Time, Timer};
 use super::{Broker, ConnId, Message, Output, RoleState};
 
 /// Undelivered entries of one topic put in flight at a time.
@@ -29,6 +32,9 @@ pub const TAKE_UP_CHUNK: usize = 2048;
 /// The next chunk is read once no more than this many of a topic's taken-up entries are left
 /// undelivered.
 const TAKE_UP_LOW: usize = TAKE_UP_CHUNK / 2;
+
+/// How long the next chunk waits for the topic's subscribers to write out the last one.
+pub const TAKE_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The undelivered entries of one topic not yet put in flight.
 #[derive(Debug, Default)]
@@ -46,6 +52,8 @@ pub(super) struct Backlog {
     parked: VecDeque<Arc<Message>>,
     /// Subscribers asked to say when they have written out what they were sent.
     awaiting: BTreeSet<ConnId>,
+    /// When they were asked.
+    asked_at: Time,
     /// Every subscriber asked has answered: the next chunk may go.
     ready: bool,
 }
@@ -205,19 +213,41 @@ impl Broker {
         };
         bl.out = bl.out.saturating_sub(1);
         if bl.out <= TAKE_UP_LOW && bl.awaiting.is_empty() {
-            self.timers.set(Timer::TakeUp, now);
+            self.arm_take_up(now);
+        }
+    }
+
+    /// Arms [`Timer::TakeUp`] at `at`, unless it is due earlier already.
+    fn arm_take_up(&mut self, at: Time) {
+        if self.timers.due(Timer::TakeUp).is_none_or(|t| t > at) {
+            self.timers.set(Timer::TakeUp, at);
         }
     }
 
     /// [`Timer::TakeUp`]: every backlog with few entries left in flight takes up its next
-    /// chunk, or first asks its subscribers to say when they have written out what they got.
+    /// chunk, or first asks its subscribers to say when they have written out what they got
+    /// (and goes on without those that have not within [`TAKE_UP_WAIT`]).
     pub(super) fn on_take_up_timer(&mut self) {
-        let due: Vec<(String, bool)> = match &self.role {
+        let now = self.now.mono;
+        let due: Vec<(String, bool)> = match &mut self.role {
             RoleState::Primary(p) => p
                 .backlogs
-                .iter()
-                .filter(|(_, b)| b.out <= TAKE_UP_LOW && b.awaiting.is_empty())
-                .map(|(t, b)| (t.clone(), b.ready))
+                .iter_mut()
+                .filter(|(_, b)| b.out <= TAKE_UP_LOW)
+                .filter_map(|(t, b)| {
+                    if b.awaiting.is_empty() {
+                        return Some((t.clone(), b.ready));
+                    }
+                    if now < b.asked_at + TAKE_UP_WAIT {
+                        return None;
+                    }
+                    warn!(
+                        "topic '{t}': subscriber(s) {:?} did not write out the last {TAKE_UP_CHUNK} entries from the log within {TAKE_UP_WAIT:?}; going on without them",
+                        b.awaiting
+                    );
+                    b.awaiting.clear();
+                    Some((t.clone(), true))
+                })
                 .collect(),
             RoleState::Backup(_) => return,
         };
@@ -241,7 +271,21 @@ impl Broker {
             }
             if let Some(bl) = self.backlogs().and_then(|b| b.get_mut(&topic)) {
                 bl.awaiting = subs;
+                bl.asked_at = now;
             }
+        }
+        // The timer again when the first of the waits still going runs out.
+        let waits: Vec<Time> = self
+            .backlogs()
+            .map(|b| {
+                b.values()
+                    .filter(|b| !b.awaiting.is_empty())
+                    .map(|b| b.asked_at + TAKE_UP_WAIT)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(at) = waits.into_iter().min() {
+            self.arm_take_up(at);
         }
     }
 
@@ -259,7 +303,7 @@ impl Broker {
             }
         }
         if go {
-            self.timers.set(Timer::TakeUp, now);
+            self.arm_take_up(now);
         }
     }
 

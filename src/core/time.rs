@@ -98,6 +98,11 @@ impl Timers {
         self.due.contains_key(&t)
     }
 
+    /// When `t` is due, if armed.
+    pub fn due(&self, t: Timer) -> Option<Time> {
+        self.due.get(&t).copied()
+    }
+
     /// The earliest deadline.
     pub fn next(&self) -> Option<Time> {
         self.due.values().min().copied()
