@@ -313,3 +313,25 @@ fn a_subscriber_that_does_not_read_holds_up_a_long_undelivered_log_only_for_a_wh
         "the stuck subscriber should have been waited for, then left behind"
     );
 }
+
+#[test]
+fn a_backup_that_takes_over_a_long_held_log_delivers_it_all_in_order() {
+    let (bp, dead) = (free_port(), free_port());
+    let ba = addr(bp);
+    let dir = tempfile::tempdir().unwrap();
+    // What a backup holds after its primary replicated 20,000 entries and died before
+    // delivering any (`fill` writes the same entries a primary would have replicated).
+    fill_undelivered(dir.path(), LONG_LOG, 64);
+    let _backup = spawn_node("backup", &node_args(bp, &addr(dead), dir.path(), "0"));
+    let mut sub = subscribe_early(&ba);
+    // A publish at a backup whose primary does not answer makes it take over (and is served
+    // there, behind what it held).
+    publish_acked(&ba, "late", 1..=3);
+    assert!(common::status(&ba).starts_with("STATUS|primary|"));
+    let got = collect_ids(&mut sub, LONG_LOG as usize + 3);
+    assert_same_order(&got, &filled_then(LONG_LOG, 3));
+    assert!(
+        common::wait_until(5 * SEC, || in_flight(&ba) == 0),
+        "nothing left in flight"
+    );
+}
