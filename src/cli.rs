@@ -129,7 +129,9 @@ pub struct BrokerOpts {
     pub lease: Option<Duration>,
 }
 
-fn parse_lease(s: &str) -> Result<Duration, String> {
+/// A `--lease` value: a duration of at least 50 ms (a shorter lease runs out between two of its
+/// own renewals on a busy machine).
+pub fn parse_lease(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d < Duration::from_millis(50) {
         return Err(format!("lease '{s}': at least 50ms"));

@@ -517,6 +517,21 @@ fn with_a_lease_a_crashed_primary_is_replaced_once_its_lease_has_run_out() {
 }
 
 #[test]
+fn with_a_lease_a_primary_whose_backup_is_down_acknowledges_alone() {
+    let (mut p, sp, _) = leased(steady);
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=2);
+    p.run_until(ms(100), |p| p.count(publ, "ACK|pub|") == 2);
+    p.crash(B);
+    // Nobody listens on the backup's port: its connect is refused, which both grants the
+    // lease and shows that no node there can take over, so the primary runs degraded.
+    publish(&mut p, publ, 3..=4);
+    p.run_until(ms(5_000), |p| p.count(publ, "ACK|pub|") == 4);
+    p.run_until(ms(1_000), |p| p.msgs(sp).len() == 4);
+    assert_eq!(seqs(&p, sp), [1, 2, 3, 4]);
+}
+
+#[test]
 fn with_a_lease_reigns_never_overlap_in_a_partition() {
     // Long compute: the primary has results to deliver throughout the partition.
     let (mut p, sp, sb) = leased(|_| ms(1_000));
@@ -525,11 +540,16 @@ fn with_a_lease_reigns_never_overlap_in_a_partition() {
     p.run_until(ms(100), |p| p.count(publ, "ACK|pub|") == 2);
     p.partitioned = true;
     let cut = p.now;
-    // Within its lease the cut-off primary still acknowledges (degraded, once the backup's
-    // STORED is overdue) and delivers: its lease ends before the backup may take over.
+    // The cut-off primary does not acknowledge without its backup, even within its lease: the
+    // backup may be taking over, and a message acknowledged here alone would reach it only
+    // when this node hands it over, after the publisher's later ones.
     publish(&mut p, publ, 3..=3);
-    p.run_until(ms(1_000), |p| p.count(publ, "ACK|pub|3") == 1);
     p.run_until(ms(10_000), |p| p.role(B) == Role::Primary);
+    assert_eq!(
+        p.count(publ, "ACK|pub|3"),
+        0,
+        "acknowledged without the backup, which was only out of reach"
+    );
     assert!(p.now - cut >= ms(2_000), "no takeover within the lease");
     let by_old = p.msgs(sp).len();
     // Past its lease the old primary acknowledges and delivers nothing more.

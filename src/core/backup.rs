@@ -28,8 +28,9 @@ pub(super) struct Backup {
     /// A probe in flight, and what waits for its verdict.
     pub probe: Option<Probe>,
     logged_waiting: bool,
-    /// When the primary was last heard from (with `--lease`, no takeover before a lease after).
-    pub last_contact: Time,
+    /// When this backup last granted its primary the lease (answered its question on the link,
+    /// or started): with `--lease`, no takeover before a lease after it.
+    pub last_grant: Time,
     /// A takeover decided while the primary's lease may still run (why).
     pub pending_takeover: Option<String>,
 }
@@ -66,7 +67,7 @@ impl Backup {
             poll: Poll::Idle,
             probe: None,
             logged_waiting: false,
-            last_contact: now,
+            last_grant: now,
             pending_takeover: None,
         }
     }
@@ -226,15 +227,20 @@ impl Broker {
             p.publishes.push((conn, frame, attempt));
             return;
         }
+        if b.pending_takeover.is_some() {
+            // Served once the primary's lease has run out and this node took over (or
+            // forwarded, if the primary answers first), in the order they came: refused now,
+            // a publish would leave a hole that the publisher's next message overtakes.
+            self.forwards_waiting.push((conn, frame, attempt));
+            return;
+        }
         match b.detector.on_evidence(Evidence::Publish) {
             Verdict::Probe => self.start_probe(Evidence::Publish, vec![(conn, frame, attempt)]),
             Verdict::TakeOver => {
                 if self.take_over_when_free("a publish arrived and the primary does not answer") {
                     self.serve_here(conn, frame);
                 } else {
-                    let reason =
-                        "not primary yet: waiting for the primary's lease to run out; retry".into();
-                    self.finish_forward(conn, Frame::Err { reason });
+                    self.forwards_waiting.push((conn, frame, attempt));
                 }
             }
             Verdict::Wait => self.forward(conn, frame, attempt),
@@ -392,15 +398,18 @@ impl Broker {
         let verdict = b.detector.on_probe(alive);
         self.close(probe.conn);
         if alive {
-            self.primary_heard();
+            self.primary_answers();
         }
         if verdict == Verdict::TakeOver {
             let why = self.why(probe.cause);
             self.take_over_when_free(&why);
         }
+        let pending = self.backup().is_some_and(|b| b.pending_takeover.is_some());
         for (conn, frame, attempt) in probe.publishes {
             if self.role() == Role::Primary {
                 self.serve_here(conn, frame);
+            } else if pending {
+                self.forwards_waiting.push((conn, frame, attempt));
             } else {
                 self.forward(conn, frame, attempt);
             }
@@ -447,7 +456,7 @@ impl Broker {
     pub(super) fn on_poll_answer(&mut self, conn: ConnId, answer: Frame) {
         match self.answer_alive(&answer) {
             Some(true) => {
-                self.primary_heard();
+                self.primary_answers();
                 self.timers.stop(Timer::Answer(conn));
                 let primary = self.cfg.peer.clone().unwrap_or_default();
                 if let Some(b) = self.backup() {
@@ -481,7 +490,7 @@ impl Broker {
         }
     }
 
-    fn rearm_ping(&mut self) {
+    pub(super) fn rearm_ping(&mut self) {
         if let Some(at) = self.backup().and_then(|b| b.detector.next_ping()) {
             self.timers.set(Timer::Ping, at);
         }

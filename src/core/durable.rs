@@ -5,7 +5,7 @@
 //! A backup's "held" messages are no separate store any more: they are the entries of its log
 //! between each topic's delivered mark and its end, less those cleared out of order.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use tracing::{error, info, warn};
@@ -214,7 +214,8 @@ impl Broker {
     }
 
     /// Every `ACK` waiting for a message up to this `mid` may go: the backup stored it (or there
-    /// is no backup to wait for) and the local disk has it (when the policy says to wait).
+    /// is no backup to wait for: none linked, or with a lease none running) and the local disk
+    /// has it (when the policy says to wait).
     pub(super) fn ack_floor(&self) -> u64 {
         if !self.lease_held() {
             return 0;
@@ -226,10 +227,17 @@ impl Broker {
         } else {
             u64::MAX
         };
+        let lease = self.cfg.lease.is_some() && self.cfg.peer.is_some();
         let backup = match &self.role {
             RoleState::Primary(p) => match p.link.up() {
                 Some((_, false)) => p.confirmed,
-                _ => u64::MAX,
+                Some((_, true)) => u64::MAX,
+                // With a lease, degraded only while the backup is known to be down: a backup
+                // that is merely out of reach may be taking over, and a message acknowledged
+                // here alone would reach it only when this node hands it over, after the
+                // publisher's later ones (out of order), so its publisher resends it there.
+                None if lease && !p.link.backup_down => p.confirmed,
+                None => u64::MAX,
             },
             RoleState::Backup(_) => u64::MAX,
         };
@@ -263,17 +271,7 @@ impl Broker {
         let mut undelivered = 0u64;
         let mut last_epoch = 0u64;
         for t in &topics {
-            let from = t.next.saturating_sub(SEEN_REBUILD).max(t.first);
-            match self.log.read(&t.topic, from, usize::MAX) {
-                Ok(entries) => {
-                    for e in entries.iter().filter(|e| !e.id.is_anonymous()) {
-                        self.seen.record(&e.id.publisher, e.id.seq);
-                    }
-                    let newest = entries.iter().map(|e| e.epoch).max().unwrap_or(0);
-                    last_epoch = last_epoch.max(newest);
-                }
-                Err(e) => error!("topic '{}': cannot read the log back: {e}", t.topic),
-            }
+            last_epoch = last_epoch.max(self.relearn_seen(&t.topic, t.first, t.next));
             undelivered += t.next - t.delivered.max(t.first);
         }
         // The log remembers the newest reign it saw (the saved epoch, and the entries): a
@@ -302,6 +300,41 @@ impl Broker {
             // A chunk now, the rest as deliveries go (`takeup.rs`): the node serves at once.
             let cleared = std::mem::take(&mut self.cleared);
             self.begin_take_up(cleared);
+        }
+    }
+
+    /// Records the identities of the last [`SEEN_REBUILD`] entries of `topic` (`first..next` in
+    /// the log) as seen, so a resend of one is no new message; returns the newest epoch among
+    /// them. At a start, and at a takeover: the undelivered entries are ours to deliver then,
+    /// though taken up a chunk at a time (`takeup.rs`), and a node that stepped down forgot the
+    /// identities it had accepted.
+    pub(super) fn relearn_seen(&mut self, topic: &str, first: u64, next: u64) -> u64 {
+        let from = next.saturating_sub(SEEN_REBUILD).max(first);
+        match self.log.read(topic, from, usize::MAX) {
+            Ok(entries) => {
+                for e in entries.iter().filter(|e| !e.id.is_anonymous()) {
+                    self.seen.record(&e.id.publisher, e.id.seq);
+                }
+                entries.iter().map(|e| e.epoch).max().unwrap_or(0)
+            }
+            Err(e) => {
+                error!("topic '{topic}': cannot read the log back: {e}");
+                0
+            }
+        }
+    }
+
+    /// The identities of the last entries of `topic` (as many as a start reads to relearn
+    /// publishers), to tell a message the log has from one it lacks.
+    pub(super) fn recent_ids(&self, topic: &str) -> HashSet<MsgId> {
+        let next = self.log.next_offset(topic);
+        let from = next.saturating_sub(SEEN_REBUILD);
+        match self.log.read(topic, from, usize::MAX) {
+            Ok(entries) => entries.into_iter().map(|e| e.id.clone()).collect(),
+            Err(e) => {
+                error!("topic '{topic}': cannot read the log back: {e}");
+                HashSet::new()
+            }
         }
     }
 

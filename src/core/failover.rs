@@ -166,6 +166,14 @@ impl Detector {
         }
     }
 
+    /// A takeover decided while the primary's lease ran is called off (the primary answered
+    /// meanwhile): poll again from `now` on, as a detector that has seen its primary.
+    pub fn call_off(&mut self, now: Time) {
+        self.taken_over = false;
+        self.armed = true;
+        self.next_ping = now + self.interval;
+    }
+
     fn take_over(&mut self) -> Verdict {
         self.taken_over = true;
         Verdict::TakeOver
@@ -179,6 +187,17 @@ mod tests {
     fn det() -> (Detector, Time) {
         let t0 = Time(1_000_000);
         (Detector::new(Duration::from_secs(1), t0), t0)
+    }
+
+    #[test]
+    fn a_called_off_takeover_polls_and_judges_again() {
+        let (mut d, t0) = det();
+        d.on_pong();
+        assert_eq!(d.on_evidence(Evidence::Timeout), Verdict::TakeOver);
+        d.call_off(t0);
+        assert_eq!(d.next_ping(), Some(t0 + Duration::from_secs(1)));
+        assert!(!d.has_taken_over());
+        assert_eq!(d.on_evidence(Evidence::Timeout), Verdict::TakeOver);
     }
 
     #[test]

@@ -9,15 +9,20 @@
 //!   `t` grants the lease until `t + lease`. A refused connection to the peer's port grants it
 //!   too (no process listens there, so none can take over; a backup that starts waits a lease
 //!   first). When the lease runs out, results and `ACK`s wait until it is granted again;
-//! * a **backup** takes over only once a lease has passed since it last heard from its primary
-//!   (a frame on the link or an answer to a poll), so by then the primary has stopped on its own.
-//!   The primary counts from when it *asked*, the backup from when it *heard*, which is later:
-//!   the primary's lease always ends first (for clocks that run at the same rate).
+//! * a **backup** takes over only once a lease has passed since it last granted one (answered
+//!   the question), so by then the primary has stopped on its own. The primary counts from when
+//!   it *asked*, the backup from when it *answered*, which is later: the primary's lease always
+//!   ends first (for clocks that run at the same rate). Once the backup has decided to take
+//!   over it answers no more questions, so a primary that still reaches it (a link too slow to
+//!   renew the lease in time, a one-way partition) cannot keep both nodes from serving.
 //!
 //! The price: every failover takes at least the lease, and a primary whose backup is unreachable
 //! (a partition, a hung backup, a proxy that accepts for a dead node) stops serving.
 
 use tracing::{info, warn};
+
+/// How a backup that is about to take over answers its primary's lease question (`ERR|…`).
+pub(super) const LEASE_REFUSED: &str = "lease refused";
 
 use super::time::{Time, Timer};
 use super::{Broker, RoleState};
@@ -35,7 +40,7 @@ impl Broker {
     }
 
     /// The lease timer: a primary asks for its lease again; a backup that waited the lease out
-    /// takes over, unless its primary was heard from meanwhile.
+    /// takes over, unless its primary answered a poll meanwhile.
     pub(super) fn on_lease_timer(&mut self) {
         let Some(lease) = self.cfg.lease else {
             return;
@@ -50,7 +55,7 @@ impl Broker {
                 }
             }
             RoleState::Backup(b) => {
-                let free_at = b.last_contact + lease;
+                let free_at = b.last_grant + lease;
                 if free_at > now {
                     if b.pending_takeover.is_some() {
                         self.timers.set(Timer::Lease, free_at);
@@ -109,14 +114,36 @@ impl Broker {
         }
     }
 
-    /// Backup: the primary was heard from now.
-    pub(super) fn primary_heard(&mut self) {
+    /// Backup: the primary answered a poll or a probe in time, so a takeover decided while its
+    /// lease ran is called off. (Frames on the replication link do not count: a primary on a
+    /// link too slow to renew its lease keeps sending them, and would keep both nodes from
+    /// serving.)
+    pub(super) fn primary_answers(&mut self) {
         let now = self.now.mono;
         if let RoleState::Backup(b) = &mut self.role {
-            b.last_contact = now;
             if b.pending_takeover.take().is_some() {
-                info!("the primary was heard from while its lease ran: not taking over");
+                info!("the primary answers again while its lease ran: not taking over");
+                b.detector.call_off(now);
+                self.rearm_ping();
+                // What waited for the takeover goes to the primary after all.
+                self.after_hand_overs();
             }
+        }
+    }
+
+    /// Backup: the primary asks for its lease (`STATUS` on the link). Granted, and counted from
+    /// now, unless a takeover is pending: then the answer is `ERR|lease refused…`, so the lease runs
+    /// out at the latest a lease after the last grant, when this node takes over. Any other
+    /// node answers as usual.
+    pub(super) fn grant_lease(&mut self) -> bool {
+        let now = self.now.mono;
+        match &mut self.role {
+            RoleState::Backup(b) if b.pending_takeover.is_some() => false,
+            RoleState::Backup(b) => {
+                b.last_grant = now;
+                true
+            }
+            RoleState::Primary(_) => true,
         }
     }
 
@@ -131,7 +158,7 @@ impl Broker {
             self.take_over(why);
             return true;
         };
-        let free_at = b.last_contact + lease;
+        let free_at = b.last_grant + lease;
         if free_at <= now {
             self.take_over(why);
             return true;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 use super::failover::{next_epoch, yields_to};
+use super::lease::LEASE_REFUSED;
 use super::peer::Purpose;
 use super::time::{Backoff, Time, Timer};
 use super::{Broker, ConnId, Message};
@@ -30,6 +31,9 @@ pub(super) struct Link {
     tails: Vec<(String, u64, u64)>,
     /// When the current connect attempt started (a refusal grants the lease from then).
     connect_started: Time,
+    /// The last connect was refused: no process listens on the backup's port, so none can take
+    /// over. With `--lease`, only then does a primary acknowledge without the backup.
+    pub backup_down: bool,
 }
 
 impl Link {
@@ -43,6 +47,7 @@ impl Link {
             said_degraded: false,
             tails: Vec::new(),
             connect_started: Time::default(),
+            backup_down: false,
         }
     }
 
@@ -146,6 +151,10 @@ impl Broker {
             (LinkState::Up { .. }, Frame::Stored { mid }) => self.stored(mid),
             (LinkState::Up { .. }, Frame::Ack { .. }) => {}
             (LinkState::Up { .. }, Frame::Status { .. }) => self.lease_answered(),
+            (LinkState::Up { .. }, Frame::Err { reason }) if reason.starts_with(LEASE_REFUSED) => {
+                // The backup is about to take over: this question grants nothing.
+                p.lease_asks.pop_front();
+            }
             (_, other) => {
                 let why = format!("backup answered {}", other.encode().trim_end());
                 self.link_lost(&why);
@@ -226,6 +235,9 @@ impl Broker {
         p.link.backoff.reset();
         p.link.said_degraded = false;
         p.link.state = LinkState::Up { conn, since: now };
+        p.link.backup_down = false;
+        // Questions asked on an earlier link are never answered.
+        p.lease_asks.clear();
         // Everything below the oldest message in flight was delivered already.
         p.confirmed = p.inflight.keys().next().map_or(next_mid - 1, |m| m - 1);
         info!(
@@ -260,7 +272,8 @@ impl Broker {
                 self.link_lost(why);
             }
             LinkState::Connecting(c) if c == conn => {
-                if reason.to_ascii_lowercase().contains("refused") {
+                p.link.backup_down = reason.to_ascii_lowercase().contains("refused");
+                if p.link.backup_down {
                     // Nobody listens on the peer's port: no node there can take over.
                     let asked = p.link.connect_started;
                     self.lease_granted(asked);

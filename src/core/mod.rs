@@ -60,6 +60,7 @@ pub use time::{Backoff, Now, Time};
 
 use backup::Backup;
 use conn::{Conn, Kind};
+use lease::LEASE_REFUSED;
 use primary::Primary;
 use seen::SeenMap;
 use time::{Timer, Timers};
@@ -337,8 +338,14 @@ impl Broker {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        if matches!(c.kind, Kind::InLink) {
-            self.primary_heard();
+        if matches!(c.kind, Kind::InLink)
+            && matches!(frame, Frame::StatusQuery)
+            && !self.grant_lease()
+        {
+            // A backup about to take over lets its primary's lease run out.
+            let reason = format!("{LEASE_REFUSED}: taking over");
+            self.reply(conn, Frame::Err { reason });
+            return;
         }
         let Some(c) = self.conns.get(&conn) else {
             return;

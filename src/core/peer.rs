@@ -1,15 +1,18 @@
 //! Connections this node opens to its peer, and what each is for: the replication link, the
 //! backup's polls and probes, forwarded publishes, hand-overs, and the check after a pause.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{error, info, warn};
 
+use super::conn::{Conn, Kind};
 use super::failover::Evidence;
 use super::time::Timer;
 use super::{Broker, ConnId, Message};
-use crate::protocol::{Frame, Role, PROTOCOL_VERSION};
+use crate::log::Entry;
+use crate::protocol::{Frame, MsgId, Role, PROTOCOL_VERSION};
 
 /// How long a paused primary waits for its peer to say who is primary.
 const FENCE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -190,6 +193,90 @@ impl Broker {
         };
         self.handovers.insert(id, h);
         self.retry_hand_over(id);
+    }
+
+    /// On a takeover: what this node was still handing to its peer (a cut tail, or what it held
+    /// when it stepped down) is now this node's to deliver. Each message not in its log already
+    /// (by identity) is appended, in the order it was to be handed over, before anything the
+    /// new reign accepts: handed back later by the peer, it would come after the publishers'
+    /// newer messages, out of their order.
+    pub(super) fn take_back_hand_overs(&mut self) {
+        let handovers = std::mem::take(&mut self.handovers);
+        if handovers.is_empty() {
+            return;
+        }
+        for id in handovers.keys() {
+            self.timers.stop(Timer::HandOver(*id));
+        }
+        let msgs: Vec<Arc<Message>> = handovers.into_values().flat_map(|h| h.msgs).collect();
+        let mut have: HashMap<String, HashSet<MsgId>> = HashMap::new();
+        let mut taken = 0usize;
+        for m in msgs {
+            if !m.id.is_anonymous() {
+                let ids = have
+                    .entry(m.topic.clone())
+                    .or_insert_with(|| self.recent_ids(&m.topic));
+                if !ids.insert(m.id.clone()) {
+                    continue;
+                }
+            }
+            let entry = Arc::new(Entry {
+                offset: self.log.next_offset(&m.topic),
+                epoch: self.epoch,
+                id: m.id.clone(),
+                sent_us: m.sent_us,
+                received_us: m.received_us,
+                payload: m.payload.clone(),
+            });
+            if let Err(e) = self.append(&m.topic, &entry) {
+                error!(
+                    "topic '{}': cannot take back {}:{} from a hand-over: {e}",
+                    m.topic, m.id.publisher, m.id.seq
+                );
+                continue;
+            }
+            if !m.id.is_anonymous() {
+                self.seen.record(&m.id.publisher, m.id.seq);
+            }
+            // Behind the topic's backlog if it has one (the log's entries before it are
+            // taken up a chunk at a time, `takeup.rs`), otherwise in flight at once; either
+            // way taken up again, not fresh (a relay waits for subscribers to reconnect).
+            let mid = self.next_mid;
+            self.next_mid += 1;
+            let msg = Arc::new(Message {
+                mid,
+                topic: m.topic.clone(),
+                entry,
+            });
+            if !self.park(&msg) {
+                self.enqueue(msg, false);
+            }
+            taken += 1;
+        }
+        info!("took back {taken} message(s) this node was handing to its peer");
+    }
+
+    /// On a takeover: publishes still on their way to the old primary are served here now, in
+    /// the order they were forwarded, before anything newer from their publishers. Left to fail
+    /// later (a primary out of reach answers only when the forward times out), each would be
+    /// logged after the later messages its publisher sent here meanwhile.
+    pub(super) fn serve_forwards_in_flight(&mut self) {
+        let mut conns: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.kind, Kind::Out(Purpose::Forward { .. })))
+            .map(|(id, _)| *id)
+            .collect();
+        conns.sort_unstable();
+        for conn in conns {
+            if let Some(Conn {
+                kind: Kind::Out(Purpose::Forward { client, frame, .. }),
+                ..
+            }) = self.close(conn)
+            {
+                self.serve_here(client, frame);
+            }
+        }
     }
 
     /// Starts (another) attempt at hand-over `id`.

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tracing::{debug, warn};
 
 use super::conn::Reply;
-use super::link::{Link, LINK_TIMEOUT};
+use super::link::{Link, LinkState, LINK_TIMEOUT};
 use super::peer::Purpose;
 use super::time::Time;
 use super::{Broker, ConnId, Message, Output, RoleState, STALL};
@@ -140,6 +140,10 @@ impl Broker {
             if !entry.id.is_anonymous() {
                 self.seen.record(&entry.id.publisher, entry.id.seq);
             }
+            debug!(
+                "accepted {}:{} at {topic}@{} (conn {conn})",
+                entry.id.publisher, entry.id.seq, entry.offset
+            );
             let mid = self.next_mid;
             self.next_mid += 1;
             let msg = Arc::new(Message { mid, topic, entry });
@@ -474,14 +478,25 @@ impl Broker {
         self.primary().is_some_and(|p| p.suspect)
     }
 
-    /// Drops the link if the oldest pending `ACK` has waited longer than the replication timeout.
+    /// Drops the link if the oldest `ACK` waiting for the backup's `STORED` has waited longer
+    /// than the replication timeout on this link. `ACK`s that wait for something else (the local
+    /// disk, the lease) are not the backup's fault, and one left over from a link that dropped
+    /// counts from when the new link came up.
     pub(super) fn check_repl_timeout(&mut self) {
         let now = self.now.mono;
         let t = self.cfg.repl_timeout;
         let Some(p) = self.primary() else {
             return;
         };
-        if let Some(a) = p.acks.front().filter(|a| a.deadline <= now) {
+        let LinkState::Up { since, .. } = p.link.state else {
+            return;
+        };
+        let late = p
+            .acks
+            .iter()
+            .find(|a| a.mid > p.confirmed)
+            .filter(|a| a.deadline.max(since + t) <= now);
+        if let Some(a) = late {
             warn!(
                 "backup did not store message {} within {t:?}: dropping the link, running degraded",
                 a.mid

@@ -34,11 +34,19 @@ impl Broker {
         for conn in b.own_conns() {
             self.close(conn);
         }
+        // Ours to deliver now: a resend of what the log holds (or a hand-over of it coming
+        // back) is no new message. (A node that stepped down forgot the identities it had
+        // accepted.)
+        for t in self.log.topics() {
+            self.relearn_seen(&t.topic, t.first, t.next);
+        }
         // A chunk now, the rest as deliveries go (`takeup.rs`).
         let cleared = std::mem::take(&mut self.cleared);
         self.begin_take_up(cleared);
         self.synced_mid = self.next_mid - 1;
         self.written_mid = self.synced_mid;
+        self.take_back_hand_overs();
+        self.serve_forwards_in_flight();
         for conn in b.link_conns {
             self.close(conn);
         }

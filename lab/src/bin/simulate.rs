@@ -37,6 +37,9 @@ struct Cli {
     /// Nodes without a disk (as without `--data-dir`): a crash loses a node's whole log.
     #[arg(long)]
     memory_only: bool,
+    /// Both nodes' lease (`--lease`): no overlapping reigns, at a price in failover time.
+    #[arg(long, value_parser = edgepair::cli::parse_lease)]
+    lease: Option<Duration>,
     /// Backup's ping interval.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     ping_interval: Duration,
@@ -120,6 +123,7 @@ fn main() -> ExitCode {
         resend: cli.resend,
         fsync: cli.fsync,
         memory_only: cli.memory_only,
+        lease: cli.lease,
         ..SimConfig::default()
     };
     let dir = cli.out.join(format!(
@@ -150,7 +154,7 @@ fn header() {
 
 fn replay_command(cfg: &SimConfig, seed: u64) -> String {
     format!(
-        "cargo run --release --bin simulate -- --seed {seed} --duration {}ms --faults {} --ping-interval {}ms --ping-timeout {}ms --ack-timeout {}ms --resend {} --fsync {}{}",
+        "cargo run --release --bin simulate -- --seed {seed} --duration {}ms --faults {} --ping-interval {}ms --ping-timeout {}ms --ack-timeout {}ms --resend {} --fsync {}{}{}",
         cfg.duration.as_millis(),
         cfg.faults
             .iter()
@@ -166,7 +170,10 @@ fn replay_command(cfg: &SimConfig, seed: u64) -> String {
             " --memory-only"
         } else {
             ""
-        }
+        },
+        cfg.lease
+            .map(|l| format!(" --lease {}ms", l.as_millis()))
+            .unwrap_or_default()
     )
 }
 

@@ -91,6 +91,8 @@ pub struct SimConfig {
     /// log (the simulation before it modelled the disk). Power faults then are crashes, and
     /// nothing is excused as lost by policy.
     pub memory_only: bool,
+    /// Both nodes' `--lease`: reigns that never overlap, paid for in failover time.
+    pub lease: Option<Duration>,
 }
 
 impl Default for SimConfig {
@@ -111,6 +113,7 @@ impl Default for SimConfig {
             ping_timeout: Duration::from_millis(300),
             ack_timeout: Duration::from_millis(500),
             resend: 5,
+            lease: None,
             fsync: Fsync::default(),
             memory_only: false,
         }
@@ -311,7 +314,8 @@ fn broker(
     cfg: &SimConfig,
     disk: Option<SimDisk>,
 ) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = turmoil::Result> + 'static>> {
-    let (ping, ping_timeout, fsync) = (cfg.ping_interval, cfg.ping_timeout, cfg.fsync);
+    let (ping, ping_timeout, fsync, lease) =
+        (cfg.ping_interval, cfg.ping_timeout, cfg.fsync, cfg.lease);
     move || {
         let disk = disk.clone();
         Box::pin(async move {
@@ -322,6 +326,7 @@ fn broker(
             c.ping_interval = ping;
             c.ping_timeout = ping_timeout;
             c.fsync = fsync;
+            c.lease = lease;
             let stop = CancellationToken::new();
             match disk {
                 Some(d) => driver::run_on(listener, c, d.storage(), stop).await,

@@ -69,6 +69,8 @@ pub enum Param {
     AckTimeout,
     /// How many recent messages a publisher resends when it switches.
     Resend,
+    /// Both nodes' `--lease` (`off` for none).
+    Lease,
 }
 
 impl Param {
@@ -79,6 +81,7 @@ impl Param {
             Param::PingTimeout => "ping-timeout",
             Param::AckTimeout => "ack-timeout",
             Param::Resend => "resend",
+            Param::Lease => "lease",
         }
     }
 
@@ -94,6 +97,14 @@ impl Param {
             Param::PingInterval => cfg.ping_interval = dur(value)?,
             Param::PingTimeout => cfg.ping_timeout = dur(value)?,
             Param::AckTimeout => cfg.ack_timeout = dur(value)?,
+            Param::Lease => {
+                cfg.lease = match value {
+                    "off" | "0" => None,
+                    v => {
+                        Some(edgepair::cli::parse_lease(v).map_err(|e| anyhow!("lease={v}: {e}"))?)
+                    }
+                }
+            }
             Param::Resend => {
                 cfg.resend = value
                     .parse()
@@ -118,11 +129,12 @@ impl FromStr for Param {
             Param::PingTimeout,
             Param::AckTimeout,
             Param::Resend,
+            Param::Lease,
         ]
         .into_iter()
         .find(|p| p.name() == s)
         .ok_or_else(|| {
-            anyhow!("unknown sweep parameter {s:?}: use ping-interval, ping-timeout, ack-timeout or resend")
+            anyhow!("unknown sweep parameter {s:?}: use ping-interval, ping-timeout, ack-timeout, resend or lease")
         })
     }
 }
@@ -238,6 +250,8 @@ pub struct SettingSummary {
     pub duplicates_max: u64,
     /// Deliveries by two reigning nodes during partitions and holds, per seed.
     pub split_brain_per_seed: f64,
+    /// Out-of-order first deliveries, over all seeds.
+    pub reordered: u64,
 }
 
 /// The `q` quantile (0..=1) of `v` by the nearest-rank rule; 0 for an empty slice.
@@ -281,18 +295,19 @@ pub fn summarize_as(setting: &str, results: &[SimResult]) -> SettingSummary {
         duplicates_per_seed: results.iter().map(|r| r.duplicates as f64).sum::<f64>() / n,
         duplicates_max: results.iter().map(|r| r.duplicates).max().unwrap_or(0),
         split_brain_per_seed: results.iter().map(|r| r.split_brain as f64).sum::<f64>() / n,
+        reordered: results.iter().map(|r| r.reordered).sum(),
     }
 }
 
 /// The sweep as a Markdown table (it reads as plain text too).
 pub fn render_sweep_table(rows: &[SettingSummary]) -> String {
     let mut s = String::from(
-        "| setting | seeds | violating | lost | failovers/seed | gap p50 ms | gap p99 ms | gap max ms | dups/seed | dups max | split-brain/seed |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| setting | seeds | violating | lost | failovers/seed | gap p50 ms | gap p99 ms | gap max ms | dups/seed | dups max | split-brain/seed | reordered |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {:.1} |\n",
+            "| {} | {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {:.1} | {} |\n",
             r.setting,
             r.seeds,
             r.violating_seeds,
@@ -303,7 +318,8 @@ pub fn render_sweep_table(rows: &[SettingSummary]) -> String {
             r.gap_max_ms,
             r.duplicates_per_seed,
             r.duplicates_max,
-            r.split_brain_per_seed
+            r.split_brain_per_seed,
+            r.reordered
         ));
     }
     s
