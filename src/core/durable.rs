@@ -5,11 +5,12 @@
 //! A backup's "held" messages are no separate store any more: they are the entries of its log
 //! between each topic's delivered mark and its end, less those cleared out of order.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use tracing::{error, info, warn};
 
+use super::backup::Backup;
 use super::failover::next_epoch;
 use super::time::Timer;
 use super::{Broker, ConnId, Message, Output, RoleState, SEEN_REBUILD};
@@ -400,6 +401,18 @@ impl Broker {
         }
     }
 
+    /// Where this link's catch-up left `topic`: below it our log is the primary's (0 if it
+    /// did not catch `topic` up, or on another link).
+    fn caught_up_to(&self, conn: ConnId, topic: &str) -> u64 {
+        match &self.role {
+            RoleState::Backup(Backup {
+                caught_up: Some((c, marks)),
+                ..
+            }) if *c == conn => marks.get(topic).copied().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
     /// `REPL` on a backup: append the entry at its offset (answer `STORED`, after the sync when
     /// the policy says so), or refuse it.
     pub(super) fn on_repl(&mut self, conn: ConnId, mid: u64, topic: String, entry: Entry) {
@@ -408,7 +421,7 @@ impl Broker {
             return;
         }
         let entry = Arc::new(entry);
-        if let Err(e) = self.store(&topic, &entry) {
+        if let Err(e) = self.store(conn, &topic, &entry) {
             warn!("cannot store entry {} of '{topic}': {e}", entry.offset);
             self.reply(
                 conn,
@@ -439,8 +452,15 @@ impl Broker {
     /// Appends a replicated entry at its offset. The same entry again is fine; a different one
     /// at an offset we have means our tail diverged from the primary's log: it is cut (and
     /// what of it was not delivered is handed to the primary) before the entry is appended.
-    fn store(&mut self, topic: &str, entry: &Arc<Entry>) -> Result<(), LogError> {
+    /// Below where this link's catch-up left the topic our log is the primary's: an entry there
+    /// is the same one, and is not read back (a primary taking its log up again sends each of
+    /// them, thousands a chunk, and reading each back stalled this node for longer than its
+    /// primary's ping timeout).
+    fn store(&mut self, conn: ConnId, topic: &str, entry: &Arc<Entry>) -> Result<(), LogError> {
         let next = self.log.next_offset(topic);
+        if entry.offset < next && entry.offset < self.caught_up_to(conn, topic) {
+            return Ok(());
+        }
         if entry.offset < next {
             let have = self.log.read(topic, entry.offset, 1)?;
             if have
@@ -472,6 +492,15 @@ impl Broker {
         }
         let undelivered = self.undelivered(topic, from)?;
         let cut = self.log.truncate(topic, from)?;
+        if let RoleState::Backup(Backup {
+            caught_up: Some((_, marks)),
+            ..
+        }) = &mut self.role
+        {
+            if let Some(m) = marks.get_mut(topic) {
+                *m = (*m).min(from);
+            }
+        }
         if let Some(c) = self.cleared.get_mut(topic) {
             c.retain(|o| *o < from);
         }
@@ -544,12 +573,20 @@ impl Broker {
 
     /// `MARK|topic|upto|next` after a catch-up: our log of `topic` must end at `next` and is
     /// delivered below `upto`.
-    pub(super) fn on_mark(&mut self, topic: &str, upto: u64, next: u64) {
+    pub(super) fn on_mark(&mut self, conn: ConnId, topic: &str, upto: u64, next: u64) {
         if self.role() != Role::Backup {
             return;
         }
         if let Err(e) = self.cut_tail(topic, next) {
             error!("topic '{topic}': cannot cut the log at {next}: {e}");
+        } else if self.log.next_offset(topic) == next {
+            if let RoleState::Backup(b) = &mut self.role {
+                let marks = match &mut b.caught_up {
+                    Some((c, marks)) if *c == conn => marks,
+                    other => &mut other.insert((conn, HashMap::new())).1,
+                };
+                marks.insert(topic.to_string(), next);
+            }
         }
         self.log.set_delivered(topic, upto);
         if let Some(c) = self.cleared.get_mut(topic) {

@@ -609,7 +609,7 @@ impl Broker {
                 };
                 self.on_repl(conn, mid, topic, entry);
             }
-            Frame::Mark { topic, upto, next } => self.on_mark(&topic, upto, next),
+            Frame::Mark { topic, upto, next } => self.on_mark(conn, &topic, upto, next),
             Frame::Replicate { topic, payload } => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.kind = Kind::InLink;
