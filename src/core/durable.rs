@@ -21,7 +21,7 @@ use crate::protocol::{Frame, MsgId, Role};
 pub(super) const RETAIN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Entries sent per topic in one go when catching a backup up.
-const CATCH_UP_CHUNK: usize = 4096;
+pub(super) const CATCH_UP_CHUNK: usize = 4096;
 
 /// A sync running off the core's caller: what it answers when it ends.
 #[derive(Debug)]
@@ -618,7 +618,8 @@ impl Broker {
 
     /// The primary, once its backup said where its log ends (`tails`: topic, next, epoch of
     /// the last entry): send each topic's missing entries, then its delivered mark and end.
-    pub(super) fn catch_up(&mut self, conn: ConnId, tails: Vec<(String, u64, u64)>) {
+    /// Returns how many entries it sent.
+    pub(super) fn catch_up(&mut self, conn: ConnId, tails: Vec<(String, u64, u64)>) -> u64 {
         let mut topics: BTreeSet<String> = tails.iter().map(|t| t.0.clone()).collect();
         topics.extend(self.log.topics().into_iter().map(|t| t.topic));
         let mut sent = 0u64;
@@ -664,6 +665,7 @@ impl Broker {
                 if sent == 1 { "y" } else { "ies" }
             );
         }
+        sent
     }
 
     /// The first offset of `topic` whose entry is of a later epoch than `epoch` (entries of

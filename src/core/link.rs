@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 
+use super::durable::CATCH_UP_CHUNK;
 use super::failover::{next_epoch, yields_to};
 use super::lease::LEASE_REFUSED;
 use super::peer::Purpose;
@@ -34,6 +35,9 @@ pub(super) struct Link {
     /// The last connect was refused: no process listens on the backup's port, so none can take
     /// over. With `--lease`, only then does a primary acknowledge without the backup.
     pub backup_down: bool,
+    /// How much longer than the replication timeout the backup has for its first `STORED`s on
+    /// this link: the time to store what the link's catch-up sent ahead of them.
+    pub catch_up_grace: Duration,
 }
 
 impl Link {
@@ -48,6 +52,7 @@ impl Link {
             tails: Vec::new(),
             connect_started: Time::default(),
             backup_down: false,
+            catch_up_grace: Duration::ZERO,
         }
     }
 
@@ -107,7 +112,7 @@ impl Broker {
     /// The link's connection opened: introduce ourselves (a seed backup gets no `HELLO`).
     pub(super) fn on_link_connected(&mut self, conn: ConnId) {
         match self.primary() {
-            Some(p) if p.link.legacy => self.link_up(conn),
+            Some(p) if p.link.legacy => self.link_up(conn, 0),
             Some(p) => {
                 p.link.state = LinkState::Hello(conn);
                 self.say_hello(conn);
@@ -145,8 +150,8 @@ impl Broker {
             }
             (LinkState::Tails(_), Frame::TailEnd) => {
                 let tails = std::mem::take(&mut p.link.tails);
-                self.catch_up(conn, tails);
-                self.link_up(conn);
+                let sent = self.catch_up(conn, tails);
+                self.link_up(conn, sent);
             }
             (LinkState::Up { .. }, Frame::Stored { mid }) => self.stored(mid),
             (LinkState::Up { .. }, Frame::Ack { .. }) => {}
@@ -218,13 +223,16 @@ impl Broker {
                 if let Some(p) = self.primary() {
                     p.link.legacy = true;
                 }
-                self.link_up(conn);
+                self.link_up(conn, 0);
             }
         }
     }
 
-    /// The link is up: replay what is in flight, then stream.
-    fn link_up(&mut self, conn: ConnId) {
+    /// The link is up: replay what is in flight, then stream. `caught_up`: log entries the
+    /// catch-up just sent, which the backup stores before it gets to anything sent from here on.
+    fn link_up(&mut self, conn: ConnId, caught_up: u64) {
+        let chunks = caught_up.div_ceil(CATCH_UP_CHUNK as u64);
+        let grace = self.cfg.repl_timeout * u32::try_from(chunks).unwrap_or(u32::MAX);
         self.timers.stop(Timer::Answer(conn));
         let now = self.now.mono;
         let next_mid = self.next_mid;
@@ -236,6 +244,7 @@ impl Broker {
         p.link.said_degraded = false;
         p.link.state = LinkState::Up { conn, since: now };
         p.link.backup_down = false;
+        p.link.catch_up_grace = grace;
         // Questions asked on an earlier link are never answered.
         p.lease_asks.clear();
         // Everything below the oldest message in flight was delivered already.

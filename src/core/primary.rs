@@ -481,7 +481,10 @@ impl Broker {
     /// Drops the link if the oldest `ACK` waiting for the backup's `STORED` has waited longer
     /// than the replication timeout on this link. `ACK`s that wait for something else (the local
     /// disk, the lease) are not the backup's fault, and one left over from a link that dropped
-    /// counts from when the new link came up.
+    /// counts from when the new link came up, plus a replication timeout per `CATCH_UP_CHUNK`
+    /// entries its catch-up sent ahead of it (20,000 entries to store before the first
+    /// `STORED` took a loaded backup longer than the timeout: the link dropped, and the next
+    /// catch-up resent what the backup was still storing).
     pub(super) fn check_repl_timeout(&mut self) {
         let now = self.now.mono;
         let t = self.cfg.repl_timeout;
@@ -491,11 +494,12 @@ impl Broker {
         let LinkState::Up { since, .. } = p.link.state else {
             return;
         };
+        let grace = p.link.catch_up_grace;
         let late = p
             .acks
             .iter()
             .find(|a| a.mid > p.confirmed)
-            .filter(|a| a.deadline.max(since + t) <= now);
+            .filter(|a| a.deadline.max(since + t + grace) <= now);
         if let Some(a) = late {
             warn!(
                 "backup did not store message {} within {t:?}: dropping the link, running degraded",
