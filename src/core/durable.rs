@@ -438,9 +438,14 @@ impl Broker {
         if let RoleState::Backup(b) = &mut self.role {
             b.pending.insert(mid, (topic, entry.offset));
         }
-        if self.log.is_durable() && !self.must_sync() {
+        if self.log.is_durable() && !self.must_sync() && self.unflushed {
             // Answered once the entry is written (see `Broker::poll_output`).
             self.stored_after_write = Some((conn, mid));
+        } else if self.log.is_durable() && !self.must_sync() {
+            // An entry we had (sent again at link-up, or taken up again from the primary's
+            // log), with all before it written: no write is coming to answer it after, and
+            // the primary's deliveries wait for it.
+            self.reply(conn, Frame::Stored { mid });
         } else if self.must_sync() && self.log.unsynced() > 0 {
             self.stored_after_sync = Some((conn, mid));
             self.ask_sync();
