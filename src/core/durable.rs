@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 
 use super::backup::Backup;
 use super::failover::next_epoch;
+use super::link::LinkState;
 use super::time::Timer;
 use super::{Broker, ConnId, Message, Output, RoleState, SEEN_REBUILD};
 use crate::log::{Entry, Fsync, LogError, SyncJob, BATCH_ENTRIES, BATCH_INTERVAL};
@@ -22,6 +23,9 @@ pub(super) const RETAIN_EVERY: std::time::Duration = std::time::Duration::from_s
 
 /// Entries sent per topic in one go when catching a backup up.
 pub(super) const CATCH_UP_CHUNK: usize = 4096;
+
+/// How long a backup may take to read one chunk of a catch-up before the link is dropped.
+const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A sync running off the core's caller: what it answers when it ends.
 #[derive(Debug)]
@@ -622,12 +626,15 @@ impl Broker {
     }
 
     /// The primary, once its backup said where its log ends (`tails`: topic, next, epoch of
-    /// the last entry): send each topic's missing entries, then its delivered mark and end.
-    /// Returns how many entries it sent.
-    pub(super) fn catch_up(&mut self, conn: ConnId, tails: Vec<(String, u64, u64)>) -> u64 {
+    /// the last entry): sends each topic's missing entries, [`CATCH_UP_CHUNK`] at a time, the
+    /// next chunk once the link has written out the last one (so a primary restarted on a
+    /// million undelivered entries neither stops serving while it reads them all, past its
+    /// backup's ping timeout, nor queues them all in memory); then, in one go, every topic's
+    /// delivered mark and end, and the link is up.
+    pub(super) fn begin_catch_up(&mut self, conn: ConnId, tails: Vec<(String, u64, u64)>) {
         let mut topics: BTreeSet<String> = tails.iter().map(|t| t.0.clone()).collect();
         topics.extend(self.log.topics().into_iter().map(|t| t.topic));
-        let mut sent = 0u64;
+        let mut from = Vec::new();
         for topic in topics {
             let t = self.log.topic(&topic);
             let (b_next, b_epoch) = tails
@@ -635,9 +642,44 @@ impl Broker {
                 .find(|x| x.0 == topic)
                 .map_or((0, 0), |x| (x.1, x.2));
             let start = b_next.min(self.end_of_epoch(&topic, b_epoch)).max(t.first);
-            let mut at = start;
-            while at < t.next {
-                let chunk = match self.log.read(&topic, at, CATCH_UP_CHUNK) {
+            from.push((topic, start));
+        }
+        if let Some(p) = self.primary() {
+            p.link.catching_up = from;
+            p.link.caught_up_sent = 0;
+        }
+        self.catch_up_step(conn);
+    }
+
+    /// The link's connection wrote out what it was sent: the catch-up's next chunk may go.
+    pub(super) fn catch_up_written(&mut self, conn: ConnId) {
+        if self
+            .primary()
+            .is_some_and(|p| p.link.state == LinkState::CatchUp(conn))
+        {
+            self.catch_up_step(conn);
+        }
+    }
+
+    /// Sends the next chunk of the catch-up (entries appended meanwhile included), or, when
+    /// every topic's log has been sent to its end, the marks, and brings the link up.
+    fn catch_up_step(&mut self, conn: ConnId) {
+        let Some(p) = self.primary() else {
+            return;
+        };
+        let mut from = std::mem::take(&mut p.link.catching_up);
+        // Topics created since the catch-up began are sent from their start.
+        for t in self.log.topics() {
+            if !from.iter().any(|(topic, _)| *topic == t.topic) {
+                from.push((t.topic, t.first));
+            }
+        }
+        let mut sent = 0usize;
+        for (topic, at) in from.iter_mut() {
+            let t = self.log.topic(topic);
+            *at = (*at).max(t.first);
+            while *at < t.next && sent < CATCH_UP_CHUNK {
+                let chunk = match self.log.read(topic, *at, CATCH_UP_CHUNK - sent) {
                     Ok(c) if !c.is_empty() => c,
                     Ok(_) => break,
                     Err(e) => {
@@ -647,16 +689,34 @@ impl Broker {
                 };
                 let mut buf = Vec::new();
                 for e in &chunk {
-                    buf.extend_from_slice(&crate::protocol::repl_line(0, &topic, e));
+                    buf.extend_from_slice(&crate::protocol::repl_line(0, topic, e));
                 }
-                at = chunk.last().map_or(t.next, |e| e.offset + 1);
-                sent += chunk.len() as u64;
+                *at = chunk.last().map_or(t.next, |e| e.offset + 1);
+                sent += chunk.len();
                 self.out.push_back(Output::Send {
                     conn,
                     line: buf.into(),
                     delivery: false,
                 });
             }
+        }
+        let Some(p) = self.primary() else {
+            return;
+        };
+        p.link.caught_up_sent += sent as u64;
+        if sent > 0 {
+            p.link.catching_up = from;
+            self.out.push_back(Output::Writable { conn });
+            // A backup that does not take a chunk in time is hung: the link is dropped and
+            // tried again (see `Broker::on_link_silent`).
+            let deadline = self.now.mono + CATCH_UP_WAIT;
+            self.timers.set(Timer::Answer(conn), deadline);
+            return;
+        }
+        // Every topic sent to its end, within this one step: its marks, and the link is up.
+        let total = p.link.caught_up_sent;
+        for (topic, _) in from {
+            let t = self.log.topic(&topic);
             let mark = Frame::Mark {
                 topic,
                 upto: t.delivered.max(t.first),
@@ -664,13 +724,13 @@ impl Broker {
             };
             self.send_frame(conn, &mark);
         }
-        if sent > 0 {
+        if total > 0 {
             info!(
-                "caught the backup up: {sent} log entr{} sent",
-                if sent == 1 { "y" } else { "ies" }
+                "caught the backup up: {total} log entr{} sent",
+                if total == 1 { "y" } else { "ies" }
             );
         }
-        sent
+        self.link_up(conn, total);
     }
 
     /// The first offset of `topic` whose entry is of a later epoch than `epoch` (entries of

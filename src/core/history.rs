@@ -113,6 +113,7 @@ impl Broker {
             r.waiting = false;
         }
         self.take_up_answered(conn);
+        self.catch_up_written(conn);
         self.pump_replay(conn);
     }
 

@@ -38,6 +38,10 @@ pub(super) struct Link {
     /// How much longer than the replication timeout the backup has for its first `STORED`s on
     /// this link: the time to store what the link's catch-up sent ahead of them.
     pub catch_up_grace: Duration,
+    /// While catching the backup up: each topic and the next offset of it to send.
+    pub catching_up: Vec<(String, u64)>,
+    /// Entries the catch-up sent so far.
+    pub caught_up_sent: u64,
 }
 
 impl Link {
@@ -53,6 +57,8 @@ impl Link {
             connect_started: Time::default(),
             backup_down: false,
             catch_up_grace: Duration::ZERO,
+            catching_up: Vec::new(),
+            caught_up_sent: 0,
         }
     }
 
@@ -85,6 +91,8 @@ pub(super) enum LinkState {
     Hello(ConnId),
     /// The backup answered `HELLO`; its `TAIL`s (where its log ends) come in.
     Tails(ConnId),
+    /// Sending the backup what its log lacks, a chunk each time the last one was written out.
+    CatchUp(ConnId),
     /// Streaming `REPL`/`CLR`.
     Up { conn: ConnId, since: Time },
 }
@@ -150,8 +158,18 @@ impl Broker {
             }
             (LinkState::Tails(_), Frame::TailEnd) => {
                 let tails = std::mem::take(&mut p.link.tails);
-                let sent = self.catch_up(conn, tails);
-                self.link_up(conn, sent);
+                p.link.state = LinkState::CatchUp(conn);
+                self.timers.stop(Timer::Answer(conn));
+                self.begin_catch_up(conn, tails);
+            }
+            (LinkState::CatchUp(_), other) => {
+                let why = format!(
+                    "backup answered {} during the catch-up",
+                    other.encode().trim_end()
+                );
+                warn!("{why}: dropping the link");
+                self.close(conn);
+                self.link_retry(None);
             }
             (LinkState::Up { .. }, Frame::Stored { mid }) => self.stored(mid),
             (LinkState::Up { .. }, Frame::Ack { .. }) => {}
@@ -229,9 +247,11 @@ impl Broker {
     }
 
     /// The link is up: replay what is in flight, then stream. `caught_up`: log entries the
-    /// catch-up just sent, which the backup stores before it gets to anything sent from here on.
-    fn link_up(&mut self, conn: ConnId, caught_up: u64) {
-        let chunks = caught_up.div_ceil(CATCH_UP_CHUNK as u64);
+    /// catch-up sent, which the backup stores before it gets to anything sent from here on.
+    pub(super) fn link_up(&mut self, conn: ConnId, caught_up: u64) {
+        // What the backup may still have to store is at most what the socket buffers hold
+        // once the catch-up's last chunk was written out (at most 16 chunks, on loopback).
+        let chunks = caught_up.div_ceil(CATCH_UP_CHUNK as u64).min(16);
         let grace = self.cfg.repl_timeout * u32::try_from(chunks).unwrap_or(u32::MAX);
         self.timers.stop(Timer::Answer(conn));
         let now = self.now.mono;
@@ -298,12 +318,15 @@ impl Broker {
             }
             // Connected, then closed or broke without a word: not there yet (or a proxy in
             // front of a node that is down). Try again later, quietly.
-            LinkState::Hello(c) | LinkState::Tails(c) if c == conn => self.link_retry(None),
+            LinkState::Hello(c) | LinkState::Tails(c) | LinkState::CatchUp(c) if c == conn => {
+                self.link_retry(None)
+            }
             _ => {}
         }
     }
 
-    /// Our `HELLO` got no answer in time: a hung backup, not a seed one.
+    /// Our `HELLO` got no answer in time, or a chunk of the catch-up was not taken in time: a
+    /// hung backup, not a seed one.
     pub(super) fn on_link_silent(&mut self, conn: ConnId) {
         let peer = self.cfg.peer.clone().unwrap_or_default();
         if let Some(p) = self.primary() {

@@ -100,6 +100,7 @@ impl Broker {
         if let LinkState::Connecting(c)
         | LinkState::Hello(c)
         | LinkState::Tails(c)
+        | LinkState::CatchUp(c)
         | LinkState::Up { conn: c, .. } = p.link.state
         {
             self.close(c);
