@@ -37,6 +37,16 @@ fn collect(sub: &mut common::LineConn, n: usize) -> Vec<u64> {
 }
 
 fn node_args(port: u16, peer: &str, dir: &std::path::Path, compute: &str) -> Vec<String> {
+    node_args_fsync(port, peer, dir, compute, "always")
+}
+
+fn node_args_fsync(
+    port: u16,
+    peer: &str,
+    dir: &std::path::Path,
+    compute: &str,
+    fsync: &str,
+) -> Vec<String> {
     vec![
         port.to_string(),
         peer.to_string(),
@@ -45,7 +55,7 @@ fn node_args(port: u16, peer: &str, dir: &std::path::Path, compute: &str) -> Vec
         "--data-dir".into(),
         dir.display().to_string(),
         "--fsync".into(),
-        "always".into(),
+        fsync.into(),
     ]
 }
 
@@ -169,5 +179,184 @@ fn a_full_disk_refuses_publishes_with_an_error_and_loses_nothing_acknowledged() 
     assert!(
         common::status(&pa).starts_with("STATUS|primary"),
         "still serving"
+    );
+}
+
+/// Entries of `payload` bytes `edgepair-log fill` writes to topic `t` of `dir`, none of them
+/// delivered.
+fn fill_undelivered(dir: &std::path::Path, count: u64, payload: usize) {
+    let st = std::process::Command::new(assert_cmd::cargo::cargo_bin("edgepair-log"))
+        .arg("fill")
+        .arg(dir)
+        .args(["t", "--count", &count.to_string(), "--sync-every"])
+        .arg(count.to_string())
+        .args(["--payload", &payload.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run edgepair-log fill");
+    assert!(st.success(), "edgepair-log fill failed: {st}");
+}
+
+/// The `inflight` field of a node's `STATUS`.
+fn in_flight(broker: &str) -> u64 {
+    let s = common::status(broker);
+    s.split('|')
+        .nth(5)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no inflight count in {s}"))
+}
+
+/// A subscriber that connects while `broker` is starting (it retries until the node listens),
+/// so that it is registered before the startup grace and the compute time have passed.
+fn subscribe_early(broker: &str) -> common::LineConn {
+    common::subscribe(broker, "t")
+}
+
+/// Reads `n` `MSG`s from `sub` as (publisher, seq), each within 10 s.
+fn collect_ids(sub: &mut common::LineConn, n: usize) -> Vec<(String, u64)> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        match sub.next(10 * SEC) {
+            Got::Line(l) if l.starts_with("MSG|") => {
+                let (p, seq, _, _) = parse_msg(&l);
+                got.push((p, seq));
+            }
+            Got::Line(_) => {}
+            other => panic!("after {} MSGs: {other:?}", got.len()),
+        }
+    }
+    got
+}
+
+/// What a subscriber should get from a log of `n` filled entries (`fill` entry N has publisher
+/// `fill` and seq N + 1) followed by `late` publishes of publisher `late`.
+fn filled_then(n: u64, late: u64) -> Vec<(String, u64)> {
+    let mut want: Vec<(String, u64)> = (1..=n).map(|s| ("fill".to_string(), s)).collect();
+    want.extend((1..=late).map(|s| ("late".to_string(), s)));
+    want
+}
+
+/// Checks `got` against `want` and names the first difference (20,000 lines are too many to
+/// print).
+fn assert_same_order(got: &[(String, u64)], want: &[(String, u64)]) {
+    if let Some(i) = (0..got.len().max(want.len())).find(|&i| got.get(i) != want.get(i)) {
+        panic!(
+            "delivery {i} of {}: got {:?}, want {:?} (offset order, then the new publishes)",
+            want.len(),
+            got.get(i),
+            want.get(i)
+        );
+    }
+}
+
+const LONG_LOG: u64 = 20_000;
+
+#[test]
+fn a_node_restarted_on_a_long_undelivered_log_answers_at_once_and_delivers_it_all_in_order() {
+    let (pp, dead) = (free_port(), free_port());
+    let pa = addr(pp);
+    let dir = tempfile::tempdir().unwrap();
+    // 1 KB entries: 20 MB, more than the socket buffers take in while the subscriber does not
+    // read, so most of the log is surely still to deliver when the publish is acknowledged.
+    fill_undelivered(dir.path(), LONG_LOG, 1000);
+    // A relay (no compute): each chunk taken up from the log is delivered at once. The startup
+    // grace (300 ms) holds the first results until the subscriber is registered.
+    let _primary = spawn_node("primary", &node_args(pp, &addr(dead), dir.path(), "0"));
+    let mut sub = subscribe_early(&pa);
+    // It accepts (and acknowledges) a publish while most of the log is still to deliver.
+    publish_acked(&pa, "late", 1..=3);
+    let left = in_flight(&pa);
+    assert!(
+        left > LONG_LOG / 2,
+        "most of the log should still be to deliver when the publish is acknowledged ({left} left)"
+    );
+    let got = collect_ids(&mut sub, LONG_LOG as usize + 3);
+    assert_same_order(&got, &filled_then(LONG_LOG, 3));
+    assert!(
+        common::wait_until(5 * SEC, || in_flight(&pa) == 0),
+        "nothing left in flight"
+    );
+    assert!(
+        matches!(sub.next(Duration::from_millis(500)), Got::TimedOut),
+        "nothing delivered twice"
+    );
+}
+
+#[test]
+fn a_restarted_primary_with_a_backup_replicates_its_long_undelivered_log_and_clears_it() {
+    restarted_primary_with_a_backup_clears_its_long_log("always");
+}
+
+/// Under `--fsync batch` (the default) a backup answers a `REPL` once its entry is written;
+/// the entries of a taken-up chunk it has already (from the catch-up), so no write follows
+/// them: on the binaries before, their `STORED` waited for the next publish, and so did every
+/// delivery of the chunk (the subscriber timed out after its first 18-181 `MSG`s).
+#[test]
+fn a_restarted_primary_with_a_backup_clears_its_long_log_under_fsync_batch() {
+    restarted_primary_with_a_backup_clears_its_long_log("batch");
+}
+
+fn restarted_primary_with_a_backup_clears_its_long_log(fsync: &str) {
+    let (pp, bp) = (free_port(), free_port());
+    let (pa, ba) = (addr(pp), addr(bp));
+    let (pdir, bdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    fill_undelivered(pdir.path(), LONG_LOG, 64);
+    // Through the compute stage this time: each chunk computed in parallel, 200-300 ms.
+    let bargs = node_args_fsync(bp, &pa, bdir.path(), "200..300", fsync);
+    let pargs = node_args_fsync(pp, &ba, pdir.path(), "200..300", fsync);
+    let _backup = spawn_node("backup", &bargs);
+    let _primary = spawn_node("primary", &pargs);
+    let mut sub = subscribe_early(&pa);
+    publish_acked(&pa, "late", 1..=3);
+    let got = collect_ids(&mut sub, LONG_LOG as usize + 3);
+    assert_same_order(&got, &filled_then(LONG_LOG, 3));
+    // The backup got the log (caught up), then each taken-up entry's `CLR`: it holds nothing.
+    let held = |s: String| s.split('|').nth(4).and_then(|n| n.parse::<u64>().ok());
+    assert!(
+        common::wait_until(10 * SEC, || held(common::status(&ba)) == Some(0)),
+        "the backup still holds entries: {}",
+        common::status(&ba)
+    );
+    assert_eq!(in_flight(&pa), 0);
+}
+
+#[test]
+fn a_subscriber_that_does_not_read_holds_up_a_long_undelivered_log_only_for_a_while() {
+    let (pp, dead) = (free_port(), free_port());
+    let pa = addr(pp);
+    let dir = tempfile::tempdir().unwrap();
+    fill_undelivered(dir.path(), LONG_LOG, 1000);
+    let primary = spawn_node("primary", &node_args(pp, &addr(dead), dir.path(), "0"));
+    // Registered, then never read again: its socket fills up, its writer never drains.
+    let _stuck = subscribe_early(&pa);
+    let mut reader = subscribe_early(&pa);
+    publish_acked(&pa, "late", 1..=3);
+    let got = collect_ids(&mut reader, LONG_LOG as usize + 3);
+    assert_same_order(&got, &filled_then(LONG_LOG, 3));
+    assert!(
+        primary.logged("going on without them"),
+        "the stuck subscriber should have been waited for, then left behind"
+    );
+}
+
+#[test]
+fn a_backup_that_takes_over_a_long_held_log_delivers_it_all_in_order() {
+    let (bp, dead) = (free_port(), free_port());
+    let ba = addr(bp);
+    let dir = tempfile::tempdir().unwrap();
+    // What a backup holds after its primary replicated 20,000 entries and died before
+    // delivering any (`fill` writes the same entries a primary would have replicated).
+    fill_undelivered(dir.path(), LONG_LOG, 64);
+    let _backup = spawn_node("backup", &node_args(bp, &addr(dead), dir.path(), "0"));
+    let mut sub = subscribe_early(&ba);
+    // A publish at a backup whose primary does not answer makes it take over (and is served
+    // there, behind what it held).
+    publish_acked(&ba, "late", 1..=3);
+    assert!(common::status(&ba).starts_with("STATUS|primary|"));
+    let got = collect_ids(&mut sub, LONG_LOG as usize + 3);
+    assert_same_order(&got, &filled_then(LONG_LOG, 3));
+    assert!(
+        common::wait_until(5 * SEC, || in_flight(&ba) == 0),
+        "nothing left in flight"
     );
 }

@@ -33,6 +33,11 @@ pub(super) struct Backup {
     pub last_grant: Time,
     /// A takeover decided while the primary's lease may still run (why).
     pub pending_takeover: Option<String>,
+    /// The link whose catch-up ended with each topic's `MARK`, and where each topic's log ended
+    /// then: below it, our log is the primary's, so a `REPL` of an entry there on that link (a
+    /// message in flight sent again at link-up, an entry of the log taken up again) is one we
+    /// have, stored without reading it back.
+    pub caught_up: Option<(ConnId, HashMap<String, u64>)>,
 }
 
 /// The polling connection.
@@ -69,6 +74,7 @@ impl Backup {
             logged_waiting: false,
             last_grant: now,
             pending_takeover: None,
+            caught_up: None,
         }
     }
 

@@ -164,6 +164,7 @@ impl Broker {
     pub(super) fn forget(&mut self, conn: ConnId) -> Option<Conn> {
         let c = self.conns.remove(&conn)?;
         self.replays.forget(conn);
+        self.take_up_answered(conn);
         for topic in &c.topics {
             if let Some(subs) = self.topics.get_mut(topic) {
                 subs.retain(|s| s.conn != conn);

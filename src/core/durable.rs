@@ -5,12 +5,14 @@
 //! A backup's "held" messages are no separate store any more: they are the entries of its log
 //! between each topic's delivered mark and its end, less those cleared out of order.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use tracing::{error, info, warn};
 
+use super::backup::Backup;
 use super::failover::next_epoch;
+use super::link::LinkState;
 use super::time::Timer;
 use super::{Broker, ConnId, Message, Output, RoleState, SEEN_REBUILD};
 use crate::log::{Entry, Fsync, LogError, SyncJob, BATCH_ENTRIES, BATCH_INTERVAL};
@@ -20,7 +22,10 @@ use crate::protocol::{Frame, MsgId, Role};
 pub(super) const RETAIN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Entries sent per topic in one go when catching a backup up.
-const CATCH_UP_CHUNK: usize = 4096;
+pub(super) const CATCH_UP_CHUNK: usize = 4096;
+
+/// How long a backup may take to read one chunk of a catch-up before the link is dropped.
+const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A sync running off the core's caller: what it answers when it ends.
 #[derive(Debug)]
@@ -176,6 +181,7 @@ impl Broker {
                         p.inflight.remove(&mid);
                     }
                 }
+                self.unpark_unwritten(written);
                 self.sync_failed(e);
             }
         }
@@ -263,24 +269,14 @@ impl Broker {
     }
 
     /// At start: relearn publisher identities from the end of each topic, and take up what an
-    /// earlier life did not deliver (a primary delivers it once the startup grace is over; a
-    /// backup holds it, as it is already in its log).
+    /// earlier life did not deliver (a primary delivers it once the startup grace is over, a
+    /// chunk at a time; a backup holds it, as it is already in its log).
     pub(super) fn recover(&mut self) {
         let topics = self.log.topics();
         let mut undelivered = 0u64;
         let mut last_epoch = 0u64;
         for t in &topics {
-            let from = t.next.saturating_sub(SEEN_REBUILD).max(t.first);
-            match self.log.read(&t.topic, from, usize::MAX) {
-                Ok(entries) => {
-                    for e in entries.iter().filter(|e| !e.id.is_anonymous()) {
-                        self.seen.record(&e.id.publisher, e.id.seq);
-                    }
-                    let newest = entries.iter().map(|e| e.epoch).max().unwrap_or(0);
-                    last_epoch = last_epoch.max(newest);
-                }
-                Err(e) => error!("topic '{}': cannot read the log back: {e}", t.topic),
-            }
+            last_epoch = last_epoch.max(self.relearn_seen(&t.topic, t.first, t.next));
             undelivered += t.next - t.delivered.max(t.first);
         }
         // The log remembers the newest reign it saw (the saved epoch, and the entries): a
@@ -306,21 +302,31 @@ impl Broker {
             self.epoch
         );
         if self.role() == Role::Primary {
-            for (topic, entry) in self.held_entries() {
-                self.take_up(topic, entry);
-            }
-            // What was taken up is on the disk already.
-            self.synced_mid = self.next_mid - 1;
-            self.written_mid = self.synced_mid;
+            // A chunk now, the rest as deliveries go (`takeup.rs`): the node serves at once.
+            let cleared = std::mem::take(&mut self.cleared);
+            self.begin_take_up(cleared);
         }
     }
 
-    /// Puts an entry from the log (back) in flight, with a new `mid` and its own offset:
-    /// computed and delivered again, in order with the rest of its topic.
-    pub(super) fn take_up(&mut self, topic: String, entry: Arc<Entry>) {
-        let mid = self.next_mid;
-        self.next_mid += 1;
-        self.enqueue(Arc::new(Message { mid, topic, entry }), false);
+    /// Records the identities of the last [`SEEN_REBUILD`] entries of `topic` (`first..next` in
+    /// the log) as seen, so a resend of one is no new message; returns the newest epoch among
+    /// them. At a start, and at a takeover: the undelivered entries are ours to deliver then,
+    /// though taken up a chunk at a time (`takeup.rs`), and a node that stepped down forgot the
+    /// identities it had accepted.
+    pub(super) fn relearn_seen(&mut self, topic: &str, first: u64, next: u64) -> u64 {
+        let from = next.saturating_sub(SEEN_REBUILD).max(first);
+        match self.log.read(topic, from, usize::MAX) {
+            Ok(entries) => {
+                for e in entries.iter().filter(|e| !e.id.is_anonymous()) {
+                    self.seen.record(&e.id.publisher, e.id.seq);
+                }
+                entries.iter().map(|e| e.epoch).max().unwrap_or(0)
+            }
+            Err(e) => {
+                error!("topic '{topic}': cannot read the log back: {e}");
+                0
+            }
+        }
     }
 
     /// The identities of the last entries of `topic` (as many as a start reads to relearn
@@ -399,6 +405,18 @@ impl Broker {
         }
     }
 
+    /// Where this link's catch-up left `topic`: below it our log is the primary's (0 if it
+    /// did not catch `topic` up, or on another link).
+    fn caught_up_to(&self, conn: ConnId, topic: &str) -> u64 {
+        match &self.role {
+            RoleState::Backup(Backup {
+                caught_up: Some((c, marks)),
+                ..
+            }) if *c == conn => marks.get(topic).copied().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
     /// `REPL` on a backup: append the entry at its offset (answer `STORED`, after the sync when
     /// the policy says so), or refuse it.
     pub(super) fn on_repl(&mut self, conn: ConnId, mid: u64, topic: String, entry: Entry) {
@@ -407,7 +425,7 @@ impl Broker {
             return;
         }
         let entry = Arc::new(entry);
-        if let Err(e) = self.store(&topic, &entry) {
+        if let Err(e) = self.store(conn, &topic, &entry) {
             warn!("cannot store entry {} of '{topic}': {e}", entry.offset);
             self.reply(
                 conn,
@@ -424,9 +442,14 @@ impl Broker {
         if let RoleState::Backup(b) = &mut self.role {
             b.pending.insert(mid, (topic, entry.offset));
         }
-        if self.log.is_durable() && !self.must_sync() {
+        if self.log.is_durable() && !self.must_sync() && self.unflushed {
             // Answered once the entry is written (see `Broker::poll_output`).
             self.stored_after_write = Some((conn, mid));
+        } else if self.log.is_durable() && !self.must_sync() {
+            // An entry we had (sent again at link-up, or taken up again from the primary's
+            // log), with all before it written: no write is coming to answer it after, and
+            // the primary's deliveries wait for it.
+            self.reply(conn, Frame::Stored { mid });
         } else if self.must_sync() && self.log.unsynced() > 0 {
             self.stored_after_sync = Some((conn, mid));
             self.ask_sync();
@@ -438,8 +461,15 @@ impl Broker {
     /// Appends a replicated entry at its offset. The same entry again is fine; a different one
     /// at an offset we have means our tail diverged from the primary's log: it is cut (and
     /// what of it was not delivered is handed to the primary) before the entry is appended.
-    fn store(&mut self, topic: &str, entry: &Arc<Entry>) -> Result<(), LogError> {
+    /// Below where this link's catch-up left the topic our log is the primary's: an entry there
+    /// is the same one, and is not read back (a primary taking its log up again sends each of
+    /// them, thousands a chunk, and reading each back stalled this node for longer than its
+    /// primary's ping timeout).
+    fn store(&mut self, conn: ConnId, topic: &str, entry: &Arc<Entry>) -> Result<(), LogError> {
         let next = self.log.next_offset(topic);
+        if entry.offset < next && entry.offset < self.caught_up_to(conn, topic) {
+            return Ok(());
+        }
         if entry.offset < next {
             let have = self.log.read(topic, entry.offset, 1)?;
             if have
@@ -471,6 +501,15 @@ impl Broker {
         }
         let undelivered = self.undelivered(topic, from)?;
         let cut = self.log.truncate(topic, from)?;
+        if let RoleState::Backup(Backup {
+            caught_up: Some((_, marks)),
+            ..
+        }) = &mut self.role
+        {
+            if let Some(m) = marks.get_mut(topic) {
+                *m = (*m).min(from);
+            }
+        }
         if let Some(c) = self.cleared.get_mut(topic) {
             c.retain(|o| *o < from);
         }
@@ -543,12 +582,20 @@ impl Broker {
 
     /// `MARK|topic|upto|next` after a catch-up: our log of `topic` must end at `next` and is
     /// delivered below `upto`.
-    pub(super) fn on_mark(&mut self, topic: &str, upto: u64, next: u64) {
+    pub(super) fn on_mark(&mut self, conn: ConnId, topic: &str, upto: u64, next: u64) {
         if self.role() != Role::Backup {
             return;
         }
         if let Err(e) = self.cut_tail(topic, next) {
             error!("topic '{topic}': cannot cut the log at {next}: {e}");
+        } else if self.log.next_offset(topic) == next {
+            if let RoleState::Backup(b) = &mut self.role {
+                let marks = match &mut b.caught_up {
+                    Some((c, marks)) if *c == conn => marks,
+                    other => &mut other.insert((conn, HashMap::new())).1,
+                };
+                marks.insert(topic.to_string(), next);
+            }
         }
         self.log.set_delivered(topic, upto);
         if let Some(c) = self.cleared.get_mut(topic) {
@@ -579,11 +626,15 @@ impl Broker {
     }
 
     /// The primary, once its backup said where its log ends (`tails`: topic, next, epoch of
-    /// the last entry): send each topic's missing entries, then its delivered mark and end.
-    pub(super) fn catch_up(&mut self, conn: ConnId, tails: Vec<(String, u64, u64)>) {
+    /// the last entry): sends each topic's missing entries, [`CATCH_UP_CHUNK`] at a time, the
+    /// next chunk once the link has written out the last one (so a primary restarted on a
+    /// million undelivered entries neither stops serving while it reads them all, past its
+    /// backup's ping timeout, nor queues them all in memory); then, in one go, every topic's
+    /// delivered mark and end, and the link is up.
+    pub(super) fn begin_catch_up(&mut self, conn: ConnId, tails: Vec<(String, u64, u64)>) {
         let mut topics: BTreeSet<String> = tails.iter().map(|t| t.0.clone()).collect();
         topics.extend(self.log.topics().into_iter().map(|t| t.topic));
-        let mut sent = 0u64;
+        let mut from = Vec::new();
         for topic in topics {
             let t = self.log.topic(&topic);
             let (b_next, b_epoch) = tails
@@ -591,9 +642,44 @@ impl Broker {
                 .find(|x| x.0 == topic)
                 .map_or((0, 0), |x| (x.1, x.2));
             let start = b_next.min(self.end_of_epoch(&topic, b_epoch)).max(t.first);
-            let mut at = start;
-            while at < t.next {
-                let chunk = match self.log.read(&topic, at, CATCH_UP_CHUNK) {
+            from.push((topic, start));
+        }
+        if let Some(p) = self.primary() {
+            p.link.catching_up = from;
+            p.link.caught_up_sent = 0;
+        }
+        self.catch_up_step(conn);
+    }
+
+    /// The link's connection wrote out what it was sent: the catch-up's next chunk may go.
+    pub(super) fn catch_up_written(&mut self, conn: ConnId) {
+        if self
+            .primary()
+            .is_some_and(|p| p.link.state == LinkState::CatchUp(conn))
+        {
+            self.catch_up_step(conn);
+        }
+    }
+
+    /// Sends the next chunk of the catch-up (entries appended meanwhile included), or, when
+    /// every topic's log has been sent to its end, the marks, and brings the link up.
+    fn catch_up_step(&mut self, conn: ConnId) {
+        let Some(p) = self.primary() else {
+            return;
+        };
+        let mut from = std::mem::take(&mut p.link.catching_up);
+        // Topics created since the catch-up began are sent from their start.
+        for t in self.log.topics() {
+            if !from.iter().any(|(topic, _)| *topic == t.topic) {
+                from.push((t.topic, t.first));
+            }
+        }
+        let mut sent = 0usize;
+        for (topic, at) in from.iter_mut() {
+            let t = self.log.topic(topic);
+            *at = (*at).max(t.first);
+            while *at < t.next && sent < CATCH_UP_CHUNK {
+                let chunk = match self.log.read(topic, *at, CATCH_UP_CHUNK - sent) {
                     Ok(c) if !c.is_empty() => c,
                     Ok(_) => break,
                     Err(e) => {
@@ -603,16 +689,34 @@ impl Broker {
                 };
                 let mut buf = Vec::new();
                 for e in &chunk {
-                    buf.extend_from_slice(&crate::protocol::repl_line(0, &topic, e));
+                    buf.extend_from_slice(&crate::protocol::repl_line(0, topic, e));
                 }
-                at = chunk.last().map_or(t.next, |e| e.offset + 1);
-                sent += chunk.len() as u64;
+                *at = chunk.last().map_or(t.next, |e| e.offset + 1);
+                sent += chunk.len();
                 self.out.push_back(Output::Send {
                     conn,
                     line: buf.into(),
                     delivery: false,
                 });
             }
+        }
+        let Some(p) = self.primary() else {
+            return;
+        };
+        p.link.caught_up_sent += sent as u64;
+        if sent > 0 {
+            p.link.catching_up = from;
+            self.out.push_back(Output::Writable { conn });
+            // A backup that does not take a chunk in time is hung: the link is dropped and
+            // tried again (see `Broker::on_link_silent`).
+            let deadline = self.now.mono + CATCH_UP_WAIT;
+            self.timers.set(Timer::Answer(conn), deadline);
+            return;
+        }
+        // Every topic sent to its end, within this one step: its marks, and the link is up.
+        let total = p.link.caught_up_sent;
+        for (topic, _) in from {
+            let t = self.log.topic(&topic);
             let mark = Frame::Mark {
                 topic,
                 upto: t.delivered.max(t.first),
@@ -620,12 +724,13 @@ impl Broker {
             };
             self.send_frame(conn, &mark);
         }
-        if sent > 0 {
+        if total > 0 {
             info!(
-                "caught the backup up: {sent} log entr{} sent",
-                if sent == 1 { "y" } else { "ies" }
+                "caught the backup up: {total} log entr{} sent",
+                if total == 1 { "y" } else { "ies" }
             );
         }
+        self.link_up(conn, total);
     }
 
     /// The first offset of `topic` whose entry is of a later epoch than `epoch` (entries of

@@ -112,6 +112,8 @@ impl Broker {
         if let Some(r) = self.replays.by_conn.get_mut(&conn) {
             r.waiting = false;
         }
+        self.take_up_answered(conn);
+        self.catch_up_written(conn);
         self.pump_replay(conn);
     }
 
@@ -192,7 +194,11 @@ impl Broker {
             let max = (upto - next).min(REPLAY_CHUNK as u64) as usize;
             let (chunk, new_next) = match self.log.read(&topic, next, max) {
                 Ok(entries) => {
-                    let mut buf: Vec<u8> = Vec::new();
+                    // One buffer for the chunk, sized for the lines of its first entry.
+                    let each = entries.first().map_or(0, |e| {
+                        topic.len() + e.id.publisher.len() + e.payload.len() + 128
+                    });
+                    let mut buf: Vec<u8> = Vec::with_capacity(each * entries.len());
                     if let Some(first) = entries.first().filter(|e| e.offset > next) {
                         let reason = format!(
                             "offset {next} is before the oldest kept entry {}; starting there",
@@ -208,9 +214,9 @@ impl Broker {
                             offset: e.offset,
                             ..Stamps::default()
                         };
-                        buf.extend_from_slice(&crate::protocol::msg_line(
-                            &topic, &e.id, e.sent_us, &stamps, &e.payload,
-                        ));
+                        crate::protocol::msg_line_into(
+                            &mut buf, &topic, &e.id, e.sent_us, &stamps, &e.payload,
+                        );
                         new_next = e.offset + 1;
                     }
                     if new_next == next {

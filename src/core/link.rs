@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 
+use super::durable::CATCH_UP_CHUNK;
 use super::failover::{next_epoch, yields_to};
 use super::lease::LEASE_REFUSED;
 use super::peer::Purpose;
@@ -34,6 +35,13 @@ pub(super) struct Link {
     /// The last connect was refused: no process listens on the backup's port, so none can take
     /// over. With `--lease`, only then does a primary acknowledge without the backup.
     pub backup_down: bool,
+    /// How much longer than the replication timeout the backup has for its first `STORED`s on
+    /// this link: the time to store what the link's catch-up sent ahead of them.
+    pub catch_up_grace: Duration,
+    /// While catching the backup up: each topic and the next offset of it to send.
+    pub catching_up: Vec<(String, u64)>,
+    /// Entries the catch-up sent so far.
+    pub caught_up_sent: u64,
 }
 
 impl Link {
@@ -48,6 +56,9 @@ impl Link {
             tails: Vec::new(),
             connect_started: Time::default(),
             backup_down: false,
+            catch_up_grace: Duration::ZERO,
+            catching_up: Vec::new(),
+            caught_up_sent: 0,
         }
     }
 
@@ -80,6 +91,8 @@ pub(super) enum LinkState {
     Hello(ConnId),
     /// The backup answered `HELLO`; its `TAIL`s (where its log ends) come in.
     Tails(ConnId),
+    /// Sending the backup what its log lacks, a chunk each time the last one was written out.
+    CatchUp(ConnId),
     /// Streaming `REPL`/`CLR`.
     Up { conn: ConnId, since: Time },
 }
@@ -107,7 +120,7 @@ impl Broker {
     /// The link's connection opened: introduce ourselves (a seed backup gets no `HELLO`).
     pub(super) fn on_link_connected(&mut self, conn: ConnId) {
         match self.primary() {
-            Some(p) if p.link.legacy => self.link_up(conn),
+            Some(p) if p.link.legacy => self.link_up(conn, 0),
             Some(p) => {
                 p.link.state = LinkState::Hello(conn);
                 self.say_hello(conn);
@@ -145,8 +158,18 @@ impl Broker {
             }
             (LinkState::Tails(_), Frame::TailEnd) => {
                 let tails = std::mem::take(&mut p.link.tails);
-                self.catch_up(conn, tails);
-                self.link_up(conn);
+                p.link.state = LinkState::CatchUp(conn);
+                self.timers.stop(Timer::Answer(conn));
+                self.begin_catch_up(conn, tails);
+            }
+            (LinkState::CatchUp(_), other) => {
+                let why = format!(
+                    "backup answered {} during the catch-up",
+                    other.encode().trim_end()
+                );
+                warn!("{why}: dropping the link");
+                self.close(conn);
+                self.link_retry(None);
             }
             (LinkState::Up { .. }, Frame::Stored { mid }) => self.stored(mid),
             (LinkState::Up { .. }, Frame::Ack { .. }) => {}
@@ -218,13 +241,18 @@ impl Broker {
                 if let Some(p) = self.primary() {
                     p.link.legacy = true;
                 }
-                self.link_up(conn);
+                self.link_up(conn, 0);
             }
         }
     }
 
-    /// The link is up: replay what is in flight, then stream.
-    fn link_up(&mut self, conn: ConnId) {
+    /// The link is up: replay what is in flight, then stream. `caught_up`: log entries the
+    /// catch-up sent, which the backup stores before it gets to anything sent from here on.
+    pub(super) fn link_up(&mut self, conn: ConnId, caught_up: u64) {
+        // What the backup may still have to store is at most what the socket buffers hold
+        // once the catch-up's last chunk was written out (at most 16 chunks, on loopback).
+        let chunks = caught_up.div_ceil(CATCH_UP_CHUNK as u64).min(16);
+        let grace = self.cfg.repl_timeout * u32::try_from(chunks).unwrap_or(u32::MAX);
         self.timers.stop(Timer::Answer(conn));
         let now = self.now.mono;
         let next_mid = self.next_mid;
@@ -236,6 +264,7 @@ impl Broker {
         p.link.said_degraded = false;
         p.link.state = LinkState::Up { conn, since: now };
         p.link.backup_down = false;
+        p.link.catch_up_grace = grace;
         // Questions asked on an earlier link are never answered.
         p.lease_asks.clear();
         // Everything below the oldest message in flight was delivered already.
@@ -289,12 +318,15 @@ impl Broker {
             }
             // Connected, then closed or broke without a word: not there yet (or a proxy in
             // front of a node that is down). Try again later, quietly.
-            LinkState::Hello(c) | LinkState::Tails(c) if c == conn => self.link_retry(None),
+            LinkState::Hello(c) | LinkState::Tails(c) | LinkState::CatchUp(c) if c == conn => {
+                self.link_retry(None)
+            }
             _ => {}
         }
     }
 
-    /// Our `HELLO` got no answer in time: a hung backup, not a seed one.
+    /// Our `HELLO` got no answer in time, or a chunk of the catch-up was not taken in time: a
+    /// hung backup, not a seed one.
     pub(super) fn on_link_silent(&mut self, conn: ConnId) {
         let peer = self.cfg.peer.clone().unwrap_or_default();
         if let Some(p) = self.primary() {

@@ -43,6 +43,7 @@ mod peer;
 mod primary;
 mod roles;
 mod seen;
+mod takeup;
 pub mod time;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -470,6 +471,7 @@ impl Broker {
                 Timer::Sync => self.ask_sync(),
                 Timer::Retain => self.retain(),
                 Timer::Lease => self.on_lease_timer(),
+                Timer::TakeUp => self.on_take_up_timer(),
             }
         }
     }
@@ -550,7 +552,7 @@ impl Broker {
     /// The node's state as `STATUS` reports it.
     pub fn status(&self) -> Frame {
         let (link, held, inflight) = match &self.role {
-            RoleState::Primary(p) => (p.link.word(), 0, p.inflight.len() as u64),
+            RoleState::Primary(p) => (p.link.word(), 0, p.in_flight()),
             RoleState::Backup(b) => (
                 if b.detector.is_armed() {
                     "armed"
@@ -607,7 +609,7 @@ impl Broker {
                 };
                 self.on_repl(conn, mid, topic, entry);
             }
-            Frame::Mark { topic, upto, next } => self.on_mark(&topic, upto, next),
+            Frame::Mark { topic, upto, next } => self.on_mark(conn, &topic, upto, next),
             Frame::Replicate { topic, payload } => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.kind = Kind::InLink;
@@ -689,7 +691,7 @@ impl Broker {
 impl std::fmt::Display for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (held, inflight) = match &self.role {
-            RoleState::Primary(p) => (0, p.inflight.len()),
+            RoleState::Primary(p) => (0, p.in_flight()),
             RoleState::Backup(_) => (self.held_count() as usize, 0),
         };
         write!(

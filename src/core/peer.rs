@@ -238,7 +238,19 @@ impl Broker {
             if !m.id.is_anonymous() {
                 self.seen.record(&m.id.publisher, m.id.seq);
             }
-            self.take_up(m.topic.clone(), entry);
+            // Behind the topic's backlog if it has one (the log's entries before it are
+            // taken up a chunk at a time, `takeup.rs`), otherwise in flight at once; either
+            // way taken up again, not fresh (a relay waits for subscribers to reconnect).
+            let mid = self.next_mid;
+            self.next_mid += 1;
+            let msg = Arc::new(Message {
+                mid,
+                topic: m.topic.clone(),
+                entry,
+            });
+            if !self.park(&msg) {
+                self.enqueue(msg, false);
+            }
             taken += 1;
         }
         info!("took back {taken} message(s) this node was handing to its peer");

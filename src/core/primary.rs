@@ -43,6 +43,8 @@ pub(super) struct Primary {
     pub lease_lapsed: bool,
     /// The connection asking the peer who is primary, after a pause.
     pub fence: Option<ConnId>,
+    /// Undelivered entries of the log not yet in flight, by topic (`takeup.rs`).
+    pub backlogs: super::takeup::Backlogs,
 }
 
 /// A place in a publisher's delivery queue: filled when the message's compute task ends.
@@ -78,7 +80,14 @@ impl Primary {
             lease_asks: VecDeque::new(),
             lease_lapsed: false,
             fence: None,
+            backlogs: Default::default(),
         }
+    }
+
+    /// Messages accepted (or taken up from the log) and not yet delivered, with the log's
+    /// undelivered entries not yet taken up.
+    pub fn in_flight(&self) -> u64 {
+        self.inflight.len() as u64 + super::takeup::untaken(&self.backlogs)
     }
 }
 
@@ -191,6 +200,10 @@ impl Broker {
     /// accepted (rather than taken up again from the log at a start or a takeover, which a
     /// relay must not deliver before subscribers had time to reconnect).
     pub(super) fn enqueue(&mut self, msg: Arc<Message>, fresh: bool) {
+        if fresh && self.park(&msg) {
+            // Behind the topic's entries still in the log from before (`takeup.rs`).
+            return;
+        }
         let compute_off = self.cfg.compute_off;
         let queued = self
             .primary()
@@ -346,6 +359,7 @@ impl Broker {
     fn deliver_now(&mut self, m: Arc<Message>, stamps: Stamps) {
         self.deliver(&m, stamps);
         self.log.set_delivered(&m.topic, m.offset + 1);
+        self.taken_delivered(&m.topic);
         let Some(p) = self.primary() else {
             return;
         };
@@ -467,7 +481,10 @@ impl Broker {
     /// Drops the link if the oldest `ACK` waiting for the backup's `STORED` has waited longer
     /// than the replication timeout on this link. `ACK`s that wait for something else (the local
     /// disk, the lease) are not the backup's fault, and one left over from a link that dropped
-    /// counts from when the new link came up.
+    /// counts from when the new link came up, plus a replication timeout per `CATCH_UP_CHUNK`
+    /// entries its catch-up sent ahead of it (20,000 entries to store before the first
+    /// `STORED` took a loaded backup longer than the timeout: the link dropped, and the next
+    /// catch-up resent what the backup was still storing).
     pub(super) fn check_repl_timeout(&mut self) {
         let now = self.now.mono;
         let t = self.cfg.repl_timeout;
@@ -477,11 +494,12 @@ impl Broker {
         let LinkState::Up { since, .. } = p.link.state else {
             return;
         };
+        let grace = p.link.catch_up_grace;
         let late = p
             .acks
             .iter()
             .find(|a| a.mid > p.confirmed)
-            .filter(|a| a.deadline.max(since + t) <= now);
+            .filter(|a| a.deadline.max(since + t + grace) <= now);
         if let Some(a) = late {
             warn!(
                 "backup did not store message {} within {t:?}: dropping the link, running degraded",

@@ -26,24 +26,23 @@ impl Broker {
         self.epoch = next_epoch(self.epoch, self.cfg.born == Role::Primary);
         self.save_epoch();
         self.timers.stop(Timer::Ping);
-        let held = self.held_entries();
         warn!(
             "TAKEOVER: {why}; now primary in epoch {}, replaying {} held message(s) in order",
             self.epoch,
-            held.len()
+            self.held_count()
         );
         for conn in b.own_conns() {
             self.close(conn);
         }
-        self.cleared.clear();
-        for (topic, entry) in held {
-            // Ours to deliver now: a resend of it (or a hand-over of it coming back) is no new
-            // message. (A node that stepped down forgot the identities it had accepted.)
-            if !entry.id.is_anonymous() {
-                self.seen.record(&entry.id.publisher, entry.id.seq);
-            }
-            self.take_up(topic, entry);
+        // Ours to deliver now: a resend of what the log holds (or a hand-over of it coming
+        // back) is no new message. (A node that stepped down forgot the identities it had
+        // accepted.)
+        for t in self.log.topics() {
+            self.relearn_seen(&t.topic, t.first, t.next);
         }
+        // A chunk now, the rest as deliveries go (`takeup.rs`).
+        let cleared = std::mem::take(&mut self.cleared);
+        self.begin_take_up(cleared);
         self.synced_mid = self.next_mid - 1;
         self.written_mid = self.synced_mid;
         self.take_back_hand_overs();
@@ -88,7 +87,7 @@ impl Broker {
         warn!(
             "STEP DOWN: {why}; epoch {} → {epoch}, now backup; handing {} undelivered message(s) to the new primary",
             self.epoch,
-            p.inflight.len()
+            p.in_flight()
         );
         self.epoch = self.epoch.max(epoch);
         self.save_epoch();
@@ -101,11 +100,16 @@ impl Broker {
         if let LinkState::Connecting(c)
         | LinkState::Hello(c)
         | LinkState::Tails(c)
+        | LinkState::CatchUp(c)
         | LinkState::Up { conn: c, .. } = p.link.state
         {
             self.close(c);
         }
-        let undelivered: Vec<_> = p.inflight.into_values().collect();
+        // What was in flight, and what of the log was not taken up yet, each topic in offset
+        // order (a message parked behind a backlog has an older `mid` than the backlog's rest).
+        let mut undelivered = self.untaken_entries(&p.backlogs);
+        undelivered.extend(p.inflight.into_values());
+        undelivered.sort_by(|a, b| a.topic.cmp(&b.topic).then(a.offset.cmp(&b.offset)));
         if self.cfg.peer.is_some() {
             if !undelivered.is_empty() {
                 self.hand_over(undelivered);

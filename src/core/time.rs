@@ -72,6 +72,8 @@ pub enum Timer {
     Retain,
     /// Primary: ask for the lease again. Backup: the primary's lease has run out.
     Lease,
+    /// Primary: the next chunk of undelivered entries from the log is due (`takeup.rs`).
+    TakeUp,
 }
 
 /// The deadline table.
@@ -94,6 +96,11 @@ impl Timers {
     /// Whether `t` is armed.
     pub fn is_set(&self, t: Timer) -> bool {
         self.due.contains_key(&t)
+    }
+
+    /// When `t` is due, if armed.
+    pub fn due(&self, t: Timer) -> Option<Time> {
+        self.due.get(&t).copied()
     }
 
     /// The earliest deadline.

@@ -865,7 +865,11 @@ impl SegmentLog {
             let path = || log_path(&self.dir, seg.base).display().to_string();
             let mut recs = Records::new(f.get(), seg.index[p].1, seg.size);
             loop {
-                match recs.next().map_err(io_err(format!("read {}", path())))? {
+                // The error's text is built only on an error: this runs once per record.
+                match recs
+                    .next()
+                    .map_err(|e| io_err(format!("read {}", path()))(e))?
+                {
                     Step::Record(e, at, _) => {
                         if e.offset < want {
                             continue;

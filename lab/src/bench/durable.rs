@@ -426,11 +426,10 @@ async fn fill(bin_dir: &Path, data: &Path, entries: u64, delivered: bool) -> any
     Ok(())
 }
 
-/// Starts a solo primary on `data`: seconds until it answers `STATUS`.
-async fn time_to_serve(bin_dir: &Path, o: &DurableOpts, data: &Path) -> anyhow::Result<f64> {
+/// Starts a solo primary (`--compute 0`) on `data`.
+fn spawn_on(bin_dir: &Path, o: &DurableOpts, data: &Path) -> anyhow::Result<Broker> {
     let extra = ["--data-dir".to_string(), data.display().to_string()];
-    let t = Instant::now();
-    let mut b = super::spawn_node(
+    super::spawn_node(
         bin_dir,
         "primary",
         free_port()?,
@@ -439,30 +438,137 @@ async fn time_to_serve(bin_dir: &Path, o: &DurableOpts, data: &Path) -> anyhow::
         None,
         o.threads,
         &extra,
-    )?;
+    )
+}
+
+/// Waits (up to 60 s after `t`) until the node at `addr` answers `STATUS`.
+async fn wait_status(addr: &str, t: Instant) -> anyhow::Result<()> {
     let deadline = t + Duration::from_secs(60);
-    let secs = loop {
-        if status(&b.addr).await.is_some() {
-            break t.elapsed().as_secs_f64();
-        }
+    while status(addr).await.is_none() {
         if Instant::now() > deadline {
             bail!("the primary did not answer STATUS within 60 s");
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
-    };
+    }
+    Ok(())
+}
+
+/// Starts a solo primary on `data`: seconds until it answers `STATUS` and has acknowledged a
+/// `PUB` (on a topic of its own: the log's topic may still be delivering).
+async fn time_to_serve(bin_dir: &Path, o: &DurableOpts, data: &Path) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let mut b = spawn_on(bin_dir, o, data)?;
+    let served = async {
+        wait_status(&b.addr, t).await?;
+        let (mut r, mut w) = connect(&b.addr).await?;
+        let mut line = Vec::new();
+        w.write_all(format!("PUB|probe|restart|1|{}|x\n", now_us()).as_bytes())
+            .await?;
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            read_reply(Proto::Ours, &mut r, &mut line),
+        )
+        .await
+        .context("no ACK within 60 s")??;
+        anyhow::Ok(t.elapsed().as_secs_f64())
+    }
+    .await;
     b.proc.stop(Duration::from_secs(10)).await;
-    Ok(secs)
+    served
+}
+
+/// Starts a solo primary on `data`, whose topic `bench` holds `entries` undelivered entries,
+/// with a subscriber registered as soon as it listens: seconds from the spawn until the last
+/// entry reached the subscriber (the startup grace, 300 ms, included).
+async fn time_to_drain(
+    bin_dir: &Path,
+    o: &DurableOpts,
+    data: &Path,
+    entries: u64,
+) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let mut b = spawn_on(bin_dir, o, data)?;
+    let drained = async {
+        let s = loop {
+            match TcpStream::connect(&b.addr).await {
+                Ok(s) => break s,
+                Err(_) if t.elapsed() < Duration::from_secs(60) => {
+                    tokio::time::sleep(Duration::from_millis(1)).await
+                }
+                Err(e) => return Err(e).context("cannot connect within 60 s"),
+            }
+        };
+        let (r, mut w) = s.into_split();
+        w.write_all(b"SUB|bench\n").await?;
+        let last = format!("|fill|{entries}|");
+        let got = read_msgs(r, entries, |line| {
+            line.windows(last.len()).any(|x| x == last.as_bytes())
+        })
+        .await?;
+        if got != entries {
+            bail!("the subscriber got {got} of {entries} entries");
+        }
+        anyhow::Ok(t.elapsed().as_secs_f64())
+    }
+    .await;
+    b.proc.stop(Duration::from_secs(10)).await;
+    drained
+}
+
+/// Reads `MSG` lines from `r` until `is_last` holds for one (a `REPLAYED` line or the end of
+/// the connection ends it too, early): how many came. Reads 256 KiB at a time and looks at
+/// each line only as far as it must (a lean client: the figure is the broker's).
+async fn read_msgs(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    limit: u64,
+    is_last: impl Fn(&[u8]) -> bool,
+) -> anyhow::Result<u64> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut have, mut got) = (0usize, 0u64);
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), r.read(&mut buf[have..]))
+            .await
+            .with_context(|| format!("nothing read for 30 s after {got} MSGs"))??;
+        if n == 0 {
+            bail!("connection closed after {got} MSGs");
+        }
+        have += n;
+        let mut start = 0;
+        while let Some(i) = buf[start..have].iter().position(|b| *b == b'\n') {
+            let line = &buf[start..start + i];
+            start += i + 1;
+            if line.starts_with(b"MSG|") {
+                got += 1;
+                if got >= limit && is_last(line) {
+                    return Ok(got);
+                }
+            } else if line.starts_with(b"REPLAYED|") {
+                return Ok(got);
+            } else if line.starts_with(b"ERR|") {
+                bail!("{}", String::from_utf8_lossy(line));
+            }
+        }
+        buf.copy_within(start..have, 0);
+        have -= start;
+        if have == buf.len() {
+            bail!("a line longer than {} bytes", buf.len());
+        }
+    }
 }
 
 /// On logs of `entries` entries (written by `edgepair-log fill`): seconds until a primary
-/// started on them answers `STATUS`, when every entry was delivered and when none was (it
-/// takes them all up again); and the entries read back from the log per second (from offset
-/// 0, in chunks of 4,096, page cache warm), as a catching-up reader would.
+/// started on them answers `STATUS` and acknowledges a `PUB`, when every entry was delivered
+/// and when none was (it takes them up again, a chunk at a time); seconds until a subscriber
+/// of a node started on the undelivered log has all of it (`None` if that failed: a node that
+/// sends faster than the subscriber reads disconnects it); and the entries read back from the
+/// log per second (from offset 0, in chunks of 4,096, page cache warm), as a catching-up reader
+/// would.
 pub(super) async fn restart(
     bin_dir: &Path,
     o: &DurableOpts,
     entries: u64,
-) -> anyhow::Result<[f64; 3]> {
+) -> anyhow::Result<([f64; 3], Option<f64>)> {
     let dir = tempfile::tempdir_in(&o.data_root)?;
     let (done, undone) = (dir.path().join("delivered"), dir.path().join("undelivered"));
     fill(bin_dir, &done, entries, true).await?;
@@ -486,5 +592,48 @@ pub(super) async fn restart(
     drop(log);
     let up_done = time_to_serve(bin_dir, o, &done).await?;
     let up_undone = time_to_serve(bin_dir, o, &undone).await?;
-    Ok([up_done, up_undone, read_rate])
+    // The first node acknowledged a publish on a topic of its own and may have delivered part
+    // of the log: a fresh copy for the drain.
+    let again = dir.path().join("undelivered-again");
+    fill(bin_dir, &again, entries, false).await?;
+    let drain = match time_to_drain(bin_dir, o, &again, entries).await {
+        Ok(secs) => Some(secs),
+        Err(e) => {
+            println!("  (restart on {entries} undelivered entries, drain to a subscriber: {e:#})");
+            None
+        }
+    };
+    Ok(([up_done, up_undone, read_rate], drain))
+}
+
+/// A subscriber's catch-up: on a log of `entries` delivered entries (written by
+/// `edgepair-log fill --delivered`), a solo primary is started; a lean client sends
+/// `SUB|bench|0` and reads until the last entry arrives: entries per second from the `SUB`
+/// to the last one.
+pub(super) async fn catch_up(bin_dir: &Path, o: &DurableOpts, entries: u64) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir_in(&o.data_root)?;
+    let data = dir.path().join("log");
+    fill(bin_dir, &data, entries, true).await?;
+    let t = Instant::now();
+    let mut b = spawn_on(bin_dir, o, &data)?;
+    let rate = async {
+        wait_status(&b.addr, t).await?;
+        let s = TcpStream::connect(&b.addr).await?;
+        let (r, mut w) = s.into_split();
+        let t = Instant::now();
+        w.write_all(b"SUB|bench|0\n").await?;
+        let last = format!("|fill|{entries}|");
+        let got = read_msgs(r, entries, |line| {
+            line.windows(last.len()).any(|x| x == last.as_bytes())
+        })
+        .await?;
+        let secs = t.elapsed().as_secs_f64();
+        if got != entries {
+            bail!("the catch-up sent {got} of {entries} entries");
+        }
+        anyhow::Ok(entries as f64 / secs.max(1e-9))
+    }
+    .await;
+    b.proc.stop(Duration::from_secs(10)).await;
+    rate
 }

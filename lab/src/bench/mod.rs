@@ -52,7 +52,7 @@ pub struct BenchOpts {
     #[arg(long)]
     pub quick: bool,
     /// Only these figures (comma-separated: throughput,latency,fanout,rss,compute,durable,
-    /// restart).
+    /// restart,catchup).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where the CSV goes.
@@ -83,7 +83,7 @@ pub struct BenchOpts {
     /// system's temporary folder; put it on the disk you care about).
     #[arg(long)]
     pub data_root: Option<PathBuf>,
-    /// Entries in the log of the restart and read-back figures.
+    /// Entries in the log of the restart, read-back and catch-up figures.
     #[arg(long, default_value_t = 1_000_000)]
     pub restart_entries: u64,
 }
@@ -400,12 +400,13 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         }
     }
     if want("restart") {
-        let (mut done, mut undone, mut read) = (vec![], vec![], vec![]);
+        let (mut done, mut undone, mut read, mut drain) = (vec![], vec![], vec![], vec![]);
         for _ in 0..o.runs {
-            let [d, u, r] = durable::restart(&bin_dir, &dopts, o.restart_entries).await?;
+            let ([d, u, r], dr) = durable::restart(&bin_dir, &dopts, o.restart_entries).await?;
             done.push(d * 1000.0);
             undone.push(u * 1000.0);
             read.push(r);
+            drain.extend(dr.map(|s| s * 1000.0));
         }
         let n = o.restart_entries;
         push(
@@ -420,12 +421,32 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
             "none delivered",
             undone,
             "ms",
+            "<= 1000",
+        );
+        push(
+            &format!("restart on {n}, all to a sub"),
+            "none delivered",
+            drain,
+            "ms",
             "-",
         );
         push(
             &format!("log read of {n} entries"),
             "FileLog",
             read,
+            "msg/s",
+            ">= 1,000,000",
+        );
+    }
+    if want("catchup") {
+        let mut runs = Vec::new();
+        for _ in 0..o.runs {
+            runs.push(durable::catch_up(&bin_dir, &dopts, o.restart_entries).await?);
+        }
+        push(
+            &format!("catch-up of {} entries", o.restart_entries),
+            "SUB from 0",
+            runs,
             "msg/s",
             ">= 1,000,000",
         );
