@@ -113,9 +113,14 @@ pub struct BrokerOpts {
     #[arg(long, default_value_t = Fsync::Batch)]
     pub fsync: Fsync,
     /// Keep at most about this much of each topic's log (e.g. `500M`, `2G`): older segments
-    /// (64 MiB each) are removed once every entry in them was delivered. Needs `--data-dir`.
+    /// (`--segment-bytes` each) are removed once every entry in them was delivered. Needs
+    /// `--data-dir`.
     #[arg(long, value_parser = parse_bytes, value_name = "SIZE")]
     pub retain_bytes: Option<u64>,
+    /// Size at which a topic's log rolls over to a new segment file (at least 4K), the unit in
+    /// which retention removes old entries. Needs `--data-dir`.
+    #[arg(long, value_parser = parse_segment_bytes, default_value = "64M", value_name = "SIZE")]
+    pub segment_bytes: u64,
     /// Remove a topic's segments whose newest entry is older than this (e.g. `12h`, `7d`),
     /// once delivered. Needs `--data-dir`.
     #[arg(long, value_parser = parse_duration, value_name = "AGE")]
@@ -127,6 +132,15 @@ pub struct BrokerOpts {
     /// Give both nodes the same value. Off by default.
     #[arg(long, value_parser = parse_lease, value_name = "DUR")]
     pub lease: Option<Duration>,
+}
+
+/// A `--segment-bytes` value: a byte size of at least 4 KiB.
+fn parse_segment_bytes(s: &str) -> Result<u64, String> {
+    let b = parse_bytes(s)?;
+    if b < 4096 {
+        return Err(format!("segment size '{s}': at least 4K"));
+    }
+    Ok(b)
 }
 
 /// A `--lease` value: a duration of at least 50 ms (a shorter lease runs out between two of its
@@ -187,6 +201,7 @@ pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCo
         cfg.data_dir = opts.data_dir;
         cfg.fsync = opts.fsync;
         cfg.retain_bytes = opts.retain_bytes;
+        cfg.segment_bytes = opts.segment_bytes;
         cfg.retain_age = opts.retain_age;
         cfg.lease = opts.lease;
         match driver::run(listener, cfg, shutdown).await {

@@ -191,3 +191,61 @@ fn the_subscriber_binary_starts_with_history() {
         ]
     );
 }
+
+/// The segment files of every topic in a node's data directory.
+fn segments(dir: &std::path::Path) -> usize {
+    let Ok(topics) = std::fs::read_dir(dir.join("topics")) else {
+        return 0;
+    };
+    topics
+        .flatten()
+        .filter_map(|t| std::fs::read_dir(t.path()).ok())
+        .flat_map(|files| files.flatten())
+        .filter(|f| f.path().extension().is_some_and(|e| e == "log"))
+        .count()
+}
+
+#[test]
+fn retention_removes_old_segments_and_a_subscriber_from_before_them_starts_at_the_oldest_kept() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path().display().to_string();
+    let (_p, a) = solo_primary(&[
+        "--compute",
+        "0",
+        "--data-dir",
+        &d,
+        "--segment-bytes",
+        "4K",
+        "--retain-bytes",
+        "8K",
+    ]);
+    // Some 60 bytes an entry: 400 of them fill several 4 KiB segments.
+    publish(&a, 1, 400);
+    // Retention runs every second and removes delivered segments past the bound (the oldest
+    // kept entry, below, shows that some were removed).
+    assert!(
+        wait_until(10 * SEC, || segments(dir.path()) <= 4),
+        "old segments were not removed: {} left",
+        segments(dir.path())
+    );
+    let mut c = LineConn::connect(&a);
+    c.send_line("SUB|t|0");
+    let first = match c.next(5 * SEC) {
+        Got::Line(l) => l,
+        other => panic!("no answer to SUB|t|0: {other:?}"),
+    };
+    let oldest: u64 = first
+        .strip_prefix("ERR|offset 0 is before the oldest kept entry ")
+        .and_then(|r| r.split(';').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("expected the oldest kept entry, got {first}"));
+    assert!(oldest > 0 && oldest < 400, "oldest kept entry {oldest}");
+    let (msgs, next) = replay(&mut c);
+    assert_eq!(next, 400, "replayed to the end");
+    let offsets: Vec<u64> = msgs.iter().map(|m| m.0).collect();
+    assert_eq!(
+        offsets,
+        (oldest..400).collect::<Vec<_>>(),
+        "every kept entry, from the oldest"
+    );
+}

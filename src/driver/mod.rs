@@ -63,6 +63,8 @@ pub struct NodeConfig {
     pub fsync: crate::log::Fsync,
     /// Per topic, the log's segments beyond this many bytes are removed once delivered.
     pub retain_bytes: Option<u64>,
+    /// Where a topic's log rolls over to a new segment file (`--segment-bytes`).
+    pub segment_bytes: u64,
     /// Per topic, segments whose newest entry is older than this are removed once delivered.
     pub retain_age: Option<Duration>,
     /// The lease (`--lease`): no overlapping reigns, at the price of failover time and of
@@ -85,6 +87,7 @@ impl NodeConfig {
             data_dir: None,
             fsync: crate::log::Fsync::default(),
             retain_bytes: None,
+            segment_bytes: crate::log::DEFAULT_SEGMENT_BYTES,
             retain_age: None,
             lease: None,
         }
@@ -243,7 +246,7 @@ fn open_log(cfg: &NodeConfig) -> anyhow::Result<Box<dyn crate::log::Storage>> {
             crate::log::DEFAULT_RETAIN_ENTRIES,
         ))),
         Some(dir) => {
-            let (mut log, recovery) = crate::log::FileLog::open(dir)?;
+            let (mut log, recovery) = crate::log::FileLog::open_with(dir, cfg.segment_bytes)?;
             log.set_retention(cfg.retain_bytes, cfg.retain_age);
             for line in recovery.lines() {
                 warn!("log recovery: {line}");
