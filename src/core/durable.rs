@@ -314,33 +314,31 @@ impl Broker {
     /// though taken up a chunk at a time (`takeup.rs`), and a node that stepped down forgot the
     /// identities it had accepted.
     pub(super) fn relearn_seen(&mut self, topic: &str, first: u64, next: u64) -> u64 {
-        let from = next.saturating_sub(SEEN_REBUILD).max(first);
-        match self.log.read(topic, from, usize::MAX) {
-            Ok(entries) => {
-                for e in entries.iter().filter(|e| !e.id.is_anonymous()) {
-                    self.seen.record(&e.id.publisher, e.id.seq);
-                }
-                entries.iter().map(|e| e.epoch).max().unwrap_or(0)
-            }
-            Err(e) => {
-                error!("topic '{topic}': cannot read the log back: {e}");
-                0
-            }
+        let entries = self.log_tail(topic, first, next);
+        for e in entries.iter().filter(|e| !e.id.is_anonymous()) {
+            self.seen.record(&e.id.publisher, e.id.seq);
         }
+        entries.iter().map(|e| e.epoch).max().unwrap_or(0)
     }
 
     /// The identities of the last entries of `topic` (as many as a start reads to relearn
     /// publishers), to tell a message the log has from one it lacks.
     pub(super) fn recent_ids(&self, topic: &str) -> HashSet<MsgId> {
-        let next = self.log.next_offset(topic);
-        let from = next.saturating_sub(SEEN_REBUILD);
-        match self.log.read(topic, from, usize::MAX) {
-            Ok(entries) => entries.into_iter().map(|e| e.id.clone()).collect(),
-            Err(e) => {
-                error!("topic '{topic}': cannot read the log back: {e}");
-                HashSet::new()
-            }
-        }
+        let t = self.log.topic(topic);
+        self.log_tail(topic, t.first, t.next)
+            .into_iter()
+            .map(|e| e.id.clone())
+            .collect()
+    }
+
+    /// The last [`SEEN_REBUILD`] entries of `topic` (`first..next` in the log); none, and the
+    /// error logged, if the log cannot be read.
+    fn log_tail(&self, topic: &str, first: u64, next: u64) -> Vec<Arc<Entry>> {
+        let from = next.saturating_sub(SEEN_REBUILD).max(first);
+        self.log.read(topic, from, usize::MAX).unwrap_or_else(|e| {
+            error!("topic '{topic}': cannot read the log back: {e}");
+            Vec::new()
+        })
     }
 
     /// The undelivered entries of every topic, oldest first within each topic.
