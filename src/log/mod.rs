@@ -254,7 +254,8 @@ pub trait Storage: Send + std::fmt::Debug {
         Ok(None)
     }
     /// The job from [`Storage::begin_sync`] ran, with `result`: on success, what it covered
-    /// is durable (the rest of the sync, such as the delivered marks, is done here); an error
+    /// is durable (the rest of the sync is done here: the delivered marks are saved when the
+    /// last save is old enough, see `MARK_INTERVAL` in `file.rs`); an error
     /// fails the log as a failed [`Storage::sync`] does.
     fn end_sync(&mut self, job: SyncJob, result: Result<(), LogError>) -> Result<(), LogError> {
         let _ = job;

@@ -110,6 +110,58 @@ async fn pipelined(addr: &str, proto: Proto, n: u64, depth: u64) -> anyhow::Resu
     Ok(n as f64 / start.elapsed().as_secs_f64().max(1e-9))
 }
 
+/// `n` requests with up to `window` unanswered at any time (a pipelining publisher: the next
+/// requests go as soon as answers come back, without waiting for a whole batch): answers per
+/// second.
+async fn windowed(addr: &str, proto: Proto, n: u64, window: u64) -> anyhow::Result<f64> {
+    let (mut r, mut w) = connect(addr).await?;
+    let window = window.max(1);
+    // The reader counts answers and hands their credit back to the writer.
+    let (credit_tx, mut credit_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let reader = tokio::spawn(async move {
+        let mut line = Vec::new();
+        let mut got = 0u64;
+        while got < n {
+            read_reply(proto, &mut r, &mut line).await?;
+            got += 1;
+            // One credit message per answer read in a burst would cost as much as the
+            // answer; batch what is already buffered.
+            let mut k = 1;
+            while got < n && r.buffer().contains(&b'\n') {
+                read_reply(proto, &mut r, &mut line).await?;
+                got += 1;
+                k += 1;
+            }
+            let _ = credit_tx.send(k);
+        }
+        anyhow::Ok(())
+    });
+    let start = Instant::now();
+    let mut out = Vec::with_capacity(256 * 1024);
+    let (mut sent, mut answered) = (0u64, 0u64);
+    while sent < n {
+        while sent < n && sent - answered < window && out.len() < 64 * 1024 {
+            sent += 1;
+            proto.request("window", sent, &mut out);
+        }
+        if !out.is_empty() {
+            w.write_all(&out).await?;
+            out.clear();
+        }
+        if sent - answered >= window || sent == n {
+            match credit_rx.recv().await {
+                Some(k) => answered += k,
+                None => break,
+            }
+        }
+        while let Ok(k) = credit_rx.try_recv() {
+            answered += k;
+        }
+    }
+    reader.await.context("the reader task failed")??;
+    Ok(n as f64 / start.elapsed().as_secs_f64().max(1e-9))
+}
+
 /// `n` requests one at a time: the request→answer histogram (µs).
 async fn one_at_a_time(addr: &str, proto: Proto, n: u64) -> anyhow::Result<Histogram<u64>> {
     let (mut r, mut w) = connect(addr).await?;
@@ -131,6 +183,7 @@ pub(super) struct DurableOpts {
     pub runs: usize,
     pub messages: u64,
     pub depth: u64,
+    pub window: u64,
     pub single: u64,
     pub redis: PathBuf,
     pub data_root: PathBuf,
@@ -279,6 +332,7 @@ async fn redis_ping(addr: &str) -> bool {
 #[derive(Default)]
 struct Series {
     rate: Vec<f64>,
+    window_rate: Vec<f64>,
     p50: Vec<f64>,
     p99: Vec<f64>,
     single_rate: Vec<f64>,
@@ -320,22 +374,25 @@ pub(super) async fn durable(bin_dir: &Path, o: &DurableOpts) -> anyhow::Result<V
         for (s, fig) in series.iter_mut() {
             let run = start_setting(bin_dir, o, *s).await?;
             let rate = pipelined(&run.addr, run.proto, o.messages, o.depth).await;
+            let window_rate = windowed(&run.addr, run.proto, o.messages, o.window).await;
             let t = Instant::now();
             let h = one_at_a_time(&run.addr, run.proto, o.single).await;
             let secs = t.elapsed().as_secs_f64();
             run.stop().await;
-            let (rate, h) = (
+            let (rate, window_rate, h) = (
                 rate.with_context(|| format!("{}: pipelined", s.name()))?,
+                window_rate.with_context(|| format!("{}: window", s.name()))?,
                 h.with_context(|| format!("{}: one at a time", s.name()))?,
             );
             fig.rate.push(rate);
+            fig.window_rate.push(window_rate);
             fig.p50.push(h.value_at_quantile(0.5) as f64);
             fig.p99.push(h.value_at_quantile(0.99) as f64);
             fig.single_rate.push(o.single as f64 / secs.max(1e-9));
         }
     }
     let mut lines: Vec<Line> = Vec::new();
-    let depth = o.depth;
+    let (depth, window) = (o.depth, o.window);
     for (s, fig) in &series {
         let (t_rate, t_p50) = match s {
             Setting::Ours("always") => (">= 1.0x redis always", "<= 250"),
@@ -347,6 +404,13 @@ pub(super) async fn durable(bin_dir: &Path, o: &DurableOpts) -> anyhow::Result<V
             format!("durable {depth}-deep"),
             setup.clone(),
             fig.rate.clone(),
+            "msg/s",
+            t_rate.into(),
+        ));
+        lines.push((
+            format!("durable window {window}"),
+            setup.clone(),
+            fig.window_rate.clone(),
             "msg/s",
             t_rate.into(),
         ));
@@ -374,27 +438,34 @@ pub(super) async fn durable(bin_dir: &Path, o: &DurableOpts) -> anyhow::Result<V
     }
     // Ratios of the medians, ours over Redis's counterpart, and batch over never.
     let med = |name: &str| {
-        series
-            .iter()
-            .find(|(s, _)| s.name() == name)
-            .map(|(_, f)| (super::median(f.rate.clone()), super::median(f.p50.clone())))
+        series.iter().find(|(s, _)| s.name() == name).map(|(_, f)| {
+            (
+                super::median(f.rate.clone()),
+                super::median(f.p50.clone()),
+                super::median(f.window_rate.clone()),
+            )
+        })
     };
     println!("  ratios (medians, same run):");
     for (a, b) in pairs {
-        if let (Some((ra, la)), Some((rb, lb))) = (med(&a.name()), med(&b.name())) {
+        if let (Some((ra, la, wa)), Some((rb, lb, wb))) = (med(&a.name()), med(&b.name())) {
             println!(
-                "    {:<18} / {:<15} {depth}-deep {:>5.2}x   1-at-a-time p50 {:>5.2}x",
+                "    {:<18} / {:<15} {depth}-deep {:>5.2}x   window {window} {:>5.2}x   1-at-a-time p50 {:>5.2}x",
                 a.name(),
                 b.name(),
                 ra / rb,
+                wa / wb,
                 la / lb
             );
         }
     }
-    if let (Some((rb, _)), Some((rn, _))) = (med("pair fsync batch"), med("pair fsync never")) {
+    if let (Some((rb, _, wb)), Some((rn, _, wn))) =
+        (med("pair fsync batch"), med("pair fsync never"))
+    {
         println!(
-            "    pair fsync batch / pair fsync never  {depth}-deep {:>5.2}x",
-            rb / rn
+            "    pair fsync batch / pair fsync never  {depth}-deep {:>5.2}x   window {window} {:>5.2}x",
+            rb / rn,
+            wb / wn
         );
     }
     Ok(lines)

@@ -33,7 +33,8 @@ pub struct BenchOpts {
     /// Messages for the throughput figure.
     #[arg(long, default_value_t = 200_000)]
     pub messages: u64,
-    /// Publisher window: unacknowledged messages in flight.
+    /// Publisher window: unacknowledged messages in flight (the throughput figure and the
+    /// durable figures' windowed client).
     #[arg(long, default_value_t = 1000)]
     pub window: u64,
     /// Rate of the paced latency figure, msg/s.
@@ -389,6 +390,7 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         runs: o.runs,
         messages: o.durable_messages,
         depth: o.durable_depth.max(1),
+        window: o.window.max(1),
         single: o.durable_single.max(1),
         redis: o.redis_server.clone(),
         data_root: o.data_root.clone().unwrap_or_else(std::env::temp_dir),
