@@ -1,7 +1,7 @@
 //! The backup's work: hold what the primary replicates, poll the primary, and decide, with the
 //! failure detector, when to take over; forward publishes that reach it while the primary lives.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -5,7 +5,8 @@
 //! A backup's "held" messages are no separate store any more: they are the entries of its log
 //! between each topic's delivered mark and its end, less those cleared out of order.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use tracing::{error, info, warn};
@@ -440,8 +441,10 @@ impl Broker {
         if let RoleState::Backup(b) = &mut self.role {
             b.pending.insert(mid, (topic, entry.offset));
         }
-        if self.log.is_durable() && !self.must_sync() && self.unflushed {
-            // Answered once the entry is written (see `Broker::poll_output`).
+        if !self.must_sync() && self.unflushed {
+            // Answered once the entry is written (see `Broker::poll_output`): one `STORED`
+            // for every `REPL` of a batch of events (the primary takes it as cumulative), in
+            // memory too.
             self.stored_after_write = Some((conn, mid));
         } else if self.log.is_durable() && !self.must_sync() {
             // An entry we had (sent again at link-up, or taken up again from the primary's

@@ -18,7 +18,8 @@
 //! deliveries below it are skipped for this subscriber; past the end of the log it is taken
 //! as the end of the log, so an entry this node has not seen yet is never skipped.
 
-use std::collections::{HashMap, VecDeque};
+use foldhash::HashMap;
+use std::collections::VecDeque;
 
 use bytes::Bytes;
 use tracing::{info, warn};

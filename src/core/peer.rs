@@ -1,7 +1,7 @@
 //! Connections this node opens to its peer, and what each is for: the replication link, the
 //! backup's polls and probes, forwarded publishes, hand-overs, and the check after a pause.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,7 +1,8 @@
 //! The primary's work: accept, replicate, compute, deliver in order, and keep the link to the
 //! backup up.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;

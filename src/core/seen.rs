@@ -1,6 +1,7 @@
 //! Which message identities a node has already accepted, to recognise resends.
 
-use std::collections::{BTreeSet, HashMap};
+use foldhash::HashMap;
+use std::collections::BTreeSet;
 
 /// Identities already accepted from one publisher, to recognise resends after a failover.
 ///

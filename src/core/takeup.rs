@@ -18,7 +18,8 @@
 //! due at once rather than from inside a delivery, so a long backlog never nests calls and the
 //! caller serves its other connections between chunks.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use foldhash::HashMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use tracing::{error, warn};

@@ -10,7 +10,7 @@
 //!                                  `MARK_INTERVAL` by a background sync, and on drop)
 //! ```
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

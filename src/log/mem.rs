@@ -1,7 +1,8 @@
 //! The log in memory: for nodes run without a data directory, the pair tests and the
 //! simulation, which uses it as a model of a disk (what was not synced is lost in a crash).
 
-use std::collections::{HashMap, VecDeque};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::{Entry, LogError, Storage, TopicState};
