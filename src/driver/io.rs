@@ -1,12 +1,11 @@
 //! The byte side of a connection: a framed reader polled by the driver, and a writer task that
-//! coalesces what is queued into one write.
+//! writes whatever the driver has appended to the connection's outbox in one write.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use futures_util::stream::{self, SelectAll, Stream, StreamExt};
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncWrite, AsyncWriteExt, WriteHalf};
@@ -39,11 +38,30 @@ const READ_PAUSE: usize = super::CONNECTION_QUEUE;
 /// one that never reads does not keep its connection (and its slot) forever.
 const KICK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// What the driver has for a connection and its writer task has not taken yet.
+#[derive(Default)]
+struct Outbox {
+    /// The lines, back to back. Allocated on first use: most connections of a big fan-out are
+    /// idle subscribers, and a buffer each would be most of their memory.
+    bytes: Vec<u8>,
+    /// How many lines `bytes` holds.
+    lines: usize,
+    /// The driver let go of the connection: write what is left, then shut it.
+    closed: bool,
+}
+
 /// What the writer and the reader of one connection share: the writer's backlog, and the
 /// reader's waker, woken when the backlog has shrunk enough to read again.
 #[derive(Default)]
 struct Backlog {
+    /// Lines appended and not yet handed to the socket (the outbox's and those being written).
     queued: AtomicUsize,
+    /// The driver appends each line here, the writer task takes it all at once: one copy into
+    /// a buffer per line, one wake-up of the writer per batch (a channel of lines cost a node,
+    /// a push, a pop and a wake-up per line).
+    outbox: std::sync::Mutex<Outbox>,
+    /// Wakes the writer task when the outbox turns non-empty (or is closed).
+    ready: tokio::sync::Notify,
     /// The core asked not to be given more of this connection's frames for now.
     held: AtomicBool,
     /// The core asked to be told when everything queued has been handed to the socket
@@ -55,7 +73,6 @@ struct Backlog {
 /// The sending half of a connection, owned by the driver.
 pub struct Writer {
     conn: ConnId,
-    tx: mpsc::UnboundedSender<Bytes>,
     /// Where to say that the writer drained, when asked (see [`Writer::notify_drained`]).
     drained: mpsc::UnboundedSender<ConnId>,
     backlog: Arc<Backlog>,
@@ -71,10 +88,20 @@ impl Writer {
         self.backlog.queued.load(Ordering::Relaxed)
     }
 
-    /// Queues a line.
-    pub fn send(&self, line: Bytes) {
+    /// Queues a line (copied into the connection's outbox).
+    pub fn send(&self, line: &[u8]) {
         self.backlog.queued.fetch_add(1, Ordering::Relaxed);
-        let _ = self.tx.send(line);
+        let was_empty = {
+            let mut o = lock(&self.backlog.outbox);
+            let was_empty = o.bytes.is_empty();
+            o.bytes.extend_from_slice(line);
+            o.lines += 1;
+            was_empty
+        };
+        if was_empty {
+            // Otherwise the writer has been told already and has not taken the outbox yet.
+            self.backlog.ready.notify_one();
+        }
     }
 
     /// Sends this connection's id on the drained channel once nothing is queued any more (at
@@ -90,7 +117,7 @@ impl Writer {
     }
 
     /// Ends the connection: the reader stops (and reports it closed), the writer writes what is
-    /// queued and then shuts the socket.
+    /// queued and then shuts the socket (dropping the writer does the same).
     pub fn close(self) {
         self.stop.cancel();
     }
@@ -109,6 +136,19 @@ impl Writer {
         self.kill.cancel();
         self.stop.cancel();
     }
+}
+
+impl Drop for Writer {
+    /// The writer task writes what is queued and shuts the socket.
+    fn drop(&mut self) {
+        lock(&self.backlog.outbox).closed = true;
+        self.backlog.ready.notify_one();
+    }
+}
+
+/// The outbox, even if a thread panicked holding it (it holds plain bytes: nothing half-made).
+fn lock(m: &std::sync::Mutex<Outbox>) -> std::sync::MutexGuard<'_, Outbox> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A reader that pauses while its connection's writer is [`READ_PAUSE`] lines behind (when
@@ -161,15 +201,8 @@ pub fn split(
         .take_until(stop.clone().cancelled_owned())
         .map(move |item| ConnEvent::Frame(conn, item.and_then(|inner| inner)))
         .chain(stream::once(async move { ConnEvent::Closed(conn) }));
-    let (tx, rx) = mpsc::unbounded_channel();
     let ended = stop.clone();
-    let writing = write_loop(
-        w,
-        rx,
-        backlog.clone(),
-        kill.clone(),
-        (conn, drained.clone()),
-    );
+    let writing = write_loop(w, backlog.clone(), kill.clone(), (conn, drained.clone()));
     crate::net::spawn(async move {
         writing.await;
         // However the writer ended (done, cut, or the peer gone), the reader ends too, even if
@@ -178,7 +211,6 @@ pub fn split(
     });
     let writer = Writer {
         conn,
-        tx,
         drained,
         backlog,
         stop,
@@ -187,16 +219,15 @@ pub fn split(
     (Box::pin(reader), writer)
 }
 
-/// Writes a connection's lines in order, coalescing whatever is already queued into one write.
+/// Writes a connection's lines in order: each time it is woken, everything in the outbox in
+/// one write; when the driver has let go of the connection and the outbox is empty, shuts it.
 async fn write_loop(
     mut w: WriteHalf<BoxStream>,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
     backlog: Arc<Backlog>,
     kill: CancellationToken,
     (conn, drained): (ConnId, mpsc::UnboundedSender<ConnId>),
 ) {
-    // Allocated on first use: most connections of a big fan-out are idle subscribers, and a
-    // buffer each would be most of their memory.
+    // Swapped with the outbox's buffer: the two buffers take turns, no allocation per write.
     let mut buf: Vec<u8> = Vec::new();
     let cut = async {
         kill.cancelled().await;
@@ -204,41 +235,44 @@ async fn write_loop(
     };
     tokio::pin!(cut);
     loop {
-        let line = tokio::select! {
+        tokio::select! {
             _ = &mut cut => return,
-            l = rx.recv() => l,
-        };
-        let Some(line) = line else {
-            break;
-        };
-        buf.extend_from_slice(&line);
-        let mut n = 1;
-        while buf.len() < 64 * 1024 {
-            match rx.try_recv() {
-                Ok(l) => {
-                    buf.extend_from_slice(&l);
-                    n += 1;
+            _ = backlog.ready.notified() => {}
+        }
+        loop {
+            let (n, closed) = {
+                let mut o = lock(&backlog.outbox);
+                std::mem::swap(&mut o.bytes, &mut buf);
+                (std::mem::take(&mut o.lines), o.closed)
+            };
+            if buf.is_empty() {
+                if closed {
+                    let _ = w.shutdown().await;
+                    return;
                 }
-                Err(_) => break,
+                break;
+            }
+            let left = backlog.queued.fetch_sub(n, Ordering::AcqRel) - n;
+            if left < READ_PAUSE {
+                backlog.reader.wake();
+            }
+            if left == 0 && backlog.want_writable.swap(false, Ordering::AcqRel) {
+                let _ = drained.send(conn);
+            }
+            let written = tokio::select! {
+                _ = &mut cut => return,
+                r = w.write_all(&buf) => r,
+            };
+            if written.is_err() {
+                return;
+            }
+            buf.clear();
+            if buf.capacity() > 256 * 1024 {
+                // A burst grew it: do not keep that much per connection for good.
+                buf = Vec::new();
             }
         }
-        let left = backlog.queued.fetch_sub(n, Ordering::AcqRel) - n;
-        if left < READ_PAUSE {
-            backlog.reader.wake();
-        }
-        if left == 0 && backlog.want_writable.swap(false, Ordering::AcqRel) {
-            let _ = drained.send(conn);
-        }
-        let written = tokio::select! {
-            _ = &mut cut => return,
-            r = w.write_all(&buf) => r,
-        };
-        if written.is_err() {
-            return;
-        }
-        buf.clear();
     }
-    let _ = w.shutdown().await;
 }
 
 /// Tells a client over the connection limit why it is turned away.

@@ -9,7 +9,7 @@
 
 mod io;
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -348,7 +348,7 @@ impl Driver {
             self.core.handle_closed(conn, now);
             return;
         }
-        w.send(line);
+        w.send(&line);
     }
 
     /// A connection came in, or accepting failed: then (out of file descriptors and the like)
