@@ -184,6 +184,8 @@ pub(super) struct DurableOpts {
     pub messages: u64,
     pub depth: u64,
     pub window: u64,
+    /// Only these settings (`always`, `batch`, `never`, `memory`, `redis`); empty: all.
+    pub settings: Vec<String>,
     pub single: u64,
     pub redis: PathBuf,
     pub data_root: PathBuf,
@@ -362,14 +364,25 @@ pub(super) async fn durable(bin_dir: &Path, o: &DurableOpts) -> anyhow::Result<V
         (Setting::Ours("batch"), Setting::Redis("everysec")),
         (Setting::Ours("never"), Setting::Redis("no")),
     ];
+    let wanted = |s: Setting| {
+        let key = match s {
+            Setting::Ours(p) => p,
+            Setting::Redis(_) => "redis",
+        };
+        o.settings.is_empty() || o.settings.iter().any(|x| x == key)
+    };
     let mut series: Vec<(Setting, Series)> = Vec::new();
     for (a, b) in pairs {
-        series.push((a, Series::default()));
-        if redis_ok {
+        if wanted(a) {
+            series.push((a, Series::default()));
+        }
+        if redis_ok && wanted(b) {
             series.push((b, Series::default()));
         }
     }
-    series.push((Setting::Ours("memory"), Series::default()));
+    if wanted(Setting::Ours("memory")) {
+        series.push((Setting::Ours("memory"), Series::default()));
+    }
     for _ in 0..o.runs {
         for (s, fig) in series.iter_mut() {
             let run = start_setting(bin_dir, o, *s).await?;

@@ -77,6 +77,10 @@ pub struct BenchOpts {
     /// Durable figures: requests sent one at a time for the latency figure.
     #[arg(long, default_value_t = 3000)]
     pub durable_single: u64,
+    /// Durable figures: only these settings (comma-separated: always, batch, never, memory,
+    /// redis; default all).
+    #[arg(long, value_delimiter = ',')]
+    pub durable_settings: Vec<String>,
     /// The `redis-server` binary the durable figures compare with (left out if missing).
     #[arg(long, default_value = "redis-server")]
     pub redis_server: PathBuf,
@@ -391,6 +395,7 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         messages: o.durable_messages,
         depth: o.durable_depth.max(1),
         window: o.window.max(1),
+        settings: o.durable_settings.clone(),
         single: o.durable_single.max(1),
         redis: o.redis_server.clone(),
         data_root: o.data_root.clone().unwrap_or_else(std::env::temp_dir),
