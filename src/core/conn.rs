@@ -79,7 +79,7 @@ impl Broker {
         match self.conns.get(&conn) {
             // Nothing waits ahead of it (the common case): straight out, no queue.
             Some(c) if c.replies.is_empty() => self.send_frame(conn, &frame),
-            Some(_) => self.push_reply(conn, Reply::Ready(frame.encode().into_bytes().into())),
+            Some(_) => self.push_reply(conn, Reply::Ready(frame.encode_bytes().into())),
             None => {}
         }
     }
@@ -135,7 +135,7 @@ impl Broker {
     pub(super) fn send_frame(&mut self, conn: ConnId, frame: &Frame) {
         self.out.push_back(Output::Send {
             conn,
-            line: frame.encode().into_bytes().into(),
+            line: frame.encode_bytes().into(),
             delivery: false,
         });
     }

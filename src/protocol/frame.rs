@@ -406,8 +406,29 @@ impl Frame {
     }
 
     /// Appends the frame, newline included, to a byte buffer (a connection's write buffer).
+    /// The frames sent once per message (`ACK`, `STORED`, `CLR`) are written without
+    /// `core::fmt`, whose integer formatting was the largest single cost of the relay path.
     pub fn encode_into_bytes(&self, out: &mut Vec<u8>) {
-        self.write_to(&mut ByteWriter(out));
+        match self {
+            Frame::Ack { id } => write_ack(id.as_ref(), out),
+            Frame::Stored { mid } | Frame::Clr { mid } => {
+                out.extend_from_slice(if matches!(self, Frame::Stored { .. }) {
+                    b"STORED|"
+                } else {
+                    b"CLR|"
+                });
+                push_u64(out, *mid);
+                out.push(b'\n');
+            }
+            _ => self.write_to(&mut ByteWriter(out)),
+        }
+    }
+
+    /// The frame as a line in bytes, newline included (see [`Frame::encode_into_bytes`]).
+    pub fn encode_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.payload_len() + 96);
+        self.encode_into_bytes(&mut v);
+        v
     }
 
     fn write_to<W: std::fmt::Write>(&self, out: &mut W) {
@@ -590,29 +611,33 @@ fn push_u64(out: &mut Vec<u8>, mut v: u64) {
 }
 
 /// The `REPL` line for one message, written from borrowed parts (no [`Frame`], no copies of the
-/// topic and payload): the primary writes one per accepted message.
+/// topic and payload, no `core::fmt`): the primary writes one per accepted message. The same
+/// bytes as [`Frame::encode`] of a [`Frame::Repl`].
 pub fn repl_line(mid: u64, topic: &str, e: &crate::log::Entry) -> Vec<u8> {
     let mut out = Vec::with_capacity(topic.len() + e.id.publisher.len() + e.payload.len() + 96);
-    let stamps = Stamps {
-        epoch: e.epoch,
-        received_us: e.received_us,
-        offset: e.offset,
-        ..Stamps::default()
-    };
-    let _ = write_repl_fields(
-        &mut ByteWriter(&mut out),
-        mid,
-        topic,
-        &e.id,
-        e.sent_us,
-        &stamps,
-        &e.payload,
-    );
+    out.extend_from_slice(b"REPL|");
+    push_u64(&mut out, mid);
+    out.push(b'|');
+    out.extend_from_slice(topic.as_bytes());
+    out.push(b'|');
+    out.extend_from_slice(e.id.publisher.as_bytes());
+    out.push(b'|');
+    push_u64(&mut out, e.id.seq);
+    out.push(b'|');
+    push_u64(&mut out, e.sent_us);
+    out.extend_from_slice(b"|o=");
+    push_u64(&mut out, e.offset);
+    out.extend_from_slice(b",e=");
+    push_u64(&mut out, e.epoch);
+    out.extend_from_slice(b",rx=");
+    push_u64(&mut out, e.received_us);
+    out.push(b'|');
+    out.extend_from_slice(e.payload.as_bytes());
     out.push(b'\n');
     out
 }
 
-/// The fields of a `REPL` frame, for [`Frame::encode`] and [`repl_line`] alike.
+/// The fields of a `REPL` frame, for [`Frame::encode`] ([`repl_line`] writes the same bytes).
 fn write_repl_fields<W: std::fmt::Write>(
     out: &mut W,
     mid: u64,
@@ -629,7 +654,7 @@ fn write_repl_fields<W: std::fmt::Write>(
     )
 }
 
-/// An `ACK` frame without its newline, for [`Frame::encode`] and [`write_ack`] alike.
+/// An `ACK` frame without its newline, for [`Frame::encode`] ([`write_ack`] writes the same bytes).
 fn write_ack_fields<W: std::fmt::Write>(out: &mut W, id: Option<&MsgId>) -> std::fmt::Result {
     match id {
         Some(id) => write!(out, "ACK|{}|{}", id.publisher, id.seq),
@@ -638,15 +663,87 @@ fn write_ack_fields<W: std::fmt::Write>(out: &mut W, id: Option<&MsgId>) -> std:
 }
 
 /// Appends the `ACK` for a publish (`ACK|publisher|seq`, or the seed's bare `ACK` when it came
-/// without an identity) to a write buffer.
+/// without an identity) to a write buffer, without `core::fmt`.
 pub fn write_ack(id: Option<&MsgId>, out: &mut Vec<u8>) {
-    let _ = write_ack_fields(&mut ByteWriter(out), id);
+    out.extend_from_slice(b"ACK");
+    if let Some(id) = id {
+        out.push(b'|');
+        out.extend_from_slice(id.publisher.as_bytes());
+        out.push(b'|');
+        push_u64(out, id.seq);
+    }
     out.push(b'\n');
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The byte encoders written without `core::fmt` give exactly what the frame's own
+    /// encoding (through `core::fmt`) gives.
+    #[test]
+    fn byte_encoders_match_the_frames_encoding() {
+        for (mid, seq, sent, offset, epoch, rx, payload) in [
+            (0, 0, 0, 0, 0, 0, ""),
+            (
+                1,
+                7,
+                1_700_000_000_000_123,
+                42,
+                3,
+                1_700_000_000_000_456,
+                "a|b",
+            ),
+            (
+                u64::MAX,
+                u64::MAX,
+                u64::MAX,
+                u64::MAX,
+                u64::MAX,
+                u64::MAX,
+                "ünïcödé",
+            ),
+        ] {
+            let id = MsgId {
+                publisher: "pub-1".into(),
+                seq,
+            };
+            let e = crate::log::Entry {
+                offset,
+                epoch,
+                id: id.clone(),
+                sent_us: sent,
+                received_us: rx,
+                payload: payload.into(),
+            };
+            let frame = Frame::Repl {
+                mid,
+                topic: "t/x".into(),
+                id: id.clone(),
+                sent_us: sent,
+                stamps: Stamps {
+                    offset,
+                    epoch,
+                    received_us: rx,
+                    ..Stamps::default()
+                },
+                payload: payload.into(),
+            };
+            let line = repl_line(mid, "t/x", &e);
+            assert_eq!(String::from_utf8(line).ok(), Some(frame.encode()));
+            for f in [
+                Frame::Ack {
+                    id: Some(id.clone()),
+                },
+                Frame::Ack { id: None },
+                Frame::Stored { mid },
+                Frame::Clr { mid },
+                frame,
+            ] {
+                assert_eq!(String::from_utf8(f.encode_bytes()).ok(), Some(f.encode()));
+            }
+        }
+    }
 
     #[test]
     fn msg_line_is_the_frames_encoding() {
