@@ -248,6 +248,7 @@ fn open_log(cfg: &NodeConfig) -> anyhow::Result<Box<dyn crate::log::Storage>> {
         Some(dir) => {
             let (mut log, recovery) = crate::log::FileLog::open_with(dir, cfg.segment_bytes)?;
             log.set_retention(cfg.retain_bytes, cfg.retain_age);
+            log.set_preallocate(cfg.fsync == crate::log::Fsync::Always);
             for line in recovery.lines() {
                 warn!("log recovery: {line}");
             }

@@ -136,6 +136,8 @@ pub struct FileLog {
     epoch: u64,
     /// When the delivered marks were last saved.
     marks_saved: std::time::Instant,
+    /// New topics' segments are preallocated ([`FileLog::set_preallocate`]).
+    preallocate: bool,
 }
 
 impl FileLog {
@@ -267,6 +269,7 @@ impl FileLog {
             max_bytes: None,
             max_age: None,
             marks_saved: std::time::Instant::now(),
+            preallocate: false,
         };
         Ok((log, rec))
     }
@@ -274,6 +277,15 @@ impl FileLog {
     /// The log's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Keeps every topic's active segment zero-filled ahead of its records (for `--fsync
+    /// always`; see [`SegmentLog::set_preallocate`]).
+    pub fn set_preallocate(&mut self, on: bool) {
+        self.preallocate = on;
+        for t in self.topics.values_mut() {
+            t.log.set_preallocate(on);
+        }
     }
 
     /// Bounds for [`FileLog::enforce_retention`], per topic: bytes of segments, and age of a
@@ -372,7 +384,8 @@ impl FileLog {
         }
         let path = self.dir.join("topics").join(name);
         fs::create_dir(&path).map_err(io_err(format!("create {}", path.display())))?;
-        let log = SegmentLog::create(&path, self.segment_bytes)?;
+        let mut log = SegmentLog::create(&path, self.segment_bytes)?;
+        log.set_preallocate(self.preallocate);
         self.topics_changed = true;
         self.topics.insert(
             topic.to_string(),
@@ -651,7 +664,7 @@ impl Storage for FileLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::segment::encode_record;
+    use crate::log::segment::{encode_record, RUNWAY_BYTE};
     use crate::log::CutReason;
     use crate::protocol::MsgId;
 
@@ -809,6 +822,103 @@ mod tests {
         let (log, rec) = open(dir.path());
         assert!(rec.is_clean(), "{:?}", rec.lines());
         assert_entries(&log, "t", 0..210);
+    }
+
+    use std::os::unix::fs::FileExt;
+
+    fn file_len(p: &Path) -> u64 {
+        fs::metadata(p).expect("meta").len()
+    }
+
+    /// A preallocating log (`--fsync always`) keeps a runway past the records of its active
+    /// segment; sealed segments end with their last record, and opening takes the runway for
+    /// what it is (no damage, nothing lost, appends go on at the last record).
+    #[test]
+    fn preallocated_segments_reopen_clean_and_go_on_at_their_last_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (mut log, _) = open(dir.path());
+            log.set_preallocate(true);
+            for chunk in 0..30 {
+                fill(&mut log, "t", chunk * 10..chunk * 10 + 10);
+                log.sync().expect("sync");
+            }
+            let segs = log.topic_segments("t");
+            assert!(segs.len() > 3, "{segs:?}");
+            let (last_base, last_size) = segs[segs.len() - 1];
+            for (base, size) in &segs[..segs.len() - 1] {
+                let p = topic_dir(dir.path(), "t").join(format!("{base:020}.log"));
+                assert_eq!(file_len(&p), *size, "sealed segment {base} keeps no runway");
+            }
+            let p = topic_dir(dir.path(), "t").join(format!("{last_base:020}.log"));
+            assert!(
+                file_len(&p) > last_size,
+                "the active segment has a runway: {} bytes for {last_size} of records",
+                file_len(&p)
+            );
+        }
+        let (mut log, rec) = open(dir.path());
+        assert!(rec.is_clean(), "{:?}", rec.lines());
+        assert_entries(&log, "t", 0..300);
+        // Without preallocation now: it writes into the old runway, at its last record.
+        fill(&mut log, "t", 300..310);
+        log.sync().expect("sync");
+        drop(log);
+        let (log, rec) = open(dir.path());
+        assert!(rec.is_clean(), "{:?}", rec.lines());
+        assert_entries(&log, "t", 0..310);
+    }
+
+    /// A record torn by a crash in front of the runway is still cut and reported, and so are
+    /// zeros there (what a crash leaves of bytes that never reached the disk) and a stray
+    /// byte after a stretch of the runway's fill.
+    #[test]
+    fn damage_in_front_of_a_runway_is_cut_and_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let end = {
+            let (mut log, _) = open(dir.path());
+            log.set_preallocate(true);
+            fill(&mut log, "t", 0..5);
+            log.sync().expect("sync");
+            log.topic_segments("t")[0].1
+        };
+        let seg = last_segment(dir.path(), "t");
+        let runway = file_len(&seg);
+        assert!(runway > end);
+        // Half a record: its header and the first half of its body, the runway after.
+        let mut rec = Vec::new();
+        encode_record(&entry(5), &mut rec).expect("encode");
+        let f = OpenOptions::new().write(true).open(&seg).expect("open");
+        f.write_all_at(&rec[..rec.len() / 2], end).expect("write");
+        drop(f);
+        {
+            let (log, rec) = open(dir.path());
+            assert_eq!(rec.damage.len(), 1, "{:?}", rec.lines());
+            assert_eq!(rec.damage[0].1.reason, CutReason::Checksum);
+            assert_eq!(rec.damage[0].1.at, end);
+            assert_entries(&log, "t", 0..5);
+        }
+        assert_eq!(file_len(&seg), end, "cut at the last good record");
+        // The runway's fill, then a stray byte: not a runway.
+        let f = OpenOptions::new().write(true).open(&seg).expect("open");
+        f.write_all_at(&[RUNWAY_BYTE; 64], end).expect("write");
+        f.write_all_at(&[7], end + 64).expect("write");
+        drop(f);
+        {
+            let (log, rec) = open(dir.path());
+            assert_eq!(rec.damage.len(), 1, "{:?}", rec.lines());
+            assert_eq!(rec.damage[0].1.reason, CutReason::BadLength);
+            assert_eq!(rec.damage[0].1.at, end);
+            assert_entries(&log, "t", 0..5);
+        }
+        // Zeros where the runway was: reported too.
+        let f = OpenOptions::new().write(true).open(&seg).expect("open");
+        f.write_all_at(&[0u8; 64], end).expect("write");
+        drop(f);
+        let (log, rec) = open(dir.path());
+        assert_eq!(rec.damage.len(), 1, "{:?}", rec.lines());
+        assert_eq!(rec.damage[0].1.reason, CutReason::BadLength);
+        assert_entries(&log, "t", 0..5);
     }
 
     #[test]

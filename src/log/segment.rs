@@ -7,7 +7,10 @@
 //! `(offset u64 LE, file position u64 LE)`, one per [`INDEX_EVERY`] bytes of records; the
 //! point `(base, 0)` is implied.
 //!
-//! Appends are written to the active (last) segment at once, without fsync. [`SegmentLog::sync`]
+//! Appends are written to the active (last) segment at once, by position, without fsync;
+//! under `--fsync always` the active segment is kept zero-filled up to [`RUNWAY`] bytes past
+//! its records with [`RUNWAY_BYTE`] (see [`SegmentLog::set_preallocate`]), and nothing but that
+//! byte after the last record is taken as the runway when opening, not as damage. [`SegmentLog::sync`]
 //! fsyncs the active segment, then writes the index points gathered since the last sync (so an
 //! index point never names bytes that were not fsync'd first), and fsyncs the directory when a
 //! file was created. A segment is sealed once it passes the segment size: the next append
@@ -342,6 +345,20 @@ struct Scanned {
     damage: Option<(u64, CutReason, String)>,
 }
 
+/// True when the bytes of `file` from `from` to `end` are all [`RUNWAY_BYTE`].
+fn runway_to(file: &File, mut from: u64, end: u64) -> std::io::Result<bool> {
+    let mut buf = vec![0u8; CHUNK];
+    while from < end {
+        let n = (end - from).min(CHUNK as u64) as usize;
+        file.read_exact_at(&mut buf[..n], from)?;
+        if buf[..n].iter().any(|&b| b != RUNWAY_BYTE) {
+            return Ok(false);
+        }
+        from += n as u64;
+    }
+    Ok(true)
+}
+
 /// Scans a segment from its last index point that starts a valid record (dropping the later
 /// ones) to the end of the file.
 fn scan_tail(file: &File, mut index: Vec<(u64, u64)>, len: u64) -> std::io::Result<Scanned> {
@@ -364,6 +381,12 @@ fn scan_tail(file: &File, mut index: Vec<(u64, u64)>, len: u64) -> std::io::Resu
                     ))
                 }
                 Step::End => break None,
+                Step::Bad(at, CutReason::BadLength | CutReason::Torn, _)
+                    if runway_to(file, at, len)? =>
+                {
+                    // Nothing but the runway's fill from here on: preallocated, not damage.
+                    break None;
+                }
                 Step::Bad(at, why, detail) => break Some((at, why, detail)),
             }
         };
@@ -382,6 +405,14 @@ fn scan_tail(file: &File, mut index: Vec<(u64, u64)>, len: u64) -> std::io::Resu
         });
     }
 }
+
+/// How far ahead of its records a preallocating log keeps the active segment filled (see
+/// [`SegmentLog::set_preallocate`]).
+pub const RUNWAY: u64 = 1 << 20;
+/// The byte a runway is filled with. Not zero: zeros after the last record are what a crash
+/// can leave where appended bytes never reached the disk (a size written, its data not), and
+/// are reported as damage; a length field of `0xFFFFFFFF` is out of range like zeros are.
+pub const RUNWAY_BYTE: u8 = 0xFF;
 
 /// Unwritten appends that make [`SegmentLog::append`] write at once rather than wait for
 /// [`SegmentLog::flush`].
@@ -413,6 +444,13 @@ pub struct SegmentLog {
     unflushed: RefCell<Vec<u8>>,
     /// A write of `unflushed` failed: appends are refused until the log is reopened.
     flush_failed: RefCell<Option<String>>,
+    /// Keep the active segment zero-filled [`RUNWAY`] bytes past its records.
+    preallocate: bool,
+    /// Length of the active segment's file: its records, then perhaps a runway (written
+    /// ahead, or left by an earlier run).
+    file_len: std::cell::Cell<u64>,
+    /// Writing a runway failed (no room): none for the rest of this segment.
+    runway_failed: std::cell::Cell<bool>,
 }
 
 impl SegmentLog {
@@ -480,7 +518,9 @@ impl SegmentLog {
             let mut opts = OpenOptions::new();
             opts.read(true);
             if last && !read_only {
-                opts.append(true);
+                // Written by position (`write_all_at`), past its records: any zeros after
+                // them are a runway (see `SegmentLog::set_preallocate`).
+                opts.write(true);
             }
             let file = opts
                 .open(&path)
@@ -494,6 +534,7 @@ impl SegmentLog {
             let s =
                 scan_tail(&file, index, len).map_err(io_err(format!("read {}", path.display())))?;
             let cut = last && !read_only;
+            let mut file_len = len;
             if let Some((at, reason, detail)) = s.damage {
                 damage.push(Damage {
                     segment: path.clone(),
@@ -508,6 +549,7 @@ impl SegmentLog {
                     file.set_len(at)
                         .and_then(|()| file.sync_all())
                         .map_err(io_err(format!("cut {}", path.display())))?;
+                    file_len = at;
                 }
             } else if let Some(&next_base) = bases.get(i + 1) {
                 if s.end != next_base {
@@ -564,6 +606,9 @@ impl SegmentLog {
                     read_only,
                     unflushed: RefCell::new(Vec::new()),
                     flush_failed: RefCell::new(None),
+                    preallocate: false,
+                    file_len: std::cell::Cell::new(file_len),
+                    runway_failed: std::cell::Cell::new(false),
                 };
                 return Ok((log, damage));
             }
@@ -589,7 +634,21 @@ impl SegmentLog {
             read_only: true,
             unflushed: RefCell::new(Vec::new()),
             flush_failed: RefCell::new(None),
+            preallocate: false,
+            file_len: std::cell::Cell::new(0),
+            runway_failed: std::cell::Cell::new(false),
         }
+    }
+
+    /// Under `--fsync always` every write is fsync'd before its `ACK`. An `fdatasync` of a
+    /// write that grows the file also commits the new size to the file system's journal; one
+    /// of a write into bytes already written only flushes the data (~120 µs against ~180 µs
+    /// per sync here). So a preallocating log writes [`RUNWAY`] bytes of [`RUNWAY_BYTE`] past
+    /// its records whenever its writes reach the end of the previous runway: the size changes
+    /// once per MiB instead of at every sync. Opening takes that fill after the last record as
+    /// the runway, not as damage; a sealed segment is cut to its records.
+    pub fn set_preallocate(&mut self, on: bool) {
+        self.preallocate = on;
     }
 
     fn last(&self) -> &Segment {
@@ -640,6 +699,16 @@ impl SegmentLog {
     /// Seals the active segment (fsync'd with its index) and starts a new one at `next`.
     fn roll(&mut self) -> Result<(), LogError> {
         self.sync()?;
+        let size = self.last().size;
+        if self.file_len.get() > size {
+            // A sealed segment ends with its last record: cut the runway.
+            let path = log_path(&self.dir, self.last().base);
+            if let Some(f) = &self.active {
+                f.set_len(size)
+                    .and_then(|()| f.sync_all())
+                    .map_err(io_err(format!("cut {}", path.display())))?;
+            }
+        }
         if let Some(idx) = &self.active_idx {
             idx.sync_data().map_err(io_err(format!(
                 "fsync {}",
@@ -650,6 +719,8 @@ impl SegmentLog {
         let (log, idx) = create_files(&self.dir, base)?;
         self.active = Some(log);
         self.active_idx = Some(idx);
+        self.file_len.set(0);
+        self.runway_failed.set(false);
         self.since_index = 0;
         self.names_changed = true;
         self.segs.push(Segment::empty(base));
@@ -724,19 +795,53 @@ impl SegmentLog {
             return Ok(());
         }
         let path = log_path(&self.dir, self.last().base);
+        // `size` counts the unflushed records already.
+        let pos = self.last().size - buf.len() as u64;
+        let end = pos + buf.len() as u64;
         let r = match &self.active {
-            Some(f) => {
-                let mut w: &File = f;
-                w.write_all(&buf)
-                    .map_err(io_err(format!("write {}", path.display())))
-            }
+            Some(f) => f
+                .write_all_at(&buf, pos)
+                .map_err(io_err(format!("write {}", path.display()))),
             None => Err(LogError::Failed(format!("{}: not open", path.display()))),
         };
+        if r.is_ok() {
+            self.file_len.set(self.file_len.get().max(end));
+            // No runway past where the segment rolls, nor when the disk had no room for one.
+            let runway = RUNWAY.min(self.segment_bytes.saturating_sub(end));
+            if self.preallocate
+                && !self.runway_failed.get()
+                && end >= self.file_len.get()
+                && runway > 0
+            {
+                self.extend_runway(end, runway);
+            }
+        }
         buf.clear();
         if let Err(e) = &r {
             *self.flush_failed.borrow_mut() = Some(e.to_string());
         }
         r
+    }
+
+    /// Writes `len` bytes of [`RUNWAY_BYTE`] at `at` (the end of the records). A disk without
+    /// room for them is not an error (the records fit; only the runway does not): the
+    /// segment goes on without one, and what part of it was written stays (it reads as
+    /// runway).
+    fn extend_runway(&self, at: u64, len: u64) {
+        let Some(f) = &self.active else {
+            return;
+        };
+        let fill = vec![RUNWAY_BYTE; len as usize];
+        match f.write_all_at(&fill, at) {
+            Ok(()) => self.file_len.set(at + len),
+            Err(e) => {
+                tracing::debug!(segment = %log_path(&self.dir, self.last().base).display(), error = %e, "no room for a runway; going on without");
+                self.runway_failed.set(true);
+                if let Ok(m) = f.metadata() {
+                    self.file_len.set(m.len().max(at));
+                }
+            }
+        }
     }
 
     /// Makes what was written durable: fsyncs the active segment, writes the pending index
@@ -956,12 +1061,13 @@ impl SegmentLog {
         };
         let file = OpenOptions::new()
             .read(true)
-            .append(true)
+            .write(true)
             .open(&path)
             .map_err(io_err(format!("open {}", path.display())))?;
         file.set_len(pos)
             .and_then(|()| file.sync_all())
             .map_err(io_err(format!("cut {}", path.display())))?;
+        self.file_len.set(pos);
         let seg = &mut self.segs[i];
         let base = seg.base;
         seg.index.retain(|p| p.0 < from || p.1 == 0);
@@ -1050,16 +1156,21 @@ impl SegFile<'_> {
 }
 
 fn create_files(dir: &Path, base: u64) -> Result<(File, File), LogError> {
-    let open = |p: PathBuf, read: bool| {
+    // The segment is written by position (`write_all_at`, see `SegmentLog::flush`), its
+    // index appended to.
+    let log = log_path(dir, base);
+    let idx = idx_path(dir, base);
+    Ok((
         OpenOptions::new()
             .create_new(true)
-            .read(read)
+            .read(true)
+            .write(true)
+            .open(&log)
+            .map_err(io_err(format!("create {}", log.display())))?,
+        OpenOptions::new()
+            .create_new(true)
             .append(true)
-            .open(&p)
-            .map_err(io_err(format!("create {}", p.display())))
-    };
-    Ok((
-        open(log_path(dir, base), true)?,
-        open(idx_path(dir, base), false)?,
+            .open(&idx)
+            .map_err(io_err(format!("create {}", idx.display())))?,
     ))
 }
