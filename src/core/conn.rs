@@ -10,6 +10,45 @@ use super::peer::Purpose;
 use super::{Broker, ConnId, Output};
 use crate::protocol::{Frame, MsgId};
 
+/// Where the lines the core hands to the driver are cut from: each is encoded into a scratch
+/// buffer and copied into one large block, and the [`Bytes`] handed out share that block (a
+/// reference count, no allocation per line; a new block when one is full). A line per
+/// message went to the allocator twice (its buffer and the `Bytes` header around it), several
+/// times per message.
+#[derive(Debug, Default)]
+pub(super) struct LineArena {
+    block: bytes::BytesMut,
+    scratch: Vec<u8>,
+}
+
+/// Size of each block the lines are cut from.
+const ARENA_BLOCK: usize = 64 * 1024;
+
+impl LineArena {
+    /// A line written by `write`.
+    pub(super) fn line(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        write(&mut scratch);
+        let line = self.copy(&scratch);
+        self.scratch = scratch;
+        line
+    }
+
+    /// `bytes` as a line cut from the block.
+    pub(super) fn copy(&mut self, bytes: &[u8]) -> Bytes {
+        if bytes.len() > ARENA_BLOCK / 4 {
+            // Big lines (a chunk of a replay, a long payload) get their own buffer.
+            return Bytes::copy_from_slice(bytes);
+        }
+        if self.block.capacity() - self.block.len() < bytes.len() {
+            // The lines cut from the old block keep it alive until they are written.
+            self.block = bytes::BytesMut::with_capacity(ARENA_BLOCK);
+        }
+        self.block.extend_from_slice(bytes);
+        self.block.split().freeze()
+    }
+}
 /// What a connection is.
 #[derive(Debug)]
 pub(super) enum Kind {
@@ -79,7 +118,10 @@ impl Broker {
         match self.conns.get(&conn) {
             // Nothing waits ahead of it (the common case): straight out, no queue.
             Some(c) if c.replies.is_empty() => self.send_frame(conn, &frame),
-            Some(_) => self.push_reply(conn, Reply::Ready(frame.encode_bytes().into())),
+            Some(_) => {
+                let line = self.lines.line(|b| frame.encode_into_bytes(b));
+                self.push_reply(conn, Reply::Ready(line))
+            }
             None => {}
         }
     }
@@ -105,7 +147,8 @@ impl Broker {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        let mut buf: Vec<u8> = Vec::new();
+        let mut buf = std::mem::take(&mut self.lines.scratch);
+        buf.clear();
         while let Some(r) = c.replies.front() {
             match r {
                 Reply::Ready(line) => buf.extend_from_slice(line),
@@ -119,12 +162,14 @@ impl Broker {
         }
         let drained = c.replies.is_empty();
         if !buf.is_empty() {
+            let line = self.lines.copy(&buf);
             self.out.push_back(Output::Send {
                 conn,
-                line: buf.into(),
+                line,
                 delivery: false,
             });
         }
+        self.lines.scratch = buf;
         if drained && self.replays.active(conn) {
             // A replay waited for these answers to go first.
             self.pump_replay(conn);
@@ -135,7 +180,7 @@ impl Broker {
     pub(super) fn send_frame(&mut self, conn: ConnId, frame: &Frame) {
         self.out.push_back(Output::Send {
             conn,
-            line: frame.encode_bytes().into(),
+            line: self.lines.line(|b| frame.encode_into_bytes(b)),
             delivery: false,
         });
     }
@@ -225,6 +270,29 @@ impl Broker {
         }
         if self.conns.get(&conn).is_some_and(|c| c.hung_up) {
             self.closed(conn);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines cut from the arena keep their bytes whatever comes after them: more lines in the
+    /// same block, a new block, a line too big for a block.
+    #[test]
+    fn arena_lines_keep_their_bytes() {
+        let mut a = LineArena::default();
+        let mut kept = Vec::new();
+        for i in 0..5_000u64 {
+            let text = format!("LINE|{i}|{}\n", "x".repeat((i % 97) as usize));
+            let line = a.line(|b| b.extend_from_slice(text.as_bytes()));
+            kept.push((text, line));
+        }
+        let big = "y".repeat(ARENA_BLOCK);
+        kept.push((big.clone(), a.copy(big.as_bytes())));
+        for (text, line) in &kept {
+            assert_eq!(&line[..], text.as_bytes());
         }
     }
 }

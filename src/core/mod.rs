@@ -60,7 +60,7 @@ pub use history::REPLAY_CHUNK;
 pub use time::{Backoff, Now, Time};
 
 use backup::Backup;
-use conn::{Conn, Kind};
+use conn::{Conn, Kind, LineArena};
 use lease::LEASE_REFUSED;
 use primary::Primary;
 use seen::SeenMap;
@@ -255,6 +255,8 @@ pub struct Broker {
     sync_again: bool,
     /// Appends since the log was last flushed: flushed before the next output leaves.
     unflushed: bool,
+    /// The lines handed to the driver are cut from here.
+    lines: LineArena,
     /// Backup: offsets above a topic's delivered mark that were cleared out of order (the
     /// seed's `CLEAR` comes in the order its compute tasks end).
     cleared: HashMap<String, std::collections::BTreeSet<u64>>,
@@ -305,6 +307,7 @@ impl Broker {
             syncing: None,
             sync_again: false,
             unflushed: false,
+            lines: LineArena::default(),
             cleared: HashMap::new(),
             replays: history::Replays::default(),
         };

@@ -188,10 +188,12 @@ impl Broker {
             self.stored(m.mid);
             return None;
         }
-        let line = crate::protocol::repl_line(m.mid, &m.topic, &m.entry);
+        let line = self
+            .lines
+            .line(|b| crate::protocol::repl_line_into(b, m.mid, &m.topic, &m.entry));
         self.out.push_back(Output::Send {
             conn,
-            line: line.into(),
+            line,
             delivery: false,
         });
         Some(m.mid)
@@ -391,15 +393,24 @@ impl Broker {
                 // Its replay sends this one (or it had it already).
                 continue;
             }
+            let lines = &mut self.lines;
             let line = if s.legacy {
                 bare_line
-                    .get_or_insert_with(|| format!("{}\n", m.payload).into_bytes().into())
+                    .get_or_insert_with(|| {
+                        lines.line(|b| {
+                            b.extend_from_slice(m.payload.as_bytes());
+                            b.push(b'\n');
+                        })
+                    })
                     .clone()
             } else {
                 msg_line
                     .get_or_insert_with(|| {
-                        crate::protocol::msg_line(&m.topic, &m.id, m.sent_us, &stamps, &m.payload)
-                            .into()
+                        lines.line(|b| {
+                            crate::protocol::msg_line_into(
+                                b, &m.topic, &m.id, m.sent_us, &stamps, &m.payload,
+                            )
+                        })
                     })
                     .clone()
             };

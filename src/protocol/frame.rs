@@ -615,26 +615,31 @@ fn push_u64(out: &mut Vec<u8>, mut v: u64) {
 /// bytes as [`Frame::encode`] of a [`Frame::Repl`].
 pub fn repl_line(mid: u64, topic: &str, e: &crate::log::Entry) -> Vec<u8> {
     let mut out = Vec::with_capacity(topic.len() + e.id.publisher.len() + e.payload.len() + 96);
+    repl_line_into(&mut out, mid, topic, e);
+    out
+}
+
+/// Appends the line of [`repl_line`] to `out`.
+pub fn repl_line_into(out: &mut Vec<u8>, mid: u64, topic: &str, e: &crate::log::Entry) {
     out.extend_from_slice(b"REPL|");
-    push_u64(&mut out, mid);
+    push_u64(out, mid);
     out.push(b'|');
     out.extend_from_slice(topic.as_bytes());
     out.push(b'|');
     out.extend_from_slice(e.id.publisher.as_bytes());
     out.push(b'|');
-    push_u64(&mut out, e.id.seq);
+    push_u64(out, e.id.seq);
     out.push(b'|');
-    push_u64(&mut out, e.sent_us);
+    push_u64(out, e.sent_us);
     out.extend_from_slice(b"|o=");
-    push_u64(&mut out, e.offset);
+    push_u64(out, e.offset);
     out.extend_from_slice(b",e=");
-    push_u64(&mut out, e.epoch);
+    push_u64(out, e.epoch);
     out.extend_from_slice(b",rx=");
-    push_u64(&mut out, e.received_us);
+    push_u64(out, e.received_us);
     out.push(b'|');
     out.extend_from_slice(e.payload.as_bytes());
     out.push(b'\n');
-    out
 }
 
 /// The fields of a `REPL` frame, for [`Frame::encode`] ([`repl_line`] writes the same bytes).

@@ -23,7 +23,7 @@ mod frame;
 use thiserror::Error;
 
 pub use codec::{FrameCodec, LenientCodec};
-pub use frame::{msg_line, msg_line_into, repl_line, write_ack, Frame};
+pub use frame::{msg_line, msg_line_into, repl_line, repl_line_into, write_ack, Frame};
 
 /// Longest accepted frame in bytes, newline included. Caps the memory one connection can pin
 /// while it sends a frame without ever finishing it.
