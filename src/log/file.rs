@@ -279,7 +279,7 @@ impl FileLog {
         &self.dir
     }
 
-    /// Keeps every topic's active segment zero-filled ahead of its records (for `--fsync
+    /// Keeps every topic's active segment filled ahead of its records (for `--fsync
     /// always`; see [`SegmentLog::set_preallocate`]).
     pub fn set_preallocate(&mut self, on: bool) {
         self.preallocate = on;
@@ -886,16 +886,22 @@ mod tests {
         let runway = file_len(&seg);
         assert!(runway > end);
         // Half a record: its header and the first half of its body, the runway after.
-        let mut rec = Vec::new();
-        encode_record(&entry(5), &mut rec).expect("encode");
+        let mut rec_bytes = Vec::new();
+        encode_record(&entry(5), &mut rec_bytes).expect("encode");
         let f = OpenOptions::new().write(true).open(&seg).expect("open");
-        f.write_all_at(&rec[..rec.len() / 2], end).expect("write");
+        f.write_all_at(&rec_bytes[..rec_half_len(&rec_bytes)], end)
+            .expect("write");
         drop(f);
         {
             let (log, rec) = open(dir.path());
             assert_eq!(rec.damage.len(), 1, "{:?}", rec.lines());
             assert_eq!(rec.damage[0].1.reason, CutReason::Checksum);
             assert_eq!(rec.damage[0].1.at, end);
+            assert_eq!(
+                rec.damage[0].1.bytes,
+                (rec_half_len(&rec_bytes)) as u64,
+                "the damaged bytes, not the runway after them"
+            );
             assert_entries(&log, "t", 0..5);
         }
         assert_eq!(file_len(&seg), end, "cut at the last good record");
@@ -918,7 +924,54 @@ mod tests {
         let (log, rec) = open(dir.path());
         assert_eq!(rec.damage.len(), 1, "{:?}", rec.lines());
         assert_eq!(rec.damage[0].1.reason, CutReason::BadLength);
+        assert_eq!(rec.damage[0].1.at, end);
         assert_entries(&log, "t", 0..5);
+    }
+
+    fn rec_half_len(rec: &[u8]) -> usize {
+        rec.len() / 2
+    }
+
+    /// A segment sealed while preallocating is cut to its records, even when it was written
+    /// with segments larger than the ones it is sealed under; and the runway's fill at the end
+    /// of a sealed segment is damage, not runway (a sealed segment never keeps one).
+    #[test]
+    fn sealed_segments_keep_no_runway() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (mut log, _) = FileLog::open_with(dir.path(), 1 << 20).expect("open");
+            log.set_preallocate(true);
+            fill(&mut log, "t", 0..40);
+            log.sync().expect("sync");
+            let (_, size) = log.topic_segments("t")[0];
+            let first = last_segment(dir.path(), "t");
+            assert!(file_len(&first) > size, "a runway while active");
+        }
+        let first = last_segment(dir.path(), "t");
+        {
+            // Reopened with small segments: the next append seals the first one.
+            let (mut log, rec) = open(dir.path());
+            assert!(rec.is_clean(), "{:?}", rec.lines());
+            log.set_preallocate(true);
+            fill(&mut log, "t", 40..60);
+            log.sync().expect("sync");
+            let segs = log.topic_segments("t");
+            assert!(segs.len() >= 2, "{segs:?}");
+            assert_eq!(file_len(&first), segs[0].1, "the sealed segment was cut");
+        }
+        // The runway's fill after a sealed segment's records is reported.
+        let f = OpenOptions::new().write(true).open(&first).expect("open");
+        let size = file_len(&first);
+        f.write_all_at(&[RUNWAY_BYTE; 100], size).expect("write");
+        drop(f);
+        let (log, rec) = open(dir.path());
+        assert_eq!(rec.damage.len(), 1, "{:?}", rec.lines());
+        assert_eq!(rec.damage[0].1.at, size);
+        assert!(
+            !rec.damage[0].1.cut,
+            "damage in a sealed segment is left in place"
+        );
+        assert_entries(&log, "t", 0..60);
     }
 
     #[test]

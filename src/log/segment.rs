@@ -8,9 +8,10 @@
 //! point `(base, 0)` is implied.
 //!
 //! Appends are written to the active (last) segment at once, by position, without fsync;
-//! under `--fsync always` the active segment is kept zero-filled up to [`RUNWAY`] bytes past
-//! its records with [`RUNWAY_BYTE`] (see [`SegmentLog::set_preallocate`]), and nothing but that
-//! byte after the last record is taken as the runway when opening, not as damage. [`SegmentLog::sync`]
+//! under `--fsync always` the active segment is kept filled with [`RUNWAY_BYTE`] up to
+//! [`RUNWAY`] bytes past its records (see [`SegmentLog::set_preallocate`]), and nothing but that
+//! byte after the last record of the last segment is taken as the runway when opening, not as
+//! damage. [`SegmentLog::sync`]
 //! fsyncs the active segment, then writes the index points gathered since the last sync (so an
 //! index point never names bytes that were not fsync'd first), and fsyncs the directory when a
 //! file was created. A segment is sealed once it passes the segment size: the next append
@@ -359,9 +360,32 @@ fn runway_to(file: &File, mut from: u64, end: u64) -> std::io::Result<bool> {
     Ok(true)
 }
 
+/// Where the run of [`RUNWAY_BYTE`] that ends the file starts (`len` if there is none), no
+/// earlier than `from`.
+fn runway_start(file: &File, from: u64, len: u64) -> std::io::Result<u64> {
+    let mut end = len;
+    let mut buf = vec![0u8; CHUNK];
+    while end > from {
+        let n = (end - from).min(CHUNK as u64) as usize;
+        file.read_exact_at(&mut buf[..n], end - n as u64)?;
+        match buf[..n].iter().rposition(|&b| b != RUNWAY_BYTE) {
+            Some(i) => return Ok(end - n as u64 + i as u64 + 1),
+            None => end -= n as u64,
+        }
+    }
+    Ok(from)
+}
+
 /// Scans a segment from its last index point that starts a valid record (dropping the later
 /// ones) to the end of the file.
-fn scan_tail(file: &File, mut index: Vec<(u64, u64)>, len: u64) -> std::io::Result<Scanned> {
+/// `runway_ok`: the segment is the last one, which may end with a runway; a sealed one never
+/// does (`roll` cuts it), so there the same bytes are damage.
+fn scan_tail(
+    file: &File,
+    mut index: Vec<(u64, u64)>,
+    len: u64,
+    runway_ok: bool,
+) -> std::io::Result<Scanned> {
     loop {
         let (off, pos) = index[index.len() - 1];
         let mut recs = Records::new(file, pos, len);
@@ -382,7 +406,7 @@ fn scan_tail(file: &File, mut index: Vec<(u64, u64)>, len: u64) -> std::io::Resu
                 }
                 Step::End => break None,
                 Step::Bad(at, CutReason::BadLength | CutReason::Torn, _)
-                    if runway_to(file, at, len)? =>
+                    if runway_ok && runway_to(file, at, len)? =>
                 {
                     // Nothing but the runway's fill from here on: preallocated, not damage.
                     break None;
@@ -444,7 +468,7 @@ pub struct SegmentLog {
     unflushed: RefCell<Vec<u8>>,
     /// A write of `unflushed` failed: appends are refused until the log is reopened.
     flush_failed: RefCell<Option<String>>,
-    /// Keep the active segment zero-filled [`RUNWAY`] bytes past its records.
+    /// Keep the active segment filled [`RUNWAY`] bytes past its records.
     preallocate: bool,
     /// Length of the active segment's file: its records, then perhaps a runway (written
     /// ahead, or left by an earlier run).
@@ -518,8 +542,8 @@ impl SegmentLog {
             let mut opts = OpenOptions::new();
             opts.read(true);
             if last && !read_only {
-                // Written by position (`write_all_at`), past its records: any zeros after
-                // them are a runway (see `SegmentLog::set_preallocate`).
+                // Written by position (`write_all_at`): a runway may follow its records
+                // (see `SegmentLog::set_preallocate`).
                 opts.write(true);
             }
             let file = opts
@@ -531,21 +555,29 @@ impl SegmentLog {
                 .len();
             let index = load_index(&idx_path(dir, base), base, len)?;
             let loaded = index.len();
-            let s =
-                scan_tail(&file, index, len).map_err(io_err(format!("read {}", path.display())))?;
+            let s = scan_tail(&file, index, len, last)
+                .map_err(io_err(format!("read {}", path.display())))?;
             let cut = last && !read_only;
             let mut file_len = len;
             if let Some((at, reason, detail)) = s.damage {
+                // The damaged bytes, not the runway that may follow them.
+                let bytes = if last {
+                    runway_start(&file, at, len)
+                        .map_err(io_err(format!("read {}", path.display())))?
+                        - at
+                } else {
+                    len - at
+                };
                 damage.push(Damage {
                     segment: path.clone(),
                     at,
-                    bytes: len - at,
+                    bytes,
                     reason,
                     detail,
                     cut,
                 });
                 if cut {
-                    tracing::warn!(segment = %path.display(), at, cut = len - at, %reason, "torn or corrupt tail cut");
+                    tracing::warn!(segment = %path.display(), at, cut = len - at, damaged = bytes, %reason, "torn or corrupt tail cut");
                     file.set_len(at)
                         .and_then(|()| file.sync_all())
                         .map_err(io_err(format!("cut {}", path.display())))?;
@@ -806,8 +838,12 @@ impl SegmentLog {
         };
         if r.is_ok() {
             self.file_len.set(self.file_len.get().max(end));
-            // No runway past where the segment rolls, nor when the disk had no room for one.
-            let runway = RUNWAY.min(self.segment_bytes.saturating_sub(end));
+            // As long as the records so far (at least 4 KiB, at most `RUNWAY`): a topic
+            // with little in it keeps a small one. None past where the segment rolls, nor
+            // when the disk had no room for one.
+            let runway = RUNWAY
+                .min(end.max(4096))
+                .min(self.segment_bytes.saturating_sub(end));
             if self.preallocate
                 && !self.runway_failed.get()
                 && end >= self.file_len.get()
@@ -835,7 +871,7 @@ impl SegmentLog {
         match f.write_all_at(&fill, at) {
             Ok(()) => self.file_len.set(at + len),
             Err(e) => {
-                tracing::debug!(segment = %log_path(&self.dir, self.last().base).display(), error = %e, "no room for a runway; going on without");
+                tracing::warn!(segment = %log_path(&self.dir, self.last().base).display(), error = %e, "cannot write the runway ahead of the records (a full disk?); this segment goes on without one");
                 self.runway_failed.set(true);
                 if let Ok(m) = f.metadata() {
                     self.file_len.set(m.len().max(at));
@@ -1068,6 +1104,7 @@ impl SegmentLog {
             .and_then(|()| file.sync_all())
             .map_err(io_err(format!("cut {}", path.display())))?;
         self.file_len.set(pos);
+        self.runway_failed.set(false);
         let seg = &mut self.segs[i];
         let base = seg.base;
         seg.index.retain(|p| p.0 < from || p.1 == 0);
