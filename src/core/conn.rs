@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use super::peer::Purpose;
 use super::{Broker, ConnId, Output};
-use crate::protocol::{Frame, MsgId};
+use crate::protocol::Frame;
 
 /// Where the lines the core hands to the driver are cut from: each is encoded into a scratch
 /// buffer and copied into one large block, and the [`Bytes`] handed out share that block (a
@@ -73,9 +73,9 @@ pub(super) struct Bad {
 pub(super) enum Reply {
     /// Ready to go.
     Ready(Bytes),
-    /// An `ACK` (for message `id`, `None` in the seed dialect) that waits until the backup has
-    /// stored message `wait`.
-    Ack { wait: u64, id: Option<MsgId> },
+    /// An `ACK` line (`ACK|publisher|seq`, or the seed's bare `ACK`), encoded when the publish
+    /// was accepted, that waits until the backup has stored message `wait`.
+    Ack { wait: u64, line: Bytes },
     /// The answer to a publish this backup is forwarding to its primary.
     Forward,
 }
@@ -113,6 +113,19 @@ impl Conn {
 }
 
 impl Broker {
+    /// Answers `conn` with a line already encoded, in its turn (see [`Broker::reply`]).
+    pub(super) fn reply_line(&mut self, conn: ConnId, line: Bytes) {
+        match self.conns.get(&conn) {
+            Some(c) if c.replies.is_empty() => self.out.push_back(Output::Send {
+                conn,
+                line,
+                delivery: false,
+            }),
+            Some(_) => self.push_reply(conn, Reply::Ready(line)),
+            None => {}
+        }
+    }
+
     /// Answers a client, behind any answer it is still owed.
     pub(super) fn reply(&mut self, conn: ConnId, frame: Frame) {
         match self.conns.get(&conn) {
@@ -152,9 +165,9 @@ impl Broker {
         while let Some(r) = c.replies.front() {
             match r {
                 Reply::Ready(line) => buf.extend_from_slice(line),
-                Reply::Ack { wait, id } if stored.is_some_and(|s| *wait <= s) => match instead {
+                Reply::Ack { wait, line } if stored.is_some_and(|s| *wait <= s) => match instead {
                     Some(f) => f.encode_into_bytes(&mut buf),
-                    None => crate::protocol::write_ack(id.as_ref(), &mut buf),
+                    None => buf.extend_from_slice(line),
                 },
                 _ => break,
             }

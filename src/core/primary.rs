@@ -115,7 +115,10 @@ impl Broker {
             }
             _ => return,
         };
-        let ack_id = (!legacy).then(|| id.clone());
+        // Encoded now, while the identity is at hand (it moves into the entry below).
+        let ack = self
+            .lines
+            .line(|b| crate::protocol::write_ack((!legacy).then_some(&id), b));
         let resend = !id.is_anonymous() && self.seen.contains(&id.publisher, id.seq);
         let wait = if resend {
             // Every earlier message went down the link (and into the log) before this point, so
@@ -154,7 +157,7 @@ impl Broker {
             (repl.is_some() || local || !self.lease_held()).then_some(mid)
         };
         match wait {
-            None => self.reply(conn, Frame::Ack { id: ack_id }),
+            None => self.reply_line(conn, ack),
             Some(mid) => {
                 let deadline = self.now.mono + self.cfg.repl_timeout;
                 if let Some(p) = self.primary() {
@@ -168,7 +171,7 @@ impl Broker {
                     conn,
                     Reply::Ack {
                         wait: mid,
-                        id: ack_id,
+                        line: ack,
                     },
                 );
             }
