@@ -19,6 +19,7 @@ use edgepair::clock::now_us;
 
 mod durable;
 mod figures;
+mod nats;
 
 use figures::*;
 
@@ -81,6 +82,10 @@ pub struct BenchOpts {
     /// redis; default all).
     #[arg(long, value_delimiter = ',')]
     pub durable_settings: Vec<String>,
+    /// The `nats-server` binary the relay throughput is compared with, in the same rounds
+    /// (left out if missing: `apt-get install -y nats-server`).
+    #[arg(long, default_value = "nats-server")]
+    pub nats_server: PathBuf,
     /// The `redis-server` binary the durable figures compare with (left out if missing).
     #[arg(long, default_value = "redis-server")]
     pub redis_server: PathBuf,
@@ -301,24 +306,67 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         o.runs
     );
-    for (replicated, setup) in [(false, "solo"), (true, "replicated")] {
-        if want("throughput") {
-            let mut runs = Vec::new();
-            for _ in 0..o.runs {
+    if want("throughput") {
+        // Ours solo, ours replicated and NATS core in turn, round after round.
+        let nats_ok = nats::available(&o.nats_server).await;
+        if !nats_ok {
+            println!(
+                "  ({} not found: NATS left out of the throughput figure; apt-get install -y nats-server)",
+                o.nats_server.display()
+            );
+        }
+        let (mut solo, mut pair, mut nats_runs) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..o.runs {
+            for (replicated, runs) in [(false, &mut solo), (true, &mut pair)] {
                 let b = start(&bin_dir, replicated, "0", None, o.broker_threads).await?;
                 let (rate, got) = throughput(&b[0].addr, o.messages, o.window).await?;
                 if got < o.messages {
+                    let setup = if replicated { "replicated" } else { "solo" };
                     println!("  ({setup}: only {got} of {} delivered)", o.messages);
                 }
                 runs.push(rate);
             }
-            let target = if replicated {
-                ">= 1,000,000"
-            } else {
-                ">= 2,300,000"
-            };
-            push("throughput (delivered)", setup, runs, "msg/s", target);
+            if nats_ok {
+                let b = nats::start(&o.nats_server).await?;
+                let (rate, got) = nats::throughput(&b.addr, o.messages).await?;
+                if got < o.messages {
+                    println!("  (nats: only {got} of {} delivered)", o.messages);
+                }
+                nats_runs.push(rate);
+            }
         }
+        let (ms, mp) = (median(solo.clone()), median(pair.clone()));
+        push(
+            "throughput (delivered)",
+            "solo",
+            solo,
+            "msg/s",
+            ">= 1.0x nats",
+        );
+        push(
+            "throughput (delivered)",
+            "replicated",
+            pair,
+            "msg/s",
+            ">= 0.5x nats",
+        );
+        if nats_ok {
+            let mn = median(nats_runs.clone());
+            push(
+                "throughput (delivered)",
+                "nats core",
+                nats_runs,
+                "msg/s",
+                "-",
+            );
+            println!(
+                "  ratios to NATS core (medians, same rounds): solo {:.2}x, replicated {:.2}x",
+                ms / mn.max(1e-9),
+                mp / mn.max(1e-9)
+            );
+        }
+    }
+    for (replicated, setup) in [(false, "solo"), (true, "replicated")] {
         if want("latency") {
             let (mut p50, mut p99, mut p999, mut max) = (vec![], vec![], vec![], vec![]);
             for _ in 0..o.runs {
