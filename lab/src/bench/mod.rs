@@ -366,23 +366,61 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
             );
         }
     }
-    for (replicated, setup) in [(false, "solo"), (true, "replicated")] {
-        if want("latency") {
-            let (mut p50, mut p99, mut p999, mut max) = (vec![], vec![], vec![], vec![]);
-            for _ in 0..o.runs {
-                let b = start(&bin_dir, replicated, "0", None, o.broker_threads).await?;
-                let (h, _) = paced_latency(&b[0].addr, o.paced_rate, o.paced_for).await?;
-                p50.push(h.value_at_quantile(0.5) as f64);
-                p99.push(h.value_at_quantile(0.99) as f64);
-                p999.push(h.value_at_quantile(0.999) as f64);
-                max.push(h.max() as f64);
+    if want("latency") {
+        // Ours solo, ours replicated and NATS core in turn, round after round; the targets are
+        // issue #15's: p99 solo <= NATS's, replicated <= 1.5x NATS's.
+        let nats_ok = nats::available(&o.nats_server).await;
+        if !nats_ok {
+            println!(
+                "  ({} not found: NATS left out of the latency figure; apt-get install -y nats-server)",
+                o.nats_server.display()
+            );
+        }
+        let mut series: Vec<(&str, [Vec<f64>; 4])> = vec![("solo", Default::default())];
+        series.push(("replicated", Default::default()));
+        if nats_ok {
+            series.push(("nats core", Default::default()));
+        }
+        for _ in 0..o.runs {
+            for (setup, v) in series.iter_mut() {
+                let h = match *setup {
+                    "nats core" => {
+                        let b = nats::start(&o.nats_server).await?;
+                        nats::paced_latency(&b.addr, o.paced_rate, o.paced_for).await?
+                    }
+                    s => {
+                        let replicated = s == "replicated";
+                        let b = start(&bin_dir, replicated, "0", None, o.broker_threads).await?;
+                        paced_latency(&b[0].addr, o.paced_rate, o.paced_for)
+                            .await?
+                            .0
+                    }
+                };
+                v[0].push(h.value_at_quantile(0.5) as f64);
+                v[1].push(h.value_at_quantile(0.99) as f64);
+                v[2].push(h.value_at_quantile(0.999) as f64);
+                v[3].push(h.max() as f64);
             }
-            let t99 = if replicated { "<= 150" } else { "<= 90" };
-            let name = format!("latency @{}/s", o.paced_rate);
+        }
+        let name = format!("latency @{}/s", o.paced_rate);
+        let nats_p99 = series
+            .iter()
+            .find(|(s, _)| *s == "nats core")
+            .map(|(_, v)| median(v[1].clone()));
+        for (setup, [p50, p99, p999, max]) in series.clone() {
+            let t99 = match setup {
+                "solo" => "<= 1.0x nats",
+                "replicated" => "<= 1.5x nats",
+                _ => "-",
+            };
+            let m99 = median(p99.clone());
             push(&format!("{name} p50"), setup, p50, "us", "-");
             push(&format!("{name} p99"), setup, p99, "us", t99);
             push(&format!("{name} p99.9"), setup, p999, "us", "-");
             push(&format!("{name} max"), setup, max, "us", "-");
+            if let (Some(n), "solo" | "replicated") = (nats_p99, setup) {
+                println!("  p99 {setup} / NATS core: {:.2}x", m99 / n.max(1.0));
+            }
         }
     }
     if want("fanout") {

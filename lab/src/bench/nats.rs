@@ -16,6 +16,8 @@ use tokio::net::TcpStream;
 use tokio::process::Command;
 use tokio::time::Instant;
 
+use edgepair::clock::now_us;
+
 use super::figures::payload;
 use super::Broker;
 use crate::procs::{free_port, Proc};
@@ -142,4 +144,60 @@ pub(super) async fn throughput(addr: &str, n: u64) -> anyhow::Result<(f64, u64)>
     let (got, last) = counter.await?;
     let secs = last.duration_since(start).as_secs_f64().max(1e-9);
     Ok((got as f64 / secs, got))
+}
+
+/// A paced `rate` msg/s for `dur` on one connection, each payload starting with its send time
+/// (µs, 20 digits); another connection receives them: the publish→deliver histogram (µs).
+pub(super) async fn paced_latency(
+    addr: &str,
+    rate: u64,
+    dur: Duration,
+) -> anyhow::Result<hdrhistogram::Histogram<u64>> {
+    let n = (rate as f64 * dur.as_secs_f64()) as u64;
+    let (mut sr, mut sw) = connect(addr).await?;
+    sw.write_all(b"SUB lat 1\r\nPING\r\n").await?;
+    await_pong(&mut sr).await?;
+    let reader = tokio::spawn(async move {
+        let _keep = sw;
+        let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
+        let mut line = Vec::with_capacity(256);
+        let mut got = 0u64;
+        while got < n {
+            line.clear();
+            match tokio::time::timeout(Duration::from_secs(5), sr.read_until(b'\n', &mut line))
+                .await
+            {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(_)) if line.starts_with(b"MSG ") => {
+                    line.clear();
+                    if sr.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                    got += 1;
+                    let now = now_us();
+                    let sent = std::str::from_utf8(line.get(..20).unwrap_or_default())
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok());
+                    if let (Some(sent), Some(h)) = (sent, h.as_mut()) {
+                        let _ = h.record(now.saturating_sub(sent).max(1));
+                    }
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+        h
+    });
+    let (_pr, mut pw) = connect(addr).await?;
+    let period = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let start = Instant::now();
+    for seq in 1..=n {
+        tokio::time::sleep_until(start + period.mul_f64(seq as f64)).await;
+        let mut p = format!("{:020}", now_us());
+        while p.len() < super::figures::PAYLOAD_LEN {
+            p.push('x');
+        }
+        pw.write_all(format!("PUB lat {}\r\n{p}\r\n", p.len()).as_bytes())
+            .await?;
+    }
+    reader.await?.context("histogram")
 }
