@@ -690,7 +690,7 @@ impl Broker {
                 };
                 let mut buf = Vec::new();
                 for e in &chunk {
-                    buf.extend_from_slice(&crate::protocol::repl_line(0, topic, e));
+                    crate::protocol::repl_line_into(&mut buf, 0, topic, e);
                 }
                 *at = chunk.last().map_or(t.next, |e| e.offset + 1);
                 sent += chunk.len();

@@ -573,14 +573,8 @@ pub fn msg_line_into(
     payload: &str,
 ) {
     out.extend_from_slice(b"MSG|");
-    out.extend_from_slice(topic.as_bytes());
-    out.push(b'|');
-    out.extend_from_slice(id.publisher.as_bytes());
-    out.push(b'|');
-    push_u64(out, id.seq);
-    out.push(b'|');
-    push_u64(out, sent_us);
-    out.extend_from_slice(b"|e=");
+    push_origin(out, topic, id, sent_us);
+    out.extend_from_slice(b"e=");
     push_u64(out, stamps.epoch);
     out.extend_from_slice(b",rx=");
     push_u64(out, stamps.received_us);
@@ -590,6 +584,23 @@ pub fn msg_line_into(
     push_u64(out, stamps.compute_end_us);
     out.extend_from_slice(b",o=");
     push_u64(out, stamps.offset);
+    push_payload(out, payload);
+}
+
+/// Appends `topic|publisher|seq|sent_us|`: the fields `MSG` and `REPL` share, in their order.
+fn push_origin(out: &mut Vec<u8>, topic: &str, id: &MsgId, sent_us: u64) {
+    out.extend_from_slice(topic.as_bytes());
+    out.push(b'|');
+    out.extend_from_slice(id.publisher.as_bytes());
+    out.push(b'|');
+    push_u64(out, id.seq);
+    out.push(b'|');
+    push_u64(out, sent_us);
+    out.push(b'|');
+}
+
+/// Appends `|payload` and the newline that end `MSG` and `REPL`.
+fn push_payload(out: &mut Vec<u8>, payload: &str) {
     out.push(b'|');
     out.extend_from_slice(payload.as_bytes());
     out.push(b'\n');
@@ -624,22 +635,14 @@ pub fn repl_line_into(out: &mut Vec<u8>, mid: u64, topic: &str, e: &crate::log::
     out.extend_from_slice(b"REPL|");
     push_u64(out, mid);
     out.push(b'|');
-    out.extend_from_slice(topic.as_bytes());
-    out.push(b'|');
-    out.extend_from_slice(e.id.publisher.as_bytes());
-    out.push(b'|');
-    push_u64(out, e.id.seq);
-    out.push(b'|');
-    push_u64(out, e.sent_us);
-    out.extend_from_slice(b"|o=");
+    push_origin(out, topic, &e.id, e.sent_us);
+    out.extend_from_slice(b"o=");
     push_u64(out, e.offset);
     out.extend_from_slice(b",e=");
     push_u64(out, e.epoch);
     out.extend_from_slice(b",rx=");
     push_u64(out, e.received_us);
-    out.push(b'|');
-    out.extend_from_slice(e.payload.as_bytes());
-    out.push(b'\n');
+    push_payload(out, &e.payload);
 }
 
 /// The fields of a `REPL` frame, for [`Frame::encode`] ([`repl_line`] writes the same bytes).
