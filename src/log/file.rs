@@ -889,7 +889,7 @@ mod tests {
         let mut rec_bytes = Vec::new();
         encode_record(&entry(5), &mut rec_bytes).expect("encode");
         let f = OpenOptions::new().write(true).open(&seg).expect("open");
-        f.write_all_at(&rec_bytes[..rec_half_len(&rec_bytes)], end)
+        f.write_all_at(&rec_bytes[..rec_bytes.len() / 2], end)
             .expect("write");
         drop(f);
         {
@@ -899,7 +899,7 @@ mod tests {
             assert_eq!(rec.damage[0].1.at, end);
             assert_eq!(
                 rec.damage[0].1.bytes,
-                (rec_half_len(&rec_bytes)) as u64,
+                (rec_bytes.len() / 2) as u64,
                 "the damaged bytes, not the runway after them"
             );
             assert_entries(&log, "t", 0..5);
@@ -926,10 +926,6 @@ mod tests {
         assert_eq!(rec.damage[0].1.reason, CutReason::BadLength);
         assert_eq!(rec.damage[0].1.at, end);
         assert_entries(&log, "t", 0..5);
-    }
-
-    fn rec_half_len(rec: &[u8]) -> usize {
-        rec.len() / 2
     }
 
     /// A segment sealed while preallocating is cut to its records, even when it was written

@@ -80,7 +80,7 @@ async fn connect(addr: &str) -> anyhow::Result<Halves> {
     Ok((r, w))
 }
 
-/// Waits for the answer to a `PING` just sent, answering the server's own `PING`s.
+/// Waits for the answer to a `PING` just sent (other lines are skipped).
 async fn await_pong(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> anyhow::Result<()> {
     let mut line = String::new();
     loop {
@@ -96,35 +96,56 @@ async fn await_pong(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> anyhow
     }
 }
 
+/// A subscription on its own connection, registered (its `PING` answered).
+struct Sub {
+    r: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    /// Kept so the server does not see the connection close.
+    _w: tokio::net::tcp::OwnedWriteHalf,
+    /// The payload of the last delivery, newline included.
+    line: Vec<u8>,
+}
+
+async fn subscribe(addr: &str, subject: &str) -> anyhow::Result<Sub> {
+    let (mut r, mut w) = connect(addr).await?;
+    w.write_all(format!("SUB {subject} 1\r\nPING\r\n").as_bytes())
+        .await?;
+    await_pong(&mut r).await?;
+    Ok(Sub {
+        r,
+        _w: w,
+        line: Vec::with_capacity(256),
+    })
+}
+
+impl Sub {
+    /// Reads up to the next delivery and puts its payload line in `line` (other lines are
+    /// skipped); false when the connection ends or 5 s pass without a line.
+    async fn next_payload(&mut self) -> bool {
+        loop {
+            self.line.clear();
+            let read = self.r.read_until(b'\n', &mut self.line);
+            match tokio::time::timeout(Duration::from_secs(5), read).await {
+                Ok(Ok(n)) if n > 0 && self.line.starts_with(b"MSG ") => {
+                    // The payload line follows.
+                    self.line.clear();
+                    return matches!(self.r.read_until(b'\n', &mut self.line).await, Ok(n) if n > 0);
+                }
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return false,
+            }
+        }
+    }
+}
+
 /// `n` messages of 64 bytes published on one connection as fast as it writes, counted on
 /// another: delivered msg/s (first send to last delivery) and how many arrived.
 pub(super) async fn throughput(addr: &str, n: u64) -> anyhow::Result<(f64, u64)> {
-    let (mut sr, mut sw) = connect(addr).await?;
-    sw.write_all(b"SUB bench 1\r\nPING\r\n").await?;
-    await_pong(&mut sr).await?;
+    let mut sub = subscribe(addr, "bench").await?;
     let counter = tokio::spawn(async move {
-        let _keep = sw;
-        let mut line = Vec::with_capacity(256);
         let (mut got, mut last) = (0u64, Instant::now());
-        while got < n {
-            line.clear();
-            match tokio::time::timeout(Duration::from_secs(5), sr.read_until(b'\n', &mut line))
-                .await
-            {
-                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-                Ok(Ok(_)) if line.starts_with(b"MSG ") => {
-                    // The payload line follows.
-                    line.clear();
-                    match sr.read_until(b'\n', &mut line).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {
-                            got += 1;
-                            last = Instant::now();
-                        }
-                    }
-                }
-                Ok(Ok(_)) => {}
-            }
+        while got < n && sub.next_payload().await {
+            got += 1;
+            last = Instant::now();
         }
         (got, last)
     });
@@ -154,35 +175,18 @@ pub(super) async fn paced_latency(
     dur: Duration,
 ) -> anyhow::Result<hdrhistogram::Histogram<u64>> {
     let n = (rate as f64 * dur.as_secs_f64()) as u64;
-    let (mut sr, mut sw) = connect(addr).await?;
-    sw.write_all(b"SUB lat 1\r\nPING\r\n").await?;
-    await_pong(&mut sr).await?;
+    let mut sub = subscribe(addr, "lat").await?;
     let reader = tokio::spawn(async move {
-        let _keep = sw;
         let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
-        let mut line = Vec::with_capacity(256);
         let mut got = 0u64;
-        while got < n {
-            line.clear();
-            match tokio::time::timeout(Duration::from_secs(5), sr.read_until(b'\n', &mut line))
-                .await
-            {
-                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-                Ok(Ok(_)) if line.starts_with(b"MSG ") => {
-                    line.clear();
-                    if sr.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
-                        break;
-                    }
-                    got += 1;
-                    let now = now_us();
-                    let sent = std::str::from_utf8(line.get(..20).unwrap_or_default())
-                        .ok()
-                        .and_then(|s| s.parse::<u64>().ok());
-                    if let (Some(sent), Some(h)) = (sent, h.as_mut()) {
-                        let _ = h.record(now.saturating_sub(sent).max(1));
-                    }
-                }
-                Ok(Ok(_)) => {}
+        while got < n && sub.next_payload().await {
+            got += 1;
+            let now = now_us();
+            let sent = std::str::from_utf8(sub.line.get(..20).unwrap_or_default())
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok());
+            if let (Some(sent), Some(h)) = (sent, h.as_mut()) {
+                let _ = h.record(now.saturating_sub(sent).max(1));
             }
         }
         h
@@ -192,10 +196,7 @@ pub(super) async fn paced_latency(
     let start = Instant::now();
     for seq in 1..=n {
         tokio::time::sleep_until(start + period.mul_f64(seq as f64)).await;
-        let mut p = format!("{:020}", now_us());
-        while p.len() < super::figures::PAYLOAD_LEN {
-            p.push('x');
-        }
+        let p = payload(now_us());
         pw.write_all(format!("PUB lat {}\r\n{p}\r\n", p.len()).as_bytes())
             .await?;
     }
