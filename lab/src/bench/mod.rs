@@ -306,15 +306,16 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         o.runs
     );
+    // NATS core is the yardstick of the throughput and latency figures, when installed.
+    let nats_ok = (want("throughput") || want("latency")) && nats::available(&o.nats_server).await;
+    if !nats_ok && (want("throughput") || want("latency")) {
+        println!(
+            "  ({} not found: NATS left out of the relay figures; apt-get install -y nats-server)",
+            o.nats_server.display()
+        );
+    }
     if want("throughput") {
         // Ours solo, ours replicated and NATS core in turn, round after round.
-        let nats_ok = nats::available(&o.nats_server).await;
-        if !nats_ok {
-            println!(
-                "  ({} not found: NATS left out of the throughput figure; apt-get install -y nats-server)",
-                o.nats_server.display()
-            );
-        }
         let (mut solo, mut pair, mut nats_runs) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..o.runs {
             for (replicated, runs) in [(false, &mut solo), (true, &mut pair)] {
@@ -369,13 +370,6 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
     if want("latency") {
         // Ours solo, ours replicated and NATS core in turn, round after round; the targets are
         // issue #15's: p99 solo <= NATS's, replicated <= 1.5x NATS's.
-        let nats_ok = nats::available(&o.nats_server).await;
-        if !nats_ok {
-            println!(
-                "  ({} not found: NATS left out of the latency figure; apt-get install -y nats-server)",
-                o.nats_server.display()
-            );
-        }
         let mut series: Vec<(&str, [Vec<f64>; 4])> = vec![("solo", Default::default())];
         series.push(("replicated", Default::default()));
         if nats_ok {
