@@ -23,7 +23,7 @@ use edgepair::log::{FileLog, Storage};
 
 use super::figures::payload;
 use super::{start_nodes, Broker};
-use crate::procs::{free_port, status, Proc};
+use crate::procs::{free_port, status};
 
 /// Who answers the requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,44 +266,33 @@ async fn start_setting(bin_dir: &Path, o: &DurableOpts, s: Setting) -> anyhow::R
         Setting::Redis(policy) => {
             let dir = tempfile::tempdir_in(&o.data_root)?;
             let port = free_port()?;
-            let child = Command::new(&o.redis)
-                .args([
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    policy,
-                    "--daemonize",
-                    "no",
-                    "--dir",
-                ])
-                .arg(dir.path())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("cannot start {}", o.redis.display()))?;
+            let mut args: Vec<std::ffi::OsString> = [
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                policy,
+                "--daemonize",
+                "no",
+                "--dir",
+            ]
+            .map(std::ffi::OsString::from)
+            .into();
+            args.push(dir.path().into());
             let addr = format!("127.0.0.1:{port}");
-            let b = Broker {
-                proc: Proc::new("redis-server", child, Vec::new()),
-                addr: addr.clone(),
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if redis_ping(&addr).await {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!("redis-server on {addr} did not answer PING within 10 s");
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let b = super::start_peer(
+                "redis-server",
+                &o.redis,
+                &args,
+                addr.clone(),
+                |a| async move { redis_ping(&a).await },
+            )
+            .await?;
             Ok(Running {
                 procs: vec![b],
                 addr,

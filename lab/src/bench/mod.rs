@@ -98,6 +98,41 @@ pub struct BenchOpts {
     pub restart_entries: u64,
 }
 
+/// Starts a broker ours is compared with (`nats-server`, `redis-server`) as a child process
+/// killed when dropped, listening on `addr`, and waits up to 10 s until `ready(addr)`.
+async fn start_peer<F, Fut>(
+    name: &'static str,
+    server: &Path,
+    args: &[std::ffi::OsString],
+    addr: String,
+    ready: F,
+) -> anyhow::Result<Broker>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let child = Command::new(server)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", server.display()))?;
+    let b = Broker {
+        proc: Proc::new(name, child, Vec::new()),
+        addr: addr.clone(),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !ready(addr.clone()).await {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("{name} on {addr} was not ready within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(b)
+}
+
 /// A broker child process, killed by PID when dropped.
 struct Broker {
     proc: Proc,

@@ -20,7 +20,7 @@ use edgepair::clock::now_us;
 
 use super::figures::payload;
 use super::Broker;
-use crate::procs::{free_port, Proc};
+use crate::procs::free_port;
 
 /// True when `server --version` runs.
 pub(super) async fn available(server: &Path) -> bool {
@@ -36,27 +36,15 @@ pub(super) async fn available(server: &Path) -> bool {
 /// Starts `nats-server` on a free loopback port and waits until it greets a client.
 pub(super) async fn start(server: &Path) -> anyhow::Result<Broker> {
     let port = free_port()?;
-    let child = Command::new(server)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", server.display()))?;
-    let addr = format!("127.0.0.1:{port}");
-    let b = Broker {
-        proc: Proc::new("nats-server", child, Vec::new()),
-        addr: addr.clone(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while connect(&addr).await.is_err() {
-        if Instant::now() > deadline {
-            bail!("nats-server on {addr} did not greet a client within 10 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(b)
+    let args = ["-a", "127.0.0.1", "-p", &port.to_string()].map(std::ffi::OsString::from);
+    super::start_peer(
+        "nats-server",
+        server,
+        &args,
+        format!("127.0.0.1:{port}"),
+        |addr| async move { connect(&addr).await.is_ok() },
+    )
+    .await
 }
 
 type Halves = (
