@@ -116,6 +116,7 @@ impl Broker {
     /// Answers `conn` with a line already encoded, in its turn (see [`Broker::reply`]).
     pub(super) fn reply_line(&mut self, conn: ConnId, line: Bytes) {
         match self.conns.get(&conn) {
+            // Nothing waits ahead of it (the common case): straight out, no queue.
             Some(c) if c.replies.is_empty() => self.out.push_back(Output::Send {
                 conn,
                 line,
@@ -128,14 +129,9 @@ impl Broker {
 
     /// Answers a client, behind any answer it is still owed.
     pub(super) fn reply(&mut self, conn: ConnId, frame: Frame) {
-        match self.conns.get(&conn) {
-            // Nothing waits ahead of it (the common case): straight out, no queue.
-            Some(c) if c.replies.is_empty() => self.send_frame(conn, &frame),
-            Some(_) => {
-                let line = self.lines.line(|b| frame.encode_into_bytes(b));
-                self.push_reply(conn, Reply::Ready(line))
-            }
-            None => {}
+        if self.conns.contains_key(&conn) {
+            let line = self.lines.line(|b| frame.encode_into_bytes(b));
+            self.reply_line(conn, line);
         }
     }
 

@@ -346,20 +346,6 @@ struct Scanned {
     damage: Option<(u64, CutReason, String)>,
 }
 
-/// True when the bytes of `file` from `from` to `end` are all [`RUNWAY_BYTE`].
-fn runway_to(file: &File, mut from: u64, end: u64) -> std::io::Result<bool> {
-    let mut buf = vec![0u8; CHUNK];
-    while from < end {
-        let n = (end - from).min(CHUNK as u64) as usize;
-        file.read_exact_at(&mut buf[..n], from)?;
-        if buf[..n].iter().any(|&b| b != RUNWAY_BYTE) {
-            return Ok(false);
-        }
-        from += n as u64;
-    }
-    Ok(true)
-}
-
 /// Where the run of [`RUNWAY_BYTE`] that ends the file starts (`len` if there is none), no
 /// earlier than `from`.
 fn runway_start(file: &File, from: u64, len: u64) -> std::io::Result<u64> {
@@ -406,7 +392,7 @@ fn scan_tail(
                 }
                 Step::End => break None,
                 Step::Bad(at, CutReason::BadLength | CutReason::Torn, _)
-                    if runway_ok && runway_to(file, at, len)? =>
+                    if runway_ok && runway_start(file, at, len)? == at =>
                 {
                     // Nothing but the runway's fill from here on: preallocated, not damage.
                     break None;

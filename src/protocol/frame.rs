@@ -424,13 +424,6 @@ impl Frame {
         }
     }
 
-    /// The frame as a line in bytes, newline included (see [`Frame::encode_into_bytes`]).
-    pub fn encode_bytes(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(self.payload_len() + 96);
-        self.encode_into_bytes(&mut v);
-        v
-    }
-
     fn write_to<W: std::fmt::Write>(&self, out: &mut W) {
         let _ = match self {
             Frame::Publish { topic, payload } => write!(out, "PUBLISH|{topic}|{payload}"),
@@ -748,7 +741,9 @@ mod tests {
                 Frame::Clr { mid },
                 frame,
             ] {
-                assert_eq!(String::from_utf8(f.encode_bytes()).ok(), Some(f.encode()));
+                let mut bytes = Vec::new();
+                f.encode_into_bytes(&mut bytes);
+                assert_eq!(String::from_utf8(bytes).ok(), Some(f.encode()));
             }
         }
     }
