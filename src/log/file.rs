@@ -6,8 +6,9 @@
 //! <dir>/topics/<encoded name>/     one per topic (see `encode_topic`)
 //!     <base, 20 digits>.log        segment: records (see `segment`)
 //!     <base, 20 digits>.idx        its sparse index
-//!     delivered                    the delivered mark, decimal (saved by `sync`, at most every
-//!                                  `MARK_INTERVAL` by a background sync, and on drop)
+//!     delivered                    the delivered mark, decimal (saved by `sync`, by a background
+//!                                  sync once `MARK_INTERVAL` has passed since the last save,
+//!                                  and on drop)
 //! ```
 
 use foldhash::{HashMap, HashMapExt};
