@@ -305,9 +305,12 @@ pub struct SubscriberCli {
     /// the Unix epoch, or RFC 3339 (`2025-01-31T12:00:00Z`, `2025-01-31T13:00:00.5+01:00`).
     #[arg(long, value_name = "TIME", group = "start", value_parser = parse_time_us)]
     pub from_time: Option<u64>,
-    /// After a reconnect, subscribe again from the offset after the highest one received
-    /// (see BACKUP_SYSTEM.md for when offsets of the two brokers disagree).
+    /// After a reconnect, subscribe again from the first start (or live) instead of resuming
+    /// after the highest offset received (BACKUP_SYSTEM.md, *Reading a topic's past*).
     #[arg(long)]
+    pub no_resume: bool,
+    /// Resume after a reconnect: the default (kept so that older command lines still run).
+    #[arg(long, hide = true, conflicts_with = "no_resume")]
     pub resume: bool,
 }
 
@@ -577,7 +580,7 @@ pub fn subscriber(cli: SubscriberCli) -> ExitCode {
             Net::Tokio,
         );
         cfg.start = cli.start();
-        cfg.resume = cli.resume;
+        cfg.resume = !cli.no_resume;
         let mut sink = crate::client::PrintSink {
             out: std::io::BufWriter::new(std::io::stdout()),
             csv,

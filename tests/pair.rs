@@ -585,3 +585,49 @@ fn with_a_lease_reigns_never_overlap_in_a_partition() {
     );
     assert!(p.msgs(sb).iter().all(|m| m.2.epoch == 2));
 }
+
+#[test]
+fn a_resume_starts_where_the_log_holds_a_newer_reigns_entries() {
+    let (mut p, sp, _) = linked(|_| ms(1));
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=5);
+    p.run_until(ms(2_000), |p| p.msgs(sp).len() == 5);
+    // The backup goes down: the primary runs degraded and delivers offsets 5..7 that only its
+    // own log has, in epoch 1; then it dies, and the backup comes back on its log.
+    p.crash_keeping_log(B);
+    publish(&mut p, publ, 6..=8);
+    p.run_until(ms(5_000), |p| p.msgs(sp).len() == 8);
+    let last = p.msgs(sp)[7].2;
+    assert_eq!((last.offset, last.epoch), (7, 1));
+    p.crash(P);
+    p.start(B);
+    // A publish to it finds the primary gone: it takes over, and the new reign writes other
+    // entries at offsets 5..7.
+    let live = p.client(B);
+    p.send(live, "SUB|t");
+    let again = p.client(B);
+    publish(&mut p, again, 11..=13);
+    p.run_until(ms(3_000), |p| p.role(B) == Role::Primary);
+    // (It delivers what its log held first: the backup's delivered mark was not saved.)
+    p.run_until(ms(5_000), |p| seqs(p, live).last() == Some(&13));
+    // Resuming after offset 7 seen in epoch 1 starts at the first entry of the newer reign;
+    // a plain offset would have skipped the three.
+    let resumed = p.client(B);
+    p.send(resumed, "SUB|t|8@1");
+    let plain = p.client(B);
+    p.send(plain, "SUB|t|8");
+    // The same resume after an entry delivered in epoch 2 has nothing to take back.
+    let current = p.client(B);
+    p.send(current, "SUB|t|8@2");
+    p.run_for(ms(100));
+    assert_eq!(p.clients[resumed].lines[3], "REPLAYED|t|8");
+    assert_eq!(offsets(&p, resumed), vec![(5, 11), (6, 12), (7, 13)]);
+    assert_eq!(p.clients[plain].lines, ["REPLAYED|t|8"]);
+    assert_eq!(p.clients[current].lines, ["REPLAYED|t|8"]);
+    // A log in memory behind the resume point has most likely started over: all of it.
+    let ahead = p.client(B);
+    p.send(ahead, "SUB|t|20@2");
+    p.run_for(ms(100));
+    assert_eq!(offsets(&p, ahead).first(), Some(&(0, 1)));
+    assert_eq!(offsets(&p, ahead).len(), 8);
+}

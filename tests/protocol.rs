@@ -188,6 +188,7 @@ fn reading_the_past_has_these_wire_forms() {
         ("SUB|t|0", Start::Offset(0)),
         ("SUB|t|17", Start::Offset(17)),
         ("SUB|t|last:3", Start::Last(3)),
+        ("SUB|t|12@3", Start::Resume { next: 12, epoch: 3 }),
         (
             "SUB|t|time:1735689600000000",
             Start::Time(1_735_689_600_000_000),
@@ -223,6 +224,10 @@ fn a_bad_start_or_count_says_what_is_wrong_and_keeps_the_connection() {
         "SUB|t|time:yesterday",
         "SUB|t|first:2",
         "SUB|t|1|2",
+        "SUB|t|12@",
+        "SUB|t|@3",
+        "SUB|t|12@x",
+        "SUB|t|12@3@4",
     ] {
         match parse(bad) {
             Err(e @ ProtocolError::BadValue(_)) => {

@@ -16,7 +16,9 @@
 //! 4. **epochs**: two different nodes delivering in one epoch, or a node delivering in an epoch
 //!    older than one already delivered in. Such a delivery inside the window of a link fault
 //!    (see [`FaultKind::excuses_split_brain`] and [`excused_until_us`]) is split brain, counted
-//!    apart and not a violation; anywhere else it is an [`EpochViolation`].
+//!    apart and not a violation; anywhere else it is an [`EpochViolation`]. Only live
+//!    deliveries are judged: a replay from the log ([`Delivery::replayed`]) carries the epochs
+//!    that wrote its entries, whichever node sends it.
 //!
 //! An unacknowledged message is the publisher's to resend, not the pair's to keep: a broker
 //! promises only what it acknowledged (after replication, or in its log when it runs alone), and
@@ -350,11 +352,12 @@ pub fn check(deliveries: &[Delivery], x: &Expect<'_>) -> Verdict {
         .filter(|s| x.acked.is_none_or(|a| !a.contains(s)))
         .collect();
 
-    // 4: epochs, over every delivery.
+    // 4: epochs, over every live delivery (a replay sends the log's past, stamped with the
+    // epochs that wrote it, from either node).
     let mut epoch_node: HashMap<u64, &str> = HashMap::new();
     let mut newest = 0u64;
     let mut epoch_events = Vec::new();
-    for d in &all {
+    for d in all.iter().filter(|d| !d.replayed()) {
         let mut rules = Vec::new();
         match epoch_node.get(&d.epoch) {
             Some(n) if *n != d.source.as_str() => rules.push(EpochRule::TwoNodes),

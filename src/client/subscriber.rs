@@ -2,15 +2,15 @@
 //! from, duplicates marked.
 //!
 //! It may start in the topic's past ([`SubscriberConfig::start`]: `SUB|topic|from`), and, with
-//! [`SubscriberConfig::resume`], it remembers the highest offset it got from either broker:
-//! when a connection is lost (a broker restarted, failed over, or the network cut it), it
-//! subscribes again from the offset after that one, so the broker replays what it missed and
-//! nothing it already had.
+//! [`SubscriberConfig::resume`] (the default), it remembers the highest offset it got from
+//! either broker and the epoch that delivered it: when a connection is lost (a broker
+//! restarted, failed over, or the network cut it), it subscribes again with both
+//! (`SUB|topic|N@E`), so the broker replays what it missed and nothing it already had, and
+//! starts earlier where its log holds other entries at those offsets (a newer reign's).
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -37,21 +37,19 @@ pub struct SubscriberConfig {
     /// Where the first subscription starts: `None` for live deliveries only (`SUB|topic`).
     pub start: Option<Start>,
     /// After a reconnect, subscribe again from the offset after the highest one received (from
-    /// either broker), rather than from `start`.
+    /// either broker) and the epoch it came in, rather than from `start`.
     pub resume: bool,
 }
 
 impl SubscriberConfig {
-    /// Live deliveries of `topic` from `brokers`, subscribing live again after a reconnect.
-    /// (Resuming by offset is opt-in: offsets can name different entries on the two nodes after
-    /// a takeover or a restart with a memory log, and a resume then skips entries.)
+    /// Live deliveries of `topic` from `brokers`, resuming by offset after a reconnect.
     pub fn new(topic: String, brokers: Brokers, net: Net) -> Self {
         SubscriberConfig {
             topic,
             brokers,
             net,
             start: None,
-            resume: false,
+            resume: true,
         }
     }
 }
@@ -89,6 +87,15 @@ pub struct Delivery {
     /// The entry's offset in the topic's log (0 from a broker that does not say).
     #[serde(default)]
     pub offset: u64,
+}
+
+impl Delivery {
+    /// Sent from the log by a replay (a `SUB` with a start, a resume) rather than delivered
+    /// live: a replay carries no compute times, and the epoch is the entry's (the reign that
+    /// wrote it), not the epoch of the node that sent it.
+    pub fn replayed(&self) -> bool {
+        self.compute_start_us == 0 && self.compute_end_us == 0
+    }
 }
 
 /// Where a subscriber puts its deliveries.
@@ -150,7 +157,7 @@ pub async fn run_subscriber(
     shutdown: CancellationToken,
 ) -> anyhow::Result<u64> {
     let (tx, mut rx) = mpsc::channel::<(usize, Frame, u64)>(4096);
-    let next = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(Mutex::new(None));
     for i in 0..2 {
         let f = Follow {
             net: cfg.net,
@@ -218,33 +225,67 @@ struct Follow {
     addr: String,
     topic: String,
     start: Option<Start>,
-    /// The offset after the highest one received from either broker (0: none yet), shared by
-    /// both connections; `None` when not resuming.
-    resume: Option<Arc<AtomicU64>>,
+    /// Where to resume, shared by both connections: the offset after the highest one received
+    /// from either broker, and the epoch it was delivered in (`None` inside: nothing yet);
+    /// `None` when not resuming.
+    resume: Option<Arc<Mutex<Option<Resume>>>>,
+}
+
+/// The offset after the highest one a subscriber has, and the epoch that entry came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Resume {
+    next: u64,
+    epoch: u64,
 }
 
 impl Follow {
     /// The `SUB` for the next connection: after the last offset received, if any, else as
     /// configured.
     fn sub(&self) -> Frame {
-        let next = self
+        let at = self
             .resume
             .as_ref()
-            .map_or(0, |n| n.load(Ordering::Acquire));
+            .and_then(|r| *r.lock().unwrap_or_else(|p| p.into_inner()));
         Frame::Sub {
             topic: self.topic.clone(),
-            from: if next > 0 {
-                Some(Start::Offset(next))
-            } else {
-                self.start
+            from: match at {
+                Some(Resume { next, epoch }) => Some(Start::Resume { next, epoch }),
+                None => self.start,
             },
         }
     }
 
-    /// Notes that everything below `next` has been received.
-    fn got(&self, next: u64) {
-        if let Some(n) = &self.resume {
-            n.fetch_max(next, Ordering::AcqRel);
+    /// Notes that the entry at `offset` arrived, delivered in `epoch`. The resume point is
+    /// the furthest offset of the newest epoch: in overlapping reigns (a deposed primary that
+    /// does not know it yet) the older reign's offsets name entries the newer reign's log does
+    /// not have at those offsets, and resuming after them would skip the newer reign's own.
+    fn got(&self, offset: u64, epoch: u64) {
+        let Some(r) = &self.resume else {
+            return;
+        };
+        let mut at = r.lock().unwrap_or_else(|p| p.into_inner());
+        let got = Resume {
+            next: offset + 1,
+            epoch,
+        };
+        if at.is_none_or(|a| (got.epoch, got.next) > (a.epoch, a.next)) {
+            *at = Some(got);
+        }
+    }
+
+    /// A broker answered a subscription with `REPLAYED|topic|next`: it goes live from `next`.
+    /// Below the resume point, the broker could not resume there: it is behind (it will get the
+    /// same entries), or its log started over (a restart in memory) and its offsets name other
+    /// entries now. The point comes down to `next` (the live deliveries of either broker raise
+    /// it again), so that the next resume does not start past entries of the new numbering:
+    /// duplicates at worst, never a gap.
+    fn live_from(&self, next: u64) {
+        let Some(r) = &self.resume else {
+            return;
+        };
+        let mut at = r.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = at.as_mut() {
+            a.next = a.next.min(next);
         }
     }
 }
@@ -287,7 +328,7 @@ async fn follow(f: Follow, tx: mpsc::Sender<(usize, Frame, u64)>, shutdown: Canc
                     match got {
                         Some(Ok(m @ Frame::Msg { .. })) => {
                             if let Frame::Msg { stamps, .. } = &m {
-                                f.got(stamps.offset + 1);
+                                f.got(stamps.offset, stamps.epoch);
                             }
                             if tx.send((src, m, now_us())).await.is_err() {
                                 return;
@@ -295,7 +336,7 @@ async fn follow(f: Follow, tx: mpsc::Sender<(usize, Frame, u64)>, shutdown: Canc
                         }
                         Some(Ok(Frame::Replayed { next, .. })) => {
                             info!("{name}: past replayed up to offset {next}, live from there");
-                            f.got(next);
+                            f.live_from(next);
                         }
                         Some(Ok(Frame::Err { reason })) => warn!("{name} says: {reason}"),
                         Some(Ok(_)) => {}

@@ -189,7 +189,7 @@ impl Broker {
                 "primary restarted: handing {} message(s) it replicated before to its new life",
                 orphans.len()
             );
-            self.hand_over(orphans);
+            self.hand_over(orphans, Default::default());
         }
     }
 

@@ -243,6 +243,8 @@ impl Broker {
                 // here alone would reach it only when this node hands it over, after the
                 // publisher's later ones (out of order), so its publisher resends it there.
                 None if lease && !p.link.backup_down => p.confirmed,
+                // Paused, and asking the peer who is primary: only what the backup stored.
+                None if p.suspect => p.confirmed,
                 None => u64::MAX,
             },
             RoleState::Backup(_) => u64::MAX,
@@ -514,6 +516,7 @@ impl Broker {
         if let Some(c) = self.cleared.get_mut(topic) {
             c.retain(|o| *o < from);
         }
+        self.offsets_reused(topic, from);
         warn!(
             "topic '{topic}': cut {cut} entr{} from offset {from} that the primary's log does not have; handing {} undelivered one(s) to it",
             if cut == 1 { "y" } else { "ies" },
@@ -530,7 +533,7 @@ impl Broker {
                     })
                 })
                 .collect();
-            self.hand_over(msgs);
+            self.hand_over(msgs, Default::default());
         }
         Ok(())
     }

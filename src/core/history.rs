@@ -125,7 +125,7 @@ impl Broker {
         match from {
             Start::New => mark,
             Start::Last(n) => mark.saturating_sub(n).max(st.first),
-            Start::Offset(o) if o < st.first => {
+            Start::Offset(o) | Start::Resume { next: o, .. } if o < st.first => {
                 let reason = format!(
                     "offset {o} is before the oldest kept entry {}; starting there",
                     st.first
@@ -134,6 +134,16 @@ impl Broker {
                 st.first
             }
             Start::Offset(o) => o.min(st.next.max(mark)),
+            Start::Resume { next, epoch } => {
+                let end = st.next.max(mark);
+                if next > end && !self.log.is_durable() {
+                    // A log in memory that is behind the subscriber most likely started empty
+                    // again (a restart): its offsets name other entries now, and an epoch does
+                    // not tell (it starts over too). All of it, then: duplicates, not a gap.
+                    return st.first;
+                }
+                self.first_of_newer_reign(topic, st.first, next.min(end), epoch)
+            }
             Start::Time(t) => {
                 // Entries are in arrival order: the first one received at or after `t`.
                 let (mut lo, mut hi) = (st.first, mark);
@@ -149,6 +159,55 @@ impl Broker {
                     }
                 }
                 lo
+            }
+        }
+    }
+
+    /// The first offset below `upto` whose entry was written in an epoch newer than `epoch`
+    /// (`upto` when there is none): where a subscriber resuming at `upto`, whose last entry
+    /// was delivered in `epoch`, really starts on this node. Entries from there on came from a
+    /// reign newer than what the subscriber saw (a node that took over, wrote, and whose log
+    /// this node now follows), so they are not the entries the subscriber has at those
+    /// offsets. Epochs never decrease along a log (a newer reign appends after the older one,
+    /// and a node cuts a divergent tail before it follows another), so a binary search finds
+    /// it; the usual answer, `upto`, takes one read.
+    fn first_of_newer_reign(&self, topic: &str, first: u64, upto: u64, epoch: u64) -> u64 {
+        let newer = |at: u64| match self.log.read(topic, at, 1) {
+            Ok(e) => e.first().is_some_and(|e| e.epoch > epoch),
+            Err(e) => {
+                // Unreadable: take it as newer, so the resume starts early (duplicates), not late.
+                warn!("reading '{topic}' for a resume: {e}");
+                true
+            }
+        };
+        if upto <= first || !newer(upto - 1) {
+            return upto;
+        }
+        let (mut lo, mut hi) = (first, upto - 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if newer(mid) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        lo
+    }
+
+    /// The log of `topic` was cut at `from`: offsets from there on will name other entries.
+    /// A subscriber that had them (its live start, or its replay, past `from`) has not got
+    /// those, so it starts at `from` now (a resumed subscriber would otherwise skip what the
+    /// node appends there).
+    pub(super) fn offsets_reused(&mut self, topic: &str, from: u64) {
+        if let Some(subs) = self.topics.get_mut(topic) {
+            for s in subs {
+                s.from = s.from.min(from);
+            }
+        }
+        for rs in self.replays.by_conn.values_mut() {
+            for r in rs.queue.iter_mut().filter(|r| r.topic == topic) {
+                r.next = r.next.min(from);
             }
         }
     }

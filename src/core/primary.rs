@@ -348,6 +348,10 @@ impl Broker {
             let Some(p) = self.primary() else {
                 return;
             };
+            if p.suspect {
+                // Until the peer says who is primary (`unfence` comes back here).
+                return;
+            }
             let linked = matches!(p.link.up(), Some((_, false)));
             let ready = p
                 .unstored
@@ -453,7 +457,7 @@ impl Broker {
             self.release_ready_acks();
             return;
         }
-        self.refuse_acks(&acks, "not primary any more; resend to the other broker");
+        self.refuse_acks(&acks, super::peer::NOT_PRIMARY);
     }
 
     /// Answers each of `acks` with `ERR|reason` instead of its `ACK`, in its connection's
@@ -482,15 +486,29 @@ impl Broker {
         let paused = Some(now - p.last_tick).filter(|gap| *gap > STALL);
         if let (Some(gap), false) = (paused, p.suspect) {
             warn!("this process was paused for {gap:?}: holding deliveries until the peer confirms our role");
-            p.suspect = true;
-            let epoch = self.epoch;
-            let peer = self.cfg.peer.clone().unwrap_or_default();
-            let conn = self.open(Purpose::Fence { epoch }, peer, LINK_TIMEOUT);
-            if let Some(p) = self.primary() {
-                p.fence = Some(conn);
-            }
+            self.ask_peer_for_role();
         }
         self.primary().is_some_and(|p| p.suspect)
+    }
+
+    /// Holds deliveries and ACKs (`suspect`) and asks the peer who is primary;
+    /// [`Broker::unfence`] or a step-down ends the hold.
+    pub(super) fn ask_peer_for_role(&mut self) {
+        let Some(peer) = self.cfg.peer.clone() else {
+            return;
+        };
+        let epoch = self.epoch;
+        let Some(p) = self.primary() else {
+            return;
+        };
+        if p.suspect {
+            return;
+        }
+        p.suspect = true;
+        let conn = self.open(Purpose::Fence { epoch }, peer, LINK_TIMEOUT);
+        if let Some(p) = self.primary() {
+            p.fence = Some(conn);
+        }
     }
 
     /// Drops the link if the oldest `ACK` waiting for the backup's `STORED` has waited longer

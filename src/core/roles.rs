@@ -91,7 +91,8 @@ impl Broker {
         );
         self.epoch = self.epoch.max(epoch);
         self.save_epoch();
-        self.release_acks(p.acks, false);
+        // Refused once what is handed over below has reached the new primary (`HandOver`).
+        let mut acks = p.acks;
         // Forget which identities we accepted: the undelivered ones are about to come back to
         // us as forwarded publishes if the peer steps down in turn, and must not be taken for
         // resends. As a backup we relearn identities from what the new primary replicates.
@@ -112,25 +113,28 @@ impl Broker {
         undelivered.sort_by(|a, b| a.topic.cmp(&b.topic).then(a.offset.cmp(&b.offset)));
         if self.cfg.peer.is_some() {
             if !undelivered.is_empty() {
-                self.hand_over(undelivered);
+                self.hand_over(undelivered, std::mem::take(&mut acks));
             }
             self.timers.set(Timer::Ping, now);
         }
+        self.refuse_acks(&acks, super::peer::NOT_PRIMARY);
     }
 
     /// The peer confirmed (or could not deny) that we are still primary after a pause: deliver
-    /// what was held back meanwhile.
+    /// and acknowledge what was held back meanwhile.
     pub(super) fn unfence(&mut self, peer_said: &str) {
         let RoleState::Primary(p) = &mut self.role else {
             return;
         };
         info!(
-            "after the pause the peer {peer_said}: still primary, delivering {} held result(s)",
+            "the peer {peer_said}: still primary, delivering {} held result(s)",
             p.fenced.len()
         );
         p.suspect = false;
         for (m, stamps) in std::mem::take(&mut p.fenced) {
             self.release(m, stamps);
         }
+        self.release_stored();
+        self.release_ready_acks();
     }
 }

@@ -128,6 +128,16 @@ pub enum Start {
     Last(u64),
     /// `time:µs`.
     Time(u64),
+    /// `N@E`: a resume. The subscriber has every entry below offset `next`, the last of them
+    /// delivered in epoch `epoch` (an entry's epoch is never above the epoch it is delivered
+    /// in). The node starts at `next` unless its own entries below `next` were written in a
+    /// newer reign: those are not what the subscriber got, and it starts at the first of them.
+    Resume {
+        /// The offset after the last entry the subscriber has.
+        next: u64,
+        /// The epoch that entry was delivered in.
+        epoch: u64,
+    },
 }
 
 impl std::fmt::Display for Start {
@@ -137,6 +147,7 @@ impl std::fmt::Display for Start {
             Start::Offset(o) => write!(f, "{o}"),
             Start::Last(n) => write!(f, "last:{n}"),
             Start::Time(t) => write!(f, "time:{t}"),
+            Start::Resume { next, epoch } => write!(f, "{next}@{epoch}"),
         }
     }
 }
@@ -147,7 +158,12 @@ impl std::str::FromStr for Start {
         let num = |v: &str| v.parse::<u64>().ok();
         let got = match s.split_once(':') {
             None if s == "new" => Some(Start::New),
-            None => num(s).map(Start::Offset),
+            None => match s.split_once('@') {
+                Some((n, e)) => num(n)
+                    .zip(num(e))
+                    .map(|(next, epoch)| Start::Resume { next, epoch }),
+                None => num(s).map(Start::Offset),
+            },
             Some(("last", n)) => num(n).map(Start::Last),
             Some(("time", t)) => num(t).map(Start::Time),
             Some(_) => None,
@@ -158,7 +174,7 @@ impl std::str::FromStr for Start {
                 v.push('…');
             }
             ProtocolError::BadValue(format!(
-                "bad SUB start '{v}': expected new, an offset, last:N or time:<µs since the epoch>"
+                "bad SUB start '{v}': expected new, an offset, last:N, time:<µs since the epoch> or <offset>@<epoch>"
             ))
         })
     }

@@ -18,10 +18,20 @@ fn d(seq: u64, at_ms: u64, source: &str, epoch: u64) -> Delivery {
         duplicate: false,
         epoch,
         broker_rx_us: 0,
-        compute_start_us: 0,
-        compute_end_us: 0,
+        // Live: computed just before it was sent (a replay has no compute times).
+        compute_start_us: T0 + at_ms * 1000 - 60_000,
+        compute_end_us: T0 + at_ms * 1000 - 10_000,
         payload: seq.to_string(),
         offset: seq,
+    }
+}
+
+/// `d`, sent from the log by a replay.
+fn replayed(seq: u64, at_ms: u64, source: &str, epoch: u64) -> Delivery {
+    Delivery {
+        compute_start_us: 0,
+        compute_end_us: 0,
+        ..d(seq, at_ms, source, epoch)
     }
 }
 
@@ -275,4 +285,31 @@ fn a_delivery_in_an_epoch_older_than_one_seen_is_stale() {
     let v = check(&rows, &expect(3, &[], None));
     assert_eq!(v.epoch_violations, 1);
     assert_eq!(v.epoch_events[0].rules, vec![EpochRule::Stale]);
+}
+
+#[test]
+fn a_replay_from_the_log_is_judged_for_loss_and_order_but_not_for_epochs() {
+    // Live in epoch 3 from the backup; then the primary replays entries written in epoch 1
+    // (a subscriber resuming there): neither stale nor two nodes in one epoch.
+    let mut rows = vec![d(1, 100, "backup", 3), d(2, 200, "backup", 3)];
+    rows.push(replayed(3, 300, "primary", 1));
+    rows.push(replayed(2, 350, "primary", 3));
+    rows.push(d(4, 400, "backup", 3));
+    let v = check(&rows, &expect(4, &[], None));
+    assert_eq!((v.epoch_violations, v.split_brain), (0, 0));
+    assert_eq!((v.duplicates, v.reordered), (1, 0));
+    assert!(v.delivery_ok(), "{:?}", v.violations());
+    // Delivered live in the same way, the first is stale and the second is two nodes in
+    // epoch 3.
+    rows[2] = d(3, 300, "primary", 1);
+    rows[3] = d(2, 350, "primary", 3);
+    let v = check(&rows, &expect(4, &[], None));
+    assert_eq!(v.epoch_violations, 2);
+    // A replay still counts for loss and order.
+    let rows = vec![
+        replayed(2, 100, "primary", 1),
+        replayed(1, 200, "primary", 1),
+    ];
+    let v = check(&rows, &expect(3, &[], None));
+    assert_eq!((v.missing.clone(), v.reordered), (vec![3], 1));
 }

@@ -291,6 +291,10 @@ fn the_run_is_judged_by_the_checker_with_its_faults() {
         });
     }
     rows.push(d(15, 1500, "primary", false));
+    for r in &mut rows {
+        // Delivered live (a replay has no compute times, and its epochs are not judged).
+        (r.compute_start_us, r.compute_end_us) = (r.sent_at_us + 1_000, r.sent_at_us + 2_000);
+    }
     let at = |ms: u64| 1_000_000_000 + ms * 1000;
     let mut i = info(15, Some(900));
     i.faults = vec![FaultSpan {
