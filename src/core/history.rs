@@ -25,7 +25,7 @@ use bytes::Bytes;
 use tracing::{info, warn};
 
 use super::{Broker, ConnId, Output, Sub};
-use crate::protocol::{Frame, Stamps, Start};
+use crate::protocol::{Frame, Role, Stamps, Start};
 
 /// Entries per write of a replay.
 pub const REPLAY_CHUNK: usize = 1024;
@@ -75,6 +75,17 @@ impl Broker {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.topics.push(topic.clone());
         }
+        // A backup answers a resume without a replay: what it would send (entries below its
+        // delivered mark, which follows the primary's `CLR`s) the primary has delivered, and
+        // the subscriber gets it there; sent from here too it raced the primary's live
+        // deliveries to the subscriber (duplicates). Held entries past the start still go at a
+        // takeover.
+        let replay_from = match from {
+            Start::Resume { .. } if self.role() == Role::Backup => {
+                start.max(self.log.topic(&topic).delivered)
+            }
+            _ => start,
+        };
         self.topics.entry(topic.clone()).or_default().push(Sub {
             conn,
             legacy: false,
@@ -85,7 +96,7 @@ impl Broker {
             conn,
             Replay {
                 topic,
-                next: start,
+                next: replay_from,
                 end: None,
             },
         );
