@@ -117,6 +117,11 @@ pub struct BrokerOpts {
     /// `--data-dir`.
     #[arg(long, value_parser = parse_bytes, value_name = "SIZE")]
     pub retain_bytes: Option<u64>,
+    /// Disconnect a subscriber once this much is queued for it and not read (e.g. `64M`,
+    /// `512K`): a slow reader does not hold up the others or the node's memory. The
+    /// `subscriber` binary reconnects and resumes by offset.
+    #[arg(long, value_parser = parse_bytes, default_value = "64M", value_name = "SIZE")]
+    pub max_pending: u64,
     /// Size at which a topic's log rolls over to a new segment file (at least 4K), the unit in
     /// which retention removes old entries. Needs `--data-dir`.
     #[arg(long, value_parser = parse_segment_bytes, default_value = "64M", value_name = "SIZE")]
@@ -204,6 +209,7 @@ pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCo
         cfg.segment_bytes = opts.segment_bytes;
         cfg.retain_age = opts.retain_age;
         cfg.lease = opts.lease;
+        cfg.max_pending = opts.max_pending;
         match driver::run(listener, cfg, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

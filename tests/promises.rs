@@ -1,6 +1,6 @@
 //! Behaviours README.md and BACKUP_SYSTEM.md promise, pinned against the real binaries over
 //! loopback TCP: resends are acknowledged but delivered once, pipelined ACKs come back in order,
-//! a slow subscriber is cut off at `CONNECTION_QUEUE` without hurting the others, a primary whose
+//! a slow subscriber is cut off at `--max-pending` without hurting the others, a primary whose
 //! backup died runs degraded and replays what is in flight when it comes back, and a publisher
 //! that never reads its answers is paced. (Seed backups: `seed_backup.rs`; stopped publishers:
 //! `publisher_stops.rs`.)
@@ -128,21 +128,23 @@ fn pipelined_acks_come_back_in_send_order_with_compute() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3. A slow subscriber is disconnected past CONNECTION_QUEUE; the others get everything.
+// 3. A slow subscriber is disconnected past --max-pending; the others get everything.
 // ---------------------------------------------------------------------------------------------
 
-const CONNECTION_QUEUE: u64 = 8192; // edgepair::driver::CONNECTION_QUEUE, as documented
-const KICK_LINE: &str = "frames behind: disconnecting it";
+/// The bound this test runs with (`--max-pending 1M`; the default is 64 MiB, as documented).
+const MAX_PENDING: u64 = 1 << 20;
+const KICK_LINE: &str = "not read (--max-pending 1048576): disconnecting it";
 
 #[test]
 fn slow_subscriber_is_disconnected_past_the_queue_bound_while_a_normal_one_gets_everything() {
-    assert_eq!(edgepair::driver::CONNECTION_QUEUE as u64, CONNECTION_QUEUE);
-    let (broker, pa) = solo_primary(&["--compute", "0"]);
+    assert_eq!(edgepair::driver::MAX_PENDING, 64 << 20);
+    let (broker, pa) = solo_primary(&["--compute", "0", "--max-pending", "1M"]);
     // The slow one: registers, then never reads.
     let mut slow = subscribe(&pa, "flood");
     // The normal one reads on its own thread and counts what it gets, in order.
     let mut normal = subscribe(&pa, "flood");
-    let received = Arc::new(Mutex::new((0u64, true))); // (last seq, in order so far)
+    // (last seq, in order so far, longest line: the slow one is sent the same lines)
+    let received = Arc::new(Mutex::new((0u64, true, 0u64)));
     let r2 = received.clone();
     std::thread::spawn(move || loop {
         match normal.next(30 * SEC) {
@@ -151,11 +153,13 @@ fn slow_subscriber_is_disconnected_past_the_queue_bound_while_a_normal_one_gets_
                 if let Ok(mut g) = r2.lock() {
                     g.1 &= seq == g.0 + 1;
                     g.0 = seq;
+                    g.2 = g.2.max(l.len() as u64 + 1);
                 }
             }
             _ => return,
         }
     });
+    let longest = || received.lock().map(|g| g.2).unwrap_or(0);
     let mut publisher = LineConn::connect(&pa);
     let batch = 1024u64;
     let mut published = 0u64;
@@ -180,14 +184,14 @@ fn slow_subscriber_is_disconnected_past_the_queue_bound_while_a_normal_one_gets_
             "the normal subscriber fell behind: {:?} of {published}",
             received.lock().map(|g| *g)
         );
-        if published <= CONNECTION_QUEUE {
+        if published * longest() < MAX_PENDING {
             // The bound cannot have been passed yet. The log line would have been written before
             // the normal subscriber got the message that caused it; give the reader of the
             // broker's stderr a moment to catch it.
             assert!(
                 !wait_until(Duration::from_millis(300), || broker.logged(KICK_LINE)),
                 "slow subscriber disconnected with only {published} messages published \
-                 (bound {CONNECTION_QUEUE})"
+                 (bound {MAX_PENDING} bytes)"
             );
         } else if broker.logged(KICK_LINE) {
             kicked_after = Some(published);
@@ -197,10 +201,10 @@ fn slow_subscriber_is_disconnected_past_the_queue_bound_while_a_normal_one_gets_
         panic!("no disconnect after {published} messages to a subscriber that never reads")
     });
     assert!(
-        kicked_after > CONNECTION_QUEUE,
-        "disconnected after only {kicked_after} messages (bound {CONNECTION_QUEUE})"
+        kicked_after * longest() >= MAX_PENDING,
+        "disconnected after only {kicked_after} messages (bound {MAX_PENDING} bytes)"
     );
-    let (last, in_order) = received.lock().map(|g| *g).expect("lock");
+    let (last, in_order, _) = received.lock().map(|g| *g).expect("lock");
     assert_eq!(
         last, published,
         "the normal subscriber must get every message"
@@ -227,9 +231,9 @@ fn slow_subscriber_is_disconnected_past_the_queue_bound_while_a_normal_one_gets_
     );
     eprintln!("slow subscriber: cut off after {kicked_after} published, drained {drained}");
     assert!(
-        drained >= CONNECTION_QUEUE && drained < published,
+        drained * longest() >= MAX_PENDING && drained < published,
         "the slow subscriber got {drained} of {published}: it should have been cut off after \
-         at least {CONNECTION_QUEUE}"
+         at least {MAX_PENDING} bytes"
     );
 }
 
@@ -400,7 +404,7 @@ fn open_fds(pid: u32) -> usize {
 /// is cut after `KICK_GRACE` (2 s); it does not keep its connection for ever.
 #[test]
 fn a_kicked_subscriber_that_never_reads_loses_its_connection_after_the_grace() {
-    let (broker, pa) = solo_primary(&["--compute", "0"]);
+    let (broker, pa) = solo_primary(&["--compute", "0", "--max-pending", "1M"]);
     let pid = broker.child.id();
     let _slow = subscribe(&pa, "cut");
     let mut publisher = LineConn::connect(&pa);

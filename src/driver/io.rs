@@ -56,6 +56,8 @@ struct Outbox {
 struct Backlog {
     /// Lines appended and not yet handed to the socket (the outbox's and those being written).
     queued: AtomicUsize,
+    /// Bytes in the outbox (appended, not yet taken by the writer task).
+    queued_bytes: AtomicUsize,
     /// The driver appends each line here, the writer task takes it all at once: one copy into
     /// a buffer per line, one wake-up of the writer per batch (a channel of lines cost a node,
     /// a push, a pop and a wake-up per line).
@@ -83,14 +85,18 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Lines waiting to be written.
-    pub fn queued(&self) -> usize {
-        self.backlog.queued.load(Ordering::Relaxed)
+    /// Bytes appended and not yet taken by the writer task: what a socket that does not drain
+    /// leaves in memory.
+    pub fn queued_bytes(&self) -> usize {
+        self.backlog.queued_bytes.load(Ordering::Relaxed)
     }
 
     /// Queues a line (copied into the connection's outbox).
     pub fn send(&self, line: &[u8]) {
         self.backlog.queued.fetch_add(1, Ordering::Relaxed);
+        self.backlog
+            .queued_bytes
+            .fetch_add(line.len(), Ordering::Relaxed);
         let was_empty = {
             let mut o = lock(&self.backlog.outbox);
             let was_empty = o.bytes.is_empty();
@@ -252,6 +258,7 @@ async fn write_loop(
                 }
                 break;
             }
+            backlog.queued_bytes.fetch_sub(buf.len(), Ordering::Relaxed);
             let left = backlog.queued.fetch_sub(n, Ordering::AcqRel) - n;
             if left < READ_PAUSE {
                 backlog.reader.wake();

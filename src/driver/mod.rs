@@ -29,9 +29,15 @@ use io::{ConnEvent, Readers, Writer};
 /// [`MAX_FRAME`](crate::protocol::MAX_FRAME) this bounds the memory idle or half-sent frames can pin.
 pub const MAX_CONNECTIONS: usize = 4096;
 
-/// Frames queued for one subscriber before it counts as too slow and is disconnected (it
-/// reconnects and sees a gap, rather than holding up everyone else's deliveries).
+/// Answers queued for a client that sends without reading them before the node stops reading
+/// from it (it goes on once they are read): a publisher that never reads its `ACK`s is paced.
 pub const CONNECTION_QUEUE: usize = 8192;
+
+/// Bytes queued for one subscriber before it counts as too slow and is disconnected, rather
+/// than holding up everyone else's deliveries or the node's memory (`--max-pending`; NATS cuts
+/// a slow consumer at the same 64 MiB). A `subscriber` that is cut reconnects and resumes by
+/// offset, so it misses nothing its node still keeps.
+pub const MAX_PENDING: u64 = 64 * 1024 * 1024;
 
 /// Events read in one go before their outputs are written.
 const BATCH: usize = 256;
@@ -70,6 +76,8 @@ pub struct NodeConfig {
     /// The lease (`--lease`): no overlapping reigns, at the price of failover time and of
     /// availability in a partition. `None`: off.
     pub lease: Option<Duration>,
+    /// Bytes queued for a subscriber before it is disconnected ([`MAX_PENDING`]).
+    pub max_pending: u64,
 }
 
 impl NodeConfig {
@@ -90,6 +98,7 @@ impl NodeConfig {
             segment_bytes: crate::log::DEFAULT_SEGMENT_BYTES,
             retain_age: None,
             lease: None,
+            max_pending: MAX_PENDING,
         }
     }
 }
@@ -134,6 +143,8 @@ struct Driver {
     drained_tx: mpsc::UnboundedSender<ConnId>,
     compute: Compute,
     net: Net,
+    /// Bytes queued for a subscriber before it is disconnected.
+    max_pending: usize,
 }
 
 /// Runs a node on an already-bound listener until `shutdown` is cancelled.
@@ -192,6 +203,7 @@ pub async fn run_on(
         drained_tx,
         compute: cfg.compute,
         net: cfg.net,
+        max_pending: usize::try_from(cfg.max_pending).unwrap_or(usize::MAX),
     };
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     let mut accept_pause: Option<Pin<Box<tokio::time::Sleep>>> = None;
@@ -340,8 +352,12 @@ impl Driver {
         let Some(w) = self.writers.get(&conn) else {
             return;
         };
-        if delivery && w.queued() >= CONNECTION_QUEUE {
-            warn!("subscriber {conn} is {CONNECTION_QUEUE} frames behind: disconnecting it");
+        if delivery && w.queued_bytes() >= self.max_pending {
+            warn!(
+                "subscriber {conn} has {} bytes not read (--max-pending {}): disconnecting it",
+                w.queued_bytes(),
+                self.max_pending
+            );
             if let Some(w) = self.writers.remove(&conn) {
                 w.kick();
             }
