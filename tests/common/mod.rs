@@ -24,6 +24,9 @@ pub struct ChildGuard {
     /// Stdout lines, collected only by [`spawn_bin_capture`] (empty otherwise).
     pub stdout: Arc<Mutex<Vec<String>>>,
     pub name: String,
+    /// The threads collecting stdout and stderr: they end at the pipes' end, once the process
+    /// has exited (joined by [`ChildGuard::wait_exit`], so that its last lines are in).
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// Starts `target/<profile>/<name>` with `args`.
@@ -60,16 +63,19 @@ pub fn spawn_bin_file_limit(name: &str, args: &[&str], max_file_bytes: u64) -> C
     spawn_cmd(cmd, name, args, true)
 }
 
-fn collect<R: std::io::Read + Send + 'static>(pipe: R) -> Arc<Mutex<Vec<String>>> {
+fn collect<R: std::io::Read + Send + 'static>(
+    pipe: R,
+    readers: &mut Vec<std::thread::JoinHandle<()>>,
+) -> Arc<Mutex<Vec<String>>> {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let sink = lines.clone();
-    std::thread::spawn(move || {
+    readers.push(std::thread::spawn(move || {
         for line in BufReader::new(pipe).lines().map_while(Result::ok) {
             if let Ok(mut l) = sink.lock() {
                 l.push(line);
             }
         }
-    });
+    }));
     lines
 }
 
@@ -95,12 +101,13 @@ fn spawn_cmd(mut cmd: Command, name: &str, args: &[&str], capture_stdout: bool) 
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+    let mut readers = Vec::new();
     let stderr = match child.stderr.take() {
-        Some(err) => collect(err),
+        Some(err) => collect(err, &mut readers),
         None => Arc::default(),
     };
     let stdout = match child.stdout.take() {
-        Some(out) => collect(out),
+        Some(out) => collect(out, &mut readers),
         None => Arc::default(),
     };
     ChildGuard {
@@ -108,6 +115,7 @@ fn spawn_cmd(mut cmd: Command, name: &str, args: &[&str], capture_stdout: bool) 
         stderr,
         stdout,
         name: name.to_string(),
+        readers,
     }
 }
 
@@ -166,6 +174,10 @@ impl ChildGuard {
         let deadline = Instant::now() + limit;
         loop {
             if let Ok(Some(st)) = self.child.try_wait() {
+                // Its pipes are closed: the collectors end once they have read the last lines.
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
                 return Some(st);
             }
             if Instant::now() > deadline {
