@@ -122,6 +122,11 @@ pub struct BrokerOpts {
     /// `subscriber` binary reconnects and resumes by offset.
     #[arg(long, value_parser = parse_bytes, default_value = "64M", value_name = "SIZE")]
     pub max_pending: u64,
+    /// On SIGTERM or Ctrl-C, how long to go on finishing what was accepted (computing,
+    /// delivering, waiting for the backup) while refusing new publishes with `ERR|stopping`;
+    /// whatever is left then is named in the log.
+    #[arg(long, value_parser = parse_duration, default_value = "5s", value_name = "D")]
+    pub drain_timeout: std::time::Duration,
     /// Size at which a topic's log rolls over to a new segment file (at least 4K), the unit in
     /// which retention removes old entries. Needs `--data-dir`.
     #[arg(long, value_parser = parse_segment_bytes, default_value = "64M", value_name = "SIZE")]
@@ -210,6 +215,7 @@ pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCo
         cfg.retain_age = opts.retain_age;
         cfg.lease = opts.lease;
         cfg.max_pending = opts.max_pending;
+        cfg.drain_timeout = opts.drain_timeout;
         match driver::run(listener, cfg, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

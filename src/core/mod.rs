@@ -16,6 +16,9 @@
 //!    and act on every [`Output`] in order: the order of `Send`s to one connection is the order
 //!    of the bytes on it.
 //! 3. Then ask [`Broker::poll_timeout`] again: any event may have moved the next deadline.
+//! 4. To stop cleanly, call [`Broker::handle_stop`] and go on as above until
+//!    [`Broker::drained`] (or a deadline of the caller's: [`Broker::unfinished`] says what is
+//!    left); then [`Broker::shutdown`].
 //!
 //! # The life of a message on the primary
 //!
@@ -43,6 +46,7 @@ mod peer;
 mod primary;
 mod roles;
 mod seen;
+mod stop;
 mod takeup;
 pub mod time;
 
@@ -57,6 +61,7 @@ use tracing::{info, warn};
 use crate::log::{Entry, Fsync, MemLog, Storage, DEFAULT_RETAIN_ENTRIES};
 use crate::protocol::{Frame, ProtocolError, Role};
 pub use history::REPLAY_CHUNK;
+pub use stop::STOPPING;
 pub use time::{Backoff, Now, Time};
 
 use backup::Backup;
@@ -230,6 +235,8 @@ pub struct Broker {
     out: VecDeque<Output>,
     /// Messages being handed to the peer after a step-down or a primary's restart.
     handovers: BTreeMap<u64, peer::HandOver>,
+    /// A clean stop is under way (`stop.rs`): new publishes are refused.
+    stopping: bool,
     /// Publishes to forward once the hand-overs are done (connection, frame, attempt).
     forwards_waiting: Vec<(ConnId, Frame, u8)>,
     next_handover: u64,
@@ -294,6 +301,7 @@ impl Broker {
             timers: Timers::default(),
             out: VecDeque::new(),
             handovers: BTreeMap::new(),
+            stopping: false,
             forwards_waiting: Vec::new(),
             next_handover: 0,
             graced: Vec::new(),
@@ -666,6 +674,9 @@ impl Broker {
 
     /// A publish from a client: served here as primary, or forwarded by a backup.
     fn on_publish(&mut self, conn: ConnId, frame: Frame) {
+        if self.refuse_when_stopping(conn) {
+            return;
+        }
         match self.role {
             RoleState::Primary(_) => self.accept_publish(conn, frame),
             RoleState::Backup(_) => self.publish_at_backup(conn, frame),

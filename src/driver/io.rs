@@ -191,6 +191,7 @@ pub fn split(
     stream: BoxStream,
     paced: bool,
     drained: mpsc::UnboundedSender<ConnId>,
+    alive: mpsc::Sender<()>,
 ) -> (Pin<Box<dyn Stream<Item = ConnEvent> + Send>>, Writer) {
     let (r, w) = tokio::io::split(stream);
     // A small first read buffer (it grows with the traffic): an idle subscriber then costs a
@@ -214,6 +215,8 @@ pub fn split(
         // However the writer ended (done, cut, or the peer gone), the reader ends too, even if
         // it was paused: its end is what tells the core the connection is closed.
         ended.cancel();
+        // Held until here: the driver, stopping, waits for every writer to have written out.
+        drop(alive);
     });
     let writer = Writer {
         conn,

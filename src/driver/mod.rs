@@ -39,6 +39,13 @@ pub const CONNECTION_QUEUE: usize = 8192;
 /// offset, so it misses nothing its node still keeps.
 pub const MAX_PENDING: u64 = 64 * 1024 * 1024;
 
+/// How long a clean stop may take by default: the longest compute of the seed scenario is
+/// 150 ms, a replication round trip a few; seconds leave room for a slow disk.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a stopping node waits for its connections to take what was queued for them.
+const FLUSH_WAIT: Duration = Duration::from_secs(1);
+
 /// Events read in one go before their outputs are written.
 const BATCH: usize = 256;
 
@@ -78,6 +85,8 @@ pub struct NodeConfig {
     pub lease: Option<Duration>,
     /// Bytes queued for a subscriber before it is disconnected ([`MAX_PENDING`]).
     pub max_pending: u64,
+    /// How long a clean stop may take to finish what is in flight (`--drain-timeout`).
+    pub drain_timeout: Duration,
 }
 
 impl NodeConfig {
@@ -99,6 +108,7 @@ impl NodeConfig {
             retain_age: None,
             lease: None,
             max_pending: MAX_PENDING,
+            drain_timeout: DRAIN_TIMEOUT,
         }
     }
 }
@@ -145,6 +155,9 @@ struct Driver {
     net: Net,
     /// Bytes queued for a subscriber before it is disconnected.
     max_pending: usize,
+    /// Cloned into every writer task, which drops it when done: once the driver drops its
+    /// own, the channel closes when the last writer has written out (see [`FLUSH_WAIT`]).
+    alive: Option<mpsc::Sender<()>>,
 }
 
 /// Runs a node on an already-bound listener until `shutdown` is cancelled.
@@ -191,6 +204,8 @@ pub async fn run_on(
         cfg.compute.range(),
         cfg.peer.as_deref().unwrap_or("none")
     );
+    let cfg_drain_timeout = cfg.drain_timeout;
+    let (alive, mut writers_done) = mpsc::channel::<()>(1);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let (drained_tx, mut drained_rx) = mpsc::unbounded_channel();
     let mut d = Driver {
@@ -204,6 +219,7 @@ pub async fn run_on(
         compute: cfg.compute,
         net: cfg.net,
         max_pending: usize::try_from(cfg.max_pending).unwrap_or(usize::MAX),
+        alive: Some(alive),
     };
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     let mut accept_pause: Option<Pin<Box<tokio::time::Sleep>>> = None;
@@ -212,9 +228,16 @@ pub async fn run_on(
     let mut armed = d.core.poll_timeout();
     let timer = tokio::time::sleep_until(d.clock.instant(armed.unwrap_or_default()));
     let stop = shutdown.cancelled();
-    tokio::pin!(timer, stop);
+    // A clean stop drains first (`core/stop.rs`), until this deadline at the latest.
+    let drain_end = tokio::time::sleep(Duration::MAX);
+    let mut draining = false;
+    tokio::pin!(timer, stop, drain_end);
     loop {
         d.act();
+        if draining && d.core.drained() {
+            info!("stopping: everything in flight was finished");
+            break;
+        }
         let next = d.core.poll_timeout();
         if next != armed {
             armed = next;
@@ -223,7 +246,19 @@ pub async fn run_on(
             }
         }
         tokio::select! {
-            _ = &mut stop => break,
+            _ = &mut stop, if !draining => {
+                draining = true;
+                let now = d.clock.now();
+                d.core.handle_stop(now);
+                drain_end.as_mut().reset(tokio::time::Instant::now() + cfg_drain_timeout);
+            }
+            _ = &mut drain_end, if draining => {
+                warn!(
+                    "stopping after --drain-timeout {cfg_drain_timeout:?} with work left: {}",
+                    d.core.unfinished()
+                );
+                break;
+            }
             a = listener.accept(), if accept_pause.is_none() => {
                 accept_pause = d.on_accept(a, &mut backoff);
             }
@@ -247,6 +282,17 @@ pub async fn run_on(
     info!("stopping: {addr} as {}", d.core);
     if let Err(e) = d.core.shutdown() {
         warn!("the log could not be synced on the way out: {e}");
+    }
+    // What is queued for each connection (a drain's last deliveries, `CLR`s to the backup) is
+    // written out before the process goes: every writer is let go, and the channel closes once
+    // the last writer task is done.
+    d.writers.clear();
+    d.alive = None;
+    if tokio::time::timeout(FLUSH_WAIT, writers_done.recv())
+        .await
+        .is_err()
+    {
+        warn!("some connections did not take what was queued for them within {FLUSH_WAIT:?}");
     }
     Ok(())
 }
@@ -406,7 +452,10 @@ impl Driver {
     /// Registers a connection; `paced`: stop reading it while its answers are not being read
     /// (clients; not our own connections to the peer, whose answers we must always read).
     fn register(&mut self, conn: ConnId, stream: BoxStream, paced: bool) {
-        let (reader, writer) = io::split(conn, stream, paced, self.drained_tx.clone());
+        let Some(alive) = self.alive.clone() else {
+            return;
+        };
+        let (reader, writer) = io::split(conn, stream, paced, self.drained_tx.clone(), alive);
         self.readers.push(reader);
         self.writers.insert(conn, writer);
     }
