@@ -149,3 +149,65 @@ fn a_stop_that_runs_out_of_drain_time_names_what_it_leaves() {
         "the log does not name what was left"
     );
 }
+
+/// Deliveries from `sub` (seq of each `MSG`, in arrival order) until nothing came for `quiet`.
+fn deliveries_until_quiet(sub: &mut common::LineConn, quiet: Duration) -> Vec<u64> {
+    let mut got = Vec::new();
+    while let Got::Line(l) = sub.next(quiet) {
+        if l.starts_with("MSG|") {
+            got.push(parse_msg(&l).1);
+        }
+    }
+    got
+}
+
+#[test]
+fn a_primary_stopped_with_sigterm_hands_its_publishers_to_the_backup_in_order() {
+    let (pp, bp) = (free_port(), free_port());
+    let (pa, ba) = (addr(pp), addr(bp));
+    let (pport, bport) = (pp.to_string(), bp.to_string());
+    let mut primary = spawn_bin_capture("primary", &[&pport, &ba, "--compute", "200"]);
+    let backup = spawn_bin_capture("backup", &[&bport, &pa, "--compute", "200"]);
+    wait_status(&pa, "primary", "up");
+    wait_status(&ba, "backup", "armed");
+    let mut on_primary = common::subscribe(&pa, "t");
+    let mut on_backup = common::subscribe(&ba, "t");
+    let mut publisher = spawn_bin_capture(
+        "test-publisher",
+        &[
+            "t", &pa, &ba, "--rate", "50", "--count", "100", "--id", "p", "-q",
+        ],
+    );
+    // A second in, with about ten messages in compute, the primary is told to stop.
+    std::thread::sleep(SEC);
+    primary.signal(libc::SIGTERM);
+    assert!(primary.wait_exit(10 * SEC).is_some_and(|s| s.success()));
+    let status = publisher
+        .wait_exit(30 * SEC)
+        .expect("the publisher did not finish");
+    assert!(status.success(), "not every message was acknowledged");
+    let mut got = deliveries_until_quiet(&mut on_primary, Duration::from_millis(100));
+    got.extend(deliveries_until_quiet(&mut on_backup, 2 * SEC));
+    // First deliveries in the publisher's order, all of them, none twice.
+    let mut first = Vec::new();
+    for s in &got {
+        if !first.contains(s) {
+            first.push(*s);
+        }
+    }
+    assert_eq!(first, (1..=100).collect::<Vec<u64>>(), "got {got:?}");
+    assert_eq!(got.len(), 100, "duplicates: {got:?}");
+    assert!(primary.logged("everything in flight was finished"));
+    assert!(
+        backup.logged("TAKEOVER"),
+        "the backup did not take over after the stop"
+    );
+    // The publisher went to the backup on the primary's `ERR|stopping`, and the backup held its
+    // publishes until it took over: it did not send them back (which is how a publisher's
+    // messages came out of order in a chaos run).
+    assert!(backup.logged("the primary is stopping: holding publishes"));
+    assert!(
+        !publisher.logged("backup refused"),
+        "the backup bounced publishes back to the stopping primary"
+    );
+}

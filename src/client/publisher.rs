@@ -240,6 +240,13 @@ pub async fn run_publisher(
                         });
                     }
                 }
+                Some(Ok(Frame::Err { reason })) if reason.starts_with(crate::core::STOPPING) => {
+                    // A clean stop: the other broker takes over once this one is gone, and
+                    // holds what it is sent until then; everything unacknowledged goes there.
+                    warn!("{} is stopping", broker_name(target));
+                    conn = None;
+                    target = switch(&events, target, "broker stopping");
+                }
                 Some(Ok(Frame::Err { reason })) => warn!("{} refused a message: {reason}", broker_name(target)),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {

@@ -28,6 +28,10 @@ pub(super) struct Backup {
     /// A probe in flight, and what waits for its verdict.
     pub probe: Option<Probe>,
     logged_waiting: bool,
+    /// The primary answered a forwarded publish `ERR|stopping` (a clean stop, `stop.rs`):
+    /// publishes wait here until it is gone and this node takes over, rather than bounce
+    /// between the two nodes and come back out of their publishers' order.
+    pub peer_stopping: bool,
     /// When this backup last granted its primary the lease (answered its question on the link,
     /// or started): with `--lease`, no takeover before a lease after it.
     pub last_grant: Time,
@@ -72,6 +76,7 @@ impl Backup {
             poll: Poll::Idle,
             probe: None,
             logged_waiting: false,
+            peer_stopping: false,
             last_grant: now,
             pending_takeover: None,
             caught_up: None,
@@ -98,7 +103,7 @@ impl Backup {
 }
 
 impl Broker {
-    fn backup(&mut self) -> Option<&mut Backup> {
+    pub(super) fn backup(&mut self) -> Option<&mut Backup> {
         match &mut self.role {
             RoleState::Backup(b) => Some(b),
             RoleState::Primary(_) => None,
@@ -166,6 +171,8 @@ impl Broker {
         if following == incarnation {
             return;
         }
+        // A new life of the primary is not the one that was stopping.
+        b.peer_stopping = false;
         // A new life of our primary: what we hold from its previous life it may no longer know
         // about (its log may have been in memory). Hand it over rather than keep it forever:
         // it drops, by identity, what it still has.
@@ -257,7 +264,8 @@ impl Broker {
     /// accepted as primary are being handed over, it waits for them: they are older than
     /// anything their publishers sent since, and the primary logs in arrival order.
     fn forward(&mut self, client: ConnId, frame: Frame, attempt: u8) {
-        if !self.handovers.is_empty() {
+        let stopping = self.backup().is_some_and(|b| b.peer_stopping);
+        if stopping || !self.handovers.is_empty() {
             self.forwards_waiting.push((client, frame, attempt));
             return;
         }

@@ -184,6 +184,19 @@ impl Broker {
         };
         match answer {
             ack @ Frame::Ack { .. } => self.finish_forward(client, ack),
+            Frame::Err { reason }
+                if reason.starts_with(super::STOPPING) && self.role() == Role::Backup =>
+            {
+                // The primary is draining: it will be gone in a moment, and this node takes
+                // over; the publish waits for that (see `Backup::peer_stopping`).
+                if let Some(b) = self.backup() {
+                    if !b.peer_stopping {
+                        info!("the primary is stopping: holding publishes until it is gone");
+                    }
+                    b.peer_stopping = true;
+                }
+                self.forwards_waiting.push((client, frame, attempt));
+            }
             other => {
                 let e = format!("primary answered {}", other.encode().trim_end());
                 self.forward_failed(client, frame, attempt, &e);

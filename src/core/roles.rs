@@ -7,8 +7,18 @@ use super::failover::next_epoch;
 use super::link::LinkState;
 use super::primary::Primary;
 use super::time::Timer;
+use super::ConnId;
 use super::{Broker, RoleState};
-use crate::protocol::Role;
+use crate::protocol::{Frame, Role};
+
+/// Where a publish goes among others waiting: by publisher and sequence number (anonymous seed
+/// publishes first, among themselves as they came: the sort is stable).
+fn publish_order(f: &Frame) -> Option<(&str, u64)> {
+    match f {
+        Frame::Pub { id, .. } => Some((id.publisher.as_str(), id.seq)),
+        _ => None,
+    }
+}
 
 impl Broker {
     /// Becomes the primary: a new epoch of our own, then every held message replayed in its
@@ -50,12 +60,14 @@ impl Broker {
         for conn in b.link_conns {
             self.close(conn);
         }
-        if let Some(probe) = b.probe {
-            for (conn, frame, _) in probe.publishes {
-                self.decide_publish(conn, frame, 0);
-            }
-        }
-        for (conn, frame, _) in std::mem::take(&mut self.forwards_waiting) {
+        // What waited for the primary (a probe's verdict, a drain, hand-overs) is served now,
+        // each publisher's messages in their order: forwards answered in any order (a draining
+        // primary's refusals) do not decide it.
+        let mut waiting: Vec<(ConnId, Frame, u8)> =
+            b.probe.map(|p| p.publishes).unwrap_or_default();
+        waiting.append(&mut self.forwards_waiting);
+        waiting.sort_by(|a, b| publish_order(&a.1).cmp(&publish_order(&b.1)));
+        for (conn, frame, _) in waiting {
             self.serve_here(conn, frame);
         }
         if self.cfg.lease.is_some() {
