@@ -127,6 +127,10 @@ pub struct BrokerOpts {
     /// whatever is left then is named in the log.
     #[arg(long, value_parser = parse_duration, default_value = "5s", value_name = "D")]
     pub drain_timeout: std::time::Duration,
+    /// Connections served at once (clients and the peer's); one more is answered
+    /// `ERR|too many connections` and closed, and the node goes on serving the others.
+    #[arg(long, default_value_t = crate::driver::MAX_CONNECTIONS, value_name = "N")]
+    pub max_connections: usize,
     /// Size at which a topic's log rolls over to a new segment file (at least 4K), the unit in
     /// which retention removes old entries. Needs `--data-dir`.
     #[arg(long, value_parser = parse_segment_bytes, default_value = "64M", value_name = "SIZE")]
@@ -216,6 +220,7 @@ pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCo
         cfg.lease = opts.lease;
         cfg.max_pending = opts.max_pending;
         cfg.drain_timeout = opts.drain_timeout;
+        cfg.max_connections = opts.max_connections;
         match driver::run(listener, cfg, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

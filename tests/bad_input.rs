@@ -148,3 +148,31 @@ fn half_frames_and_floods_do_not_stall_other_clients() {
     assert_eq!(c.read_line(Duration::from_secs(5)).as_deref(), Some("PONG"));
     assert!(p.alive());
 }
+
+#[test]
+fn a_connection_past_the_limit_is_refused_and_the_others_are_served() {
+    let port = free_port();
+    let (p, dead) = (port.to_string(), format!("127.0.0.1:{}", free_port()));
+    let node = common::spawn_bin_capture("primary", &[&p, &dead, "--max-connections", "2"]);
+    // Ready once it listens (no STATUS connection: it would count against the two).
+    node.wait_stderr("listening on");
+    let a_addr = format!("127.0.0.1:{port}");
+    let mut a = LineConn::connect(&a_addr);
+    a.send_line("PING");
+    assert_eq!(a.next(5 * common::SEC), Got::Line("PONG".into()));
+    let mut b = LineConn::connect(&a_addr);
+    b.send_line("PING");
+    assert_eq!(b.next(5 * common::SEC), Got::Line("PONG".into()));
+    let mut c = LineConn::connect(&a_addr);
+    assert_eq!(
+        c.next(5 * common::SEC),
+        Got::Line("ERR|too many connections".into())
+    );
+    assert!(matches!(c.next(5 * common::SEC), Got::Eof | Got::Failed(_)));
+    assert!(node.logged("connections open (--max-connections)"));
+    // The two it serves are unaffected.
+    for conn in [&mut a, &mut b] {
+        conn.send_line("PING");
+        assert_eq!(conn.next(5 * common::SEC), Got::Line("PONG".into()));
+    }
+}

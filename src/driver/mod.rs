@@ -25,8 +25,9 @@ use crate::net::{BoxStream, Listener, Net};
 use crate::protocol::Role;
 use io::{ConnEvent, Readers, Writer};
 
-/// Most connections a node serves at once; more are told `ERR` and closed. With
-/// [`MAX_FRAME`](crate::protocol::MAX_FRAME) this bounds the memory idle or half-sent frames can pin.
+/// Most connections a node serves at once by default (`--max-connections`); more are told
+/// `ERR|too many connections` and closed. With [`MAX_FRAME`](crate::protocol::MAX_FRAME) this
+/// bounds the memory idle or half-sent frames can pin.
 pub const MAX_CONNECTIONS: usize = 4096;
 
 /// Answers queued for a client that sends without reading them before the node stops reading
@@ -87,6 +88,8 @@ pub struct NodeConfig {
     pub max_pending: u64,
     /// How long a clean stop may take to finish what is in flight (`--drain-timeout`).
     pub drain_timeout: Duration,
+    /// Accepted connections served at once, the peer's included ([`MAX_CONNECTIONS`]).
+    pub max_connections: usize,
 }
 
 impl NodeConfig {
@@ -109,6 +112,7 @@ impl NodeConfig {
             lease: None,
             max_pending: MAX_PENDING,
             drain_timeout: DRAIN_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
         }
     }
 }
@@ -146,8 +150,9 @@ struct Driver {
     clock: Clock,
     readers: Readers,
     writers: HashMap<ConnId, Writer>,
-    /// Accepted connections still open, against [`MAX_CONNECTIONS`].
+    /// Accepted connections still open, against `max_connections`.
     inbound: HashSet<ConnId>,
+    max_connections: usize,
     done_tx: mpsc::UnboundedSender<Done>,
     /// Writers that drained after an [`Output::Writable`] say so here.
     drained_tx: mpsc::UnboundedSender<ConnId>,
@@ -220,6 +225,7 @@ pub async fn run_on(
         net: cfg.net,
         max_pending: usize::try_from(cfg.max_pending).unwrap_or(usize::MAX),
         alive: Some(alive),
+        max_connections: cfg.max_connections,
     };
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     let mut accept_pause: Option<Pin<Box<tokio::time::Sleep>>> = None;
@@ -437,8 +443,11 @@ impl Driver {
     }
 
     fn accepted(&mut self, stream: BoxStream, peer: &str) {
-        if self.inbound.len() >= MAX_CONNECTIONS {
-            warn!("refusing {peer}: {MAX_CONNECTIONS} connections open");
+        if self.inbound.len() >= self.max_connections {
+            warn!(
+                "refusing {peer}: {} connections open (--max-connections)",
+                self.inbound.len()
+            );
             crate::net::spawn(io::refuse(stream));
             return;
         }
