@@ -39,7 +39,10 @@ fn regression_seeds_stay_clean() {
     // 37: an out-of-order first delivery: a node cut its tail, handing an undelivered message
     //     to the other node, and took over in the same instant; the message reached the
     //     subscribers after newer ones (now a takeover takes unfinished hand-overs back first).
-    let r = results([8, 1, 22, 39, 197, 336, 37]);
+    // 264: 53 duplicates against 45: a primary restarted in memory numbered entries from 0
+    //      again, the subscriber kept resuming after its old highest offset, and a backup
+    //      replayed all it had (a REPLAYED below the resume point now lowers it).
+    let r = results([8, 1, 22, 39, 197, 336, 37, 264]);
     let bad: Vec<&SimResult> = r.iter().filter(|r| !r.violations.is_empty()).collect();
     assert!(bad.is_empty(), "{}", report(&bad));
 }
