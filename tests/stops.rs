@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{addr, free_port, parse_msg, spawn_bin_capture, wait_status, Got, SEC};
+use common::{addr, free_port, parse_msg, solo_primary, spawn_bin_capture, wait_status, Got, SEC};
 
 /// What a publisher's connection was answered: `ACK`ed seqs, and `ERR` lines.
 #[derive(Default)]
@@ -61,14 +61,7 @@ fn stream(
 fn a_degraded_primary_stopped_with_sigterm_delivers_every_message_it_acknowledged() {
     // No backup (its port is dead) and no data directory: nothing survives the process, so
     // what it acknowledged reaches subscribers only if it delivers it before it exits.
-    let (pp, dead) = (free_port(), free_port());
-    let pa = addr(pp);
-    let (port, peer) = (pp.to_string(), addr(dead));
-    let mut primary = spawn_bin_capture(
-        "primary",
-        &[&port, &peer, "--compute", "50..150", "--seed", "7"],
-    );
-    wait_status(&pa, "primary", "down");
+    let (mut primary, pa) = solo_primary(&["--compute", "50..150", "--seed", "7"]);
     let mut sub = common::subscribe(&pa, "t");
     let stop = Arc::new(Mutex::new(false));
     let (answers, sender) = stream(&pa, Duration::from_millis(20), stop.clone());
@@ -115,21 +108,7 @@ fn a_degraded_primary_stopped_with_sigterm_delivers_every_message_it_acknowledge
 
 #[test]
 fn a_stop_that_runs_out_of_drain_time_names_what_it_leaves() {
-    let (pp, dead) = (free_port(), free_port());
-    let pa = addr(pp);
-    let (port, peer) = (pp.to_string(), addr(dead));
-    let mut primary = spawn_bin_capture(
-        "primary",
-        &[
-            &port,
-            &peer,
-            "--compute",
-            "5000",
-            "--drain-timeout",
-            "300ms",
-        ],
-    );
-    wait_status(&pa, "primary", "down");
+    let (mut primary, pa) = solo_primary(&["--compute", "5000", "--drain-timeout", "300ms"]);
     let mut publisher = common::LineConn::connect(&pa);
     publisher.send_line("PUB|t|slow|1|1|m1");
     assert_eq!(publisher.next(5 * SEC), Got::Line("ACK|slow|1".into()));

@@ -886,47 +886,38 @@ mod tests {
         let seg = last_segment(dir.path(), "t");
         let runway = file_len(&seg);
         assert!(runway > end);
+        // Writes each (bytes, at) into the segment, reopens, and expects exactly one cut, at
+        // `end`, for `reason`, with the five entries kept; returns the damaged byte count.
+        let damaged = |writes: &[(&[u8], u64)], reason: CutReason| -> u64 {
+            let f = OpenOptions::new().write(true).open(&seg).expect("open");
+            for (bytes, at) in writes {
+                f.write_all_at(bytes, *at).expect("write");
+            }
+            drop(f);
+            let (log, rec) = open(dir.path());
+            assert_eq!(rec.damage.len(), 1, "{:?}", rec.lines());
+            assert_eq!(rec.damage[0].1.reason, reason);
+            assert_eq!(rec.damage[0].1.at, end);
+            assert_entries(&log, "t", 0..5);
+            rec.damage[0].1.bytes
+        };
         // Half a record: its header and the first half of its body, the runway after.
         let mut rec_bytes = Vec::new();
         encode_record(&entry(5), &mut rec_bytes).expect("encode");
-        let f = OpenOptions::new().write(true).open(&seg).expect("open");
-        f.write_all_at(&rec_bytes[..rec_bytes.len() / 2], end)
-            .expect("write");
-        drop(f);
-        {
-            let (log, rec) = open(dir.path());
-            assert_eq!(rec.damage.len(), 1, "{:?}", rec.lines());
-            assert_eq!(rec.damage[0].1.reason, CutReason::Checksum);
-            assert_eq!(rec.damage[0].1.at, end);
-            assert_eq!(
-                rec.damage[0].1.bytes,
-                (rec_bytes.len() / 2) as u64,
-                "the damaged bytes, not the runway after them"
-            );
-            assert_entries(&log, "t", 0..5);
-        }
+        let half = &rec_bytes[..rec_bytes.len() / 2];
+        assert_eq!(
+            damaged(&[(half, end)], CutReason::Checksum),
+            half.len() as u64,
+            "the damaged bytes, not the runway after them"
+        );
         assert_eq!(file_len(&seg), end, "cut at the last good record");
         // The runway's fill, then a stray byte: not a runway.
-        let f = OpenOptions::new().write(true).open(&seg).expect("open");
-        f.write_all_at(&[RUNWAY_BYTE; 64], end).expect("write");
-        f.write_all_at(&[7], end + 64).expect("write");
-        drop(f);
-        {
-            let (log, rec) = open(dir.path());
-            assert_eq!(rec.damage.len(), 1, "{:?}", rec.lines());
-            assert_eq!(rec.damage[0].1.reason, CutReason::BadLength);
-            assert_eq!(rec.damage[0].1.at, end);
-            assert_entries(&log, "t", 0..5);
-        }
+        damaged(
+            &[(&[RUNWAY_BYTE; 64], end), (&[7], end + 64)],
+            CutReason::BadLength,
+        );
         // Zeros where the runway was: reported too.
-        let f = OpenOptions::new().write(true).open(&seg).expect("open");
-        f.write_all_at(&[0u8; 64], end).expect("write");
-        drop(f);
-        let (log, rec) = open(dir.path());
-        assert_eq!(rec.damage.len(), 1, "{:?}", rec.lines());
-        assert_eq!(rec.damage[0].1.reason, CutReason::BadLength);
-        assert_eq!(rec.damage[0].1.at, end);
-        assert_entries(&log, "t", 0..5);
+        damaged(&[(&[0u8; 64], end)], CutReason::BadLength);
     }
 
     /// A segment sealed while preallocating is cut to its records, even when it was written
