@@ -196,7 +196,7 @@ impl Broker {
                 "primary restarted: handing {} message(s) it replicated before to its new life",
                 orphans.len()
             );
-            self.hand_over(orphans, Default::default());
+            self.hand_over(orphans);
         }
     }
 

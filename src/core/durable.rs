@@ -533,7 +533,7 @@ impl Broker {
                     })
                 })
                 .collect();
-            self.hand_over(msgs, Default::default());
+            self.hand_over(msgs);
         }
         Ok(())
     }

@@ -2,7 +2,6 @@
 //! backup's polls and probes, forwarded publishes, hand-overs, and the check after a pause.
 
 use foldhash::{HashMap, HashMapExt, HashSet};
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +9,6 @@ use tracing::{error, info, warn};
 
 use super::conn::{Conn, Kind};
 use super::failover::Evidence;
-use super::primary::PendingAck;
 use super::time::Timer;
 use super::{Broker, ConnId, Message};
 use crate::log::Entry;
@@ -18,9 +16,6 @@ use crate::protocol::{Frame, MsgId, Role, PROTOCOL_VERSION};
 
 /// How long a paused primary waits for its peer to say who is primary.
 const FENCE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// What a publish still waiting for its answer when this node stepped down is answered.
-pub(super) const NOT_PRIMARY: &str = "not primary any more; resend to the other broker";
 
 /// Attempts at a hand-over, and the wait between two.
 const HAND_OVER_ATTEMPTS: u32 = 10;
@@ -54,10 +49,6 @@ pub(super) struct HandOver {
     msgs: Vec<Arc<Message>>,
     attempt: u32,
     acked: usize,
-    /// Publishes still waiting for their answer when this node stepped down: refused (so that
-    /// their publishers resend to the new primary) only once the new primary has what is
-    /// handed over, which a resend arriving first would overtake.
-    acks: VecDeque<PendingAck>,
 }
 
 impl Broker {
@@ -205,14 +196,13 @@ impl Broker {
     }
 
     /// Hands `msgs` to the peer, retrying for a few seconds; each must be acknowledged.
-    pub(super) fn hand_over(&mut self, msgs: Vec<Arc<Message>>, acks: VecDeque<PendingAck>) {
+    pub(super) fn hand_over(&mut self, msgs: Vec<Arc<Message>>) {
         let id = self.next_handover;
         self.next_handover += 1;
         let h = HandOver {
             msgs,
             attempt: 1,
             acked: 0,
-            acks,
         };
         self.handovers.insert(id, h);
         self.retry_hand_over(id);
@@ -231,11 +221,7 @@ impl Broker {
         for id in handovers.keys() {
             self.timers.stop(Timer::HandOver(*id));
         }
-        let mut msgs: Vec<Arc<Message>> = Vec::new();
-        for h in handovers.into_values() {
-            self.refuse_acks(&h.acks, NOT_PRIMARY);
-            msgs.extend(h.msgs);
-        }
+        let msgs: Vec<Arc<Message>> = handovers.into_values().flat_map(|h| h.msgs).collect();
         let mut have: HashMap<String, HashSet<MsgId>> = HashMap::new();
         let mut taken = 0usize;
         for m in msgs {
@@ -366,12 +352,10 @@ impl Broker {
             return;
         }
         let n = h.msgs.len();
-        let acks = std::mem::take(&mut h.acks);
         self.handovers.remove(&id);
         self.close(conn);
         let peer = self.cfg.peer.clone().unwrap_or_default();
         info!("handed {n} message(s) over to the new primary {peer}");
-        self.refuse_acks(&acks, NOT_PRIMARY);
         self.after_hand_overs();
     }
 
@@ -384,14 +368,7 @@ impl Broker {
             "handing messages over to {peer} failed (attempt {}): {e}",
             h.attempt
         );
-        // Their publishers wait no longer: what they resend may now overtake the hand-over.
-        let acks = std::mem::take(&mut h.acks);
-        let again = h.attempt < HAND_OVER_ATTEMPTS;
-        self.refuse_acks(&acks, NOT_PRIMARY);
-        let Some(h) = self.handovers.get_mut(&id) else {
-            return;
-        };
-        if again {
+        if h.attempt < HAND_OVER_ATTEMPTS {
             h.attempt += 1;
             let at = self.now.mono + HAND_OVER_RETRY;
             self.timers.set(Timer::HandOver(id), at);

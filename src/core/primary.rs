@@ -457,7 +457,7 @@ impl Broker {
             self.release_ready_acks();
             return;
         }
-        self.refuse_acks(&acks, super::peer::NOT_PRIMARY);
+        self.refuse_acks(&acks, "not primary any more; resend to the other broker");
     }
 
     /// Answers each of `acks` with `ERR|reason` instead of its `ACK`, in its connection's

@@ -7,18 +7,8 @@ use super::failover::next_epoch;
 use super::link::LinkState;
 use super::primary::Primary;
 use super::time::Timer;
-use super::ConnId;
 use super::{Broker, RoleState};
-use crate::protocol::{Frame, Role};
-
-/// Where a publish goes among others waiting: by publisher and sequence number (anonymous seed
-/// publishes first, among themselves as they came: the sort is stable).
-fn publish_order(f: &Frame) -> Option<(&str, u64)> {
-    match f {
-        Frame::Pub { id, .. } => Some((id.publisher.as_str(), id.seq)),
-        _ => None,
-    }
-}
+use crate::protocol::Role;
 
 impl Broker {
     /// Becomes the primary: a new epoch of our own, then every held message replayed in its
@@ -60,14 +50,12 @@ impl Broker {
         for conn in b.link_conns {
             self.close(conn);
         }
-        // What waited for the primary (a probe's verdict, a drain, hand-overs) is served now,
-        // each publisher's messages in their order: forwards answered in any order (a draining
-        // primary's refusals) do not decide it.
-        let mut waiting: Vec<(ConnId, Frame, u8)> =
-            b.probe.map(|p| p.publishes).unwrap_or_default();
-        waiting.append(&mut self.forwards_waiting);
-        waiting.sort_by(|a, b| publish_order(&a.1).cmp(&publish_order(&b.1)));
-        for (conn, frame, _) in waiting {
+        if let Some(probe) = b.probe {
+            for (conn, frame, _) in probe.publishes {
+                self.decide_publish(conn, frame, 0);
+            }
+        }
+        for (conn, frame, _) in std::mem::take(&mut self.forwards_waiting) {
             self.serve_here(conn, frame);
         }
         if self.cfg.lease.is_some() {
@@ -103,8 +91,7 @@ impl Broker {
         );
         self.epoch = self.epoch.max(epoch);
         self.save_epoch();
-        // Refused once what is handed over below has reached the new primary (`HandOver`).
-        let mut acks = p.acks;
+        self.release_acks(p.acks, false);
         // Forget which identities we accepted: the undelivered ones are about to come back to
         // us as forwarded publishes if the peer steps down in turn, and must not be taken for
         // resends. As a backup we relearn identities from what the new primary replicates.
@@ -125,11 +112,10 @@ impl Broker {
         undelivered.sort_by(|a, b| a.topic.cmp(&b.topic).then(a.offset.cmp(&b.offset)));
         if self.cfg.peer.is_some() {
             if !undelivered.is_empty() {
-                self.hand_over(undelivered, std::mem::take(&mut acks));
+                self.hand_over(undelivered);
             }
             self.timers.set(Timer::Ping, now);
         }
-        self.refuse_acks(&acks, super::peer::NOT_PRIMARY);
     }
 
     /// The peer confirmed (or could not deny) that we are still primary after a pause: deliver
