@@ -146,6 +146,45 @@ pub struct BrokerOpts {
     /// Give both nodes the same value. Off by default.
     #[arg(long, value_parser = parse_lease, value_name = "DUR")]
     pub lease: Option<Duration>,
+    /// File holding the secret this node shares with its peer; only a connection that proves
+    /// it may act as the peer. Default: the file named by `EDGEPAIR_SECRET_FILE`, else the
+    /// secret itself in `EDGEPAIR_SECRET`, else `~/.config/edgepair/secret`, made on first
+    /// start (copy it to the other host for nodes on two hosts). Refused when others may read
+    /// it.
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<std::path::PathBuf>,
+    /// Publishes of one connection that may await their ACK; past it the node reads no more
+    /// from that connection until ACKs go out (the publisher is slowed, nothing is refused).
+    #[arg(long, default_value_t = crate::core::MAX_UNACKED, value_name = "N")]
+    pub max_unacked: usize,
+    /// Subscriptions one connection may hold; one more is answered `ERR|too many
+    /// subscriptions…` and the connection goes on.
+    #[arg(long, default_value_t = crate::core::MAX_SUBSCRIPTIONS, value_name = "N")]
+    pub max_subscriptions: usize,
+    /// Longest topic name in bytes; a longer one (or one with a control character) is answered
+    /// `ERR|…` and nothing is stored or subscribed.
+    #[arg(long, default_value_t = crate::core::MAX_TOPIC_LEN, value_name = "BYTES")]
+    pub max_topic_len: usize,
+    /// Close a connection that has begun a frame and not finished it within this long (a slow
+    /// drip of bytes); idle connections are not timed.
+    #[arg(long, value_parser = parse_duration, default_value = "10s", value_name = "D")]
+    pub frame_timeout: Duration,
+    /// This node's TLS certificate chain (PEM): with `--tls-key` and `--tls-ca`, the node
+    /// speaks only TLS, to clients and to its peer.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The CA (PEM) that signed the peer's certificate. Clients may connect without a
+    /// certificate; a connection acts as the peer only if it presents one signed by this CA
+    /// (mutual TLS), besides proving the secret.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Take the seed's `REPLICATE`/`CLEAR` from any connection, unauthenticated, so that a seed
+    /// primary can drive this backup. Anyone who can connect can then plant messages.
+    #[arg(long)]
+    pub allow_seed_replicate: bool,
 }
 
 /// A `--segment-bytes` value: a byte size of at least 4 KiB.
@@ -190,6 +229,33 @@ pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCo
             return ExitCode::from(2);
         }
     };
+    let key = match crate::secret::load(opts.secret_file.as_deref()) {
+        Ok((key, origin)) => {
+            info!("peer secret from {origin}");
+            key
+        }
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let tls = match crate::tls::NodeTls::from_files(
+        opts.tls_cert.as_deref(),
+        opts.tls_key.as_deref(),
+        opts.tls_ca.as_deref(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if opts.allow_seed_replicate {
+        tracing::warn!(
+            "--allow-seed-replicate: REPLICATE/CLEAR are taken from ANY connection, \
+             unauthenticated: whoever can connect can plant or clear held messages"
+        );
+    }
     let rt = match broker_runtime(opts.threads) {
         Ok(rt) => rt,
         Err(e) => {
@@ -221,6 +287,13 @@ pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCo
         cfg.max_pending = opts.max_pending;
         cfg.drain_timeout = opts.drain_timeout;
         cfg.max_connections = opts.max_connections;
+        cfg.peer_key = Some(key);
+        cfg.allow_seed_replicate = opts.allow_seed_replicate;
+        cfg.max_unacked = opts.max_unacked;
+        cfg.max_subscriptions = opts.max_subscriptions;
+        cfg.max_topic_len = opts.max_topic_len;
+        cfg.frame_timeout = opts.frame_timeout;
+        cfg.tls = tls;
         match driver::run(listener, cfg, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -247,6 +320,16 @@ pub struct PublishOpts {
     /// Give up when nothing was acknowledged for this long after the last message.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub give_up: Duration,
+    /// Connect to the brokers over TLS, checking their certificates against this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+/// The TLS of a client binary (`--tls-ca`), or why it cannot be had.
+fn client_tls(ca: Option<&std::path::Path>) -> Result<Option<crate::tls::Client>, String> {
+    ca.map(|ca| crate::tls::Client::new(ca, None))
+        .transpose()
+        .map_err(|e| e.to_string())
 }
 
 /// `test-publisher`: numbered messages at a fixed rate.
@@ -329,6 +412,9 @@ pub struct SubscriberCli {
     /// Resume after a reconnect: the default (kept so that older command lines still run).
     #[arg(long, hide = true, conflicts_with = "no_resume")]
     pub resume: bool,
+    /// Connect to the brokers over TLS, checking their certificates against this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl SubscriberCli {
@@ -426,8 +512,9 @@ fn publisher_config(
     primary: String,
     backup: String,
     o: &PublishOpts,
-) -> crate::client::PublisherConfig {
-    crate::client::PublisherConfig {
+) -> Result<crate::client::PublisherConfig, String> {
+    Ok(crate::client::PublisherConfig {
+        tls: client_tls(o.tls_ca.as_deref())?,
         topic,
         brokers: crate::client::Brokers { primary, backup },
         id: o.id.clone().unwrap_or_else(crate::client::new_publisher_id),
@@ -435,7 +522,7 @@ fn publisher_config(
         resend: o.resend,
         give_up: o.give_up,
         net: Net::Tokio,
-    }
+    })
 }
 
 /// Runs the `test-publisher` binary.
@@ -464,7 +551,13 @@ pub fn test_publisher(cli: TestPublisherCli) -> ExitCode {
     };
     rt.block_on(async move {
         let shutdown = shutdown_on_signals();
-        let cfg = publisher_config(cli.topic, cli.primary, cli.backup, &cli.opts);
+        let cfg = match publisher_config(cli.topic, cli.primary, cli.backup, &cli.opts) {
+            Ok(c) => c,
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::from(2);
+            }
+        };
         info!("publisher {} at {} msg/s", cfg.id, cli.rate);
         let (in_tx, in_rx) = tokio::sync::mpsc::channel(1024);
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -542,7 +635,13 @@ pub fn publisher(cli: PublisherCli) -> ExitCode {
     };
     rt.block_on(async move {
         let shutdown = shutdown_on_signals();
-        let cfg = publisher_config(cli.topic, cli.primary, cli.backup, &cli.opts);
+        let cfg = match publisher_config(cli.topic, cli.primary, cli.backup, &cli.opts) {
+            Ok(c) => c,
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::from(2);
+            }
+        };
         let (in_tx, in_rx) = tokio::sync::mpsc::channel(1);
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
         let _ = in_tx.send((1, cli.payload)).await;
@@ -598,6 +697,13 @@ pub fn subscriber(cli: SubscriberCli) -> ExitCode {
         );
         cfg.start = cli.start();
         cfg.resume = !cli.no_resume;
+        cfg.tls = match client_tls(cli.tls_ca.as_deref()) {
+            Ok(t) => t,
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::from(2);
+            }
+        };
         let mut sink = crate::client::PrintSink {
             out: std::io::BufWriter::new(std::io::stdout()),
             csv,

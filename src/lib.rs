@@ -12,6 +12,8 @@ pub mod driver;
 pub mod log;
 pub mod net;
 pub mod protocol;
+pub mod secret;
+pub mod tls;
 
 /// Every binary of the crate allocates through mimalloc. The relay path allocates a few small
 /// buffers per message on several threads at once; glibc's allocator spent about a sixth of the

@@ -49,6 +49,24 @@ impl Net {
         }
     }
 
+    /// Connects to `addr` and, with `tls`, runs the TLS handshake, all within `timeout`.
+    pub async fn connect_tls(
+        &self,
+        addr: &str,
+        timeout: Duration,
+        tls: Option<&crate::tls::Client>,
+    ) -> io::Result<BoxStream> {
+        let Some(tls) = tls else {
+            return self.connect(addr, timeout).await;
+        };
+        let start = tokio::time::Instant::now();
+        let s = self.connect(addr, timeout).await?;
+        let left = timeout.saturating_sub(start.elapsed());
+        tokio::time::timeout(left, tls.connect(s, addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+    }
+
     /// Connects to `addr`, giving up after `timeout` so a hung peer cannot stall the caller.
     pub async fn connect(&self, addr: &str, timeout: Duration) -> io::Result<BoxStream> {
         match self {

@@ -1,5 +1,6 @@
-//! A seed backup (one that answers our HELLO with anything but HELLO) is driven with the seed's
-//! REPLICATE/CLEAR; one that closes on HELLO is retried. Real primary, fake seed backup.
+//! A seed backup (one that answers our opening `AUTH` with anything but a challenge) is driven
+//! with the seed's REPLICATE/CLEAR; one that closes on it is retried. Real primary, fake seed
+//! backup.
 
 mod common;
 
@@ -15,8 +16,8 @@ use common::*;
 // ---------------------------------------------------------------------------------------------
 
 /// A fake seed backup: logs every line it receives; answers `REPLICATE` with `ACK`, `PING` with
-/// `PONG`, and `HELLO` (a verb the seed does not know) with `hello_answer`, or closes on it when
-/// that is `None`.
+/// `PONG`, and `AUTH` or `HELLO` (verbs the seed does not know) with `hello_answer`, or closes
+/// on them when that is `None`.
 fn fake_seed_backup(hello_answer: Option<&'static str>) -> (String, Arc<Mutex<Vec<String>>>) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let a = l.local_addr().expect("addr").to_string();
@@ -32,7 +33,7 @@ fn fake_seed_backup(hello_answer: Option<&'static str>) -> (String, Arc<Mutex<Ve
                     if let Ok(mut g) = log.lock() {
                         g.push(line.clone());
                     }
-                    let answer = if line.starts_with("HELLO") {
+                    let answer = if line.starts_with("HELLO") || line.starts_with("AUTH") {
                         match hello_answer {
                             Some(a) => a,
                             None => return,
@@ -99,12 +100,14 @@ fn seed_backup_gets_replicate_and_clear(hello_answer: &'static str) {
         .filter(|l| l.starts_with("REPLICATE|") || l.starts_with("CLEAR|"))
         .collect();
     assert_eq!(data, want, "all lines: {lines:?}");
-    // After the first HELLO it is never sent the identified dialect.
+    // After the first opening (the handshake's `AUTH`) it is never sent the identified
+    // dialect, nor `HELLO`.
     assert_eq!(
-        lines.iter().filter(|l| l.starts_with("HELLO|")).count(),
+        lines.iter().filter(|l| l.starts_with("AUTH|")).count(),
         1,
         "{lines:?}"
     );
+    assert!(!lines.iter().any(|l| l.starts_with("HELLO|")), "{lines:?}");
     let identified: Vec<&String> = lines
         .iter()
         .filter(|l| l.starts_with("REPL|") || l.starts_with("CLR|") || l.starts_with("STATUS"))
@@ -125,11 +128,11 @@ fn primary_drives_a_seed_backup_that_answers_ack_to_hello_with_replicate_and_cle
     seed_backup_gets_replicate_and_clear("ACK");
 }
 
-/// BACKUP_SYSTEM.md: a `HELLO` answered by a close is "not there yet" (a backup behind a proxy
-/// whose node is down looks like that), so the primary says `HELLO` again later and never
-/// falls back to the seed dialect on a close alone.
+/// BACKUP_SYSTEM.md: an opening (`AUTH`) answered by a close is "not there yet" (a backup
+/// behind a proxy whose node is down looks like that), so the primary opens again later and
+/// never falls back to the seed dialect on a close alone.
 #[test]
-fn primary_retries_hello_on_a_backup_that_closes_without_a_word() {
+fn primary_retries_the_opening_on_a_backup_that_closes_without_a_word() {
     let (fake, log) = fake_seed_backup(None);
     let pp = free_port();
     let pa = addr(pp);
@@ -140,7 +143,7 @@ fn primary_retries_hello_on_a_backup_that_closes_without_a_word() {
     assert_eq!(p.next(5 * SEC), Got::Line("ACK|ps|1".into()));
     let hellos = || {
         log.lock()
-            .map(|g| g.iter().filter(|l| l.starts_with("HELLO|")).count())
+            .map(|g| g.iter().filter(|l| l.starts_with("AUTH|hello|")).count())
             .unwrap_or(0)
     };
     assert!(
@@ -150,8 +153,8 @@ fn primary_retries_hello_on_a_backup_that_closes_without_a_word() {
     );
     let lines = log.lock().map(|g| g.clone()).unwrap_or_default();
     assert!(
-        lines.iter().all(|l| l.starts_with("HELLO|")),
-        "only HELLOs, never the seed dialect: {lines:?}"
+        lines.iter().all(|l| l.starts_with("AUTH|hello|")),
+        "only openings, never the seed dialect: {lines:?}"
     );
     wait_status(&pa, "primary", "down");
 }

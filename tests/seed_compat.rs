@@ -1,6 +1,7 @@
 //! A client written to the seed's frame table works against our brokers unchanged: one
 //! connection per `PUBLISH`, `SUBSCRIBE` reading bare payload lines, `PING||`, and a seed-style
-//! primary replicating to our backup with `REPLICATE`/`CLEAR`.
+//! primary replicating to our backup with `REPLICATE`/`CLEAR` (a backup started with
+//! `--allow-seed-replicate`: a seed primary cannot authenticate as a peer).
 
 mod common;
 
@@ -77,6 +78,7 @@ fn seed_primary_replicating_to_our_backup_gets_what_it_did_not_clear_delivered()
             "0",
             "--ping-interval",
             "200ms",
+            "--allow-seed-replicate",
         ],
     );
     wait_status(&ba, "backup", "armed");

@@ -45,6 +45,8 @@ pub struct PublisherConfig {
     pub give_up: Duration,
     /// Network to use.
     pub net: Net,
+    /// TLS to the brokers (`--tls-ca`); `None`: plain TCP.
+    pub tls: Option<crate::tls::Client>,
 }
 
 /// Something the publisher did, for the binary to print and the harness to count.
@@ -157,7 +159,11 @@ pub async fn run_publisher(
         // (Re)connect when there is anything to send.
         if conn.is_none() && (!pending.is_empty() || input_open) {
             let addr = cfg.brokers.addr(target).to_string();
-            match cfg.net.connect(&addr, cfg.ack_timeout).await {
+            match cfg
+                .net
+                .connect_tls(&addr, cfg.ack_timeout, cfg.tls.as_ref())
+                .await
+            {
                 Ok(s) => {
                     let mut c = Framed::new(s, FrameCodec::default());
                     // Resend the window: every unacknowledged message plus the last `resend`.

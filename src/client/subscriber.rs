@@ -34,6 +34,8 @@ pub struct SubscriberConfig {
     pub brokers: Brokers,
     /// Network to use.
     pub net: Net,
+    /// TLS to the brokers (`--tls-ca`); `None`: plain TCP.
+    pub tls: Option<crate::tls::Client>,
     /// Where the first subscription starts: `None` for live deliveries only (`SUB|topic`).
     pub start: Option<Start>,
     /// After a reconnect, subscribe again from the offset after the highest one received (from
@@ -48,6 +50,7 @@ impl SubscriberConfig {
             topic,
             brokers,
             net,
+            tls: None,
             start: None,
             resume: true,
         }
@@ -161,6 +164,7 @@ pub async fn run_subscriber(
     for i in 0..2 {
         let f = Follow {
             net: cfg.net,
+            tls: cfg.tls.clone(),
             src: i,
             addr: cfg.brokers.addr(i).to_string(),
             topic: cfg.topic.clone(),
@@ -221,6 +225,7 @@ pub async fn run_subscriber(
 /// One subscription to one broker, as [`follow`] keeps it.
 struct Follow {
     net: Net,
+    tls: Option<crate::tls::Client>,
     src: usize,
     addr: String,
     topic: String,
@@ -294,6 +299,7 @@ impl Follow {
 async fn follow(f: Follow, tx: mpsc::Sender<(usize, Frame, u64)>, shutdown: CancellationToken) {
     let Follow {
         net,
+        ref tls,
         src,
         ref addr,
         ref topic,
@@ -306,7 +312,10 @@ async fn follow(f: Follow, tx: mpsc::Sender<(usize, Frame, u64)>, shutdown: Canc
         if shutdown.is_cancelled() {
             return;
         }
-        if let Ok(s) = net.connect(addr, Duration::from_secs(1)).await {
+        if let Ok(s) = net
+            .connect_tls(addr, Duration::from_secs(1), tls.as_ref())
+            .await
+        {
             let mut c = Framed::new(s, FrameCodec::default());
             let sub = f.sub();
             if c.send(sub.clone()).await.is_ok() {

@@ -96,6 +96,13 @@ pub(super) struct Conn {
     pub hung_up: bool,
     /// Topics this connection subscribed to, to unregister it when it closes.
     pub topics: Vec<String>,
+    /// Where its peer handshake is (`auth.rs`).
+    pub auth: super::auth::Auth,
+    /// It has `--max-unacked` publishes awaiting their `ACK`: later frames wait in `backlog`
+    /// and the connection is not read (`limits.rs`).
+    pub full: bool,
+    /// Accepted over TLS with a client certificate signed by the CA.
+    pub client_cert: bool,
 }
 
 impl Conn {
@@ -108,6 +115,9 @@ impl Conn {
             held: false,
             hung_up: false,
             topics: Vec::new(),
+            auth: super::auth::Auth::None,
+            full: false,
+            client_cert: false,
         }
     }
 }
@@ -170,6 +180,7 @@ impl Broker {
             c.replies.pop_front();
         }
         let drained = c.replies.is_empty();
+        let full = c.full;
         if !buf.is_empty() {
             let line = self.lines.copy(&buf);
             self.out.push_back(Output::Send {
@@ -179,6 +190,9 @@ impl Broker {
             });
         }
         self.lines.scratch = buf;
+        if full {
+            self.uncount_unacked(conn);
+        }
         if drained && self.replays.active(conn) {
             // A replay waited for these answers to go first.
             self.pump_replay(conn);
@@ -262,7 +276,7 @@ impl Broker {
             c.busy = false;
         }
         while let Some(c) = self.conns.get_mut(&conn) {
-            if c.busy {
+            if c.busy || c.full {
                 return;
             }
             let Some(item) = c.backlog.pop_front() else {

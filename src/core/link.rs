@@ -123,7 +123,13 @@ impl Broker {
             Some(p) if p.link.legacy => self.link_up(conn, 0),
             Some(p) => {
                 p.link.state = LinkState::Hello(conn);
-                self.say_hello(conn);
+                if self.offer_auth(conn) {
+                    // `HELLO` follows once the backup has proved the secret (`auth.rs`).
+                    self.timers
+                        .set(Timer::Answer(conn), self.now.mono + LINK_TIMEOUT);
+                } else {
+                    self.say_hello(conn);
+                }
             }
             None => {
                 self.close(conn);
@@ -131,7 +137,7 @@ impl Broker {
         }
     }
 
-    fn say_hello(&mut self, conn: ConnId) {
+    pub(super) fn say_hello(&mut self, conn: ConnId) {
         let hello = Frame::Hello {
             version: PROTOCOL_VERSION.into(),
             role: Role::Primary,

@@ -35,12 +35,14 @@
 //! over with the sans-IO [`failover::Detector`]. Role changes are functions in `roles.rs`, each
 //! of which only changes state and queues outputs.
 
+mod auth;
 mod backup;
 mod conn;
 mod durable;
 pub mod failover;
 mod history;
 mod lease;
+mod limits;
 mod link;
 mod peer;
 mod primary;
@@ -60,7 +62,9 @@ use tracing::{info, warn};
 
 use crate::log::{Entry, Fsync, MemLog, Storage, DEFAULT_RETAIN_ENTRIES};
 use crate::protocol::{Frame, ProtocolError, Role};
+pub use auth::{PeerKey, AUTH_FAILED, NOT_A_PEER};
 pub use history::REPLAY_CHUNK;
+pub use limits::{bad_topic, MAX_SUBSCRIPTIONS, MAX_TOPIC_LEN, MAX_UNACKED};
 pub use stop::STOPPING;
 pub use time::{Backoff, Now, Time};
 
@@ -110,6 +114,24 @@ pub struct Config {
     pub fsync: Fsync,
     /// The lease (`--lease`; see `lease.rs`): `None` chooses availability, as without it.
     pub lease: Option<Duration>,
+    /// The secret shared with the peer (`auth.rs`): `None` authenticates no one, so this node
+    /// takes no peer frames and its own are refused.
+    pub peer_key: Option<PeerKey>,
+    /// Take the seed's `REPLICATE`/`CLEAR` from connections that did not authenticate (a seed
+    /// primary driving this backup cannot).
+    pub allow_seed_replicate: bool,
+    /// Seeds the nonces of the peer handshake: random in a real node, fixed in a simulation.
+    pub nonce_seed: [u8; 32],
+    /// Publishes of one connection awaiting their `ACK` before it is read no more
+    /// ([`MAX_UNACKED`]).
+    pub max_unacked: usize,
+    /// Subscriptions one connection may hold ([`MAX_SUBSCRIPTIONS`]).
+    pub max_subscriptions: usize,
+    /// Longest topic name in bytes ([`MAX_TOPIC_LEN`]).
+    pub max_topic_len: usize,
+    /// Mutual TLS: a connection may authenticate as the peer only if it presented a client
+    /// certificate signed by the CA ([`Broker::handle_accepted_with_cert`]).
+    pub require_client_cert: bool,
 }
 
 /// What the broker asks its caller to do.
@@ -269,6 +291,12 @@ pub struct Broker {
     cleared: HashMap<String, std::collections::BTreeSet<u64>>,
     /// Replays of topics' pasts to subscribers (`history.rs`).
     replays: history::Replays,
+    /// Draws the nonces of peer handshakes (`auth.rs`).
+    rng: rand::rngs::StdRng,
+    /// Peer frames refused from connections that did not authenticate.
+    refused_peer_frames: u64,
+    /// A connection reached `--max-unacked` (logged once).
+    said_full: bool,
 }
 
 impl Broker {
@@ -286,6 +314,9 @@ impl Broker {
             Role::Backup => RoleState::Backup(Backup::new(cfg.ping_interval, now.mono)),
         };
         let mut b = Broker {
+            rng: rand::SeedableRng::from_seed(cfg.nonce_seed),
+            refused_peer_frames: 0,
+            said_full: false,
             next_mid: cfg.incarnation.max(1),
             cfg,
             now,
@@ -344,6 +375,16 @@ impl Broker {
         id
     }
 
+    /// A client connected over TLS and presented a certificate signed by the CA: it may
+    /// authenticate as the peer under mutual TLS.
+    pub fn handle_accepted_with_cert(&mut self, now: Now) -> ConnId {
+        let id = self.handle_accepted(now);
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.client_cert = true;
+        }
+        id
+    }
+
     /// A frame arrived on `conn`.
     pub fn handle_frame(&mut self, conn: ConnId, frame: Frame, now: Now) {
         self.now = now;
@@ -364,7 +405,7 @@ impl Broker {
         };
         match &c.kind {
             Kind::Out(_) => self.on_peer_frame(conn, frame),
-            Kind::Client | Kind::InLink if c.busy => self.hold_back(conn, Ok(frame)),
+            Kind::Client | Kind::InLink if c.busy || c.full => self.hold_back(conn, Ok(frame)),
             Kind::Client | Kind::InLink => self.dispatch(conn, frame),
         }
     }
@@ -392,7 +433,7 @@ impl Broker {
             reason: err.to_string(),
             fatal: err.is_fatal(),
         };
-        if self.conns.get(&conn).is_some_and(|c| c.busy) {
+        if self.conns.get(&conn).is_some_and(|c| c.busy || c.full) {
             // Answered in its turn, after the frames that came before it.
             self.hold_back(conn, Err(bad));
         } else {
@@ -411,7 +452,11 @@ impl Broker {
     /// `conn` was closed by the other side (or broke).
     pub fn handle_closed(&mut self, conn: ConnId, now: Now) {
         self.now = now;
-        if let Some(c) = self.conns.get_mut(&conn).filter(|c| c.busy) {
+        if let Some(c) = self
+            .conns
+            .get_mut(&conn)
+            .filter(|c| c.busy || (c.full && !c.backlog.is_empty()))
+        {
             // A client that sent a publish (and maybe more) and hung up without waiting: what
             // it sent is still handled, in order, before the connection is forgotten.
             c.hung_up = true;
@@ -484,6 +529,7 @@ impl Broker {
                 Timer::Retain => self.retain(),
                 Timer::Lease => self.on_lease_timer(),
                 Timer::TakeUp => self.on_take_up_timer(),
+                Timer::Unpause(conn) => self.unpause(conn),
             }
         }
     }
@@ -586,7 +632,11 @@ impl Broker {
 
     /// Dispatches a frame from a client (or from our primary, on its link into this backup).
     fn dispatch(&mut self, conn: ConnId, frame: Frame) {
+        if !self.admit(conn, &frame) || !self.within_limits(conn, &frame) {
+            return;
+        }
         match frame {
+            Frame::Auth(step) => self.on_auth(conn, step),
             Frame::Publish { .. } | Frame::Pub { .. } => self.on_publish(conn, frame),
             Frame::Subscribe { topic } => self.subscribe(conn, topic, true),
             Frame::Sub { topic, from: None } => self.subscribe(conn, topic, false),

@@ -73,20 +73,58 @@ impl Broker {
                 self.send_hand_over(conn, id);
             }
             Purpose::Fence { epoch } => {
-                let hello = Frame::Hello {
-                    version: PROTOCOL_VERSION.into(),
-                    incarnation: self.cfg.incarnation,
-                    role: Role::Primary,
-                    epoch: *epoch,
-                };
-                self.send_frame(conn, &hello);
-                self.timers.set(Timer::Answer(conn), now + FENCE_TIMEOUT);
+                let epoch = *epoch;
+                if self.offer_auth(conn) {
+                    self.timers.set(Timer::Answer(conn), now + FENCE_TIMEOUT);
+                } else {
+                    self.fence_hello(conn, epoch);
+                }
             }
+        }
+    }
+
+    /// A paused primary asks its peer who is primary now, saying its own epoch.
+    fn fence_hello(&mut self, conn: ConnId, epoch: u64) {
+        let hello = Frame::Hello {
+            version: PROTOCOL_VERSION.into(),
+            incarnation: self.cfg.incarnation,
+            role: Role::Primary,
+            epoch,
+        };
+        self.send_frame(conn, &hello);
+        let t = self.now.mono + FENCE_TIMEOUT;
+        self.timers.set(Timer::Answer(conn), t);
+    }
+
+    /// The peer proved the secret on `conn`, which we opened: say what we opened it for.
+    fn on_peer_authenticated(&mut self, conn: ConnId) {
+        match self.conns.get(&conn).map(|c| &c.kind) {
+            Some(Kind::Out(Purpose::Link)) => self.say_hello(conn),
+            Some(Kind::Out(Purpose::Fence { epoch })) => {
+                let epoch = *epoch;
+                self.fence_hello(conn, epoch);
+            }
+            _ => {}
         }
     }
 
     /// A frame from the peer on a connection this node opened.
     pub(super) fn on_peer_frame(&mut self, conn: ConnId, frame: Frame) {
+        if self.awaits_challenge(conn) {
+            match self.on_challenge(conn, &frame) {
+                Ok(true) => {
+                    self.on_peer_authenticated(conn);
+                    return;
+                }
+                // Not a handshake answer (a seed backup's `ERR`): the purpose's own handling
+                // below makes of it what it makes of any unexpected answer.
+                Ok(false) => {}
+                Err(why) => {
+                    self.auth_failed(conn, why);
+                    return;
+                }
+            }
+        }
         let Some(super::conn::Kind::Out(purpose)) = self.conns.get(&conn).map(|c| &c.kind) else {
             return;
         };

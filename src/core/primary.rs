@@ -174,6 +174,7 @@ impl Broker {
                         line: ack,
                     },
                 );
+                self.count_unacked(conn);
             }
         }
     }

@@ -74,6 +74,8 @@ pub enum Timer {
     Lease,
     /// Primary: the next chunk of undelivered entries from the log is due (`takeup.rs`).
     TakeUp,
+    /// A connection that was at `--max-unacked` may be read again (`limits.rs`).
+    Unpause(u64),
 }
 
 /// The deadline table.

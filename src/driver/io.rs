@@ -157,18 +157,31 @@ fn lock(m: &std::sync::Mutex<Outbox>) -> std::sync::MutexGuard<'_, Outbox> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+type Framed = FramedRead<tokio::io::ReadHalf<BoxStream>, LenientCodec>;
+
 /// A reader that pauses while its connection's writer is [`READ_PAUSE`] lines behind (when
-/// `paced`), or while the core holds frames of it unhandled ([`Writer::hold`]).
-struct Paced<S> {
-    inner: S,
+/// `paced`), or while the core holds frames of it unhandled ([`Writer::hold`]); and that gives
+/// a frame begun `frame_timeout` to be finished (`super::FRAME_TIMEOUT`).
+struct Paced {
+    inner: Framed,
     backlog: Arc<Backlog>,
     paced: bool,
+    frame_timeout: std::time::Duration,
+    /// The timer of a frame begun and not finished, kept between frames so that arming it
+    /// allocates nothing; `armed` while it counts.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+    timed_out: bool,
 }
 
-impl<S: Stream + Unpin> Stream for Paced<S> {
-    type Item = S::Item;
+impl Stream for Paced {
+    type Item = <Framed as Stream>::Item;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.timed_out {
+            // Told and being closed: nothing more is read.
+            return Poll::Pending;
+        }
         let paced = self.paced;
         let full = |b: &Backlog| {
             b.held.load(Ordering::Acquire)
@@ -178,10 +191,40 @@ impl<S: Stream + Unpin> Stream for Paced<S> {
             self.backlog.reader.register(cx.waker());
             // Checked again after registering, so a wake-up in between is not lost.
             if full(&self.backlog) {
+                // Not the client's delay: its frame's time starts again when we read again.
+                self.armed = false;
                 return Poll::Pending;
             }
         }
-        Pin::new(&mut self.inner).poll_next(cx)
+        match Pin::new(&mut self.inner).poll_next(cx) {
+            Poll::Ready(item) => {
+                self.armed = false;
+                Poll::Ready(item)
+            }
+            Poll::Pending if self.inner.read_buffer().is_empty() => {
+                self.armed = false;
+                Poll::Pending
+            }
+            Poll::Pending => {
+                let t = self.frame_timeout;
+                let arm = !self.armed;
+                self.armed = true;
+                let d = self
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
+                if arm {
+                    d.as_mut().reset(tokio::time::Instant::now() + t);
+                }
+                match std::future::Future::poll(d.as_mut(), cx) {
+                    Poll::Ready(()) => {
+                        self.armed = false;
+                        self.timed_out = true;
+                        Poll::Ready(Some(Err(ProtocolError::FrameTimeout(t))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
     }
 }
 
@@ -190,6 +233,7 @@ pub fn split(
     conn: ConnId,
     stream: BoxStream,
     paced: bool,
+    frame_timeout: std::time::Duration,
     drained: mpsc::UnboundedSender<ConnId>,
     alive: mpsc::Sender<()>,
 ) -> (Pin<Box<dyn Stream<Item = ConnEvent> + Send>>, Writer) {
@@ -203,6 +247,10 @@ pub fn split(
         inner: framed,
         backlog: backlog.clone(),
         paced,
+        frame_timeout,
+        deadline: None,
+        armed: false,
+        timed_out: false,
     };
     let reader = reader
         .take_until(stop.clone().cancelled_owned())

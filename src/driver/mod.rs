@@ -47,6 +47,12 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a stopping node waits for its connections to take what was queued for them.
 const FLUSH_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a connection may take from the first byte of a frame to its newline before it is
+/// closed (`--frame-timeout`): a client that drips bytes and never finishes a frame would
+/// otherwise hold its buffer and its slot for ever. Idle connections (nothing begun) are not
+/// timed: a subscriber may wait for hours.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Events read in one go before their outputs are written.
 const BATCH: usize = 256;
 
@@ -90,6 +96,23 @@ pub struct NodeConfig {
     pub drain_timeout: Duration,
     /// Accepted connections served at once, the peer's included ([`MAX_CONNECTIONS`]).
     pub max_connections: usize,
+    /// The secret shared with the peer (`crate::secret`); `None`: no connection can act as a
+    /// peer, and this node's own peer links are refused.
+    pub peer_key: Option<crate::core::PeerKey>,
+    /// Take the seed's `REPLICATE`/`CLEAR` without authentication (`--allow-seed-replicate`).
+    pub allow_seed_replicate: bool,
+    /// Seeds the handshake's nonces; `None` draws from the operating system.
+    pub nonce_seed: Option<[u8; 32]>,
+    /// Publishes of one connection awaiting their `ACK` before it is read no more.
+    pub max_unacked: usize,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// Longest topic name, bytes.
+    pub max_topic_len: usize,
+    /// How long a connection may take to finish a frame it has begun ([`FRAME_TIMEOUT`]).
+    pub frame_timeout: Duration,
+    /// TLS (`--tls-cert`, `--tls-key`, `--tls-ca`); `None`: plain TCP.
+    pub tls: Option<crate::tls::NodeTls>,
 }
 
 impl NodeConfig {
@@ -113,15 +136,30 @@ impl NodeConfig {
             max_pending: MAX_PENDING,
             drain_timeout: DRAIN_TIMEOUT,
             max_connections: MAX_CONNECTIONS,
+            peer_key: None,
+            allow_seed_replicate: false,
+            nonce_seed: None,
+            max_unacked: crate::core::MAX_UNACKED,
+            max_subscriptions: crate::core::MAX_SUBSCRIPTIONS,
+            max_topic_len: crate::core::MAX_TOPIC_LEN,
+            frame_timeout: FRAME_TIMEOUT,
+            tls: None,
         }
     }
 }
 
 /// Something a spawned helper task finished.
 enum Done {
+    /// A TLS handshake on an accepted connection ended (the stream, the client's address,
+    /// whether it presented a certificate the CA signed); `None`: it failed.
+    Accepted(Option<(BoxStream, bool)>, String),
     Connected(ConnId, BoxStream),
     ConnectFailed(ConnId, String),
-    Computed { mid: u64, start: u64, end: u64 },
+    Computed {
+        mid: u64,
+        start: u64,
+        end: u64,
+    },
     Synced(crate::log::SyncJob, Result<(), crate::log::LogError>),
 }
 
@@ -160,6 +198,12 @@ struct Driver {
     net: Net,
     /// Bytes queued for a subscriber before it is disconnected.
     max_pending: usize,
+    /// How long a begun frame may take to finish.
+    frame_timeout: Duration,
+    /// TLS on accepted connections and on those to the peer.
+    tls: Option<crate::tls::NodeTls>,
+    /// Accepted connections whose TLS handshake is under way (they count as connections).
+    handshaking: usize,
     /// Cloned into every writer task, which drops it when done: once the driver drops its
     /// own, the channel closes when the last writer has written out (see [`FLUSH_WAIT`]).
     alive: Option<mpsc::Sender<()>>,
@@ -202,6 +246,17 @@ pub async fn run_on(
         incarnation: now_us().max(1),
         fsync: cfg.fsync,
         lease: cfg.lease,
+        peer_key: cfg.peer_key.clone(),
+        allow_seed_replicate: cfg.allow_seed_replicate,
+        nonce_seed: cfg.nonce_seed.unwrap_or_else(|| {
+            let mut s = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut s);
+            s
+        }),
+        max_unacked: cfg.max_unacked.max(1),
+        max_subscriptions: cfg.max_subscriptions,
+        max_topic_len: cfg.max_topic_len,
+        require_client_cert: cfg.tls.is_some(),
     };
     info!(
         "{} listening on {addr} (compute {} ms, peer {})",
@@ -224,6 +279,9 @@ pub async fn run_on(
         compute: cfg.compute,
         net: cfg.net,
         max_pending: usize::try_from(cfg.max_pending).unwrap_or(usize::MAX),
+        frame_timeout: cfg.frame_timeout,
+        tls: cfg.tls.clone(),
+        handshaking: 0,
         alive: Some(alive),
         max_connections: cfg.max_connections,
     };
@@ -370,8 +428,9 @@ impl Driver {
                 timeout,
             } => {
                 let (net, tx) = (self.net, self.done_tx.clone());
+                let tls = self.tls.as_ref().map(|t| t.client.clone());
                 crate::net::spawn(async move {
-                    let done = match net.connect(&addr, timeout).await {
+                    let done = match net.connect_tls(&addr, timeout, tls.as_ref()).await {
                         Ok(s) => Done::Connected(conn, s),
                         Err(e) => Done::ConnectFailed(conn, e.to_string()),
                     };
@@ -443,16 +502,46 @@ impl Driver {
     }
 
     fn accepted(&mut self, stream: BoxStream, peer: &str) {
-        if self.inbound.len() >= self.max_connections {
+        if self.inbound.len() + self.handshaking >= self.max_connections {
             warn!(
                 "refusing {peer}: {} connections open (--max-connections)",
-                self.inbound.len()
+                self.inbound.len() + self.handshaking
             );
             crate::net::spawn(io::refuse(stream));
             return;
         }
+        let Some(tls) = self.tls.as_ref().map(|t| t.server.clone()) else {
+            self.admit(stream, peer, false);
+            return;
+        };
+        // The handshake runs on its own task, so a slow client holds up no one; it has the
+        // time of a frame to finish.
+        self.handshaking += 1;
+        let (tx, limit, peer) = (self.done_tx.clone(), self.frame_timeout, peer.to_string());
+        crate::net::spawn(async move {
+            let r = match tokio::time::timeout(limit, tls.accept(stream)).await {
+                Ok(Ok(s)) => Some(s),
+                Ok(Err(e)) => {
+                    debug!("TLS handshake with {peer} failed: {e}");
+                    None
+                }
+                Err(_) => {
+                    debug!("TLS handshake with {peer} took longer than {limit:?}");
+                    None
+                }
+            };
+            let _ = tx.send(Done::Accepted(r, peer));
+        });
+    }
+
+    /// An accepted connection (its TLS handshake done, if any) becomes a connection of the core.
+    fn admit(&mut self, stream: BoxStream, peer: &str, client_cert: bool) {
         let now = self.clock.now();
-        let conn = self.core.handle_accepted(now);
+        let conn = if client_cert {
+            self.core.handle_accepted_with_cert(now)
+        } else {
+            self.core.handle_accepted(now)
+        };
         debug!("connection {conn} from {peer}");
         self.inbound.insert(conn);
         self.register(conn, stream, true);
@@ -464,7 +553,14 @@ impl Driver {
         let Some(alive) = self.alive.clone() else {
             return;
         };
-        let (reader, writer) = io::split(conn, stream, paced, self.drained_tx.clone(), alive);
+        let (reader, writer) = io::split(
+            conn,
+            stream,
+            paced,
+            self.frame_timeout,
+            self.drained_tx.clone(),
+            alive,
+        );
         self.readers.push(reader);
         self.writers.insert(conn, writer);
     }
@@ -504,6 +600,12 @@ impl Driver {
     fn done(&mut self, done: Done) {
         let now = self.clock.now();
         match done {
+            Done::Accepted(result, peer) => {
+                self.handshaking -= 1;
+                if let Some((stream, cert)) = result {
+                    self.admit(stream, &peer, cert);
+                }
+            }
             Done::Connected(conn, stream) => {
                 self.register(conn, stream, false);
                 self.core.handle_connected(conn, now);

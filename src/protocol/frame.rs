@@ -1,6 +1,6 @@
 //! One frame of either dialect: the `Frame` enum, its parser and its encoder.
 
-use super::{MsgId, ProtocolError, Role, Stamps, Start};
+use super::{AuthStep, MsgId, ProtocolError, Role, Stamps, Start};
 
 /// One protocol frame, either dialect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +147,9 @@ pub enum Frame {
         /// that its primary was restarted and forgot the messages it had replicated.
         incarnation: u64,
     },
+    /// `AUTH|hello|nonce`, `AUTH|challenge|nonce|proof`, `AUTH|proof|proof`: the handshake
+    /// that makes a connection an authenticated peer link (see `core/auth.rs`).
+    Auth(AuthStep),
     /// `PING` (the seed also sends `PING||`): liveness probe, answered `PONG`.
     Ping,
     /// `PONG`: the node is alive.
@@ -363,6 +366,7 @@ impl Frame {
                     incarnation,
                 }
             }
+            "AUTH" => Frame::Auth(AuthStep::parse(fields::<1>(line, "AUTH")?[0])?),
             // The seed's backup writes `PING||`; anything after the verb is ignored.
             "PING" => Frame::Ping,
             "PONG" => Frame::Pong,
@@ -481,6 +485,7 @@ impl Frame {
                 "HELLO|{version}|{}|{epoch}|{incarnation}",
                 role.as_str()
             ),
+            Frame::Auth(step) => write!(out, "AUTH|{step}"),
             Frame::Ping => write!(out, "PING"),
             Frame::Pong => write!(out, "PONG"),
             Frame::Ack { id } => write_ack_fields(out, id.as_ref()),

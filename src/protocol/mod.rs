@@ -140,6 +140,75 @@ pub enum Start {
     },
 }
 
+/// One step of the peer handshake (`AUTH|…`), hex fields. The node that opens a peer link
+/// offers a fresh nonce; the node it reached answers with its own nonce and its proof over
+/// both; the opener answers with its proof. See `core/auth.rs` for why it is built this way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthStep {
+    /// `AUTH|hello|NONCE`: the opener's nonce.
+    Hello {
+        /// Fresh random bytes.
+        nonce: Vec<u8>,
+    },
+    /// `AUTH|challenge|NONCE|PROOF`: the answering node's nonce and its proof.
+    Challenge {
+        /// Fresh random bytes.
+        nonce: Vec<u8>,
+        /// HMAC over both nonces, under the shared secret.
+        proof: Vec<u8>,
+    },
+    /// `AUTH|proof|PROOF`: the opener's proof.
+    Proof {
+        /// HMAC over both nonces, under the shared secret.
+        proof: Vec<u8>,
+    },
+}
+
+/// Longest hex field of an `AUTH` frame (bytes once decoded): nonces and SHA-256 proofs are 32.
+const AUTH_FIELD_MAX: usize = 64;
+
+impl AuthStep {
+    fn parse(s: &str) -> Result<Self, ProtocolError> {
+        let hex_field = |v: &str, what: &'static str| -> Result<Vec<u8>, ProtocolError> {
+            match hex::decode(v) {
+                Ok(b) if !b.is_empty() && b.len() <= AUTH_FIELD_MAX => Ok(b),
+                _ => Err(ProtocolError::BadField(what)),
+            }
+        };
+        let mut parts = s.split('|');
+        let step = parts.next().unwrap_or_default();
+        let rest: Vec<&str> = parts.collect();
+        match (step, rest.as_slice()) {
+            ("hello", [n]) => Ok(AuthStep::Hello {
+                nonce: hex_field(n, "AUTH nonce")?,
+            }),
+            ("challenge", [n, p]) => Ok(AuthStep::Challenge {
+                nonce: hex_field(n, "AUTH nonce")?,
+                proof: hex_field(p, "AUTH proof")?,
+            }),
+            ("proof", [p]) => Ok(AuthStep::Proof {
+                proof: hex_field(p, "AUTH proof")?,
+            }),
+            _ => Err(ProtocolError::BadValue(
+                "bad AUTH: expected AUTH|hello|NONCE, AUTH|challenge|NONCE|PROOF or AUTH|proof|PROOF"
+                    .into(),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for AuthStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthStep::Hello { nonce } => write!(f, "hello|{}", hex::encode(nonce)),
+            AuthStep::Challenge { nonce, proof } => {
+                write!(f, "challenge|{}|{}", hex::encode(nonce), hex::encode(proof))
+            }
+            AuthStep::Proof { proof } => write!(f, "proof|{}", hex::encode(proof)),
+        }
+    }
+}
+
 impl std::fmt::Display for Start {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -236,6 +305,9 @@ pub enum ProtocolError {
     /// The start of a `SUB` or the count of a `HISTORY` does not parse; says what was wrong.
     #[error("{0}")]
     BadValue(String),
+    /// A frame was begun and not finished in time (a slow drip of bytes). Fatal.
+    #[error("no complete frame within {0:?}: closing")]
+    FrameTimeout(std::time::Duration),
     /// The connection ended in the middle of a frame.
     #[error("connection closed mid-frame")]
     Incomplete,
@@ -249,7 +321,10 @@ impl ProtocolError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            ProtocolError::TooLong | ProtocolError::Incomplete | ProtocolError::Io(_)
+            ProtocolError::TooLong
+                | ProtocolError::Incomplete
+                | ProtocolError::FrameTimeout(_)
+                | ProtocolError::Io(_)
         )
     }
 }

@@ -88,7 +88,7 @@ fn spawn_inner(name: &str, args: &[&str], capture_stdout: bool) -> ChildGuard {
     )
 }
 
-fn spawn_cmd(mut cmd: Command, name: &str, args: &[&str], capture_stdout: bool) -> ChildGuard {
+pub fn spawn_cmd(mut cmd: Command, name: &str, args: &[&str], capture_stdout: bool) -> ChildGuard {
     let mut child = cmd
         .args(args)
         .env("RUST_LOG", "info")

@@ -79,6 +79,9 @@ pub struct Pair {
     pub cfg: Config,
 }
 
+/// The secret both nodes share.
+pub const PAIR_SECRET: &[u8] = b"the pair's shared secret";
+
 /// The defaults of the binaries, compute 100 ms.
 pub fn config() -> Config {
     Config {
@@ -92,6 +95,13 @@ pub fn config() -> Config {
         incarnation: 0,
         fsync: edgepair::log::Fsync::default(),
         lease: None,
+        peer_key: Some(edgepair::core::PeerKey::new(PAIR_SECRET)),
+        allow_seed_replicate: false,
+        nonce_seed: [0; 32],
+        max_unacked: edgepair::core::MAX_UNACKED,
+        max_subscriptions: edgepair::core::MAX_SUBSCRIPTIONS,
+        max_topic_len: edgepair::core::MAX_TOPIC_LEN,
+        require_client_cert: false,
     }
 }
 
@@ -142,6 +152,9 @@ impl Pair {
         cfg.peer = Some(NAMES[1 - n].to_string());
         self.nodes[n].lives += 1;
         cfg.incarnation = WALL0 + self.now.0 + self.nodes[n].lives;
+        // Each life of each node draws other nonces, as a real one does.
+        cfg.nonce_seed[0] = n as u8;
+        cfg.nonce_seed[1..9].copy_from_slice(&self.nodes[n].lives.to_le_bytes());
         let core = match self.nodes[n].disk.take() {
             Some(log) => Broker::with_log(cfg, log, self.wall()),
             None => Broker::new(cfg, self.wall()),

@@ -114,6 +114,10 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     let takeover_us = Arc::new(AtomicU64::new(0));
     watch_lines(lrx, counters.clone(), takeover_us.clone());
 
+    // The pair's secret is made for this run and kept with it (`peer.secret`, mode 600): a run
+    // depends on nothing in the user's home, and its nodes on no other run's.
+    let secret = dir.join("peer.secret");
+    edgepair::secret::create(&secret)?;
     // Each node keeps its log under the run's folder, so a restarted node starts on it and
     // the logs can be inspected after the run (`edgepair-log topics DIR`).
     let broker_args = |port: u16, peer: &str, seed_offset: u64| {
@@ -122,6 +126,8 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
             peer.to_string(),
             "--compute".into(),
             opts.compute.to_string(),
+            "--secret-file".into(),
+            secret.display().to_string(),
             "--data-dir".into(),
             dir.join("data")
                 .join(label[seed_offset as usize])

@@ -327,6 +327,13 @@ fn broker(
             c.ping_timeout = ping_timeout;
             c.fsync = fsync;
             c.lease = lease;
+            // Both nodes share a secret, as two real ones do; the nonces are drawn from the
+            // seed, so a run replays exactly.
+            c.peer_key = Some(edgepair::core::PeerKey::new(b"the simulated pair's secret"));
+            let mut nonce_seed = [0u8; 32];
+            nonce_seed[..8].copy_from_slice(&seed.to_le_bytes());
+            nonce_seed[8] = u8::from(role == edgepair::protocol::Role::Backup);
+            c.nonce_seed = Some(nonce_seed);
             let stop = CancellationToken::new();
             match disk {
                 Some(d) => driver::run_on(listener, c, d.storage(), stop).await,
@@ -396,6 +403,7 @@ pub fn run_seed(seed: u64, cfg: &SimConfig) -> (SimResult, Vec<Delivery>) {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let (ev, mut evr) = tokio::sync::mpsc::unbounded_channel();
         let pcfg = PublisherConfig {
+            tls: None,
             topic: "t".into(),
             brokers,
             id: "sim".into(),
