@@ -13,17 +13,53 @@ use edgepair::clock::now_us;
 
 use super::Broker;
 
+/// The read and write halves of a connection, plain or TLS.
+pub(super) type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+pub(super) type Writer = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+
+/// How the bench's clients reach a broker: plain TCP, or TLS checked against a CA.
+#[derive(Clone, Default)]
+pub(super) struct Dialer {
+    pub(super) tls: Option<edgepair::tls::Client>,
+}
+
+impl Dialer {
+    /// A connection to `addr`, split in halves.
+    pub(super) async fn dial(&self, addr: &str) -> anyhow::Result<(Reader, Writer)> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(match &self.tls {
+            None => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Some(t) => {
+                let s = t.connect(Box::pin(s), addr).await?;
+                let (r, w) = tokio::io::split(s);
+                (Box::new(r), Box::new(w))
+            }
+        })
+    }
+}
+
 /// A subscriber connection; the write half is kept so the broker does not see it close.
 pub(super) struct SubConn {
-    pub(super) r: BufReader<tokio::net::tcp::OwnedReadHalf>,
-    _w: tokio::net::tcp::OwnedWriteHalf,
+    pub(super) r: BufReader<Reader>,
+    _w: Writer,
 }
 
 /// A subscriber connection that has sent `SUB` and been registered (checked with a `PING`).
 pub(super) async fn subscribe(addr: &str, topic: &str) -> anyhow::Result<SubConn> {
-    let s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
-    let (r, mut w) = s.into_split();
+    subscribe_via(&Dialer::default(), addr, topic).await
+}
+
+/// [`subscribe`] through `dialer`.
+pub(super) async fn subscribe_via(
+    dialer: &Dialer,
+    addr: &str,
+    topic: &str,
+) -> anyhow::Result<SubConn> {
+    let (r, mut w) = dialer.dial(addr).await?;
     w.write_all(format!("SUB|{topic}\nPING\n").as_bytes())
         .await?;
     let mut r = BufReader::new(r);
@@ -47,8 +83,13 @@ pub(super) fn payload(seq: u64) -> String {
 
 /// Sends `n` messages as fast as a window of `window` unacknowledged messages allows; returns
 /// delivered msg/s measured from the first send to the last delivery, and how many arrived.
-pub(super) async fn throughput(addr: &str, n: u64, window: u64) -> anyhow::Result<(f64, u64)> {
-    let mut sub = subscribe(addr, "bench").await?;
+pub(super) async fn throughput(
+    dialer: &Dialer,
+    addr: &str,
+    n: u64,
+    window: u64,
+) -> anyhow::Result<(f64, u64)> {
+    let mut sub = subscribe_via(dialer, addr, "bench").await?;
     let counter = tokio::spawn(async move {
         let mut buf = Vec::with_capacity(64 * 1024);
         let mut got = 0u64;
@@ -67,9 +108,7 @@ pub(super) async fn throughput(addr: &str, n: u64, window: u64) -> anyhow::Resul
         }
         (got, last)
     });
-    let s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
-    let (r, mut w) = s.into_split();
+    let (r, mut w) = dialer.dial(addr).await?;
     let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0u64);
     let acker = tokio::spawn(async move {
         let mut r = BufReader::with_capacity(64 * 1024, r);
@@ -119,14 +158,13 @@ pub(super) async fn throughput(addr: &str, n: u64, window: u64) -> anyhow::Resul
 /// Publishes `n` messages on `topic` at `rate` msg/s on one pipelined connection (each stamped
 /// with its send time) and returns the task that reads, and ignores, the broker's `ACK`s.
 pub(super) async fn publish_paced(
+    dialer: &Dialer,
     addr: &str,
     topic: &str,
     rate: u64,
     n: u64,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
-    let (r, mut w) = s.into_split();
+    let (r, mut w) = dialer.dial(addr).await?;
     let drain = tokio::spawn(async move {
         let mut r = BufReader::new(r);
         let mut line = Vec::new();
@@ -148,11 +186,12 @@ pub(super) async fn publish_paced(
 /// the histogram of the same latency less the message's compute time as its `MSG` stamps say
 /// (`ce - cs`): what the broker and the network added.
 pub(super) async fn paced_latency(
+    dialer: &Dialer,
     addr: &str,
     rate: u64,
     dur: Duration,
 ) -> anyhow::Result<(Histogram<u64>, Histogram<u64>)> {
-    let mut sub = subscribe(addr, "lat").await?;
+    let mut sub = subscribe_via(dialer, addr, "lat").await?;
     let n = (rate as f64 * dur.as_secs_f64()) as u64;
     let reader = tokio::spawn(async move {
         let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
@@ -193,7 +232,7 @@ pub(super) async fn paced_latency(
         }
         h.zip(over)
     });
-    let drain = publish_paced(addr, "lat", rate, n).await?;
+    let drain = publish_paced(dialer, addr, "lat", rate, n).await?;
     let h = reader.await?.context("histogram")?;
     drain.abort();
     Ok(h)
@@ -235,7 +274,7 @@ pub(super) async fn fanout(
         });
     }
     drop(tx);
-    let drain = publish_paced(addr, "fan", rate, n).await?;
+    let drain = publish_paced(&Dialer::default(), addr, "fan", rate, n).await?;
     let mut first_last: std::collections::HashMap<u64, (u64, u64, usize)> = Default::default();
     while let Some((seq, at)) = rx.recv().await {
         let e = first_last.entry(seq).or_insert((at, at, 0));
@@ -271,7 +310,7 @@ pub(super) async fn rss_per_subscriber(b: &Broker, subs: usize) -> anyhow::Resul
 /// The 10 Hz scenario with compute over `dur`: p50 and p99 latency (ms), and p50 and p99 of the
 /// latency less each message's own compute time (ms).
 pub(super) async fn compute_scenario(addr: &str, dur: Duration) -> anyhow::Result<[f64; 4]> {
-    let (h, over) = paced_latency(addr, 10, dur).await?;
+    let (h, over) = paced_latency(&Dialer::default(), addr, 10, dur).await?;
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     Ok([ms(&h, 0.5), ms(&h, 0.99), ms(&over, 0.5), ms(&over, 0.99)])
 }

@@ -20,6 +20,7 @@ use edgepair::clock::now_us;
 mod durable;
 mod figures;
 mod nats;
+mod tls;
 
 use figures::*;
 
@@ -53,7 +54,7 @@ pub struct BenchOpts {
     /// Shorter everything (1 run, 50,000 messages, 2 s paced, 10 s compute) for a quick look.
     #[arg(long)]
     pub quick: bool,
-    /// Only these figures (comma-separated: throughput,latency,fanout,rss,compute,durable,
+    /// Only these figures (comma-separated: throughput,latency,tls,fanout,rss,compute,durable,
     /// restart,catchup).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
@@ -355,7 +356,8 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         for _ in 0..o.runs {
             for (replicated, runs) in [(false, &mut solo), (true, &mut pair)] {
                 let b = start(&bin_dir, replicated, "0", None, o.broker_threads).await?;
-                let (rate, got) = throughput(&b[0].addr, o.messages, o.window).await?;
+                let (rate, got) =
+                    throughput(&Dialer::default(), &b[0].addr, o.messages, o.window).await?;
                 if got < o.messages {
                     let setup = if replicated { "replicated" } else { "solo" };
                     println!("  ({setup}: only {got} of {} delivered)", o.messages);
@@ -420,7 +422,7 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
                     s => {
                         let replicated = s == "replicated";
                         let b = start(&bin_dir, replicated, "0", None, o.broker_threads).await?;
-                        paced_latency(&b[0].addr, o.paced_rate, o.paced_for)
+                        paced_latency(&Dialer::default(), &b[0].addr, o.paced_rate, o.paced_for)
                             .await?
                             .0
                     }
@@ -450,6 +452,69 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
             if let (Some(n), "solo" | "replicated") = (nats_p99, setup) {
                 println!("  p99 {setup} / NATS core: {:.2}x", m99 / n.max(1.0));
             }
+        }
+    }
+    if want("tls") {
+        // The relay over TLS (`--tls-cert`/`--tls-key`/`--tls-ca`, mutual between the nodes)
+        // against the same relay on plain TCP, in turn, round after round.
+        let pki = tls::Pki::make()?;
+        let dialer = Dialer {
+            tls: Some(edgepair::tls::Client::new(&pki.ca, None)?),
+        };
+        let plain = Dialer::default();
+        let setups = [
+            ("solo", false, false),
+            ("solo+tls", false, true),
+            ("replicated", true, false),
+            ("replicated+tls", true, true),
+        ];
+        let mut rate: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+        let mut p99: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+        for _ in 0..o.runs {
+            for (i, (setup, replicated, on)) in setups.iter().enumerate() {
+                let d = if *on { &dialer } else { &plain };
+                let b = tls::start(
+                    &bin_dir,
+                    *replicated,
+                    o.broker_threads,
+                    on.then_some(&pki),
+                    d,
+                )
+                .await?;
+                let (r, got) = throughput(d, &b[0].addr, o.messages, o.window).await?;
+                if got < o.messages {
+                    println!("  ({setup}: only {got} of {} delivered)", o.messages);
+                }
+                rate[i].push(r);
+                drop(b);
+                let b = tls::start(
+                    &bin_dir,
+                    *replicated,
+                    o.broker_threads,
+                    on.then_some(&pki),
+                    d,
+                )
+                .await?;
+                let (h, _) = paced_latency(d, &b[0].addr, o.paced_rate, o.paced_for).await?;
+                p99[i].push(h.value_at_quantile(0.99) as f64);
+            }
+        }
+        for (i, (setup, _, _)) in setups.iter().enumerate() {
+            push("tls: throughput", setup, rate[i].clone(), "msg/s", "-");
+            push(
+                &format!("tls: latency @{}/s p99", o.paced_rate),
+                setup,
+                p99[i].clone(),
+                "us",
+                "-",
+            );
+        }
+        for (plain_i, tls_i, name) in [(0, 1, "solo"), (2, 3, "replicated")] {
+            println!(
+                "  TLS / plain ({name}, medians, same rounds): throughput {:.2}x, p99 {:.2}x",
+                median(rate[tls_i].clone()) / median(rate[plain_i].clone()).max(1e-9),
+                median(p99[tls_i].clone()) / median(p99[plain_i].clone()).max(1e-9),
+            );
         }
     }
     if want("fanout") {
