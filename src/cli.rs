@@ -167,7 +167,7 @@ pub struct BrokerOpts {
     pub max_topic_len: usize,
     /// Close a connection that has begun a frame and not finished it within this long (a slow
     /// drip of bytes); idle connections are not timed.
-    #[arg(long, value_parser = parse_duration, default_value = "10s", value_name = "D")]
+    #[arg(long, value_parser = parse_frame_timeout, default_value = "10s", value_name = "D")]
     pub frame_timeout: Duration,
     /// This node's TLS certificate chain (PEM): with `--tls-key` and `--tls-ca`, the node
     /// speaks only TLS, to clients and to its peer.
@@ -185,6 +185,12 @@ pub struct BrokerOpts {
     /// primary can drive this backup. Anyone who can connect can then plant messages.
     #[arg(long)]
     pub allow_seed_replicate: bool,
+    /// Primary: if the backup answers the peer handshake as a seed broker does (an `ERR` to an
+    /// unknown verb), replicate to it with the seed's `REPLICATE`/`CLEAR`, unauthenticated.
+    /// Without it such a backup is refused: whoever answers on the backup's port could
+    /// otherwise take the primary's messages and have them counted as stored.
+    #[arg(long)]
+    pub seed_backup: bool,
 }
 
 /// A `--segment-bytes` value: a byte size of at least 4 KiB.
@@ -194,6 +200,16 @@ fn parse_segment_bytes(s: &str) -> Result<u64, String> {
         return Err(format!("segment size '{s}': at least 4K"));
     }
     Ok(b)
+}
+
+/// A `--frame-timeout` value: at least 100 ms (a frame split over two reads, or a TLS
+/// handshake, needs a moment on a busy machine).
+fn parse_frame_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(100) {
+        return Err(format!("frame timeout '{s}': at least 100ms"));
+    }
+    Ok(d)
 }
 
 /// A `--lease` value: a duration of at least 50 ms (a shorter lease runs out between two of its
@@ -250,6 +266,12 @@ pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCo
             return ExitCode::from(2);
         }
     };
+    if opts.seed_backup {
+        tracing::warn!(
+            "--seed-backup: a backup that does not authenticate is driven with REPLICATE/CLEAR: \
+             whoever answers on the backup's port gets the messages and they count as stored"
+        );
+    }
     if opts.allow_seed_replicate {
         tracing::warn!(
             "--allow-seed-replicate: REPLICATE/CLEAR are taken from ANY connection, \
@@ -289,6 +311,7 @@ pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCo
         cfg.max_connections = opts.max_connections;
         cfg.peer_key = Some(key);
         cfg.allow_seed_replicate = opts.allow_seed_replicate;
+        cfg.seed_backup = opts.seed_backup;
         cfg.max_unacked = opts.max_unacked;
         cfg.max_subscriptions = opts.max_subscriptions;
         cfg.max_topic_len = opts.max_topic_len;

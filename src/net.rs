@@ -17,6 +17,80 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 /// A connection, whatever carries it.
 pub type BoxStream = Pin<Box<dyn Stream>>;
 
+/// A stream that counts the bytes read from it into a shared counter: under TLS, the only way
+/// to see that a client has begun sending (a partial record stays inside the TLS layer, out of
+/// sight of the frame reader above it).
+pub struct Counted {
+    inner: BoxStream,
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Counted {
+    /// `inner`, counted; the counter to watch.
+    pub fn new(inner: BoxStream) -> (Counted, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        (
+            Counted {
+                inner,
+                read: read.clone(),
+            },
+            read,
+        )
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = self.inner.as_mut().poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        self.inner.as_mut().poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        self.inner.as_mut().poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        self.inner.as_mut().poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        self.inner.as_mut().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
 /// How nodes reach each other.
 #[derive(Debug, Clone, Copy, Default)]
 pub enum Net {

@@ -295,3 +295,84 @@ fn a_seed_replicate_needs_the_option_that_allows_it() {
     }
     assert_eq!(state(&ba).3, 0, "nothing held");
 }
+
+/// A listener on the backup's port that answers the primary's opening with `answer` (and with
+/// `reflect`, first sends the primary's own nonce back to the primary as an opening of its
+/// own, and records what the primary answers to that).
+fn squatter(answer: &'static str, reflect_to: Option<String>) -> (String, Arc<Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = l.local_addr().expect("addr").to_string();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            let seen = seen2.clone();
+            let reflect_to = reflect_to.clone();
+            std::thread::spawn(move || {
+                let Ok(mut w) = s.try_clone() else { return };
+                let mut r = BufReader::new(s);
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                let line = line.trim_end().to_string();
+                if let Some(to) = reflect_to {
+                    // The primary's own opening, sent back to its client port.
+                    let mut c = LineConn::connect(&to);
+                    c.send_line(&line);
+                    if let Got::Line(l) = c.next(5 * SEC) {
+                        if let Ok(mut g) = seen.lock() {
+                            g.push(l);
+                        }
+                    }
+                }
+                let _ = w.write_all(format!("{answer}\n").as_bytes());
+                std::thread::sleep(2 * SEC);
+            });
+        }
+    });
+    (a, seen)
+}
+
+#[test]
+fn a_node_on_the_backups_port_that_cannot_prove_the_secret_moves_nothing() {
+    // Without --seed-backup, neither a HELLO of a newer reign nor a seed-like ERR is taken.
+    for answer in ["HELLO|edgepair/1|primary|99|1", "ERR|unknown verb"] {
+        let (fake, _) = squatter(answer, None);
+        let pp = free_port();
+        let pa = addr(pp);
+        let primary = spawn_bin("primary", &[&pp.to_string(), &fake, "--compute", "0"]);
+        primary.wait_stderr("instead of proving the secret");
+        let (role, epoch, link, _) = state(&pa);
+        assert_eq!(
+            (role.as_str(), epoch, link.as_str()),
+            ("primary", 1, "down"),
+            "{answer}"
+        );
+        // It acknowledges alone (degraded), nothing was counted as stored by the fake.
+        let mut p = LineConn::connect(&pa);
+        p.send_line("PUB|t|p|1|0|x");
+        assert_eq!(p.next(5 * SEC), Got::Line("ACK|p|1".into()));
+        assert!(!primary.logged("using seed REPLICATE/CLEAR"));
+    }
+}
+
+#[test]
+fn a_node_on_the_backups_port_cannot_reflect_the_primarys_handshake_back_to_it() {
+    let pp = free_port();
+    let pa = addr(pp);
+    let (fake, seen) = squatter("ERR|unknown verb", Some(pa.clone()));
+    let primary = spawn_bin("primary", &[&pp.to_string(), &fake, "--compute", "0"]);
+    assert!(
+        wait_until(10 * SEC, || seen.lock().is_ok_and(|g| !g.is_empty())),
+        "the reflection was never answered"
+    );
+    let answer = seen.lock().map(|g| g[0].clone()).unwrap_or_default();
+    assert!(
+        answer.starts_with("ERR|authentication failed") && answer.contains("reflection"),
+        "the primary answered its own nonce with {answer}"
+    );
+    assert!(primary.logged("refused a peer handshake"));
+    assert_eq!(state(&pa).1, 1);
+}

@@ -1,6 +1,7 @@
-//! A seed backup (one that answers our opening `AUTH` with anything but a challenge) is driven
-//! with the seed's REPLICATE/CLEAR; one that closes on it is retried. Real primary, fake seed
-//! backup.
+//! A seed backup (one that answers our opening `AUTH` as a seed answers an unknown verb) is
+//! driven with the seed's REPLICATE/CLEAR by a primary started with `--seed-backup`; one that
+//! closes on it is retried. Without the option such a backup is refused (`peers.rs`). Real
+//! primary, fake seed backup.
 
 mod common;
 
@@ -61,7 +62,10 @@ fn seed_backup_gets_replicate_and_clear(hello_answer: &'static str) {
     let (fake, log) = fake_seed_backup(Some(hello_answer));
     let pp = free_port();
     let pa = addr(pp);
-    let primary = spawn_bin("primary", &[&pp.to_string(), &fake, "--compute", "0..5"]);
+    let primary = spawn_bin(
+        "primary",
+        &[&pp.to_string(), &fake, "--compute", "0..5", "--seed-backup"],
+    );
     wait_status(&pa, "primary", "up");
     primary.wait_stderr("using seed REPLICATE/CLEAR");
     let mut sub = subscribe(&pa, "s");
@@ -136,7 +140,10 @@ fn primary_retries_the_opening_on_a_backup_that_closes_without_a_word() {
     let (fake, log) = fake_seed_backup(None);
     let pp = free_port();
     let pa = addr(pp);
-    let _primary = spawn_bin("primary", &[&pp.to_string(), &fake, "--compute", "0"]);
+    let _primary = spawn_bin(
+        "primary",
+        &[&pp.to_string(), &fake, "--compute", "0", "--seed-backup"],
+    );
     wait_status(&pa, "primary", "down");
     let mut p = LineConn::connect(&pa);
     p.send_line("PUB|s|ps|1|1|a");

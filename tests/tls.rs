@@ -305,3 +305,79 @@ fn tls_options_that_do_not_go_together_stop_the_node_and_say_why() {
     assert_eq!(code.code(), Some(2));
     assert!(n.logged("key"), "{:?}", n.stderr.lock().map(|l| l.clone()));
 }
+
+#[test]
+fn a_tls_record_dripped_too_slowly_is_closed_after_the_frame_timeout() {
+    use std::io::Read;
+    let p = pki();
+    let port = free_port();
+    let mut args = vec![
+        port.to_string(),
+        addr(free_port()),
+        "--compute".into(),
+        "0".into(),
+        "--frame-timeout".into(),
+        "400ms".into(),
+    ];
+    args.extend(tls_args(&p).iter().map(|x| x.to_string()));
+    let _node = spawn_bin("backup", &argv(&args));
+    let a = addr(port);
+    wait_tls_status(&a, &p.ca, "backup", "waiting");
+    // Handshake by hand, then one record holding a whole frame, sent a byte at a time: the
+    // node sees bytes arrive but no frame until the record is complete, which it never is.
+    let mut roots = rustls::RootCertStore::empty();
+    {
+        use rustls::pki_types::pem::PemObject;
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(&p.ca).expect("ca") {
+            roots.add(c.expect("pem")).expect("add");
+        }
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name).expect("client");
+    let mut tcp = TcpStream::connect(&a).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).expect("handshake");
+    }
+    conn.writer().write_all(b"PING\n").expect("plaintext");
+    let mut record = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut record).expect("record");
+    }
+    let start = Instant::now();
+    let mut closed_after = None;
+    let mut buf = [0u8; 4096];
+    // All but the last byte, slowly; a complete record would be answered PONG.
+    for b in &record[..record.len() - 1] {
+        if tcp.write_all(&[*b]).is_err() {
+            closed_after = Some(start.elapsed());
+            break;
+        }
+        match tcp.read(&mut buf) {
+            Ok(0) => {
+                closed_after = Some(start.elapsed());
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                closed_after = Some(start.elapsed());
+                break;
+            }
+            // The node's ERR and close_notify arrive first, then the end.
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(start.elapsed() < 10 * SEC, "never closed");
+    }
+    let took = closed_after.expect("the connection was never closed");
+    assert!(took >= Duration::from_millis(350), "closed after {took:?}");
+    // Others are still served over TLS.
+    wait_tls_status(&a, &p.ca, "backup", "waiting");
+}

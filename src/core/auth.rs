@@ -30,6 +30,9 @@ use crate::protocol::{AuthStep, Frame};
 /// Bytes of each nonce.
 pub const NONCE_LEN: usize = 32;
 
+/// Nonces this node offered lately, kept to spot them coming back (a reflection).
+const RECENT_OFFERS: usize = 16;
+
 /// What `ERR` answers to a peer frame from a connection that did not authenticate start with.
 pub const NOT_A_PEER: &str = "not an authenticated peer";
 
@@ -122,6 +125,10 @@ impl Broker {
             return false;
         }
         let ours = self.nonce();
+        if self.offered.len() >= RECENT_OFFERS {
+            self.offered.pop_front();
+        }
+        self.offered.push_back(ours.clone());
         let frame = Frame::Auth(AuthStep::Hello {
             nonce: ours.clone(),
         });
@@ -155,6 +162,9 @@ impl Broker {
             _ => return Err("no handshake in progress".into()),
         };
         match answer {
+            Frame::Auth(AuthStep::Challenge { nonce, .. }) if self.is_own_challenge(nonce) => Err(
+                format!("{AUTH_FAILED}: the peer's challenge is one this node made (a reflection)"),
+            ),
             Frame::Auth(AuthStep::Challenge { nonce, proof }) => {
                 if !key.check(ACCEPTOR, &ours, nonce, proof) {
                     return Err(format!(
@@ -178,6 +188,19 @@ impl Broker {
         }
     }
 
+    /// Whether `nonce` is one this node offered as the opener of a peer link: sent back to it
+    /// as someone else's, its own answer would prove the secret for them.
+    fn is_own_offer(&self, nonce: &[u8]) -> bool {
+        self.offered.iter().any(|n| n.as_slice() == nonce)
+    }
+
+    /// Whether `nonce` is one this node sent in a challenge of its own.
+    fn is_own_challenge(&self, nonce: &[u8]) -> bool {
+        self.conns
+            .values()
+            .any(|c| matches!(&c.auth, Auth::Challenged { ours, .. } if ours.as_slice() == nonce))
+    }
+
     /// An `AUTH` frame from a client connection (the other side opened it).
     pub(super) fn on_auth(&mut self, conn: ConnId, step: AuthStep) {
         let Some(key) = self.cfg.peer_key.clone() else {
@@ -197,6 +220,12 @@ impl Broker {
                     conn,
                     "peer links need mutual TLS: this connection presented no certificate \
                      signed by --tls-ca",
+                );
+            }
+            (Some(Auth::None), AuthStep::Hello { nonce }) if self.is_own_offer(&nonce) => {
+                self.refuse_auth(
+                    conn,
+                    "the nonce offered is one this node offered itself (a reflection)",
                 );
             }
             (Some(Auth::None), AuthStep::Hello { nonce: theirs }) => {
@@ -262,11 +291,7 @@ impl Broker {
                 frame,
                 Frame::Hello { .. } | Frame::Repl { .. } | Frame::Mark { .. } | Frame::Clr { .. }
             );
-        if !needs_peer
-            || self.is_peer(conn)
-            || (seed && self.cfg.allow_seed_replicate)
-            || matches!(self.conns.get(&conn).map(|c| &c.kind), Some(Kind::Out(_)))
-        {
+        if !needs_peer || self.is_peer(conn) || (seed && self.cfg.allow_seed_replicate) {
             return true;
         }
         let line = frame.encode();

@@ -103,6 +103,8 @@ pub(super) struct Conn {
     pub full: bool,
     /// Accepted over TLS with a client certificate signed by the CA.
     pub client_cert: bool,
+    /// `ACK`s in `replies` that wait for the backup or the disk (`--max-unacked`).
+    pub acks_waiting: usize,
 }
 
 impl Conn {
@@ -118,6 +120,7 @@ impl Conn {
             auth: super::auth::Auth::None,
             full: false,
             client_cert: false,
+            acks_waiting: 0,
         }
     }
 }
@@ -171,10 +174,13 @@ impl Broker {
         while let Some(r) = c.replies.front() {
             match r {
                 Reply::Ready(line) => buf.extend_from_slice(line),
-                Reply::Ack { wait, line } if stored.is_some_and(|s| *wait <= s) => match instead {
-                    Some(f) => f.encode_into_bytes(&mut buf),
-                    None => buf.extend_from_slice(line),
-                },
+                Reply::Ack { wait, line } if stored.is_some_and(|s| *wait <= s) => {
+                    c.acks_waiting = c.acks_waiting.saturating_sub(1);
+                    match instead {
+                        Some(f) => f.encode_into_bytes(&mut buf),
+                        None => buf.extend_from_slice(line),
+                    }
+                }
                 _ => break,
             }
             c.replies.pop_front();

@@ -75,7 +75,8 @@ impl Broker {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        if c.full || c.replies.len() < max {
+        c.acks_waiting += 1;
+        if c.full || c.acks_waiting < max {
             return;
         }
         c.full = true;
@@ -97,7 +98,7 @@ impl Broker {
     pub(super) fn uncount_unacked(&mut self, conn: ConnId) {
         let max = self.cfg.max_unacked;
         if let Some(c) = self.conns.get(&conn) {
-            if c.full && c.replies.len() < max {
+            if c.full && c.acks_waiting < max {
                 self.timers.set(Timer::Unpause(conn), self.now.mono);
             }
         }

@@ -120,8 +120,10 @@ impl Broker {
     /// The link's connection opened: introduce ourselves (a seed backup gets no `HELLO`).
     pub(super) fn on_link_connected(&mut self, conn: ConnId) {
         match self.primary() {
-            Some(p) if p.link.legacy => self.link_up(conn, 0),
             Some(p) => {
+                // Every link proves the secret anew: a backup is a seed backup only for as
+                // long as the one that answers says so.
+                p.link.legacy = false;
                 p.link.state = LinkState::Hello(conn);
                 if self.offer_auth(conn) {
                     // `HELLO` follows once the backup has proved the secret (`auth.rs`).
@@ -240,16 +242,25 @@ impl Broker {
                 self.link_retry(Some(Duration::from_secs(1)));
             }
             other => {
+                // An authenticated backup that does not say HELLO back is broken, not a seed
+                // backup (those never get this far: `unauthenticated_answer`).
                 warn!(
-                    "backup {peer} answered {} to HELLO: using seed REPLICATE/CLEAR",
+                    "backup {peer} answered {} to HELLO: dropping the link",
                     other.encode().trim_end()
                 );
-                if let Some(p) = self.primary() {
-                    p.link.legacy = true;
-                }
-                self.link_up(conn, 0);
+                self.close(conn);
+                self.link_retry(Some(Duration::from_secs(1)));
             }
         }
+    }
+
+    /// A seed backup (see `peer.rs`, `unauthenticated_answer`) is driven on `conn` with
+    /// `REPLICATE`/`CLEAR`.
+    pub(super) fn seed_link_up(&mut self, conn: ConnId) {
+        if let Some(p) = self.primary() {
+            p.link.legacy = true;
+        }
+        self.link_up(conn, 0);
     }
 
     /// The link is up: replay what is in flight, then stream. `caught_up`: log entries the

@@ -120,6 +120,9 @@ pub struct Config {
     /// Take the seed's `REPLICATE`/`CLEAR` from connections that did not authenticate (a seed
     /// primary driving this backup cannot).
     pub allow_seed_replicate: bool,
+    /// Primary: drive a backup that does not answer the peer handshake (a seed backup, which
+    /// answers an unknown verb with `ERR`) with `REPLICATE`/`CLEAR`, unauthenticated.
+    pub seed_backup: bool,
     /// Seeds the nonces of the peer handshake: random in a real node, fixed in a simulation.
     pub nonce_seed: [u8; 32],
     /// Publishes of one connection awaiting their `ACK` before it is read no more
@@ -295,6 +298,8 @@ pub struct Broker {
     rng: rand::rngs::StdRng,
     /// Peer frames refused from connections that did not authenticate.
     refused_peer_frames: u64,
+    /// Nonces this node offered lately as the opener of a peer link (`auth.rs`).
+    offered: VecDeque<Vec<u8>>,
     /// A connection reached `--max-unacked` (logged once).
     said_full: bool,
 }
@@ -316,6 +321,7 @@ impl Broker {
         let mut b = Broker {
             rng: rand::SeedableRng::from_seed(cfg.nonce_seed),
             refused_peer_frames: 0,
+            offered: VecDeque::new(),
             said_full: false,
             next_mid: cfg.incarnation.max(1),
             cfg,

@@ -96,6 +96,40 @@ impl Broker {
         self.timers.set(Timer::Answer(conn), t);
     }
 
+    /// The node at the other end of `conn` answered our handshake with something else. Only a
+    /// primary started with `--seed-backup` takes a seed broker's answer to an unknown verb (an
+    /// `ERR`, or the seed's bare `ACK`) for a seed backup; anything else, and anything at all
+    /// on a paused primary's question, is a failed handshake: an answer from someone who did
+    /// not prove the secret acts on nothing.
+    fn unauthenticated_answer(&mut self, conn: ConnId, answer: Frame) {
+        let is_link = matches!(
+            self.conns.get(&conn).map(|c| &c.kind),
+            Some(Kind::Out(Purpose::Link))
+        );
+        let seed_like = matches!(answer, Frame::Err { .. } | Frame::Ack { id: None });
+        if is_link && self.cfg.seed_backup && seed_like {
+            let peer = self.cfg.peer.clone().unwrap_or_default();
+            warn!(
+                "backup {peer} answered {} to the handshake: a seed backup \
+                 (--seed-backup): using seed REPLICATE/CLEAR, unauthenticated",
+                answer.encode().trim_end()
+            );
+            self.seed_link_up(conn);
+            return;
+        }
+        let hint = if is_link && seed_like {
+            " (a seed backup needs --seed-backup on this primary)"
+        } else {
+            ""
+        };
+        let why = format!(
+            "{}: the peer answered {} instead of proving the secret{hint}",
+            super::auth::AUTH_FAILED,
+            answer.encode().trim_end()
+        );
+        self.auth_failed(conn, why);
+    }
+
     /// The peer proved the secret on `conn`, which we opened: say what we opened it for.
     fn on_peer_authenticated(&mut self, conn: ConnId) {
         match self.conns.get(&conn).map(|c| &c.kind) {
@@ -116,9 +150,10 @@ impl Broker {
                     self.on_peer_authenticated(conn);
                     return;
                 }
-                // Not a handshake answer (a seed backup's `ERR`): the purpose's own handling
-                // below makes of it what it makes of any unexpected answer.
-                Ok(false) => {}
+                Ok(false) => {
+                    self.unauthenticated_answer(conn, frame);
+                    return;
+                }
                 Err(why) => {
                     self.auth_failed(conn, why);
                     return;

@@ -172,6 +172,9 @@ struct Paced {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     armed: bool,
     timed_out: bool,
+    /// Under TLS: bytes read from the socket, and their count when the last frame came (more
+    /// since then is a frame begun, though the TLS layer still holds it).
+    raw: Option<(Arc<std::sync::atomic::AtomicU64>, u64)>,
 }
 
 impl Stream for Paced {
@@ -199,9 +202,18 @@ impl Stream for Paced {
         match Pin::new(&mut self.inner).poll_next(cx) {
             Poll::Ready(item) => {
                 self.armed = false;
+                if let Some((counter, seen)) = self.raw.as_mut() {
+                    *seen = counter.load(Ordering::Relaxed);
+                }
                 Poll::Ready(item)
             }
-            Poll::Pending if self.inner.read_buffer().is_empty() => {
+            Poll::Pending
+                if self.inner.read_buffer().is_empty()
+                    && self
+                        .raw
+                        .as_ref()
+                        .is_none_or(|(c, seen)| c.load(Ordering::Relaxed) == *seen) =>
+            {
                 self.armed = false;
                 Poll::Pending
             }
@@ -234,6 +246,7 @@ pub fn split(
     stream: BoxStream,
     paced: bool,
     frame_timeout: std::time::Duration,
+    raw: Option<Arc<std::sync::atomic::AtomicU64>>,
     drained: mpsc::UnboundedSender<ConnId>,
     alive: mpsc::Sender<()>,
 ) -> (Pin<Box<dyn Stream<Item = ConnEvent> + Send>>, Writer) {
@@ -251,6 +264,10 @@ pub fn split(
         deadline: None,
         armed: false,
         timed_out: false,
+        raw: raw.map(|c| {
+            let now = c.load(Ordering::Relaxed);
+            (c, now)
+        }),
     };
     let reader = reader
         .take_until(stop.clone().cancelled_owned())

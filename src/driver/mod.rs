@@ -11,6 +11,7 @@ mod io;
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
@@ -101,6 +102,8 @@ pub struct NodeConfig {
     pub peer_key: Option<crate::core::PeerKey>,
     /// Take the seed's `REPLICATE`/`CLEAR` without authentication (`--allow-seed-replicate`).
     pub allow_seed_replicate: bool,
+    /// Primary: drive a seed backup, unauthenticated (`--seed-backup`).
+    pub seed_backup: bool,
     /// Seeds the handshake's nonces; `None` draws from the operating system.
     pub nonce_seed: Option<[u8; 32]>,
     /// Publishes of one connection awaiting their `ACK` before it is read no more.
@@ -138,6 +141,7 @@ impl NodeConfig {
             max_connections: MAX_CONNECTIONS,
             peer_key: None,
             allow_seed_replicate: false,
+            seed_backup: false,
             nonce_seed: None,
             max_unacked: crate::core::MAX_UNACKED,
             max_subscriptions: crate::core::MAX_SUBSCRIPTIONS,
@@ -152,7 +156,11 @@ impl NodeConfig {
 enum Done {
     /// A TLS handshake on an accepted connection ended (the stream, the client's address,
     /// whether it presented a certificate the CA signed); `None`: it failed.
-    Accepted(Option<(BoxStream, bool)>, String),
+    Accepted(
+        Option<(BoxStream, bool)>,
+        String,
+        Arc<std::sync::atomic::AtomicU64>,
+    ),
     Connected(ConnId, BoxStream),
     ConnectFailed(ConnId, String),
     Computed {
@@ -204,6 +212,8 @@ struct Driver {
     tls: Option<crate::tls::NodeTls>,
     /// Accepted connections whose TLS handshake is under way (they count as connections).
     handshaking: usize,
+    /// TLS handshakes that failed (logged at each power of two).
+    tls_failures: u64,
     /// Cloned into every writer task, which drops it when done: once the driver drops its
     /// own, the channel closes when the last writer has written out (see [`FLUSH_WAIT`]).
     alive: Option<mpsc::Sender<()>>,
@@ -248,6 +258,7 @@ pub async fn run_on(
         lease: cfg.lease,
         peer_key: cfg.peer_key.clone(),
         allow_seed_replicate: cfg.allow_seed_replicate,
+        seed_backup: cfg.seed_backup,
         nonce_seed: cfg.nonce_seed.unwrap_or_else(|| {
             let mut s = [0u8; 32];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut s);
@@ -282,6 +293,7 @@ pub async fn run_on(
         frame_timeout: cfg.frame_timeout,
         tls: cfg.tls.clone(),
         handshaking: 0,
+        tls_failures: 0,
         alive: Some(alive),
         max_connections: cfg.max_connections,
     };
@@ -511,15 +523,16 @@ impl Driver {
             return;
         }
         let Some(tls) = self.tls.as_ref().map(|t| t.server.clone()) else {
-            self.admit(stream, peer, false);
+            self.admit(stream, peer, false, None);
             return;
         };
+        let (stream, raw) = crate::net::Counted::new(stream);
         // The handshake runs on its own task, so a slow client holds up no one; it has the
         // time of a frame to finish.
         self.handshaking += 1;
         let (tx, limit, peer) = (self.done_tx.clone(), self.frame_timeout, peer.to_string());
         crate::net::spawn(async move {
-            let r = match tokio::time::timeout(limit, tls.accept(stream)).await {
+            let r = match tokio::time::timeout(limit, tls.accept(Box::pin(stream))).await {
                 Ok(Ok(s)) => Some(s),
                 Ok(Err(e)) => {
                     debug!("TLS handshake with {peer} failed: {e}");
@@ -530,12 +543,18 @@ impl Driver {
                     None
                 }
             };
-            let _ = tx.send(Done::Accepted(r, peer));
+            let _ = tx.send(Done::Accepted(r, peer, raw));
         });
     }
 
     /// An accepted connection (its TLS handshake done, if any) becomes a connection of the core.
-    fn admit(&mut self, stream: BoxStream, peer: &str, client_cert: bool) {
+    fn admit(
+        &mut self,
+        stream: BoxStream,
+        peer: &str,
+        client_cert: bool,
+        raw: Option<Arc<std::sync::atomic::AtomicU64>>,
+    ) {
         let now = self.clock.now();
         let conn = if client_cert {
             self.core.handle_accepted_with_cert(now)
@@ -544,12 +563,18 @@ impl Driver {
         };
         debug!("connection {conn} from {peer}");
         self.inbound.insert(conn);
-        self.register(conn, stream, true);
+        self.register(conn, stream, true, raw);
     }
 
     /// Registers a connection; `paced`: stop reading it while its answers are not being read
     /// (clients; not our own connections to the peer, whose answers we must always read).
-    fn register(&mut self, conn: ConnId, stream: BoxStream, paced: bool) {
+    fn register(
+        &mut self,
+        conn: ConnId,
+        stream: BoxStream,
+        paced: bool,
+        raw: Option<Arc<std::sync::atomic::AtomicU64>>,
+    ) {
         let Some(alive) = self.alive.clone() else {
             return;
         };
@@ -558,6 +583,7 @@ impl Driver {
             stream,
             paced,
             self.frame_timeout,
+            raw,
             self.drained_tx.clone(),
             alive,
         );
@@ -600,14 +626,24 @@ impl Driver {
     fn done(&mut self, done: Done) {
         let now = self.clock.now();
         match done {
-            Done::Accepted(result, peer) => {
+            Done::Accepted(result, peer, raw) => {
                 self.handshaking -= 1;
-                if let Some((stream, cert)) = result {
-                    self.admit(stream, &peer, cert);
+                match result {
+                    Some((stream, cert)) => self.admit(stream, &peer, cert, Some(raw)),
+                    None => {
+                        self.tls_failures += 1;
+                        if self.tls_failures.is_power_of_two() {
+                            warn!(
+                                "TLS handshakes failed: {} so far (the last from {peer}; \
+                                 RUST_LOG=debug says why)",
+                                self.tls_failures
+                            );
+                        }
+                    }
                 }
             }
             Done::Connected(conn, stream) => {
-                self.register(conn, stream, false);
+                self.register(conn, stream, false, None);
                 self.core.handle_connected(conn, now);
             }
             Done::ConnectFailed(conn, e) => self.core.handle_connect_failed(conn, &e, now),

@@ -97,6 +97,7 @@ pub fn config() -> Config {
         lease: None,
         peer_key: Some(edgepair::core::PeerKey::new(PAIR_SECRET)),
         allow_seed_replicate: false,
+        seed_backup: false,
         nonce_seed: [0; 32],
         max_unacked: edgepair::core::MAX_UNACKED,
         max_subscriptions: edgepair::core::MAX_SUBSCRIPTIONS,
