@@ -185,6 +185,10 @@ pub struct BrokerOpts {
     /// primary can drive this backup. Anyone who can connect can then plant messages.
     #[arg(long)]
     pub allow_seed_replicate: bool,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (e.g. `127.0.0.1:9100`; port 0 picks
+    /// one, logged at start): role, epoch, link, in flight, held, counters and stage latencies.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Primary: if the backup answers the peer handshake as a seed broker does (an `ERR` to an
     /// unknown verb), replicate to it with the seed's `REPLICATE`/`CLEAR`, unauthenticated.
     /// Without it such a backup is refused: whoever answers on the backup's port could
@@ -312,6 +316,7 @@ pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCo
         cfg.peer_key = Some(key);
         cfg.allow_seed_replicate = opts.allow_seed_replicate;
         cfg.seed_backup = opts.seed_backup;
+        cfg.metrics = opts.metrics;
         cfg.max_unacked = opts.max_unacked;
         cfg.max_subscriptions = opts.max_subscriptions;
         cfg.max_topic_len = opts.max_topic_len;

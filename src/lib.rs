@@ -10,6 +10,7 @@ pub mod compute;
 pub mod core;
 pub mod driver;
 pub mod log;
+pub mod metrics;
 pub mod net;
 pub mod protocol;
 pub mod secret;

@@ -128,6 +128,36 @@ fn short_harness_run_delivers_everything_across_a_sigkill() {
         .filter(|d| d.source == "backup")
         .count();
     assert!(rows > 0, "no delivery came from the backup");
+    // Each node's metrics over the run: the backup took over once, in a newer epoch, and
+    // delivered what came after the kill.
+    let scraped: Vec<edgepair_lab::report::MetricsRow> =
+        csv::Reader::from_path(out.join("metrics.csv"))
+            .expect("metrics.csv")
+            .deserialize()
+            .filter_map(Result::ok)
+            .collect();
+    let backup_last = scraped
+        .iter()
+        .rev()
+        .find(|r| r.node == "backup")
+        .expect("the backup was scraped");
+    assert_eq!(
+        (backup_last.primary, backup_last.takeovers),
+        (1, 1),
+        "{backup_last:?}"
+    );
+    assert!(
+        backup_last.epoch >= 2 && backup_last.delivered > 0,
+        "{backup_last:?}"
+    );
+    assert!(
+        scraped
+            .iter()
+            .any(|r| r.node == "primary" && r.primary == 1 && r.delivered > 0),
+        "the primary was never scraped while it delivered"
+    );
+    let svg = std::fs::read_to_string(out.join("metrics.svg")).expect("metrics.svg");
+    assert!(svg.contains("<svg") && svg.contains("deliveries per second"));
 }
 
 #[test]

@@ -297,6 +297,7 @@ impl Broker {
         let line = frame.encode();
         let verb = line.split(['|', '\n']).next().unwrap_or("?").to_string();
         self.refused_peer_frames += 1;
+        self.counters.refused += 1;
         if self.refused_peer_frames.is_power_of_two() {
             warn!(
                 "refused {verb} from connection {conn}, which is not an authenticated peer \

@@ -171,6 +171,7 @@ impl Broker {
         };
         let mut buf = std::mem::take(&mut self.lines.scratch);
         buf.clear();
+        let mut acked = 0;
         while let Some(r) = c.replies.front() {
             match r {
                 Reply::Ready(line) => buf.extend_from_slice(line),
@@ -178,7 +179,10 @@ impl Broker {
                     c.acks_waiting = c.acks_waiting.saturating_sub(1);
                     match instead {
                         Some(f) => f.encode_into_bytes(&mut buf),
-                        None => buf.extend_from_slice(line),
+                        None => {
+                            acked += 1;
+                            buf.extend_from_slice(line);
+                        }
                     }
                 }
                 _ => break,
@@ -187,6 +191,7 @@ impl Broker {
         }
         let drained = c.replies.is_empty();
         let full = c.full;
+        self.counters.acknowledged += acked;
         if !buf.is_empty() {
             let line = self.lines.copy(&buf);
             self.out.push_back(Output::Send {

@@ -63,6 +63,7 @@ impl Broker {
         match why {
             None => true,
             Some(reason) => {
+                self.counters.refused += 1;
                 self.reply(conn, Frame::Err { reason });
                 false
             }

@@ -48,6 +48,7 @@ mod peer;
 mod primary;
 mod roles;
 mod seen;
+mod stats;
 mod stop;
 mod takeup;
 pub mod time;
@@ -65,6 +66,7 @@ use crate::protocol::{Frame, ProtocolError, Role};
 pub use auth::{PeerKey, AUTH_FAILED, NOT_A_PEER};
 pub use history::REPLAY_CHUNK;
 pub use limits::{bad_topic, MAX_SUBSCRIPTIONS, MAX_TOPIC_LEN, MAX_UNACKED};
+pub use stats::{Counters, Snapshot, StageHist, STAGE_BOUNDS_US};
 pub use stop::STOPPING;
 pub use time::{Backoff, Now, Time};
 
@@ -302,6 +304,8 @@ pub struct Broker {
     offered: VecDeque<Vec<u8>>,
     /// A connection reached `--max-unacked` (logged once).
     said_full: bool,
+    /// What `--metrics` reports (`stats.rs`).
+    counters: stats::Counters,
 }
 
 impl Broker {
@@ -323,6 +327,7 @@ impl Broker {
             refused_peer_frames: 0,
             offered: VecDeque::new(),
             said_full: false,
+            counters: Default::default(),
             next_mid: cfg.incarnation.max(1),
             cfg,
             now,

@@ -138,9 +138,11 @@ impl Broker {
             if let Err(e) = self.append(&topic, &entry) {
                 warn!("publish on '{topic}' refused: the log failed: {e}");
                 let reason = format!("not stored: {e}");
+                self.counters.refused += 1;
                 self.reply(conn, Frame::Err { reason });
                 return;
             }
+            self.counters.published += 1;
             if !entry.id.is_anonymous() {
                 self.seen.record(&entry.id.publisher, entry.id.seq);
             }
@@ -157,7 +159,10 @@ impl Broker {
             (repl.is_some() || local || !self.lease_held()).then_some(mid)
         };
         match wait {
-            None => self.reply_line(conn, ack),
+            None => {
+                self.counters.acknowledged += 1;
+                self.reply_line(conn, ack);
+            }
             Some(mid) => {
                 let deadline = self.now.mono + self.cfg.repl_timeout;
                 if let Some(p) = self.primary() {
@@ -391,6 +396,7 @@ impl Broker {
     /// Sends one message to every subscriber of its topic, encoded once per dialect.
     fn deliver(&mut self, m: &Message, stamps: Stamps) {
         self.delivered += 1;
+        self.observe_stages(&stamps);
         let Some(subs) = self.topics.get(&m.topic) else {
             return;
         };

@@ -25,6 +25,7 @@ impl Broker {
         };
         self.epoch = next_epoch(self.epoch, self.cfg.born == Role::Primary);
         self.save_epoch();
+        self.counters.takeovers += 1;
         self.timers.stop(Timer::Ping);
         warn!(
             "TAKEOVER: {why}; now primary in epoch {}, replaying {} held message(s) in order",

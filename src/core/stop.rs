@@ -83,6 +83,7 @@ impl Broker {
             return false;
         }
         let reason = STOPPING.to_string();
+        self.counters.refused += 1;
         self.reply(conn, Frame::Err { reason });
         true
     }

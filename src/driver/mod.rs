@@ -116,6 +116,8 @@ pub struct NodeConfig {
     pub frame_timeout: Duration,
     /// TLS (`--tls-cert`, `--tls-key`, `--tls-ca`); `None`: plain TCP.
     pub tls: Option<crate::tls::NodeTls>,
+    /// Where to serve Prometheus metrics over HTTP (`--metrics`); `None`: nowhere.
+    pub metrics: Option<String>,
 }
 
 impl NodeConfig {
@@ -148,6 +150,7 @@ impl NodeConfig {
             max_topic_len: crate::core::MAX_TOPIC_LEN,
             frame_timeout: FRAME_TIMEOUT,
             tls: None,
+            metrics: None,
         }
     }
 }
@@ -214,6 +217,8 @@ struct Driver {
     handshaking: usize,
     /// TLS handshakes that failed (logged at each power of two).
     tls_failures: u64,
+    /// Subscribers disconnected for `--max-pending`.
+    kicked: u64,
     /// Cloned into every writer task, which drops it when done: once the driver drops its
     /// own, the channel closes when the last writer has written out (see [`FLUSH_WAIT`]).
     alive: Option<mpsc::Sender<()>>,
@@ -294,9 +299,20 @@ pub async fn run_on(
         tls: cfg.tls.clone(),
         handshaking: 0,
         tls_failures: 0,
+        kicked: 0,
         alive: Some(alive),
         max_connections: cfg.max_connections,
     };
+    let (scrape_tx, mut scrapes) = mpsc::channel::<tokio::sync::oneshot::Sender<String>>(16);
+    if let Some(at) = &cfg.metrics {
+        let l = tokio::net::TcpListener::bind(at)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen for --metrics on {at}: {e}"))?;
+        info!("metrics on http://{}/metrics", l.local_addr()?);
+        crate::net::spawn(crate::metrics::serve(l, scrape_tx));
+    } else {
+        drop(scrape_tx);
+    }
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     let mut accept_pause: Option<Pin<Box<tokio::time::Sleep>>> = None;
     // One timer for the core's next deadline, moved only when the deadline moves: arming a
@@ -343,6 +359,13 @@ pub async fn run_on(
             }
             Some(ev) = d.readers.next(), if !d.readers.is_empty() => d.read_batch(ev),
             Some(done) = done_rx.recv() => d.done(done),
+            Some(reply) = scrapes.recv() => {
+                let counts = crate::metrics::DriverCounts {
+                    connections: (d.inbound.len() + d.handshaking) as u64,
+                    kicked: d.kicked,
+                };
+                let _ = reply.send(crate::metrics::encode(&d.core.snapshot(), &counts));
+            }
             Some(conn) = drained_rx.recv() => {
                 let now = d.clock.now();
                 d.core.handle_writable(conn, now);
@@ -484,6 +507,7 @@ impl Driver {
             if let Some(w) = self.writers.remove(&conn) {
                 w.kick();
             }
+            self.kicked += 1;
             let now = self.clock.now();
             self.core.handle_closed(conn, now);
             return;

@@ -21,11 +21,13 @@ mod matrix;
 mod plan;
 mod progress;
 mod run;
+mod scrape;
 
 pub use chaos::ChaosEvent;
 pub use matrix::{run_matrix, MatrixRow};
 pub use plan::{effective_scenario, ChaosFault};
 pub use run::run;
+pub use scrape::EVERY as SCRAPE_EVERY;
 
 /// Signal used to fail the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -118,6 +118,11 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     // depends on nothing in the user's home, and its nodes on no other run's.
     let secret = dir.join("peer.secret");
     edgepair::secret::create(&secret)?;
+    // Each node serves its metrics, scraped during the run into `metrics.csv`/`metrics.svg`.
+    let metrics_at = [
+        format!("127.0.0.1:{}", crate::procs::free_port()?),
+        format!("127.0.0.1:{}", crate::procs::free_port()?),
+    ];
     // Each node keeps its log under the run's folder, so a restarted node starts on it and
     // the logs can be inspected after the run (`edgepair-log topics DIR`).
     let broker_args = |port: u16, peer: &str, seed_offset: u64| {
@@ -128,6 +133,8 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
             opts.compute.to_string(),
             "--secret-file".into(),
             secret.display().to_string(),
+            "--metrics".into(),
+            metrics_at[seed_offset as usize].clone(),
             "--data-dir".into(),
             dir.join("data")
                 .join(label[seed_offset as usize])
@@ -162,6 +169,11 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     )?);
     let brokers_started = Instant::now();
     wait_paired(&primary, Some(&backup), Duration::from_secs(10), &mut procs).await?;
+    let (scraped, scraper) = super::scrape::start(vec![
+        ("primary", metrics_at[0].clone()),
+        ("backup", metrics_at[1].clone()),
+    ]);
+    let _stop_scraper = AbortOnDrop(scraper);
     let csv_path = dir.join("deliveries.csv");
     let sargs = vec![
         opts.topic.clone(),
@@ -517,6 +529,8 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     };
     let analysis = report::analyze(&deliveries, &info);
     report::write_reports(&dir, &analysis, &deliveries, &info)?;
+    let metrics_rows = scraped.lock().map(|g| g.clone()).unwrap_or_default();
+    report::write_metrics(&dir, &metrics_rows, &info)?;
     let mut table = report::render_table(&analysis);
     if opts.chaos {
         chaos_cycles(
@@ -560,4 +574,13 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         dir,
         chaos: chaos_events,
     })
+}
+
+/// Aborts a task when dropped (the metrics scraper, however the run ends).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -30,7 +30,10 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+mod metrics;
 mod plot;
+
+pub use metrics::{write_metrics, MetricsRow};
 
 pub(crate) use plot::{draw_legend, plot_err};
 use plot::{latency_svg, timeline_svg};

@@ -1,0 +1,55 @@
+//! Scrapes every node's `--metrics` endpoint while a run goes, a few times a second; a node
+//! that is down (killed, stopped) simply has no row for that moment.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::report::MetricsRow;
+
+/// How often each node is scraped.
+pub const EVERY: Duration = Duration::from_millis(250);
+
+async fn get(addr: &str) -> Option<String> {
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: edgepair\r\n\r\n")
+            .await
+            .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.ok()?;
+        Some(text)
+    };
+    tokio::time::timeout(Duration::from_millis(500), fetch)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Starts scraping `nodes` (name, metrics address); the rows collect in the returned list
+/// until the task is aborted.
+pub fn start(
+    nodes: Vec<(&'static str, String)>,
+) -> (Arc<Mutex<Vec<MetricsRow>>>, tokio::task::JoinHandle<()>) {
+    let rows = Arc::new(Mutex::new(Vec::new()));
+    let out = rows.clone();
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EVERY);
+        loop {
+            tick.tick().await;
+            for (name, addr) in &nodes {
+                let Some(text) = get(addr).await else {
+                    continue;
+                };
+                let at = edgepair::clock::now_us();
+                if let Some(r) = MetricsRow::parse(at, name, &text) {
+                    if let Ok(mut g) = out.lock() {
+                        g.push(r);
+                    }
+                }
+            }
+        }
+    });
+    (rows, task)
+}
