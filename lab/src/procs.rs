@@ -248,6 +248,7 @@ impl Drop for Proc {
 /// Spawns a binary with its stdout and stderr copied line by line to `<dir>/<name>.log`, and
 /// each line also handed to `on_line` (with `true` for stdout).
 pub fn spawn_logged(
+    via: &[String],
     bin_dir: &Path,
     name: &'static str,
     args: &[String],
@@ -255,7 +256,16 @@ pub fn spawn_logged(
     lines: mpsc::UnboundedSender<(&'static str, bool, String)>,
 ) -> anyhow::Result<Proc> {
     let path = bin_dir.join(name);
-    let mut child = Command::new(&path)
+    // `via` (e.g. `ip netns exec NS`) execs the binary in place: the PID is the binary's.
+    let mut cmd = match via.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(&path);
+            c
+        }
+        None => Command::new(&path),
+    };
+    let mut child = cmd
         .args(args)
         .env(
             "RUST_LOG",

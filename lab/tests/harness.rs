@@ -557,3 +557,113 @@ fn chaos_mode_draws_the_same_fault_schedule_from_the_same_seed() {
         );
     }
 }
+
+/// Network namespaces for one test (`scripts/netns-lab.sh`), removed when dropped.
+struct NetnsLab {
+    script: std::path::PathBuf,
+    prefix: String,
+    net: String,
+}
+
+impl NetnsLab {
+    fn up(n: usize) -> Result<NetnsLab, String> {
+        let id = std::process::id();
+        let lab = NetnsLab {
+            script: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../scripts/netns-lab.sh"),
+            prefix: format!("eh{}", id % 100_000),
+            net: format!("10.204.{}", 20 + id % 200),
+        };
+        let out = Command::new("bash")
+            .arg(&lab.script)
+            .args(["up", &n.to_string(), &lab.prefix, &lab.net])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            drop(lab);
+            return Err(why);
+        }
+        Ok(lab)
+    }
+}
+
+impl Drop for NetnsLab {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(&self.script)
+            .args(["down", &self.prefix])
+            .status();
+    }
+}
+
+#[test]
+fn the_harness_runs_each_process_in_its_own_namespace_from_an_inventory() {
+    let lab = match NetnsLab::up(4) {
+        Ok(l) => l,
+        Err(why) => {
+            eprintln!("skipped: cannot make network namespaces here: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = dir.path().join("hosts.toml");
+    let (p, n) = (&lab.prefix, &lab.net);
+    std::fs::write(
+        &hosts,
+        format!(
+            "[primary]\nlaunch = \"netns\"\nnetns = \"{p}1\"\naddress = \"{n}.11\"\n\
+             [backup]\nlaunch = \"netns\"\nnetns = \"{p}2\"\naddress = \"{n}.12\"\n\
+             [subscriber]\nlaunch = \"netns\"\nnetns = \"{p}3\"\n\
+             [publisher]\nlaunch = \"netns\"\nnetns = \"{p}4\"\n"
+        ),
+    )
+    .expect("write inventory");
+    let out = dir.path().join("run");
+    let bin = assert_cmd::cargo::cargo_bin("harness");
+    let bin_dir = bin.parent().expect("bin dir").to_path_buf();
+    broker_binaries_are_built(&bin_dir);
+    let result = Command::new(&bin)
+        .args(["--kill-at", "3s", "--after", "2s", "--no-progress"])
+        .arg("--hosts")
+        .arg(&hosts)
+        .arg("--out-dir")
+        .arg(&out)
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .output()
+        .expect("run harness");
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        result.status.success() && stdout.contains("PASS"),
+        "harness across namespaces failed ({}):\n{stdout}\n{}",
+        result.status,
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("summary.json")).expect("summary.json"),
+    )
+    .expect("summary.json parses");
+    let where_ = summary["run"]["hosts"].as_str().unwrap_or_default();
+    assert!(
+        where_.contains(&format!("netns {p}1 ({n}.11)")) && where_.contains(&format!("{n}.12:")),
+        "{where_}"
+    );
+    let a = &summary["analysis"];
+    assert_eq!(a["missing"].as_array().map(Vec::len), Some(0), "{a}");
+    assert!(a["failover_gap_ms"].as_f64().is_some(), "{a}");
+    // A scenario that needs the fault proxy is refused across namespaces, saying why.
+    let refused = Command::new(&bin)
+        .args(["--scenario", "partition-peers", "--no-progress"])
+        .arg("--hosts")
+        .arg(&hosts)
+        .arg("--out-dir")
+        .arg(dir.path().join("refused"))
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .output()
+        .expect("run harness");
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("fault proxy"), "{err}");
+}

@@ -17,6 +17,7 @@ use crate::report;
 use edgepair::compute::{parse_duration, ComputeRange};
 
 mod chaos;
+pub mod hosts;
 mod matrix;
 mod plan;
 mod progress;
@@ -196,6 +197,10 @@ pub struct HarnessOpts {
     /// Chaos: time between two faults.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub cycle: Duration,
+    /// Where each process runs (a TOML inventory: `local` or a network namespace per role;
+    /// README, *Across network namespaces*). Default: everything local.
+    #[arg(long, value_name = "FILE")]
+    pub hosts: Option<PathBuf>,
 }
 
 /// What a harness run produced.

@@ -57,9 +57,29 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
             let _ = std::os::unix::fs::symlink(name, &latest);
         }
     }
+    let hosts = match &opts.hosts {
+        Some(f) => super::hosts::Inventory::load(f)?,
+        None => super::hosts::Inventory::default(),
+    };
+    if hosts.spread() && (opts.chaos || scenario.uses_proxies()) {
+        bail!(
+            "'{}' puts the fault proxy between the nodes, on this host: across namespaces only \
+             the scenarios without it run for now (kill, term, hang, restart)",
+            if opts.chaos {
+                "--chaos"
+            } else {
+                scenario.name()
+            }
+        );
+    }
     let (pp, bp) = pick_ports(opts.port)?;
-    let primary = format!("127.0.0.1:{pp}");
-    let backup = format!("127.0.0.1:{bp}");
+    let primary = format!("{}:{pp}", hosts.primary.host());
+    let backup = format!("{}:{bp}", hosts.backup.host());
+    let node_via = [hosts.primary.via(), hosts.backup.via()];
+    let node_host = [
+        hosts.primary.host().to_string(),
+        hosts.backup.host().to_string(),
+    ];
     let publisher_id = format!("harness-{}", utc_stamp(started_us));
     let chaos_seed = opts.seed.unwrap_or(started_us);
     let (total, mut faults) = if opts.chaos {
@@ -81,6 +101,9 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         opts.after,
         dir.display()
     );
+    if hosts.spread() {
+        println!("hosts: {}", hosts.describe());
+    }
 
     // Peer links go through fault proxies when the scenario needs them.
     let stop_proxies = tokio_util::sync::CancellationToken::new();
@@ -120,8 +143,8 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     edgepair::secret::create(&secret)?;
     // Each node serves its metrics, scraped during the run into `metrics.csv`/`metrics.svg`.
     let metrics_at = [
-        format!("127.0.0.1:{}", crate::procs::free_port()?),
-        format!("127.0.0.1:{}", crate::procs::free_port()?),
+        format!("{}:{}", node_host[0], crate::procs::free_port()?),
+        format!("{}:{}", node_host[1], crate::procs::free_port()?),
     ];
     // Each node keeps its log under the run's folder, so a restarted node starts on it and
     // the logs can be inspected after the run (`edgepair-log topics DIR`).
@@ -145,6 +168,11 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
             a.push("--seed".into());
             a.push((s + seed_offset).to_string());
         }
+        if node_host[seed_offset as usize] != "127.0.0.1" {
+            // Listen where the others reach it (another namespace, another host).
+            a.push("--bind".into());
+            a.push(node_host[seed_offset as usize].clone());
+        }
         a
     };
     let node_args = [
@@ -154,6 +182,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     let node_bins = ["primary", "backup"];
     let mut procs: Vec<Proc> = Vec::new();
     procs.push(spawn_logged(
+        &node_via[0],
         &bin_dir,
         "primary",
         &node_args[0],
@@ -161,6 +190,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         ltx.clone(),
     )?);
     procs.push(spawn_logged(
+        &node_via[1],
         &bin_dir,
         "backup",
         &node_args[1],
@@ -183,6 +213,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         csv_path.display().to_string(),
     ];
     procs.push(spawn_logged(
+        &hosts.subscriber.via(),
         &bin_dir,
         "subscriber",
         &sargs,
@@ -221,6 +252,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     let run_start_us = now_us();
     let run_start = Instant::now();
     procs.push(spawn_logged(
+        &hosts.publisher.via(),
         &bin_dir,
         "test-publisher",
         &targs,
@@ -383,8 +415,14 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
                             }
                         }
                         let _ = procs[i].child.wait().await;
-                        procs[i] =
-                            spawn_logged(&bin_dir, node_bins[i], &node_args[i], &dir, ltx.clone())?;
+                        procs[i] = spawn_logged(
+                            &node_via[i],
+                            &bin_dir,
+                            node_bins[i],
+                            &node_args[i],
+                            &dir,
+                            ltx.clone(),
+                        )?;
                         format!(
                             "{} restarted (pid {})",
                             node_bins[i],
@@ -512,6 +550,14 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         } else {
             scenario.name().to_string()
         },
+        hosts: if hosts.spread() {
+            format!(
+                "{}; primary at {primary}, backup at {backup}",
+                hosts.describe()
+            )
+        } else {
+            String::new()
+        },
         marks: chaos_events
             .iter()
             .map(|e| (e.at_us, e.fault.to_string()))
@@ -532,6 +578,9 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     let metrics_rows = scraped.lock().map(|g| g.clone()).unwrap_or_default();
     report::write_metrics(&dir, &metrics_rows, &info)?;
     let mut table = report::render_table(&analysis);
+    if !info.hosts.is_empty() {
+        table.push_str(&format!("  hosts            {}\n", info.hosts));
+    }
     if opts.chaos {
         chaos_cycles(
             &mut chaos_events,

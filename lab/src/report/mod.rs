@@ -110,6 +110,9 @@ pub struct RunInfo {
     /// Faults of a chaos run (µs since the Unix epoch, name), drawn as lines on the pictures.
     #[serde(default)]
     pub marks: Vec<(u64, String)>,
+    /// Where each process ran (`--hosts`), and the addresses; empty when all ran locally.
+    #[serde(default)]
+    pub hosts: String,
     /// Every fault injected, with its window: what the checker derives the duplicate bound and
     /// the split-brain excuse from.
     #[serde(default)]
