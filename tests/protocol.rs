@@ -462,3 +462,16 @@ fn lines_written_from_borrowed_parts_equal_the_frames_they_stand_for() {
         );
     }
 }
+
+#[test]
+fn time_asks_for_a_nodes_clock_and_its_answer_carries_two_stamps() {
+    assert_eq!(parse("TIME").ok(), Some(Frame::TimeQuery));
+    let t = Frame::Time {
+        received_us: 1_700_000_000_000_001,
+        sent_us: 1_700_000_000_000_002,
+    };
+    assert_eq!(t.encode(), "TIME|1700000000000001|1700000000000002\n");
+    assert_eq!(parse(t.encode().trim_end()).ok(), Some(t));
+    assert!(parse("TIME|1").is_err());
+    assert!(parse("TIME|x|2").is_err());
+}

@@ -158,6 +158,26 @@ fn short_harness_run_delivers_everything_across_a_sigkill() {
     );
     let svg = std::fs::read_to_string(out.join("metrics.svg")).expect("metrics.svg");
     assert!(svg.contains("<svg") && svg.contains("deliveries per second"));
+    // Both nodes' clocks were measured before the run (and the backup's after it); on one
+    // host the offset is within the measurement's own uncertainty, and that is small.
+    let clocks = summary["run"]["clocks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let before = clocks.iter().filter(|c| c["when"] == "before").count();
+    assert_eq!(before, 2, "{clocks:?}");
+    assert!(
+        clocks
+            .iter()
+            .any(|c| c["when"] == "after" && c["node"] == "backup"),
+        "{clocks:?}"
+    );
+    for c in &clocks {
+        let off = c["offset_us"].as_i64().unwrap_or(i64::MAX).unsigned_abs();
+        let unc = c["uncertainty_us"].as_u64().unwrap_or(u64::MAX);
+        assert!(unc < 50_000 && off <= unc + 1_000, "{c}");
+    }
+    assert!(stdout.contains("clock offsets"), "{stdout}");
 }
 
 #[test]

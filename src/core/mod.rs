@@ -658,6 +658,17 @@ impl Broker {
             Frame::History { topic, n } => self.history(conn, topic, n),
             Frame::Ping => self.reply(conn, Frame::Pong),
             Frame::StatusQuery => self.reply(conn, self.status()),
+            Frame::TimeQuery => {
+                // One clock reading per step of the node: received and sent are the same.
+                let t = self.now.wall_us;
+                self.reply(
+                    conn,
+                    Frame::Time {
+                        received_us: t,
+                        sent_us: t,
+                    },
+                );
+            }
             Frame::Hello {
                 version,
                 role,
@@ -707,6 +718,7 @@ impl Broker {
             | Frame::Pong
             | Frame::Ack { .. }
             | Frame::Status { .. }
+            | Frame::Time { .. }
             | Frame::Replayed { .. }
             | Frame::Err { .. }) => {
                 let line = other.encode();

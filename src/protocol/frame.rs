@@ -161,6 +161,17 @@ pub enum Frame {
     },
     /// `STATUS`: asks a node for its state (used by the harness to await readiness).
     StatusQuery,
+    /// `TIME`: asks a node for its wall clock, answered [`Frame::Time`] (the harness measures
+    /// each host's clock offset from it, NTP-style).
+    TimeQuery,
+    /// `TIME|received_us|sent_us`: the node's wall clock (µs since the Unix epoch) when the
+    /// `TIME` was received and when this answer left.
+    Time {
+        /// When the question was received.
+        received_us: u64,
+        /// When the answer was sent.
+        sent_us: u64,
+    },
     /// `STATUS|role|epoch|link|held|inflight`: a node's state. `link` is `up`, `down` (a backup
     /// is configured but not connected) or `none`; `held` counts replicated messages a backup
     /// holds; `inflight` counts messages a primary has accepted but not yet delivered.
@@ -380,6 +391,14 @@ impl Frame {
                     }),
                 }
             }
+            "TIME" if line == "TIME" => Frame::TimeQuery,
+            "TIME" => {
+                let f = fields::<2>(line, "TIME")?;
+                Frame::Time {
+                    received_us: number(f[0], "received_us")?,
+                    sent_us: number(f[1], "sent_us")?,
+                }
+            }
             "STATUS" if line == "STATUS" => Frame::StatusQuery,
             "STATUS" => {
                 let f = fields::<5>(line, "STATUS")?;
@@ -490,6 +509,11 @@ impl Frame {
             Frame::Pong => write!(out, "PONG"),
             Frame::Ack { id } => write_ack_fields(out, id.as_ref()),
             Frame::StatusQuery => write!(out, "STATUS"),
+            Frame::TimeQuery => write!(out, "TIME"),
+            Frame::Time {
+                received_us,
+                sent_us,
+            } => write!(out, "TIME|{received_us}|{sent_us}"),
             Frame::Status {
                 role,
                 epoch,

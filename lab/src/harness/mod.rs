@@ -17,6 +17,7 @@ use crate::report;
 use edgepair::compute::{parse_duration, ComputeRange};
 
 mod chaos;
+pub mod clocks;
 pub mod hosts;
 mod matrix;
 mod plan;

@@ -199,6 +199,10 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     )?);
     let brokers_started = Instant::now();
     wait_paired(&primary, Some(&backup), Duration::from_secs(10), &mut procs).await?;
+    let mut clocks = Vec::new();
+    for (name, at) in [("primary", &primary), ("backup", &backup)] {
+        clocks.extend(super::clocks::measure(name, "before", at).await);
+    }
     let (scraped, scraper) = super::scrape::start(vec![
         ("primary", metrics_at[0].clone()),
         ("backup", metrics_at[1].clone()),
@@ -518,6 +522,9 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     }
     procs[2].stop(Duration::from_secs(5)).await;
     let end_us = now_us();
+    for (name, at) in [("primary", &primary), ("backup", &backup)] {
+        clocks.extend(super::clocks::measure(name, "after", at).await);
+    }
     for i in [1, 0] {
         procs[i].stop(Duration::from_secs(3)).await;
     }
@@ -550,6 +557,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         } else {
             scenario.name().to_string()
         },
+        clocks,
         hosts: if hosts.spread() {
             format!(
                 "{}; primary at {primary}, backup at {backup}",
@@ -580,6 +588,27 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     let mut table = report::render_table(&analysis);
     if !info.hosts.is_empty() {
         table.push_str(&format!("  hosts            {}\n", info.hosts));
+    }
+    if !info.clocks.is_empty() {
+        table.push_str(&format!(
+            "  clock offsets    {}\n",
+            super::clocks::describe(&info.clocks)
+        ));
+        // Latencies between hosts are only as good as the clocks they were read on.
+        let worst = info
+            .clocks
+            .iter()
+            .map(|c| c.uncertainty_us)
+            .max()
+            .unwrap_or(0) as f64;
+        if worst / 1000.0 > analysis.latency.p50_ms {
+            table.push_str(&format!(
+                "  warning          a clock offset is uncertain by up to {:.3} ms, more than \
+                 the latency p50 ({:.3} ms) it would correct\n",
+                worst / 1000.0,
+                analysis.latency.p50_ms
+            ));
+        }
     }
     if opts.chaos {
         chaos_cycles(

@@ -113,6 +113,9 @@ pub struct RunInfo {
     /// Where each process ran (`--hosts`), and the addresses; empty when all ran locally.
     #[serde(default)]
     pub hosts: String,
+    /// Each node's clock offset against the harness's, before and after the run.
+    #[serde(default)]
+    pub clocks: Vec<crate::harness::clocks::ClockReading>,
     /// Every fault injected, with its window: what the checker derives the duplicate bound and
     /// the split-brain excuse from.
     #[serde(default)]

@@ -24,6 +24,7 @@ fn d(seq: u64, at_ms: u64, source: &str, dup: bool) -> Delivery {
 fn info(published: u64, kill_ms: Option<u64>) -> RunInfo {
     RunInfo {
         hosts: String::new(),
+        clocks: Vec::new(),
         published,
         publisher: Some("p".into()),
         start_us: 1_000_000_000,
