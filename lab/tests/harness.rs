@@ -672,9 +672,41 @@ fn the_harness_runs_each_process_in_its_own_namespace_from_an_inventory() {
     let a = &summary["analysis"];
     assert_eq!(a["missing"].as_array().map(Vec::len), Some(0), "{a}");
     assert!(a["failover_gap_ms"].as_f64().is_some(), "{a}");
+    // A partition between the nodes, made by the network: blackhole routes in their namespaces.
+    let part = dir.path().join("partition");
+    let result = Command::new(&bin)
+        .args([
+            "--scenario",
+            "partition-peers",
+            "--kill-at",
+            "3s",
+            "--after",
+            "5s",
+            "--no-progress",
+        ])
+        .arg("--hosts")
+        .arg(&hosts)
+        .arg("--out-dir")
+        .arg(&part)
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .output()
+        .expect("run harness");
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        result.status.success() && stdout.contains("PASS"),
+        "partition by the network failed ({}):\n{stdout}\n{}",
+        result.status,
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(
+        stdout.contains("Blackhole (blackhole routes in the nodes' namespaces)")
+            && stdout.contains("TAKEOVER"),
+        "{stdout}"
+    );
     // A scenario that needs the fault proxy is refused across namespaces, saying why.
     let refused = Command::new(&bin)
-        .args(["--scenario", "partition-peers", "--no-progress"])
+        .args(["--scenario", "slow-link", "--no-progress"])
         .arg("--hosts")
         .arg(&hosts)
         .arg("--out-dir")

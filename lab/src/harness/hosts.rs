@@ -143,6 +143,40 @@ impl Inventory {
         .any(|p| p.launch != Launch::Local)
     }
 
+    /// Whether both nodes run in namespaces with their own addresses: then a partition between
+    /// them can be made by the network.
+    pub fn nodes_in_namespaces(&self) -> bool {
+        [&self.primary, &self.backup]
+            .iter()
+            .all(|p| p.launch == Launch::Netns && p.netns.is_some() && p.address.is_some())
+    }
+
+    /// Cuts (`true`) or heals the link between the two nodes by the network: a blackhole
+    /// route to the other node in each node's namespace, so their packets to each other are
+    /// dropped while clients still reach both. Healing removes the routes (a missing one is no
+    /// error).
+    pub fn partition(&self, cut: bool) -> anyhow::Result<()> {
+        let pairs = [(&self.primary, &self.backup), (&self.backup, &self.primary)];
+        for (me, other) in pairs {
+            let (Some(ns), Some(to)) = (&me.netns, &other.address) else {
+                bail!("a partition by the network needs both nodes in namespaces with addresses");
+            };
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", ns, "ip", "route"])
+                .arg(if cut { "add" } else { "del" })
+                .args(["blackhole", &format!("{to}/32")])
+                .output()
+                .context("cannot run ip")?;
+            if cut && !out.status.success() {
+                bail!(
+                    "cannot cut {ns} off from {to}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// One line per role, for the report.
     pub fn describe(&self) -> String {
         format!(

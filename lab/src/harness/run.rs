@@ -61,10 +61,17 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         Some(f) => super::hosts::Inventory::load(f)?,
         None => super::hosts::Inventory::default(),
     };
-    if hosts.spread() && (opts.chaos || scenario.uses_proxies()) {
+    // Across namespaces a partition is made by the network (`hosts::partition`); a slow link
+    // (and chaos, which draws one) still needs the proxy, which runs on this host.
+    let by_network = hosts.spread() && hosts.nodes_in_namespaces();
+    if hosts.spread()
+        && (opts.chaos
+            || (scenario.uses_proxies() && !(by_network && scenario == Scenario::PartitionPeers)))
+    {
         bail!(
             "'{}' puts the fault proxy between the nodes, on this host: across namespaces only \
-             the scenarios without it run for now (kill, term, hang, restart)",
+             the scenarios without it run for now (kill, term, hang, restart), and \
+             partition-peers when both nodes are in namespaces (made by the network)",
             if opts.chaos {
                 "--chaos"
             } else {
@@ -109,28 +116,29 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     let stop_proxies = tokio_util::sync::CancellationToken::new();
     let _stop_proxies_guard = stop_proxies.clone().drop_guard();
     let mut proxies = Vec::new();
-    let (primary_sees_backup, backup_sees_primary) = if opts.chaos || scenario.uses_proxies() {
-        let to_backup = proxy::start(
-            Net::Tokio,
-            "127.0.0.1:0",
-            backup.clone(),
-            stop_proxies.clone(),
-        )
-        .await?;
-        let to_primary = proxy::start(
-            Net::Tokio,
-            "127.0.0.1:0",
-            primary.clone(),
-            stop_proxies.clone(),
-        )
-        .await?;
-        let addrs = (to_backup.addr.clone(), to_primary.addr.clone());
-        proxies.push(to_backup);
-        proxies.push(to_primary);
-        addrs
-    } else {
-        (backup.clone(), primary.clone())
-    };
+    let (primary_sees_backup, backup_sees_primary) =
+        if !by_network && (opts.chaos || scenario.uses_proxies()) {
+            let to_backup = proxy::start(
+                Net::Tokio,
+                "127.0.0.1:0",
+                backup.clone(),
+                stop_proxies.clone(),
+            )
+            .await?;
+            let to_primary = proxy::start(
+                Net::Tokio,
+                "127.0.0.1:0",
+                primary.clone(),
+                stop_proxies.clone(),
+            )
+            .await?;
+            let addrs = (to_backup.addr.clone(), to_primary.addr.clone());
+            proxies.push(to_backup);
+            proxies.push(to_primary);
+            addrs
+        } else {
+            (backup.clone(), primary.clone())
+        };
 
     let (ltx, lrx) = mpsc::unbounded_channel();
     let counters = Arc::new(Counters::default());
@@ -433,6 +441,18 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
                             procs[i].pid().unwrap_or(0)
                         )
                     }
+                    Action::Link(f) if by_network => {
+                        let cut = matches!(f, Fault::Blackhole | Fault::Reset);
+                        hosts.partition(cut)?;
+                        format!(
+                            "primary<->backup link: {f:?} ({} in the nodes' namespaces)",
+                            if cut {
+                                "blackhole routes"
+                            } else {
+                                "blackhole routes removed"
+                            }
+                        )
+                    }
                     Action::Link(f) => {
                         for p in &proxies {
                             p.set(f);
@@ -475,6 +495,9 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     drop(ltx);
     for p in &proxies {
         p.set(Fault::Pass);
+    }
+    if by_network {
+        hosts.partition(false)?;
     }
     // A fault still open at the end of publishing (a link never healed) ends here.
     let healed = now_us();
@@ -560,8 +583,13 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         clocks,
         hosts: if hosts.spread() {
             format!(
-                "{}; primary at {primary}, backup at {backup}",
-                hosts.describe()
+                "{}; primary at {primary}, backup at {backup}{}",
+                hosts.describe(),
+                if by_network && scenario.uses_proxies() {
+                    "; partitions made by the network (blackhole routes in the nodes' namespaces)"
+                } else {
+                    ""
+                }
             )
         } else {
             String::new()
