@@ -41,6 +41,16 @@ impl Lab {
             drop(lab);
             return Err(why);
         }
+        // Namespaces that can be made but not entered (some containers) are no lab either.
+        let enter = Command::new("ip")
+            .args(["netns", "exec", &format!("{}1", lab.prefix), "true"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !enter.status.success() {
+            let why = String::from_utf8_lossy(&enter.stderr).trim().to_string();
+            drop(lab);
+            return Err(format!("cannot run a process in a namespace: {why}"));
+        }
         Ok(lab)
     }
 
