@@ -53,79 +53,82 @@ fn gauge(v: u64) -> ConstGauge<i64> {
 pub fn encode(s: &Snapshot, d: &DriverCounts) -> String {
     let mut r = Registry::with_prefix("edgepair");
     let c = &s.counters;
-    r.register(
-        "primary",
-        "1 while this node is primary, 0 while backup",
-        gauge(u64::from(s.role == Role::Primary)),
-    );
-    r.register("epoch", "The node's epoch (as in STATUS)", gauge(s.epoch));
-    r.register(
-        "link_up",
-        "Primary: 1 while the replication link is up. Backup: 1 once it has seen its primary \
-         (STATUS armed)",
-        gauge(u64::from(s.link == "up" || s.link == "armed")),
-    );
-    r.register(
-        "inflight",
-        "Messages accepted and not yet delivered (primary; STATUS inflight)",
-        gauge(s.inflight),
-    );
-    r.register(
-        "held",
-        "Entries held past the delivered marks (backup; STATUS held)",
-        gauge(s.held),
-    );
-    r.register(
-        "connections",
-        "Accepted connections open",
-        gauge(d.connections),
-    );
-    r.register(
-        "published",
-        "Publishes accepted and logged as primary",
-        ConstCounter::new(c.published),
-    );
-    r.register(
-        "acknowledged",
-        "ACKs sent to publishers",
-        ConstCounter::new(c.acknowledged),
-    );
-    r.register(
-        "delivered",
-        "Messages delivered to their topic's subscribers",
-        ConstCounter::new(c.delivered),
-    );
-    r.register(
-        "refused",
-        "Frames answered ERR by choice (stopping, a limit, an unauthenticated peer frame, a \
-         failed log write)",
-        ConstCounter::new(c.refused),
-    );
-    r.register(
-        "takeovers",
-        "Times this node took over as primary",
-        ConstCounter::new(c.takeovers),
-    );
-    r.register(
-        "kicked",
-        "Subscribers disconnected for falling --max-pending behind",
-        ConstCounter::new(d.kicked),
-    );
-    r.register(
-        "queue_wait_seconds",
-        "From receipt to the start of compute",
-        Stage(c.queue_wait.clone()),
-    );
-    r.register(
-        "compute_seconds",
-        "Compute of each message",
-        Stage(c.compute.clone()),
-    );
-    r.register(
-        "delivery_seconds",
-        "From the end of compute (or receipt, without compute) to delivery",
-        Stage(c.delivery.clone()),
-    );
+    let gauges = [
+        (
+            "primary",
+            "1 while this node is primary, 0 while backup",
+            u64::from(s.role == Role::Primary),
+        ),
+        ("epoch", "The node's epoch (as in STATUS)", s.epoch),
+        (
+            "link_up",
+            "Primary: 1 while the replication link is up. Backup: 1 once it has seen its \
+             primary (STATUS armed)",
+            u64::from(s.link == "up" || s.link == "armed"),
+        ),
+        (
+            "inflight",
+            "Messages accepted and not yet delivered (primary; STATUS inflight)",
+            s.inflight,
+        ),
+        (
+            "held",
+            "Entries held past the delivered marks (backup; STATUS held)",
+            s.held,
+        ),
+        ("connections", "Accepted connections open", d.connections),
+    ];
+    for (name, help, v) in gauges {
+        r.register(name, help, gauge(v));
+    }
+    let counters = [
+        (
+            "published",
+            "Publishes accepted and logged as primary",
+            c.published,
+        ),
+        ("acknowledged", "ACKs sent to publishers", c.acknowledged),
+        (
+            "delivered",
+            "Messages delivered to their topic's subscribers",
+            c.delivered,
+        ),
+        (
+            "refused",
+            "Frames answered ERR by choice (stopping, a limit, an unauthenticated peer frame, \
+             a failed log write)",
+            c.refused,
+        ),
+        (
+            "takeovers",
+            "Times this node took over as primary",
+            c.takeovers,
+        ),
+        (
+            "kicked",
+            "Subscribers disconnected for falling --max-pending behind",
+            d.kicked,
+        ),
+    ];
+    for (name, help, v) in counters {
+        r.register(name, help, ConstCounter::new(v));
+    }
+    let stages = [
+        (
+            "queue_wait_seconds",
+            "From receipt to the start of compute",
+            &c.queue_wait,
+        ),
+        ("compute_seconds", "Compute of each message", &c.compute),
+        (
+            "delivery_seconds",
+            "From the end of compute (or receipt, without compute) to delivery",
+            &c.delivery,
+        ),
+    ];
+    for (name, help, h) in stages {
+        r.register(name, help, Stage(h.clone()));
+    }
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &r);

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -94,22 +93,6 @@ impl Drop for Lab {
     }
 }
 
-fn seqs(csv: &Path) -> BTreeSet<u64> {
-    let mut out = BTreeSet::new();
-    if let Ok(mut r) = csv::Reader::from_path(csv) {
-        let headers = r.headers().cloned().unwrap_or_default();
-        let Some(col) = headers.iter().position(|h| h == "seq") else {
-            return out;
-        };
-        for rec in r.records().flatten() {
-            if let Some(v) = rec.get(col).and_then(|v| v.parse().ok()) {
-                out.insert(v);
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn a_partition_by_link_down_across_namespaces_loses_nothing() {
     let lab = match Lab::up(4) {
@@ -151,7 +134,7 @@ fn a_partition_by_link_down_across_namespaces_loses_nothing() {
         &["t", &pa, &ba, "--rate", "20", "--count", &total.to_string()],
     );
     assert!(
-        wait_until(20 * SEC, || seqs(&csv).len() as u64 >= total / 4),
+        wait_until(20 * SEC, || delivered_seqs(&csv).len() as u64 >= total / 4),
         "nothing delivered across the namespaces"
     );
     // The primary's namespace loses its link: the backup takes over.
@@ -165,8 +148,8 @@ fn a_partition_by_link_down_across_namespaces_loses_nothing() {
         st.is_some_and(|s| s.success()),
         "not every message was acknowledged"
     );
-    let all = wait_until(15 * SEC, || seqs(&csv).len() as u64 == total);
-    let got = seqs(&csv);
+    let all = wait_until(15 * SEC, || delivered_seqs(&csv).len() as u64 == total);
+    let got = delivered_seqs(&csv);
     let missing: Vec<u64> = (1..=total).filter(|s| !got.contains(s)).collect();
     assert!(all, "missing after a partition by link-down: {missing:?}");
     wait_status(&pa, "backup", "armed");

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -75,23 +74,27 @@ struct TlsLines {
     r: BufReader<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
 }
 
+/// A TLS client connection to `localhost` that trusts `ca` and presents no certificate.
+fn tls_client(ca: &Path) -> rustls::ClientConnection {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("ca") {
+        roots.add(c.expect("ca pem")).expect("add ca");
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    rustls::ClientConnection::new(Arc::new(cfg), name).expect("client")
+}
+
 impl TlsLines {
     fn connect(addr: &str, ca: &Path) -> std::io::Result<TlsLines> {
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("ca") {
-            roots.add(c.expect("ca pem")).expect("add ca");
-        }
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-        let conn =
-            rustls::ClientConnection::new(Arc::new(cfg), name).map_err(std::io::Error::other)?;
+        let conn = tls_client(ca);
         let tcp = TcpStream::connect(addr)?;
         tcp.set_read_timeout(Some(5 * SEC))?;
         Ok(TlsLines {
@@ -138,35 +141,18 @@ fn wait_tls_status(addr: &str, ca: &Path, role: &str, link: &str) {
     panic!("{addr} never reached {role}/{link} over TLS; last: {last:?}");
 }
 
-fn tls_args(p: &Pki) -> [&str; 6] {
-    [
+/// Starts node binary `name` with `args` and the TLS options of `p`.
+fn spawn_tls(p: &Pki, name: &str, args: &[&str]) -> ChildGuard {
+    let mut all = args.to_vec();
+    all.extend([
         "--tls-cert",
         s(&p.cert),
         "--tls-key",
         s(&p.key),
         "--tls-ca",
         s(&p.ca),
-    ]
-}
-
-fn argv(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-fn seqs(csv: &Path) -> BTreeSet<u64> {
-    let mut out = BTreeSet::new();
-    if let Ok(mut r) = csv::Reader::from_path(csv) {
-        let headers = r.headers().cloned().unwrap_or_default();
-        let Some(col) = headers.iter().position(|h| h == "seq") else {
-            return out;
-        };
-        for rec in r.records().flatten() {
-            if let Some(v) = rec.get(col).and_then(|v| v.parse().ok()) {
-                out.insert(v);
-            }
-        }
-    }
-    out
+    ]);
+    spawn_bin(name, &all)
 }
 
 #[test]
@@ -174,22 +160,12 @@ fn a_pair_on_mutual_tls_carries_a_failover_with_nothing_lost() {
     let p = pki();
     let (pp, bp) = (free_port(), free_port());
     let (pa, ba) = (format!("localhost:{pp}"), format!("localhost:{bp}"));
-    let mut a = vec![
-        pp.to_string(),
-        ba.clone(),
-        "--compute".into(),
-        "10..30".into(),
-    ];
-    a.extend(tls_args(&p).iter().map(|x| x.to_string()));
-    let mut b = vec![
-        bp.to_string(),
-        pa.clone(),
-        "--compute".into(),
-        "10..30".into(),
-    ];
-    b.extend(tls_args(&p).iter().map(|x| x.to_string()));
-    let mut primary = spawn_bin("primary", &argv(&a));
-    let _backup = spawn_bin("backup", &argv(&b));
+    let mut primary = spawn_tls(
+        &p,
+        "primary",
+        &[&pp.to_string(), &ba, "--compute", "10..30"],
+    );
+    let _backup = spawn_tls(&p, "backup", &[&bp.to_string(), &pa, "--compute", "10..30"]);
     let (pl, bl) = (addr(pp), addr(bp));
     wait_tls_status(&pl, &p.ca, "primary", "up");
     wait_tls_status(&bl, &p.ca, "backup", "armed");
@@ -217,7 +193,7 @@ fn a_pair_on_mutual_tls_carries_a_failover_with_nothing_lost() {
         ],
     );
     assert!(
-        wait_until(20 * SEC, || seqs(&csv).len() as u64 >= total / 3),
+        wait_until(20 * SEC, || delivered_seqs(&csv).len() as u64 >= total / 3),
         "nothing delivered over TLS before the kill"
     );
     primary.kill9();
@@ -226,8 +202,8 @@ fn a_pair_on_mutual_tls_carries_a_failover_with_nothing_lost() {
         st.is_some_and(|s| s.success()),
         "not every message was acknowledged"
     );
-    let all = wait_until(10 * SEC, || seqs(&csv).len() as u64 == total);
-    let got = seqs(&csv);
+    let all = wait_until(10 * SEC, || delivered_seqs(&csv).len() as u64 == total);
+    let got = delivered_seqs(&csv);
     let missing: Vec<u64> = (1..=total).filter(|s| !got.contains(s)).collect();
     assert!(all, "missing after a failover over TLS: {missing:?}");
     wait_tls_status(&bl, &p.ca, "primary", "down");
@@ -237,17 +213,8 @@ fn a_pair_on_mutual_tls_carries_a_failover_with_nothing_lost() {
 fn without_a_client_certificate_no_peer_handshake_and_without_tls_no_answer() {
     let p = pki();
     let port = free_port();
-    let mut args = vec![
-        port.to_string(),
-        addr(free_port()),
-        "--compute".into(),
-        "0".into(),
-    ];
-    args.extend(tls_args(&p).iter().map(|x| x.to_string()));
-    let _node = spawn_bin(
-        "backup",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    let peer = addr(free_port());
+    let _node = spawn_tls(&p, "backup", &[&port.to_string(), &peer, "--compute", "0"]);
     let a = addr(port);
     wait_tls_status(&a, &p.ca, "backup", "waiting");
     // A TLS client without a certificate is a client: served, but not a peer.
@@ -311,36 +278,24 @@ fn a_tls_record_dripped_too_slowly_is_closed_after_the_frame_timeout() {
     use std::io::Read;
     let p = pki();
     let port = free_port();
-    let mut args = vec![
-        port.to_string(),
-        addr(free_port()),
-        "--compute".into(),
-        "0".into(),
-        "--frame-timeout".into(),
-        "400ms".into(),
-    ];
-    args.extend(tls_args(&p).iter().map(|x| x.to_string()));
-    let _node = spawn_bin("backup", &argv(&args));
+    let peer = addr(free_port());
+    let _node = spawn_tls(
+        &p,
+        "backup",
+        &[
+            &port.to_string(),
+            &peer,
+            "--compute",
+            "0",
+            "--frame-timeout",
+            "400ms",
+        ],
+    );
     let a = addr(port);
     wait_tls_status(&a, &p.ca, "backup", "waiting");
     // Handshake by hand, then one record holding a whole frame, sent a byte at a time: the
     // node sees bytes arrive but no frame until the record is complete, which it never is.
-    let mut roots = rustls::RootCertStore::empty();
-    {
-        use rustls::pki_types::pem::PemObject;
-        for c in rustls::pki_types::CertificateDer::pem_file_iter(&p.ca).expect("ca") {
-            roots.add(c.expect("pem")).expect("add");
-        }
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-    let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name).expect("client");
+    let mut conn = tls_client(&p.ca);
     let mut tcp = TcpStream::connect(&a).expect("connect");
     tcp.set_read_timeout(Some(Duration::from_millis(50)))
         .expect("timeout");

@@ -649,26 +649,30 @@ fn the_harness_runs_each_process_in_its_own_namespace_from_an_inventory() {
         ),
     )
     .expect("write inventory");
-    let out = dir.path().join("run");
     let bin = assert_cmd::cargo::cargo_bin("harness");
-    let bin_dir = bin.parent().expect("bin dir").to_path_buf();
-    broker_binaries_are_built(&bin_dir);
-    let result = Command::new(&bin)
-        .args(["--kill-at", "3s", "--after", "2s", "--no-progress"])
-        .arg("--hosts")
-        .arg(&hosts)
-        .arg("--out-dir")
-        .arg(&out)
-        .arg("--bin-dir")
-        .arg(&bin_dir)
-        .output()
-        .expect("run harness");
-    let stdout = String::from_utf8_lossy(&result.stdout);
+    broker_binaries_are_built(bin.parent().expect("bin dir"));
+    let hosts = hosts.to_str().expect("utf-8 path");
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let out = dir.path().join("run");
+    let run = run_harness(
+        &[
+            "--kill-at",
+            "3s",
+            "--after",
+            "2s",
+            "--hosts",
+            hosts,
+            "--out-dir",
+            &path("run"),
+        ],
+        None,
+    );
     assert!(
-        result.status.success() && stdout.contains("PASS"),
-        "harness across namespaces failed ({}):\n{stdout}\n{}",
-        result.status,
-        String::from_utf8_lossy(&result.stderr)
+        run.code == Some(0) && run.stdout.contains("PASS"),
+        "harness across namespaces failed ({:?}):\n{}\n{}",
+        run.code,
+        run.stdout,
+        run.stderr
     );
     let summary: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out.join("summary.json")).expect("summary.json"),
@@ -683,49 +687,48 @@ fn the_harness_runs_each_process_in_its_own_namespace_from_an_inventory() {
     assert_eq!(a["missing"].as_array().map(Vec::len), Some(0), "{a}");
     assert!(a["failover_gap_ms"].as_f64().is_some(), "{a}");
     // A partition between the nodes, made by the network: blackhole routes in their namespaces.
-    let part = dir.path().join("partition");
-    let result = Command::new(&bin)
-        .args([
+    let run = run_harness(
+        &[
             "--scenario",
             "partition-peers",
             "--kill-at",
             "3s",
             "--after",
             "5s",
-            "--no-progress",
-        ])
-        .arg("--hosts")
-        .arg(&hosts)
-        .arg("--out-dir")
-        .arg(&part)
-        .arg("--bin-dir")
-        .arg(&bin_dir)
-        .output()
-        .expect("run harness");
-    let stdout = String::from_utf8_lossy(&result.stdout);
-    assert!(
-        result.status.success() && stdout.contains("PASS"),
-        "partition by the network failed ({}):\n{stdout}\n{}",
-        result.status,
-        String::from_utf8_lossy(&result.stderr)
+            "--hosts",
+            hosts,
+            "--out-dir",
+            &path("partition"),
+        ],
+        None,
     );
     assert!(
-        stdout.contains("Blackhole (blackhole routes in the nodes' namespaces)")
-            && stdout.contains("TAKEOVER"),
-        "{stdout}"
+        run.code == Some(0) && run.stdout.contains("PASS"),
+        "partition by the network failed ({:?}):\n{}\n{}",
+        run.code,
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.stdout
+            .contains("Blackhole (blackhole routes in the nodes' namespaces)")
+            && run.stdout.contains("TAKEOVER"),
+        "{}",
+        run.stdout
     );
     // A scenario that needs the fault proxy is refused across namespaces, saying why.
-    let refused = Command::new(&bin)
-        .args(["--scenario", "slow-link", "--no-progress"])
-        .arg("--hosts")
-        .arg(&hosts)
-        .arg("--out-dir")
-        .arg(dir.path().join("refused"))
-        .arg("--bin-dir")
-        .arg(&bin_dir)
-        .output()
-        .expect("run harness");
-    assert_eq!(refused.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&refused.stderr);
+    let refused = run_harness(
+        &[
+            "--scenario",
+            "slow-link",
+            "--hosts",
+            hosts,
+            "--out-dir",
+            &path("refused"),
+        ],
+        None,
+    );
+    assert_eq!(refused.code, Some(2));
+    let err = &refused.stderr;
     assert!(err.contains("fault proxy"), "{err}");
 }

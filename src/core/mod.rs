@@ -620,7 +620,19 @@ impl Broker {
 
     /// The node's state as `STATUS` reports it.
     pub fn status(&self) -> Frame {
-        let (link, held, inflight) = match &self.role {
+        let (link, held, inflight) = self.link_held_inflight();
+        Frame::Status {
+            role: self.role(),
+            epoch: self.epoch,
+            link: link.into(),
+            held,
+            inflight,
+        }
+    }
+
+    /// The `link`, `held` and `inflight` fields of `STATUS` (and of the metrics' snapshot).
+    fn link_held_inflight(&self) -> (&'static str, u64, u64) {
+        match &self.role {
             RoleState::Primary(p) => (p.link.word(), 0, p.in_flight()),
             RoleState::Backup(b) => (
                 if b.detector.is_armed() {
@@ -631,13 +643,6 @@ impl Broker {
                 self.held_count(),
                 0,
             ),
-        };
-        Frame::Status {
-            role: self.role(),
-            epoch: self.epoch,
-            link: link.into(),
-            held,
-            inflight,
         }
     }
 

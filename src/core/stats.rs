@@ -1,9 +1,9 @@
 //! What a node counts for its metrics (`--metrics`): plain numbers the core bumps as it goes,
-//! read in one piece with [`Broker::snapshot`], together with what `STATUS` says, so that the
-//! two always agree.
+//! read in one piece with [`Broker::snapshot`], together with the fields `STATUS` reports
+//! (from the same function), so that the two always agree.
 
 use super::Broker;
-use crate::protocol::{Frame, Role, Stamps};
+use crate::protocol::{Role, Stamps};
 
 /// Upper bounds of the stage histograms' buckets, µs: from a relay's tens of microseconds to
 /// the seed scenario's 150 ms of compute and a slow disk's second.
@@ -76,22 +76,13 @@ pub struct Snapshot {
 impl Broker {
     /// The node's state (the very fields of its `STATUS`) and counters now.
     pub fn snapshot(&self) -> Snapshot {
-        let (role, epoch, link, held, inflight) = match self.status() {
-            Frame::Status {
-                role,
-                epoch,
-                link,
-                held,
-                inflight,
-            } => (role, epoch, link, held, inflight),
-            _ => (self.role(), self.epoch, String::new(), 0, 0),
-        };
+        let (link, held, inflight) = self.link_held_inflight();
         let mut counters = self.counters.clone();
         counters.delivered = self.delivered;
         Snapshot {
-            role,
-            epoch,
-            link,
+            role: self.role(),
+            epoch: self.epoch,
+            link: link.into(),
             held,
             inflight,
             counters,

@@ -400,3 +400,21 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The distinct sequence numbers in a subscriber CSV (`subscriber --csv`, column `seq`); empty
+/// while the file is not there yet.
+pub fn delivered_seqs(csv: &std::path::Path) -> std::collections::BTreeSet<u64> {
+    let mut out = std::collections::BTreeSet::new();
+    if let Ok(mut r) = csv::Reader::from_path(csv) {
+        let headers = r.headers().cloned().unwrap_or_default();
+        let Some(col) = headers.iter().position(|h| h == "seq") else {
+            return out;
+        };
+        for rec in r.records().flatten() {
+            if let Some(v) = rec.get(col).and_then(|v| v.parse().ok()) {
+                out.insert(v);
+            }
+        }
+    }
+    out
+}

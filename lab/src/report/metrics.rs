@@ -6,7 +6,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::plot::{plot_err, Chart};
+use super::plot::{draw_fault, draw_marks, new_chart_from, plot_err, secs};
 use super::RunInfo;
 
 /// One scrape of one node.
@@ -96,10 +96,6 @@ fn segments(pts: Vec<(f64, f64)>) -> Vec<Vec<(f64, f64)>> {
     out
 }
 
-fn secs(us: u64, start: u64) -> f64 {
-    (us as f64 - start as f64) / 1e6
-}
-
 /// Three panels over the run's time: each node's role (and epoch), its deliveries per second,
 /// and what it has in flight or holds; faults as vertical lines.
 fn metrics_svg(path: &Path, rows: &[MetricsRow], info: &RunInfo) -> anyhow::Result<()> {
@@ -159,45 +155,11 @@ fn metrics_svg(path: &Path, rows: &[MetricsRow], info: &RunInfo) -> anyhow::Resu
     ];
     for (area, (title, y_desc, data)) in panels.iter().zip(panel_data) {
         let ymax = max_of(&data);
-        let mut chart: Chart<'_, '_> = ChartBuilder::on(area)
-            .caption(title, ("sans-serif", 16))
-            .margin(8)
-            .x_label_area_size(30)
-            .y_label_area_size(60)
-            .build_cartesian_2d(xmin..xmax, 0f64..ymax)
-            .map_err(plot_err)?;
-        chart
-            .configure_mesh()
-            .x_desc("seconds since the first message")
-            .y_desc(y_desc)
-            .y_label_formatter(&|v| format!("{v:.0}"))
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(plot_err)?;
-        let faults: Vec<f64> = info
-            .marks
-            .iter()
-            .map(|(at, _)| secs(*at, info.start_us))
-            .chain(info.kill_at_us.map(|k| secs(k, info.start_us)))
-            .collect();
-        if !faults.is_empty() {
-            let n = faults.len();
-            chart
-                .draw_series(faults.into_iter().map(|x| {
-                    PathElement::new(
-                        vec![(x, 0.0), (x, ymax)],
-                        RGBColor(120, 120, 120).stroke_width(2),
-                    )
-                }))
-                .map_err(plot_err)?
-                .label(format!("faults ({n})"))
-                .legend(|(x, y)| {
-                    PathElement::new(
-                        vec![(x, y), (x + 12, y)],
-                        RGBColor(120, 120, 120).stroke_width(2),
-                    )
-                });
+        let mut chart = new_chart_from(area, title.to_string(), xmin, xmax, ymax, y_desc)?;
+        if let Some(k) = info.kill_at_us {
+            draw_fault(&mut chart, secs(k, info.start_us), ymax, &info.signal)?;
         }
+        draw_marks(&mut chart, info, ymax)?;
         for (i, pts) in data.into_iter().enumerate() {
             let c = NODE_COLOURS[i];
             // A node that was down (killed, stopped) has no scrapes then: its line breaks.

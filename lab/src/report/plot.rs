@@ -15,7 +15,7 @@ const BACKUP_COLOUR: RGBColor = RGBColor(255, 127, 14);
 const DUP_COLOUR: RGBColor = RGBColor(214, 39, 40);
 const FAULT_COLOUR: RGBColor = RGBColor(120, 120, 120);
 
-fn secs(us: u64, start: u64) -> f64 {
+pub(super) fn secs(us: u64, start: u64) -> f64 {
     (us as f64 - start as f64) / 1e6
 }
 
@@ -26,10 +26,22 @@ pub(crate) fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
 pub(crate) type Chart<'a, 'b> =
     ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
-/// A chart with the house style: caption, time on x, `y_desc` on y, no minor grid.
+/// A chart with the house style: caption, time on x (from 0), `y_desc` on y, no minor grid.
 fn new_chart<'a, 'b>(
     root: &'a DrawingArea<SVGBackend<'b>, Shift>,
     title: String,
+    xmax: f64,
+    ymax: f64,
+    y_desc: &str,
+) -> anyhow::Result<Chart<'a, 'b>> {
+    new_chart_from(root, title, 0.0, xmax, ymax, y_desc)
+}
+
+/// [`new_chart`] with time on x from `xmin` (the metrics start before the first message).
+pub(super) fn new_chart_from<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    title: String,
+    xmin: f64,
     xmax: f64,
     ymax: f64,
     y_desc: &str,
@@ -39,7 +51,7 @@ fn new_chart<'a, 'b>(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..xmax, 0f64..ymax)
+        .build_cartesian_2d(xmin..xmax, 0f64..ymax)
         .map_err(plot_err)?;
     chart
         .configure_mesh()
@@ -53,7 +65,12 @@ fn new_chart<'a, 'b>(
 }
 
 /// The fault of a single-fault run: a grey vertical line at `kx` seconds.
-fn draw_fault(chart: &mut Chart<'_, '_>, kx: f64, ymax: f64, signal: &str) -> anyhow::Result<()> {
+pub(super) fn draw_fault(
+    chart: &mut Chart<'_, '_>,
+    kx: f64,
+    ymax: f64,
+    signal: &str,
+) -> anyhow::Result<()> {
     chart
         .draw_series(LineSeries::new(
             vec![(kx, 0.0), (kx, ymax)],
@@ -91,7 +108,7 @@ fn finish_chart<'a, 'b>(
 }
 
 /// Draws a thin vertical line at each chaos fault, with one legend entry for all of them.
-fn draw_marks<DB: DrawingBackend>(
+pub(super) fn draw_marks<DB: DrawingBackend>(
     chart: &mut ChartContext<
         '_,
         DB,
