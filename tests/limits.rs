@@ -139,3 +139,23 @@ fn a_frame_dripped_too_slowly_is_closed_and_an_idle_connection_is_not() {
     assert_eq!(idle.next(5 * SEC), Got::Line("PONG".into()));
     served(&a);
 }
+
+#[test]
+fn a_frame_timeout_under_100ms_is_refused_at_start() {
+    let mut n = spawn_bin(
+        "primary",
+        &[
+            &free_port().to_string(),
+            &addr(free_port()),
+            "--frame-timeout",
+            "50ms",
+        ],
+    );
+    let code = n.wait_exit(10 * SEC).expect("exits");
+    assert_eq!(code.code(), Some(2));
+    assert!(
+        n.logged("at least 100ms"),
+        "{:?}",
+        n.stderr.lock().map(|l| l.clone())
+    );
+}

@@ -86,8 +86,13 @@ fn metrics_agree_with_status_and_count_a_failover() {
         value(&body, "edgepair_epoch").map(|e| e.to_string()),
         Some(st[1].clone())
     );
-    // Only /metrics is served; a refused frame is counted.
+    // Only /metrics is served, and only to HTTP; a refused frame is counted.
     assert!(http_get(&bm, "/other").0.contains("404"));
+    let mut junk = TcpStream::connect(&bm).expect("connect");
+    junk.write_all(b"PING\r\n\r\n").expect("write");
+    let mut text = String::new();
+    junk.read_to_string(&mut text).expect("answer");
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     let mut rogue = LineConn::connect(&ba);
     rogue.send_line("HELLO|edgepair/1|primary|99|1");
     assert!(matches!(rogue.next(5 * SEC), Got::Line(l) if l.starts_with("ERR|")));
