@@ -748,3 +748,44 @@ pub fn subscriber(cli: SubscriberCli) -> ExitCode {
         }
     })
 }
+
+/// `edgepair-clock`: this host's clock against a node's.
+#[derive(Debug, clap::Parser)]
+#[command(name = "edgepair-clock", version)]
+pub struct ClockCli {
+    /// The node (HOST:PORT or PORT).
+    #[arg(value_parser = addr)]
+    pub node: String,
+    /// Exchanges; the one with the smallest round trip is kept.
+    #[arg(long, default_value_t = 8)]
+    pub exchanges: usize,
+}
+
+/// Prints `offset_us=… uncertainty_us=… round_trip_us=…` (the node's clock minus this host's),
+/// for a harness that runs it on a client's host to correct latencies measured across hosts.
+pub fn clock(cli: ClockCli) -> ExitCode {
+    init_tracing();
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match rt.block_on(crate::client::clock_offset(
+        Net::Tokio,
+        &cli.node,
+        cli.exchanges,
+        Duration::from_secs(2),
+    )) {
+        Ok(c) => {
+            println!(
+                "offset_us={} uncertainty_us={} round_trip_us={}",
+                c.offset_us,
+                c.uncertainty_us(),
+                c.round_trip_us
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -10,4 +10,5 @@ pub mod procs;
 pub mod proxy;
 pub mod report;
 pub mod sim;
+pub mod ssh;
 pub mod store;

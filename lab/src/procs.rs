@@ -180,6 +180,21 @@ pub struct Proc {
     pub stopped: bool,
     /// The tasks copying its output; awaited after it exits so no last line is missed.
     pub(crate) readers: Vec<tokio::task::JoinHandle<()>>,
+    /// Started on another host over ssh (`child` is the local `ssh`): signals go there, to the
+    /// PID the process wrote.
+    pub(crate) remote: Option<Arc<crate::ssh::Ssh>>,
+}
+
+/// Where and how a process is started.
+#[derive(Debug, Clone, Default)]
+pub enum Launcher {
+    /// A child of this process.
+    #[default]
+    Local,
+    /// A child of this process inside a network namespace (`ip netns exec NS`).
+    Netns(String),
+    /// On another host, through the OpenSSH client.
+    Ssh(Arc<crate::ssh::Ssh>),
 }
 
 impl Proc {
@@ -194,6 +209,7 @@ impl Proc {
             child,
             stopped: false,
             readers,
+            remote: None,
         }
     }
 
@@ -202,8 +218,22 @@ impl Proc {
         self.child.id().map(|p| p as i32)
     }
 
-    /// Sends `sig` to it by PID.
+    /// Where it is, for messages: `pid N`, or the ssh host.
+    pub fn whereabouts(&self) -> String {
+        match &self.remote {
+            Some(ssh) => format!("on {} over ssh", ssh.dest),
+            None => format!("pid {}", self.pid().unwrap_or(0)),
+        }
+    }
+
+    /// Sends `sig` to it by PID (over ssh, by the PID it wrote there).
     pub fn signal(&self, sig: i32) {
+        if let Some(ssh) = &self.remote {
+            if let Err(e) = ssh.signal(self.name, crate::ssh::signal_name(sig)) {
+                tracing::warn!("{}: {e:#}", self.name);
+            }
+            return;
+        }
         if let Some(pid) = self.pid() {
             // SAFETY: kill(2) with a PID we spawned and still own (not yet reaped).
             unsafe {
@@ -214,10 +244,13 @@ impl Proc {
 
     /// Asks the process to stop (SIGTERM) and waits up to `grace`, then kills it.
     pub async fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
-        if self.stopped {
-            self.signal(libc::SIGCONT);
+        // One already gone (killed by a fault) is not signalled, here or over ssh.
+        if let Ok(None) = self.child.try_wait() {
+            if self.stopped {
+                self.signal(libc::SIGCONT);
+            }
+            self.signal(libc::SIGTERM);
         }
-        self.signal(libc::SIGTERM);
         match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(Ok(st)) => {
                 for r in self.readers.drain(..) {
@@ -227,6 +260,9 @@ impl Proc {
             }
             _ => {
                 tracing::warn!("{} did not stop within {grace:?}: killing it", self.name);
+                if self.remote.is_some() {
+                    self.signal(libc::SIGKILL);
+                }
                 let _ = self.child.kill().await;
                 None
             }
@@ -240,15 +276,39 @@ impl Drop for Proc {
             if self.stopped {
                 self.signal(libc::SIGCONT);
             }
+            if self.remote.is_some() {
+                // Ending the local ssh would leave the process running there.
+                self.signal(libc::SIGKILL);
+            }
             let _ = self.child.start_kill();
         }
+    }
+}
+
+impl Launcher {
+    /// The command that runs binary `name` (from `bin_dir` here, from the host's own folder
+    /// over ssh) with `args`. `ip netns exec NS` execs the binary in place: the PID is the
+    /// binary's.
+    pub fn command(&self, bin_dir: &Path, name: &str, args: &[String]) -> anyhow::Result<Command> {
+        let path = bin_dir.join(name);
+        let mut cmd = match self {
+            Launcher::Local => Command::new(&path),
+            Launcher::Netns(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&path);
+                c
+            }
+            Launcher::Ssh(ssh) => return ssh.command(name, args),
+        };
+        cmd.args(args);
+        Ok(cmd)
     }
 }
 
 /// Spawns a binary with its stdout and stderr copied line by line to `<dir>/<name>.log`, and
 /// each line also handed to `on_line` (with `true` for stdout).
 pub fn spawn_logged(
-    via: &[String],
+    launcher: &Launcher,
     bin_dir: &Path,
     name: &'static str,
     args: &[String],
@@ -256,17 +316,8 @@ pub fn spawn_logged(
     lines: mpsc::UnboundedSender<(&'static str, bool, String)>,
 ) -> anyhow::Result<Proc> {
     let path = bin_dir.join(name);
-    // `via` (e.g. `ip netns exec NS`) execs the binary in place: the PID is the binary's.
-    let mut cmd = match via.split_first() {
-        Some((first, rest)) => {
-            let mut c = Command::new(first);
-            c.args(rest).arg(&path);
-            c
-        }
-        None => Command::new(&path),
-    };
-    let mut child = cmd
-        .args(args)
+    let mut child = launcher
+        .command(bin_dir, name, args)?
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -311,5 +362,9 @@ pub fn spawn_logged(
             }
         }));
     }
-    Ok(Proc::new(name, child, readers))
+    let mut p = Proc::new(name, child, readers);
+    if let Launcher::Ssh(ssh) = launcher {
+        p.remote = Some(ssh.clone());
+    }
+    Ok(p)
 }

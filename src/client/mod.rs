@@ -9,8 +9,11 @@
 //! The subscriber keeps one connection to each broker open at once and labels every delivery
 //! with the broker it came from.
 
+mod clock;
 mod publisher;
 mod subscriber;
+
+pub use clock::{clock_offset, ClockOffset};
 
 pub use publisher::{
     new_publisher_id, print_event, run_publisher, AckLog, AckRecord, PubEvent, PubSummary,

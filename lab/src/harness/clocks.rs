@@ -7,13 +7,9 @@
 
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio_util::codec::Framed;
 
-use edgepair::clock::now_us;
 use edgepair::net::Net;
-use edgepair::protocol::{Frame, FrameCodec};
 
 /// Exchanges per measurement.
 const EXCHANGES: usize = 8;
@@ -33,41 +29,95 @@ pub struct ClockReading {
 
 /// Measures the clock of the node at `addr`; `None` if it does not answer.
 pub async fn measure(node: &str, when: &str, addr: &str) -> Option<ClockReading> {
-    let s = Net::Tokio
-        .connect(addr, Duration::from_secs(1))
+    let c = edgepair::client::clock_offset(Net::Tokio, addr, EXCHANGES, Duration::from_secs(1))
         .await
         .ok()?;
-    let mut f = Framed::new(s, FrameCodec::default());
-    let mut best: Option<(u64, i64)> = None;
-    for _ in 0..EXCHANGES {
-        let t1 = now_us();
-        f.send(Frame::TimeQuery).await.ok()?;
-        let answer = tokio::time::timeout(Duration::from_secs(1), f.next())
-            .await
-            .ok()??
-            .ok()?;
-        let t4 = now_us();
-        let Frame::Time {
-            received_us: t2,
-            sent_us: t3,
-        } = answer
-        else {
-            return None;
-        };
-        let (t1, t2, t3, t4) = (t1 as i64, t2 as i64, t3 as i64, t4 as i64);
-        let round_trip = ((t4 - t1) - (t3 - t2)).max(0) as u64;
-        let offset = ((t2 - t1) + (t3 - t4)) / 2;
-        if best.is_none_or(|(rt, _)| round_trip < rt) {
-            best = Some((round_trip, offset));
-        }
-    }
-    let (rt, offset) = best?;
     Some(ClockReading {
         node: node.to_string(),
         when: when.to_string(),
-        offset_us: offset,
-        uncertainty_us: rt.div_ceil(2),
+        offset_us: c.offset_us,
+        uncertainty_us: c.uncertainty_us(),
     })
+}
+
+/// Measures the clock of the host a client role runs on: `edgepair-clock` run there against
+/// the node at `node_addr`, chained with `node` (that node's reading from here). The node's
+/// clock minus the client's, subtracted from the node's minus ours, is the client's minus
+/// ours; the two uncertainties add.
+pub async fn measure_client(
+    role: &str,
+    when: &str,
+    launcher: &crate::procs::Launcher,
+    bin_dir: &std::path::Path,
+    node_addr: &str,
+    node: &ClockReading,
+) -> anyhow::Result<ClockReading> {
+    use anyhow::Context;
+    let mut cmd = launcher.command(bin_dir, "edgepair-clock", &[node_addr.to_string()])?;
+    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
+        .await
+        .context("edgepair-clock did not finish within 20 s")?
+        .context("cannot run edgepair-clock")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |k: &str| {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.parse::<i64>().ok())
+    };
+    let (Some(off), Some(unc)) = (field("offset_us="), field("uncertainty_us=")) else {
+        anyhow::bail!(
+            "edgepair-clock on the {role}'s host said nothing usable ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    };
+    Ok(ClockReading {
+        node: role.to_string(),
+        when: when.to_string(),
+        offset_us: node.offset_us - off,
+        uncertainty_us: node.uncertainty_us + unc.max(0) as u64,
+    })
+}
+
+/// The mean offset of `role`'s host over its readings (µs) and the largest uncertainty.
+pub fn offset_of(readings: &[ClockReading], role: &str) -> Option<(i64, u64)> {
+    let r: Vec<&ClockReading> = readings.iter().filter(|r| r.node == role).collect();
+    if r.is_empty() {
+        return None;
+    }
+    let mean = r.iter().map(|r| r.offset_us).sum::<i64>() / r.len() as i64;
+    Some((mean, r.iter().map(|r| r.uncertainty_us).max().unwrap_or(0)))
+}
+
+/// Puts every timestamp of `deliveries` on the harness's clock: the subscriber's receive times
+/// less its host's offset, the publisher's send times less its, the brokers' stamps less the
+/// delivering node's; latencies are computed again from them. Returns the correction applied
+/// to the end-to-end latency (subscriber's offset minus publisher's) and its uncertainty.
+pub fn correct(
+    deliveries: &mut [edgepair::client::Delivery],
+    readings: &[ClockReading],
+) -> (i64, u64) {
+    let get = |role| offset_of(readings, role).unwrap_or((0, 0));
+    let (sub, sub_u) = get("subscriber");
+    let (publ, pub_u) = get("publisher");
+    let nodes = [get("primary").0, get("backup").0];
+    let shift = |t: u64, by: i64| {
+        if t == 0 {
+            0
+        } else {
+            (t as i64 - by).max(0) as u64
+        }
+    };
+    for d in deliveries.iter_mut() {
+        let node = nodes[usize::from(d.source == "backup")];
+        d.received_at_us = shift(d.received_at_us, sub);
+        d.sent_at_us = shift(d.sent_at_us, publ);
+        d.latency_us = d.received_at_us as i64 - d.sent_at_us as i64;
+        d.broker_rx_us = shift(d.broker_rx_us, node);
+        d.compute_start_us = shift(d.compute_start_us, node);
+        d.compute_end_us = shift(d.compute_end_us, node);
+    }
+    (sub - publ, sub_u + pub_u)
 }
 
 /// The table line for the readings.

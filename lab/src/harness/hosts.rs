@@ -20,11 +20,29 @@
 //! launch = "netns"
 //! netns = "eplab4"
 //! ```
+//!
+//! Or on another machine, through the OpenSSH client with the user's own config and keys
+//! ([`crate::ssh`]):
+//!
+//! ```toml
+//! [backup]
+//! launch = "ssh"
+//! ssh = "pi@edge1"                  # [user@]host, or a Host of ~/.ssh/config
+//! ssh_options = ["-p", "22"]        # more ssh options, if any
+//! address = "192.168.1.50"          # where the others reach it
+//! bin_dir = "/home/pi/edgepair/bin" # the binaries there (built for that machine)
+//! # copy_bins = true                # or copy them there first, from copy_from (default:
+//! # copy_from = "target/aarch64-unknown-linux-gnu/release"   # the harness's own folder)
+//! # work_dir = "/tmp/edgepair-harness"                        # the runs' files there
+//! ```
 
 use std::path::Path;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
+
+use crate::procs::Launcher;
+use crate::ssh::Ssh;
 
 /// How a process is started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +53,8 @@ pub enum Launch {
     Local,
     /// A child of the harness inside a network namespace (`ip netns exec`).
     Netns,
+    /// On another machine, through `ssh`.
+    Ssh,
 }
 
 /// Where one role runs.
@@ -48,16 +68,47 @@ pub struct Placement {
     pub netns: Option<String>,
     /// The address others reach it at (nodes only; default 127.0.0.1).
     pub address: Option<String>,
+    /// The ssh destination, for `ssh`.
+    pub ssh: Option<String>,
+    /// More options for `ssh`.
+    #[serde(default)]
+    pub ssh_options: Vec<String>,
+    /// Where the binaries are on the remote host (default `WORK_DIR/bin` with `copy_bins`).
+    pub bin_dir: Option<String>,
+    /// Copy the binaries there before the run.
+    #[serde(default)]
+    pub copy_bins: bool,
+    /// The local folder the binaries are copied from (default: the harness's `--bin-dir`).
+    pub copy_from: Option<String>,
+    /// The folder on the remote host under which each run gets its own (default
+    /// `/tmp/edgepair-harness`).
+    pub work_dir: Option<String>,
 }
 
+/// Where runs keep their files on a remote host unless told otherwise.
+pub const REMOTE_WORK_DIR: &str = "/tmp/edgepair-harness";
+
 impl Placement {
-    /// The command words put before the binary's path.
-    pub fn via(&self) -> Vec<String> {
-        match (self.launch, &self.netns) {
-            (Launch::Netns, Some(ns)) => {
-                vec!["ip".into(), "netns".into(), "exec".into(), ns.clone()]
+    /// How a run started at `run` (its folder's name) starts this role's processes; `control`
+    /// is the local path of the ssh connection shared by the run's commands to that host.
+    pub fn launcher(&self, run: &str, control: &Path) -> Launcher {
+        match (self.launch, &self.netns, &self.ssh) {
+            (Launch::Netns, Some(ns), _) => Launcher::Netns(ns.clone()),
+            (Launch::Ssh, _, Some(dest)) => {
+                let work = self.work_dir.as_deref().unwrap_or(REMOTE_WORK_DIR);
+                let work = work.trim_end_matches('/');
+                Launcher::Ssh(std::sync::Arc::new(Ssh {
+                    dest: dest.clone(),
+                    options: self.ssh_options.clone(),
+                    bin_dir: self
+                        .bin_dir
+                        .clone()
+                        .unwrap_or_else(|| format!("{work}/bin")),
+                    run_dir: format!("{work}/{run}"),
+                    control: control.to_path_buf(),
+                }))
             }
-            _ => Vec::new(),
+            _ => Launcher::Local,
         }
     }
 
@@ -68,8 +119,9 @@ impl Placement {
 
     /// How the report names it.
     pub fn describe(&self) -> String {
-        let place = match (self.launch, &self.netns) {
-            (Launch::Netns, Some(ns)) => format!("netns {ns}"),
+        let place = match (self.launch, &self.netns, &self.ssh) {
+            (Launch::Netns, Some(ns), _) => format!("netns {ns}"),
+            (Launch::Ssh, _, Some(dest)) => format!("ssh {dest}"),
             _ => "local".to_string(),
         };
         match &self.address {
@@ -119,8 +171,21 @@ impl Inventory {
             if p.launch == Launch::Netns && p.netns.is_none() {
                 bail!("[{role}]: launch = \"netns\" needs netns = \"NAME\"");
             }
-            if node && p.launch == Launch::Netns && p.address.is_none() {
-                bail!("[{role}]: a node in a namespace needs the address the others reach it at");
+            if node && p.launch != Launch::Local && p.address.is_none() {
+                bail!("[{role}]: a node elsewhere needs the address the others reach it at");
+            }
+            if p.launch == Launch::Ssh {
+                if p.ssh.is_none() {
+                    bail!("[{role}]: launch = \"ssh\" needs ssh = \"[USER@]HOST\"");
+                }
+                if p.bin_dir.is_none() && !p.copy_bins {
+                    bail!(
+                        "[{role}]: say where the binaries are there (bin_dir = \"PATH\") or \
+                         copy them (copy_bins = true)"
+                    );
+                }
+            } else if p.ssh.is_some() || p.copy_bins || p.bin_dir.is_some() {
+                bail!("[{role}]: ssh, bin_dir and copy_bins are for launch = \"ssh\"");
             }
             if let Some(a) = &p.address {
                 a.parse::<std::net::IpAddr>()
@@ -200,13 +265,36 @@ mod tests {
         )
         .expect("parses");
         ok.check().expect("valid");
-        assert_eq!(ok.primary.via(), ["ip", "netns", "exec", "a"]);
-        assert!(ok.backup.via().is_empty() && ok.spread());
+        let cm = Path::new("/tmp/cm");
+        assert!(matches!(ok.primary.launcher("r", cm), Launcher::Netns(ns) if ns == "a"));
+        assert!(matches!(ok.backup.launcher("r", cm), Launcher::Local) && ok.spread());
         let no_addr: Inventory =
             toml::from_str("[backup]\nlaunch = \"netns\"\nnetns = \"b\"\n").expect("parses");
         let e = format!("{:#}", no_addr.check().expect_err("needs an address"));
         assert!(e.contains("[backup]") && e.contains("address"), "{e}");
-        assert!(toml::from_str::<Inventory>("[primary]\nlaunch = \"ssh\"\n").is_err());
+        let no_dest: Inventory =
+            toml::from_str("[subscriber]\nlaunch = \"ssh\"\ncopy_bins = true\n").expect("parses");
+        let e = format!("{:#}", no_dest.check().expect_err("needs a destination"));
+        assert!(e.contains("[subscriber]") && e.contains("ssh ="), "{e}");
+        let no_bins: Inventory =
+            toml::from_str("[publisher]\nlaunch = \"ssh\"\nssh = \"pi@edge1\"\n").expect("parses");
+        let e = format!("{:#}", no_bins.check().expect_err("needs binaries"));
+        assert!(e.contains("bin_dir"), "{e}");
+        let far: Inventory = toml::from_str(
+            "[backup]\nlaunch = \"ssh\"\nssh = \"pi@edge1\"\naddress = \"192.168.1.50\"\n\
+             copy_bins = true\nwork_dir = \"/srv/ep/\"\n",
+        )
+        .expect("parses");
+        far.check().expect("valid");
+        match far.backup.launcher("20261130T000000Z", cm) {
+            Launcher::Ssh(s) => {
+                assert_eq!(s.bin_dir, "/srv/ep/bin");
+                assert_eq!(s.run_dir, "/srv/ep/20261130T000000Z");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(far.backup.describe(), "ssh pi@edge1 (192.168.1.50)");
+        assert!(toml::from_str::<Inventory>("[primary]\nlaunch = \"telnet\"\n").is_err());
         assert!(toml::from_str::<Inventory>("[primary]\nhost = \"x\"\n").is_err());
     }
 }

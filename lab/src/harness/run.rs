@@ -61,28 +61,78 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         Some(f) => super::hosts::Inventory::load(f)?,
         None => super::hosts::Inventory::default(),
     };
-    // Across namespaces a partition is made by the network (`hosts::partition`); a slow link
-    // (and chaos, which draws one) still needs the proxy, which runs on this host.
-    let by_network = hosts.spread() && hosts.nodes_in_namespaces();
-    if hosts.spread()
-        && (opts.chaos
-            || (scenario.uses_proxies() && !(by_network && scenario == Scenario::PartitionPeers)))
-    {
-        bail!(
-            "'{}' puts the fault proxy between the nodes, on this host: across namespaces only \
-             the scenarios without it run for now (kill, term, hang, restart), and \
-             partition-peers when both nodes are in namespaces (made by the network)",
-            if opts.chaos {
-                "--chaos"
-            } else {
-                scenario.name()
-            }
-        );
-    }
+    // Across namespaces a partition between the nodes is made by the network
+    // (`hosts::partition`). The other link faults (a slow link, and a chaos run's partitions)
+    // go through the fault proxy, which runs here: across hosts it listens on this host's
+    // address toward the primary, and the report says so.
+    let by_network =
+        hosts.nodes_in_namespaces() && !opts.chaos && scenario == Scenario::PartitionPeers;
     let (pp, bp) = pick_ports(opts.port)?;
     let primary = format!("{}:{pp}", hosts.primary.host());
     let backup = format!("{}:{bp}", hosts.backup.host());
-    let node_via = [hosts.primary.via(), hosts.backup.via()];
+    // Processes on other hosts: each ssh host gets the run's own folder (and the binaries,
+    // when the inventory says to copy them), and shares one ssh connection per host.
+    let run_name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| utc_stamp(started_us));
+    let control_dir = tempfile::Builder::new()
+        .prefix("edgepair-ssh-")
+        .tempdir()
+        .context("cannot make a folder for the ssh connections")?;
+    let control = control_dir.path().join("%C");
+    let launchers = [
+        hosts.primary.launcher(&run_name, &control),
+        hosts.backup.launcher(&run_name, &control),
+        hosts.subscriber.launcher(&run_name, &control),
+        hosts.publisher.launcher(&run_name, &control),
+    ];
+    let _close_ssh = CloseSsh(launchers.clone());
+    let placements = [
+        &hosts.primary,
+        &hosts.backup,
+        &hosts.subscriber,
+        &hosts.publisher,
+    ];
+    // A client elsewhere has its clock read by `edgepair-clock`, from here or copied there.
+    let clock_from_here = |i: usize| match launchers[i] {
+        Launcher::Local => false,
+        Launcher::Netns(_) => true,
+        Launcher::Ssh(_) => placements[i].copy_bins && placements[i].copy_from.is_none(),
+    };
+    if (2..4).any(clock_from_here) && !bin_dir.join("edgepair-clock").exists() {
+        bail!(
+            "edgepair-clock not found in {} (it reads the clock of a client's host; build with \
+             `cargo build --release --workspace --bins`)",
+            bin_dir.display()
+        );
+    }
+    let role_bins: [&[&str]; 4] = [
+        &["primary"],
+        &["backup"],
+        &["subscriber", "edgepair-clock"],
+        &["test-publisher", "edgepair-clock"],
+    ];
+    for ((l, p), bins) in launchers.iter().zip(placements).zip(role_bins) {
+        let Launcher::Ssh(ssh) = l else { continue };
+        ssh.prepare()?;
+        if p.copy_bins {
+            let from = p
+                .copy_from
+                .as_ref()
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| bin_dir.clone());
+            for b in bins {
+                ssh.put(&from.join(b), &format!("{}/{b}", ssh.bin_dir), "755")?;
+            }
+        }
+    }
+    // A file of the run, as the process in role `i` sees it: under the run's folder here, or
+    // under the run's folder on its ssh host.
+    let file_for = |i: usize, rel: &str| match &launchers[i] {
+        Launcher::Ssh(ssh) => ssh.file(rel),
+        _ => dir.join(rel).display().to_string(),
+    };
     let node_host = [
         hosts.primary.host().to_string(),
         hosts.backup.host().to_string(),
@@ -116,18 +166,25 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     let stop_proxies = tokio_util::sync::CancellationToken::new();
     let _stop_proxies_guard = stop_proxies.clone().drop_guard();
     let mut proxies = Vec::new();
+    // On one host the proxies listen on loopback; with nodes elsewhere, on this host's address
+    // toward them (the bridge of a namespace lab, this machine's LAN address).
+    let proxy_host = if node_host.iter().all(|h| h == "127.0.0.1") {
+        "127.0.0.1".to_string()
+    } else {
+        local_address_toward(&primary)?
+    };
     let (primary_sees_backup, backup_sees_primary) =
         if !by_network && (opts.chaos || scenario.uses_proxies()) {
             let to_backup = proxy::start(
                 Net::Tokio,
-                "127.0.0.1:0",
+                &format!("{proxy_host}:0"),
                 backup.clone(),
                 stop_proxies.clone(),
             )
             .await?;
             let to_primary = proxy::start(
                 Net::Tokio,
-                "127.0.0.1:0",
+                &format!("{proxy_host}:0"),
                 primary.clone(),
                 stop_proxies.clone(),
             )
@@ -149,6 +206,11 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     // depends on nothing in the user's home, and its nodes on no other run's.
     let secret = dir.join("peer.secret");
     edgepair::secret::create(&secret)?;
+    for l in &launchers[..2] {
+        if let Launcher::Ssh(ssh) = l {
+            ssh.put(&secret, &ssh.file("peer.secret"), "600")?;
+        }
+    }
     // Each node serves its metrics, scraped during the run into `metrics.csv`/`metrics.svg`.
     let metrics_at = [
         format!("{}:{}", node_host[0], crate::procs::free_port()?),
@@ -163,14 +225,14 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
             "--compute".into(),
             opts.compute.to_string(),
             "--secret-file".into(),
-            secret.display().to_string(),
+            file_for(seed_offset as usize, "peer.secret"),
             "--metrics".into(),
             metrics_at[seed_offset as usize].clone(),
             "--data-dir".into(),
-            dir.join("data")
-                .join(label[seed_offset as usize])
-                .display()
-                .to_string(),
+            file_for(
+                seed_offset as usize,
+                &format!("data/{}", label[seed_offset as usize]),
+            ),
         ];
         if let Some(s) = opts.seed {
             a.push("--seed".into());
@@ -190,7 +252,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     let node_bins = ["primary", "backup"];
     let mut procs: Vec<Proc> = Vec::new();
     procs.push(spawn_logged(
-        &node_via[0],
+        &launchers[0],
         &bin_dir,
         "primary",
         &node_args[0],
@@ -198,7 +260,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         ltx.clone(),
     )?);
     procs.push(spawn_logged(
-        &node_via[1],
+        &launchers[1],
         &bin_dir,
         "backup",
         &node_args[1],
@@ -208,9 +270,14 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     let brokers_started = Instant::now();
     wait_paired(&primary, Some(&backup), Duration::from_secs(10), &mut procs).await?;
     let mut clocks = Vec::new();
-    for (name, at) in [("primary", &primary), ("backup", &backup)] {
-        clocks.extend(super::clocks::measure(name, "before", at).await);
-    }
+    measure_clocks(
+        &mut clocks,
+        "before",
+        [&primary, &backup],
+        &launchers,
+        &bin_dir,
+    )
+    .await;
     let (scraped, scraper) = super::scrape::start(vec![
         ("primary", metrics_at[0].clone()),
         ("backup", metrics_at[1].clone()),
@@ -222,10 +289,10 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         primary.clone(),
         backup.clone(),
         "--csv".into(),
-        csv_path.display().to_string(),
+        file_for(2, "deliveries.csv"),
     ];
     procs.push(spawn_logged(
-        &hosts.subscriber.via(),
+        &launchers[2],
         &bin_dir,
         "subscriber",
         &sargs,
@@ -255,7 +322,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         "--give-up".into(),
         "5s".into(),
         "--acks".into(),
-        acks_path.display().to_string(),
+        file_for(3, "acks.csv"),
     ];
     // A node holds the results it computes in its first STARTUP_GRACE (documented in
     // BACKUP_SYSTEM.md), so that subscribers it lost in a previous life can come back first.
@@ -264,7 +331,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     let run_start_us = now_us();
     let run_start = Instant::now();
     procs.push(spawn_logged(
-        &hosts.publisher.via(),
+        &launchers[3],
         &bin_dir,
         "test-publisher",
         &targs,
@@ -287,6 +354,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         while next < faults.len() && elapsed >= faults[next].0 {
             let (_, action) = faults[next];
             next += 1;
+            let first_fault = fault_us.is_none();
             fault_us.get_or_insert_with(now_us);
             let mut chaos_note = String::new();
             let mut actions = vec![action];
@@ -403,11 +471,16 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
                     Action::Signal(i, sig) => {
                         procs[i].signal(sig.number());
                         procs[i].stopped = sig == KillSignal::Stop;
+                        if first_fault && procs[i].remote.is_some() {
+                            // Over ssh the signal lands a round trip later: the failover is
+                            // timed from when it has.
+                            fault_us = Some(now_us());
+                        }
                         format!(
-                            "{} sent to the {} (pid {})",
+                            "{} sent to the {} ({})",
                             sig.name(),
                             node_bins[i],
-                            procs[i].pid().unwrap_or(0)
+                            procs[i].whereabouts()
                         )
                     }
                     Action::Resume(i) => {
@@ -428,18 +501,14 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
                         }
                         let _ = procs[i].child.wait().await;
                         procs[i] = spawn_logged(
-                            &node_via[i],
+                            &launchers[i],
                             &bin_dir,
                             node_bins[i],
                             &node_args[i],
                             &dir,
                             ltx.clone(),
                         )?;
-                        format!(
-                            "{} restarted (pid {})",
-                            node_bins[i],
-                            procs[i].pid().unwrap_or(0)
-                        )
+                        format!("{} restarted ({})", node_bins[i], procs[i].whereabouts())
                     }
                     Action::Link(f) if by_network => {
                         let cut = matches!(f, Fault::Blackhole | Fault::Reset);
@@ -507,6 +576,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
 
     // Stop publishing; the publisher still collects outstanding ACKs before it exits.
     let pub_status = procs[3].stop(Duration::from_secs(10)).await;
+    fetch_back(&launchers[3], "acks.csv", &acks_path);
     // The publisher's own summary line says how many it produced; read it from its log, which
     // is complete once its output readers are done.
     let published = std::fs::read_to_string(dir.join("test-publisher.log"))
@@ -544,10 +614,16 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     procs[2].stop(Duration::from_secs(5)).await;
+    fetch_back(&launchers[2], "deliveries.csv", &csv_path);
     let end_us = now_us();
-    for (name, at) in [("primary", &primary), ("backup", &backup)] {
-        clocks.extend(super::clocks::measure(name, "after", at).await);
-    }
+    measure_clocks(
+        &mut clocks,
+        "after",
+        [&primary, &backup],
+        &launchers,
+        &bin_dir,
+    )
+    .await;
     for i in [1, 0] {
         procs[i].stop(Duration::from_secs(3)).await;
     }
@@ -566,7 +642,11 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
             None
         }
     };
-    let deliveries = report::read_deliveries(&csv_path)?;
+    let mut deliveries = report::read_deliveries(&csv_path)?;
+    // Across hosts every timestamp is put on this host's clock, by the offsets measured.
+    let latency_correction_us = hosts
+        .spread()
+        .then(|| super::clocks::correct(&mut deliveries, &clocks));
     let info = report::RunInfo {
         published,
         publisher: Some(publisher_id),
@@ -581,15 +661,23 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
             scenario.name().to_string()
         },
         clocks,
+        latency_correction_us,
         hosts: if hosts.spread() {
             format!(
-                "{}; primary at {primary}, backup at {backup}{}",
+                "{}; primary at {primary}, backup at {backup}{}{}",
                 hosts.describe(),
-                if by_network && scenario.uses_proxies() {
+                if by_network {
                     "; partitions made by the network (blackhole routes in the nodes' namespaces)"
+                        .to_string()
+                } else if !proxies.is_empty() {
+                    format!(
+                        "; link faults made by the harness's proxy at {proxy_host} (the \
+                         peer links go through it)"
+                    )
                 } else {
-                    ""
-                }
+                    String::new()
+                },
+                remote_folders(&launchers)
             )
         } else {
             String::new()
@@ -622,6 +710,14 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
             "  clock offsets    {}\n",
             super::clocks::describe(&info.clocks)
         ));
+        if let Some((c, u)) = info.latency_correction_us {
+            table.push_str(&format!(
+                "  latency on one clock: {:+.3} ± {:.3} ms taken off every end-to-end latency \
+                 (subscriber's host minus publisher's)\n",
+                c as f64 / 1000.0,
+                u as f64 / 1000.0
+            ));
+        }
         // Latencies between hosts are only as good as the clocks they were read on.
         let worst = info
             .clocks
@@ -689,4 +785,89 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// This host's address toward `addr` (`host:port`): the source address the kernel picks for
+/// it. Nothing is sent (a UDP socket is only connected).
+fn local_address_toward(addr: &str) -> anyhow::Result<String> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").context("cannot open a UDP socket")?;
+    s.connect(addr)
+        .with_context(|| format!("no route from this host to {addr}"))?;
+    Ok(s.local_addr()?.ip().to_string())
+}
+
+/// Closes the run's shared ssh connections, however the run ends.
+struct CloseSsh([Launcher; 4]);
+
+impl Drop for CloseSsh {
+    fn drop(&mut self) {
+        for l in &self.0 {
+            if let Launcher::Ssh(ssh) = l {
+                ssh.close();
+            }
+        }
+    }
+}
+
+/// Brings the run's file `rel` back from the ssh host of a role (a local one is in place).
+/// A failure is said and left to the analysis (a missing CSV is reported there).
+fn fetch_back(launcher: &Launcher, rel: &str, to: &std::path::Path) {
+    if let Launcher::Ssh(ssh) = launcher {
+        if let Err(e) = ssh.fetch(&ssh.file(rel), to) {
+            println!("note: {e:#}");
+        }
+    }
+}
+
+/// Reads the clocks of the nodes (over `TIME`, from here) and of the clients' hosts where
+/// they run elsewhere (`edgepair-clock` run there against the primary), into `clocks`. A
+/// reading that fails is said and left out: the report then shows fewer.
+async fn measure_clocks(
+    clocks: &mut Vec<super::clocks::ClockReading>,
+    when: &str,
+    nodes: [&String; 2],
+    launchers: &[Launcher; 4],
+    bin_dir: &std::path::Path,
+) {
+    for (name, at) in [("primary", nodes[0]), ("backup", nodes[1])] {
+        clocks.extend(super::clocks::measure(name, when, at).await);
+    }
+    // Against whichever node answered (the primary may be gone after the run).
+    let Some((node_addr, node)) = [("primary", nodes[0]), ("backup", nodes[1])]
+        .into_iter()
+        .find_map(|(n, a)| {
+            clocks
+                .iter()
+                .rev()
+                .find(|r| r.node == n && r.when == when)
+                .map(|r| (a, r.clone()))
+        })
+    else {
+        return;
+    };
+    for (i, role) in [(2, "subscriber"), (3, "publisher")] {
+        if matches!(launchers[i], Launcher::Local) {
+            continue;
+        }
+        match super::clocks::measure_client(role, when, &launchers[i], bin_dir, node_addr, &node)
+            .await
+        {
+            Ok(r) => clocks.push(r),
+            Err(e) => println!("note: the {role}'s clock: {e:#}"),
+        }
+    }
+}
+
+/// Where the roles on ssh hosts kept their files (their logs and CSVs were brought back; the
+/// nodes' data stays there).
+fn remote_folders(launchers: &[Launcher; 4]) -> String {
+    let roles = ["primary", "backup", "subscriber", "publisher"];
+    launchers
+        .iter()
+        .zip(roles)
+        .filter_map(|(l, role)| match l {
+            Launcher::Ssh(ssh) => Some(format!("; {role}'s files in {}:{}", ssh.dest, ssh.run_dir)),
+            _ => None,
+        })
+        .collect()
 }

@@ -113,9 +113,15 @@ pub struct RunInfo {
     /// Where each process ran (`--hosts`), and the addresses; empty when all ran locally.
     #[serde(default)]
     pub hosts: String,
-    /// Each node's clock offset against the harness's, before and after the run.
+    /// Each host's clock offset against the harness's, before and after the run (the nodes',
+    /// and the clients' where they run elsewhere).
     #[serde(default)]
     pub clocks: Vec<crate::harness::clocks::ClockReading>,
+    /// What was subtracted from every end-to-end latency to put it on one clock (the
+    /// subscriber's host's offset minus the publisher's), and its uncertainty, µs: `None` when
+    /// every process ran on this host's clock.
+    #[serde(default)]
+    pub latency_correction_us: Option<(i64, u64)>,
     /// Every fault injected, with its window: what the checker derives the duplicate bound and
     /// the split-brain excuse from.
     #[serde(default)]

@@ -25,6 +25,7 @@ fn info(published: u64, kill_ms: Option<u64>) -> RunInfo {
     RunInfo {
         hosts: String::new(),
         clocks: Vec::new(),
+        latency_correction_us: None,
         published,
         publisher: Some("p".into()),
         start_us: 1_000_000_000,
