@@ -295,6 +295,11 @@ mod tests {
         }
         assert_eq!(far.backup.describe(), "ssh pi@edge1 (192.168.1.50)");
         assert!(toml::from_str::<Inventory>("[primary]\nlaunch = \"telnet\"\n").is_err());
+        // The examples the README points to stay valid.
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        for f in ["hosts-netns.toml", "hosts-two-devices.toml"] {
+            Inventory::load(&examples.join(f)).unwrap_or_else(|e| panic!("{f}: {e:#}"));
+        }
         assert!(toml::from_str::<Inventory>("[primary]\nhost = \"x\"\n").is_err());
     }
 }

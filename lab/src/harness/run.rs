@@ -58,7 +58,13 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         }
     }
     let hosts = match &opts.hosts {
-        Some(f) => super::hosts::Inventory::load(f)?,
+        Some(f) => {
+            let inv = super::hosts::Inventory::load(f)?;
+            // The inventory is part of the report.
+            std::fs::copy(f, dir.join("hosts.toml"))
+                .with_context(|| format!("cannot copy {} into the report", f.display()))?;
+            inv
+        }
         None => super::hosts::Inventory::default(),
     };
     // Across namespaces a partition between the nodes is made by the network
