@@ -105,6 +105,11 @@ pub fn encode(s: &Snapshot, d: &DriverCounts) -> String {
             c.takeovers,
         ),
         (
+            "dead_lettered",
+            "Entries a consumer group moved to its topic's dead-letter topic",
+            c.dead_lettered,
+        ),
+        (
             "kicked",
             "Subscribers disconnected for falling --max-pending behind",
             d.kicked,

@@ -96,6 +96,8 @@ pub(super) struct Conn {
     pub hung_up: bool,
     /// Topics this connection subscribed to, to unregister it when it closes.
     pub topics: Vec<String>,
+    /// Consumer groups it is a member of (topic, group).
+    pub groups: Vec<(String, String)>,
     /// Where its peer handshake is (`auth.rs`).
     pub auth: super::auth::Auth,
     /// It has `--max-unacked` publishes awaiting their `ACK`: later frames wait in `backlog`
@@ -121,6 +123,7 @@ impl Conn {
             full: false,
             client_cert: false,
             acks_waiting: 0,
+            groups: Vec::new(),
         }
     }
 }
@@ -253,6 +256,9 @@ impl Broker {
             }
         }
         self.timers.stop(super::time::Timer::Answer(conn));
+        if !c.groups.is_empty() {
+            self.groups_forget(conn, &c.groups);
+        }
         Some(c)
     }
 

@@ -298,6 +298,8 @@ impl Broker {
         if topics.is_empty() {
             return;
         }
+        // The groups first: their journal is no one's to deliver.
+        self.groups_recover();
         info!(
             "log: {} topic(s), {} entries, {undelivered} not yet delivered; epoch {}",
             topics.len(),
@@ -308,6 +310,7 @@ impl Broker {
             // A chunk now, the rest as deliveries go (`takeup.rs`): the node serves at once.
             let cleared = std::mem::take(&mut self.cleared);
             self.begin_take_up(cleared);
+            self.groups_take_over();
         }
     }
 
@@ -436,12 +439,18 @@ impl Broker {
             );
             return;
         }
+        if topic == super::JOURNAL {
+            // A group record: applied now, delivered to no one, never cleared.
+            self.journal_stored(&entry);
+        }
         if mid == 0 {
             // Catching up: the primary expects no answer.
             return;
         }
-        if let RoleState::Backup(b) = &mut self.role {
-            b.pending.insert(mid, (topic, entry.offset));
+        if topic != super::JOURNAL {
+            if let RoleState::Backup(b) = &mut self.role {
+                b.pending.insert(mid, (topic, entry.offset));
+            }
         }
         if !self.must_sync() && self.unflushed {
             // Answered once the entry is written (see `Broker::poll_output`): one `STORED`

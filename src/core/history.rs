@@ -130,7 +130,7 @@ impl Broker {
     }
 
     /// Where a `SUB` with `from` starts, as an offset of the topic's log.
-    fn resolve_start(&mut self, conn: ConnId, topic: &str, from: Start) -> u64 {
+    pub(super) fn resolve_start(&mut self, conn: ConnId, topic: &str, from: Start) -> u64 {
         let st = self.log.topic(topic);
         let mark = st.delivered.max(st.first);
         match from {

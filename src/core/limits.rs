@@ -45,9 +45,23 @@ impl Broker {
     /// Whether a client's frame is within the limits; a refused one is answered `ERR|…`.
     pub(super) fn within_limits(&mut self, conn: ConnId, frame: &Frame) -> bool {
         let (topic, subscribes) = match frame {
-            Frame::Publish { topic, .. } | Frame::Pub { topic, .. } => (topic, false),
-            Frame::Subscribe { topic } | Frame::Sub { topic, .. } => (topic, true),
-            Frame::History { topic, .. } => (topic, false),
+            Frame::Publish { topic, .. } | Frame::Pub { topic, .. } if topic.starts_with('$') => {
+                // The node's own topics (`$groups`) are written by the node alone.
+                self.counters.refused += 1;
+                let reason = format!(
+                    "topic '{topic}' is reserved: names starting with '$' are the node's own"
+                );
+                self.reply(conn, Frame::Err { reason });
+                return false;
+            }
+            Frame::Publish { topic, .. } | Frame::Pub { topic, .. } => (topic.as_str(), false),
+            Frame::Subscribe { topic } | Frame::Sub { topic, .. } => (topic.as_str(), true),
+            Frame::History { topic, .. } => (topic.as_str(), false),
+            Frame::Group(op) => match op.topic() {
+                // A member holds one subscription's worth.
+                Some(t) => (t, matches!(op, crate::protocol::GroupOp::Join { .. })),
+                None => return true,
+            },
             _ => return true,
         };
         let mut why = bad_topic(topic, self.cfg.max_topic_len);

@@ -40,6 +40,7 @@ mod backup;
 mod conn;
 mod durable;
 pub mod failover;
+mod groups;
 mod history;
 mod lease;
 mod limits;
@@ -64,6 +65,7 @@ use tracing::{info, warn};
 use crate::log::{Entry, Fsync, MemLog, Storage, DEFAULT_RETAIN_ENTRIES};
 use crate::protocol::{Frame, ProtocolError, Role};
 pub use auth::{PeerKey, AUTH_FAILED, NOT_A_PEER};
+pub use groups::JOURNAL;
 pub use history::REPLAY_CHUNK;
 pub use limits::{bad_topic, MAX_SUBSCRIPTIONS, MAX_TOPIC_LEN, MAX_UNACKED};
 pub use stats::{Counters, Snapshot, StageHist, STAGE_BOUNDS_US};
@@ -306,6 +308,8 @@ pub struct Broker {
     said_full: bool,
     /// What `--metrics` reports (`stats.rs`).
     counters: stats::Counters,
+    /// Consumer groups (`groups.rs`).
+    groups: groups::Groups,
 }
 
 impl Broker {
@@ -328,6 +332,7 @@ impl Broker {
             offered: VecDeque::new(),
             said_full: false,
             counters: Default::default(),
+            groups: Default::default(),
             next_mid: cfg.incarnation.max(1),
             cfg,
             now,
@@ -541,6 +546,7 @@ impl Broker {
                 Timer::Lease => self.on_lease_timer(),
                 Timer::TakeUp => self.on_take_up_timer(),
                 Timer::Unpause(conn) => self.unpause(conn),
+                Timer::AckWait => self.on_ack_wait(),
             }
         }
     }
@@ -653,6 +659,7 @@ impl Broker {
         }
         match frame {
             Frame::Auth(step) => self.on_auth(conn, step),
+            Frame::Group(op) => self.on_group(conn, op),
             Frame::Publish { .. } | Frame::Pub { .. } => self.on_publish(conn, frame),
             Frame::Subscribe { topic } => self.subscribe(conn, topic, true),
             Frame::Sub { topic, from: None } => self.subscribe(conn, topic, false),

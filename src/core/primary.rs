@@ -64,6 +64,18 @@ pub(super) struct PendingAck {
     deadline: Time,
 }
 
+impl PendingAck {
+    /// An answer on `conn` that waits for `mid` to be stored, until `deadline` (then the link
+    /// is dropped and the node runs degraded).
+    pub fn new(mid: u64, conn: ConnId, deadline: Time) -> PendingAck {
+        PendingAck {
+            mid,
+            conn,
+            deadline,
+        }
+    }
+}
+
 impl Primary {
     /// A primary from `now` on (the stall watchdog counts from then).
     pub fn new(has_peer: bool, now: Time) -> Primary {
@@ -376,6 +388,9 @@ impl Broker {
         self.deliver(&m, stamps);
         self.log.set_delivered(&m.topic, m.offset + 1);
         self.taken_delivered(&m.topic);
+        if self.groups.on_topic(&m.topic) {
+            self.pump_topic(&m.topic);
+        }
         let Some(p) = self.primary() else {
             return;
         };

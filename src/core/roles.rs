@@ -44,6 +44,7 @@ impl Broker {
         // A chunk now, the rest as deliveries go (`takeup.rs`).
         let cleared = std::mem::take(&mut self.cleared);
         self.begin_take_up(cleared);
+        self.groups_take_over();
         self.synced_mid = self.next_mid - 1;
         self.written_mid = self.synced_mid;
         self.take_back_hand_overs();
@@ -93,6 +94,7 @@ impl Broker {
         self.epoch = self.epoch.max(epoch);
         self.save_epoch();
         self.release_acks(p.acks, false);
+        self.groups_step_down();
         // Forget which identities we accepted: the undelivered ones are about to come back to
         // us as forwarded publishes if the peer steps down in turn, and must not be taken for
         // resends. As a backup we relearn identities from what the new primary replicates.

@@ -48,6 +48,8 @@ pub struct Counters {
     pub refused: u64,
     /// Times this node took over as primary.
     pub takeovers: u64,
+    /// Entries a consumer group moved to its topic's dead-letter topic.
+    pub dead_lettered: u64,
     /// Time from receipt to the start of compute.
     pub queue_wait: StageHist,
     /// Compute.

@@ -76,6 +76,8 @@ pub enum Timer {
     TakeUp,
     /// A connection that was at `--max-unacked` may be read again (`limits.rs`).
     Unpause(u64),
+    /// A consumer group's lease ran out, or a delay of a given-back entry ended (`groups.rs`).
+    AckWait,
 }
 
 /// The deadline table.

@@ -308,6 +308,11 @@ impl FileLog {
             .map(|a| now_us.saturating_sub(a.as_micros() as u64));
         let mut moved = Vec::new();
         for (name, t) in &mut self.topics {
+            if name.starts_with('$') {
+                // The node's own records (the consumer groups' journal) are its state: never
+                // cut by age or size.
+                continue;
+            }
             if t.log.retain(self.max_bytes, cutoff, t.delivered)? {
                 t.delivered = t.delivered.max(t.log.first());
                 moved.push((name.clone(), t.log.first()));

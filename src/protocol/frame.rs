@@ -1,6 +1,6 @@
 //! One frame of either dialect: the `Frame` enum, its parser and its encoder.
 
-use super::{AuthStep, MsgId, ProtocolError, Role, Stamps, Start};
+use super::{AuthStep, GroupOp, MsgId, ProtocolError, Role, Stamps, Start};
 
 /// One protocol frame, either dialect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +150,8 @@ pub enum Frame {
     /// `AUTH|hello|nonce`, `AUTH|challenge|nonce|proof`, `AUTH|proof|proof`: the handshake
     /// that makes a connection an authenticated peer link (see `core/auth.rs`).
     Auth(AuthStep),
+    /// `GROUP|op|…`: consumer groups (see `protocol/group.rs`).
+    Group(GroupOp),
     /// `PING` (the seed also sends `PING||`): liveness probe, answered `PONG`.
     Ping,
     /// `PONG`: the node is alive.
@@ -378,6 +380,7 @@ impl Frame {
                 }
             }
             "AUTH" => Frame::Auth(AuthStep::parse(fields::<1>(line, "AUTH")?[0])?),
+            "GROUP" => Frame::Group(GroupOp::parse(fields::<1>(line, "GROUP")?[0])?),
             // The seed's backup writes `PING||`; anything after the verb is ignored.
             "PING" => Frame::Ping,
             "PONG" => Frame::Pong,
@@ -505,6 +508,7 @@ impl Frame {
                 role.as_str()
             ),
             Frame::Auth(step) => write!(out, "AUTH|{step}"),
+            Frame::Group(op) => write!(out, "GROUP|{op}"),
             Frame::Ping => write!(out, "PING"),
             Frame::Pong => write!(out, "PONG"),
             Frame::Ack { id } => write_ack_fields(out, id.as_ref()),

@@ -1,0 +1,1049 @@
+//! Consumer groups: named readers of a topic that share its entries among their members, each
+//! entry leased to one member until it acknowledges it (see BACKUP_SYSTEM.md, *Consumer
+//! groups*).
+//!
+//! # The state is data
+//!
+//! What must outlive a node (a group's settings, which entries were delivered how often, and
+//! which are done: acknowledged or dead-lettered) is written as records to a log topic of the
+//! node's own, [`JOURNAL`], through the same path as a published entry: appended under the
+//! `--fsync` policy, replicated to the backup with `REPL` (so `STORED`, the catch-up of a
+//! backup that was away, and a backup's divergent tail all work as for any topic), read back at
+//! a start. Both nodes apply each record to their [`Groups`] as they log it, so a backup that
+//! takes over already knows every group. A member's `ack` is answered once its record is as
+//! safe as a publish is before its `ACK`: nothing a member was told is acknowledged is ever
+//! delivered to the group again, on either node.
+//!
+//! What lives only on the serving node: the members (connections) and the deadlines of their
+//! leases. After a failover the members join the new primary, and every entry that was leased
+//! and not done is delivered again, as a counted redelivery.
+//!
+//! # Which entries a group sees
+//!
+//! An entry is dispatched to a group once the primary has delivered it to the topic's
+//! subscribers (its delivered mark passed it): stored on both nodes and through the compute
+//! stage, in offset order.
+
+use foldhash::{HashMap, HashMapExt};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use super::conn::Reply;
+use super::primary::PendingAck;
+use super::time::{Time, Timer};
+use super::{Broker, ConnId, Message};
+use crate::log::Entry;
+use crate::protocol::{Frame, GroupInfo, GroupOp, GroupOptions, GroupStart, MsgId, Role};
+
+/// The log topic holding every group's records. Topics starting with `$` are the node's own:
+/// clients may read them, not publish to them.
+pub const JOURNAL: &str = "$groups";
+
+/// Entries read from the log per step of a dispatch.
+const READ_CHUNK: usize = 256;
+
+/// Every group of every topic, as this node knows them.
+#[derive(Debug, Default)]
+pub(super) struct Groups {
+    by_topic: BTreeMap<String, BTreeMap<String, Group>>,
+}
+
+impl Groups {
+    fn get_mut(&mut self, topic: &str, group: &str) -> Option<&mut Group> {
+        self.by_topic.get_mut(topic)?.get_mut(group)
+    }
+
+    /// Whether `topic` has any group (checked on every delivery: cheap).
+    pub fn on_topic(&self, topic: &str) -> bool {
+        self.by_topic.contains_key(topic)
+    }
+}
+
+/// One group.
+#[derive(Debug)]
+struct Group {
+    options: GroupOptions,
+    /// Every entry below this offset is done (acknowledged or dead-lettered).
+    floor: u64,
+    /// Done entries at or above the floor.
+    done: BTreeSet<u64>,
+    /// The next offset never dispatched to this group.
+    next: u64,
+    /// Deliveries so far of each entry dispatched and not done.
+    attempts: HashMap<u64, u32>,
+    /// Why an entry came back (for a dead letter's reason).
+    why: HashMap<u64, &'static str>,
+    /// Who had an entry that came back: it goes to another member if one has room.
+    had: HashMap<u64, ConnId>,
+    /// Entries leased to a member now (serving node only).
+    leases: BTreeMap<u64, Lease>,
+    /// Entries to deliver again, as soon as a member has room.
+    ready: BTreeSet<u64>,
+    /// Entries given back with a delay, and when they may go again.
+    delayed: BTreeMap<u64, Time>,
+    /// Members connected to this node, in joining order (round-robin).
+    members: Vec<Member>,
+    /// Where the round-robin goes on from.
+    turn: usize,
+    redelivered: u64,
+    dead: u64,
+}
+
+#[derive(Debug)]
+struct Lease {
+    conn: ConnId,
+    deadline: Time,
+}
+
+#[derive(Debug)]
+struct Member {
+    name: String,
+    conn: ConnId,
+    /// Entries it holds.
+    held: u32,
+}
+
+impl Group {
+    fn new(options: GroupOptions, start: u64) -> Group {
+        Group {
+            options,
+            floor: start,
+            done: BTreeSet::new(),
+            next: start,
+            attempts: HashMap::new(),
+            why: HashMap::new(),
+            had: HashMap::new(),
+            leases: BTreeMap::new(),
+            ready: BTreeSet::new(),
+            delayed: BTreeMap::new(),
+            members: Vec::new(),
+            turn: 0,
+            redelivered: 0,
+            dead: 0,
+        }
+    }
+
+    fn is_done(&self, offset: u64) -> bool {
+        offset < self.floor || self.done.contains(&offset)
+    }
+
+    /// Marks an entry done; false if it already was.
+    fn finish(&mut self, offset: u64) -> bool {
+        if self.is_done(offset) {
+            return false;
+        }
+        self.done.insert(offset);
+        while self.done.remove(&self.floor) {
+            self.floor += 1;
+        }
+        self.attempts.remove(&offset);
+        self.why.remove(&offset);
+        self.had.remove(&offset);
+        self.ready.remove(&offset);
+        self.delayed.remove(&offset);
+        if let Some(l) = self.leases.remove(&offset) {
+            if let Some(m) = self.members.iter_mut().find(|m| m.conn == l.conn) {
+                m.held = m.held.saturating_sub(1);
+            }
+        }
+        true
+    }
+
+    /// Takes the lease of `offset` back (it goes to a member again), saying why.
+    fn give_back(&mut self, offset: u64, why: &'static str) {
+        if let Some(l) = self.leases.remove(&offset) {
+            self.had.insert(offset, l.conn);
+            if let Some(m) = self.members.iter_mut().find(|m| m.conn == l.conn) {
+                m.held = m.held.saturating_sub(1);
+            }
+        }
+        if !self.is_done(offset) {
+            self.why.insert(offset, why);
+            self.ready.insert(offset);
+        }
+    }
+
+    /// The next member with room, round-robin; one other than `avoid` (who had the entry
+    /// before) when there is one.
+    fn next_member(&mut self, avoid: Option<ConnId>) -> Option<usize> {
+        let n = self.members.len();
+        let mut fallback = None;
+        for k in 0..n {
+            let i = (self.turn + k) % n;
+            if self.members[i].held < self.options.max_in_flight {
+                if Some(self.members[i].conn) == avoid {
+                    fallback.get_or_insert(i);
+                    continue;
+                }
+                self.turn = (i + 1) % n;
+                return Some(i);
+            }
+        }
+        fallback
+    }
+
+    fn info(&self, end: u64) -> GroupInfo {
+        let done_above = self.done.len() as u64;
+        GroupInfo {
+            floor: self.floor,
+            end,
+            pending: self.leases.len() as u64,
+            lag: end.saturating_sub(self.floor).saturating_sub(done_above),
+            redelivered: self.redelivered,
+            dead: self.dead,
+            members: self.members.iter().map(|m| m.name.clone()).collect(),
+        }
+    }
+}
+
+/// One record of the journal (the payload of a [`JOURNAL`] entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Record {
+    /// `create|TOPIC|GROUP|START|OPTIONS`.
+    Create {
+        topic: String,
+        group: String,
+        start: u64,
+        options: GroupOptions,
+    },
+    /// `deliver|TOPIC|GROUP|OFFSET|ATTEMPT|CONSUMER`.
+    Deliver {
+        topic: String,
+        group: String,
+        offset: u64,
+        attempt: u32,
+        consumer: String,
+    },
+    /// `ack|TOPIC|GROUP|OFFSET`.
+    Ack {
+        topic: String,
+        group: String,
+        offset: u64,
+    },
+    /// `dead|TOPIC|GROUP|OFFSET|REASON`.
+    Dead {
+        topic: String,
+        group: String,
+        offset: u64,
+        reason: String,
+    },
+}
+
+impl Record {
+    fn encode(&self) -> String {
+        match self {
+            Record::Create {
+                topic,
+                group,
+                start,
+                options,
+            } => format!("create|{topic}|{group}|{start}|{options}"),
+            Record::Deliver {
+                topic,
+                group,
+                offset,
+                attempt,
+                consumer,
+            } => format!("deliver|{topic}|{group}|{offset}|{attempt}|{consumer}"),
+            Record::Ack {
+                topic,
+                group,
+                offset,
+            } => format!("ack|{topic}|{group}|{offset}"),
+            Record::Dead {
+                topic,
+                group,
+                offset,
+                reason,
+            } => format!("dead|{topic}|{group}|{offset}|{reason}"),
+        }
+    }
+
+    /// Reads a record back; `None` for one this version does not know (skipped, said).
+    fn decode(s: &str) -> Option<Record> {
+        let f: Vec<&str> = s.splitn(6, '|').collect();
+        let (topic, group) = (f.get(1)?.to_string(), f.get(2)?.to_string());
+        let num = |i: usize| f.get(i)?.parse::<u64>().ok();
+        Some(match *f.first()? {
+            "create" => {
+                // The options as `GROUP|create` writes them.
+                let op = GroupOptions::parse(f.get(4)?).ok()?;
+                Record::Create {
+                    topic,
+                    group,
+                    start: num(3)?,
+                    options: op,
+                }
+            }
+            "deliver" => Record::Deliver {
+                topic,
+                group,
+                offset: num(3)?,
+                attempt: num(4)?.min(u32::MAX as u64) as u32,
+                consumer: f.get(5)?.to_string(),
+            },
+            "ack" => Record::Ack {
+                topic,
+                group,
+                offset: num(3)?,
+            },
+            "dead" => {
+                let rest: Vec<&str> = s.splitn(5, '|').collect();
+                Record::Dead {
+                    topic,
+                    group,
+                    offset: num(3)?,
+                    reason: rest.get(4)?.to_string(),
+                }
+            }
+            _ => return None,
+        })
+    }
+}
+
+fn err(reason: String) -> Frame {
+    Frame::Err { reason }
+}
+
+impl Broker {
+    /// A `GROUP|…` frame from a client.
+    pub(super) fn on_group(&mut self, conn: ConnId, op: GroupOp) {
+        match op {
+            GroupOp::Create {
+                topic,
+                group,
+                start,
+                options,
+            } => self.group_create(conn, topic, group, start, options),
+            GroupOp::Join {
+                topic,
+                group,
+                consumer,
+            } => self.group_join(conn, &topic, &group, consumer),
+            GroupOp::Leave { topic, group } => {
+                let Some(g) = self.groups.get_mut(&topic, &group) else {
+                    return self.reply(conn, no_group(&topic, &group));
+                };
+                if let Some(i) = g.members.iter().position(|m| m.conn == conn) {
+                    g.members.remove(i);
+                    let held: Vec<u64> = g
+                        .leases
+                        .iter()
+                        .filter(|(_, l)| l.conn == conn)
+                        .map(|(o, _)| *o)
+                        .collect();
+                    for o in held {
+                        g.give_back(o, "its consumer left");
+                    }
+                }
+                self.reply(
+                    conn,
+                    Frame::Group(GroupOp::Left {
+                        topic: topic.clone(),
+                        group,
+                    }),
+                );
+                self.pump_topic(&topic);
+            }
+            GroupOp::Ack {
+                topic,
+                group,
+                offset,
+            } => self.group_ack(conn, topic, group, offset),
+            GroupOp::Nack {
+                topic,
+                group,
+                offset,
+                delay_ms,
+            } => self.group_nack(conn, topic, group, offset, delay_ms),
+            GroupOp::List { topic } => self.group_list(conn, topic.as_deref()),
+            other => {
+                let reason = format!("unexpected GROUP|{} from a client", verb_of(&other));
+                self.reply(conn, err(reason));
+            }
+        }
+    }
+
+    fn group_create(
+        &mut self,
+        conn: ConnId,
+        topic: String,
+        group: String,
+        start: GroupStart,
+        options: GroupOptions,
+    ) {
+        if let Some(g) = self.groups.get_mut(&topic, &group) {
+            let answer = if g.options == options {
+                Frame::Group(GroupOp::Created { topic, group })
+            } else {
+                err(format!(
+                    "group '{group}' on '{topic}' exists with other settings ({})",
+                    g.options
+                ))
+            };
+            return self.reply(conn, answer);
+        }
+        if self.role() != Role::Primary {
+            return self.reply(
+                conn,
+                err("groups are made on the primary; this node is the backup".into()),
+            );
+        }
+        let st = self.log.topic(&topic);
+        let first = st.first;
+        let start = match start {
+            GroupStart::First => first,
+            GroupStart::New => self.log.next_offset(&topic),
+            GroupStart::Offset(o) if o < first => {
+                return self.reply(
+                    conn,
+                    err(format!(
+                        "offset {o} is before the oldest kept entry {first}"
+                    )),
+                )
+            }
+            GroupStart::Offset(o) => o,
+            GroupStart::Time(t) => {
+                self.resolve_start(conn, &topic, crate::protocol::Start::Time(t))
+            }
+        };
+        info!("group '{group}' on '{topic}' made, from offset {start} ({options})");
+        let answer = Frame::Group(GroupOp::Created {
+            topic: topic.clone(),
+            group: group.clone(),
+        });
+        let rec = Record::Create {
+            topic: topic.clone(),
+            group,
+            start,
+            options,
+        };
+        self.journal_then_reply(conn, rec, answer);
+        self.pump_topic(&topic);
+    }
+
+    fn group_join(&mut self, conn: ConnId, topic: &str, group: &str, consumer: String) {
+        let Some(g) = self.groups.get_mut(topic, group) else {
+            return self.reply(conn, no_group(topic, group));
+        };
+        if let Some(m) = g.members.iter().find(|m| m.name == consumer) {
+            if m.conn != conn {
+                return self.reply(
+                    conn,
+                    err(format!(
+                        "consumer '{consumer}' is already a member of '{group}' on another connection"
+                    )),
+                );
+            }
+        } else if g.members.iter().any(|m| m.conn == conn) {
+            return self.reply(
+                conn,
+                err(format!("this connection is already a member of '{group}'")),
+            );
+        } else {
+            g.members.push(Member {
+                name: consumer.clone(),
+                conn,
+                held: 0,
+            });
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.groups.push((topic.to_string(), group.to_string()));
+            }
+        }
+        self.reply(
+            conn,
+            Frame::Group(GroupOp::Joined {
+                topic: topic.to_string(),
+                group: group.to_string(),
+                consumer,
+            }),
+        );
+        self.pump_topic(topic);
+    }
+
+    fn group_ack(&mut self, conn: ConnId, topic: String, group: String, offset: u64) {
+        if let Some(reason) = self.check_lease(conn, &topic, &group, offset, "ack") {
+            return self.reply(conn, err(reason));
+        }
+        let answer = Frame::Group(GroupOp::Acked {
+            topic: topic.clone(),
+            group: group.clone(),
+            offset,
+        });
+        let rec = Record::Ack {
+            topic: topic.clone(),
+            group,
+            offset,
+        };
+        self.journal_then_reply(conn, rec, answer);
+        self.pump_topic(&topic);
+    }
+
+    fn group_nack(&mut self, conn: ConnId, topic: String, group: String, offset: u64, delay: u64) {
+        if let Some(reason) = self.check_lease(conn, &topic, &group, offset, "nack") {
+            return self.reply(conn, err(reason));
+        }
+        let until = self.now.mono + std::time::Duration::from_millis(delay);
+        if let Some(g) = self.groups.get_mut(&topic, &group) {
+            g.give_back(offset, "nacked");
+            if delay > 0 {
+                g.ready.remove(&offset);
+                g.delayed.insert(offset, until);
+            }
+        }
+        self.reply(
+            conn,
+            Frame::Group(GroupOp::Nacked {
+                topic: topic.clone(),
+                group,
+                offset,
+            }),
+        );
+        self.pump_topic(&topic);
+    }
+
+    /// Why `conn` may not ack (or nack) `offset`, if it may not.
+    fn check_lease(
+        &mut self,
+        conn: ConnId,
+        topic: &str,
+        group: &str,
+        offset: u64,
+        what: &str,
+    ) -> Option<String> {
+        if self.role() != Role::Primary {
+            return Some(format!(
+                "this node is the backup: {what} on the primary that delivered the entry"
+            ));
+        }
+        let Some(g) = self.groups.get_mut(topic, group) else {
+            return Some(no_group_reason(topic, group));
+        };
+        if g.is_done(offset) {
+            return Some(format!("offset {offset} of '{group}' is already done"));
+        }
+        match g.leases.get(&offset) {
+            Some(l) if l.conn == conn => None,
+            Some(l) => {
+                let owner = g
+                    .members
+                    .iter()
+                    .find(|m| m.conn == l.conn)
+                    .map_or("another member", |m| m.name.as_str());
+                Some(format!("offset {offset} of '{group}' is leased to {owner}"))
+            }
+            None if offset >= g.next => Some(format!(
+                "offset {offset} of '{group}' was never delivered"
+            )),
+            None => Some(format!(
+                "offset {offset} of '{group}' is not leased to you (its lease ran out, or it was given back)"
+            )),
+        }
+    }
+
+    fn group_list(&mut self, conn: ConnId, topic: Option<&str>) {
+        let mut lines = Vec::new();
+        for (t, groups) in &self.groups.by_topic {
+            if topic.is_some_and(|w| w != t) {
+                continue;
+            }
+            let end = self.log.next_offset(t);
+            for (name, g) in groups {
+                lines.push(Frame::Group(GroupOp::Info {
+                    topic: t.clone(),
+                    group: name.clone(),
+                    info: g.info(end),
+                }));
+            }
+        }
+        for f in lines {
+            self.reply(conn, f);
+        }
+        self.reply(conn, Frame::Group(GroupOp::End));
+    }
+
+    /// Logs `rec` (and applies it), then answers `conn` with `answer` once the record is as
+    /// safe as a publish before its `ACK`.
+    fn journal_then_reply(&mut self, conn: ConnId, rec: Record, answer: Frame) {
+        match self.journal(&rec) {
+            Err(reason) => self.reply(conn, err(reason)),
+            Ok(None) => self.reply(conn, answer),
+            Ok(Some(mid)) => {
+                let deadline = self.now.mono + self.cfg.repl_timeout;
+                if let Some(p) = self.primary() {
+                    p.acks.push_back(PendingAck::new(mid, conn, deadline));
+                }
+                let line = self.lines.line(|b| answer.encode_into_bytes(b));
+                self.push_reply(conn, Reply::Ack { wait: mid, line });
+                self.count_unacked(conn);
+            }
+        }
+    }
+
+    /// Appends `rec` to the journal, replicates it and applies it here; the `mid` to wait for
+    /// before what depends on it is said, if any.
+    fn journal(&mut self, rec: &Record) -> Result<Option<u64>, String> {
+        let offset = self.log.next_offset(JOURNAL);
+        let entry = Arc::new(Entry {
+            offset,
+            epoch: self.epoch,
+            id: MsgId {
+                publisher: JOURNAL.to_string(),
+                seq: offset + 1,
+            },
+            sent_us: self.now.wall_us,
+            received_us: self.now.wall_us,
+            payload: rec.encode(),
+        });
+        if let Err(e) = self.append(JOURNAL, &entry) {
+            warn!("group record not stored: {e}");
+            return Err(format!("not stored: {e}"));
+        }
+        self.log.set_delivered(JOURNAL, offset + 1);
+        self.groups_apply(rec);
+        let mid = self.next_mid;
+        self.next_mid += 1;
+        let msg = Message {
+            mid,
+            topic: JOURNAL.to_string(),
+            entry,
+        };
+        let repl = self.replicate(&msg);
+        Ok((repl.is_some() || self.log.is_durable()).then_some(mid))
+    }
+
+    /// A journal entry stored on this node (a backup's `REPL`, or read back at a start).
+    pub(super) fn journal_stored(&mut self, entry: &Entry) {
+        self.log.set_delivered(JOURNAL, entry.offset + 1);
+        match Record::decode(&entry.payload) {
+            Some(rec) => self.groups_apply(&rec),
+            None => warn!(
+                "group record {} not understood (a newer version wrote it?): skipped",
+                entry.offset
+            ),
+        }
+    }
+
+    /// Applies a record to the groups; the same record twice changes nothing more.
+    fn groups_apply(&mut self, rec: &Record) {
+        match rec {
+            Record::Create {
+                topic,
+                group,
+                start,
+                options,
+            } => {
+                self.groups
+                    .by_topic
+                    .entry(topic.clone())
+                    .or_default()
+                    .entry(group.clone())
+                    .or_insert_with(|| Group::new(*options, *start));
+            }
+            Record::Deliver {
+                topic,
+                group,
+                offset,
+                attempt,
+                ..
+            } => {
+                if let Some(g) = self.groups.get_mut(topic, group) {
+                    if g.is_done(*offset) {
+                        return;
+                    }
+                    let before = g.attempts.insert(*offset, *attempt).unwrap_or(0);
+                    if *attempt > 1 && *attempt > before {
+                        g.redelivered += 1;
+                    }
+                    g.next = g.next.max(offset + 1);
+                    g.ready.remove(offset);
+                    g.delayed.remove(offset);
+                }
+            }
+            Record::Ack {
+                topic,
+                group,
+                offset,
+            } => {
+                if let Some(g) = self.groups.get_mut(topic, group) {
+                    g.finish(*offset);
+                }
+            }
+            Record::Dead {
+                topic,
+                group,
+                offset,
+                ..
+            } => {
+                if let Some(g) = self.groups.get_mut(topic, group) {
+                    if g.finish(*offset) {
+                        g.dead += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// At a start: reads the journal back into the groups.
+    pub(super) fn groups_recover(&mut self) {
+        let st = self.log.topic(JOURNAL);
+        let mut at = st.first;
+        while at < st.next {
+            let chunk = match self.log.read(JOURNAL, at, READ_CHUNK) {
+                Ok(c) if !c.is_empty() => c,
+                Ok(_) => break,
+                Err(e) => {
+                    warn!("reading the groups' journal at {at}: {e}");
+                    break;
+                }
+            };
+            for e in &chunk {
+                self.journal_stored(e);
+                at = e.offset + 1;
+            }
+        }
+        self.log.set_delivered(JOURNAL, st.next);
+        let n: usize = self.groups.by_topic.values().map(BTreeMap::len).sum();
+        if n > 0 {
+            info!(
+                "groups: {n} read back from the journal ({} records)",
+                st.next - st.first
+            );
+        }
+    }
+
+    /// Becoming primary (a takeover or a start): every entry dispatched and not done goes out
+    /// again (its member's lease, if any, was on the other node or an earlier life).
+    pub(super) fn groups_take_over(&mut self) {
+        for groups in self.groups.by_topic.values_mut() {
+            for g in groups.values_mut() {
+                g.leases.clear();
+                for m in &mut g.members {
+                    m.held = 0;
+                }
+                let back: Vec<u64> = (g.floor..g.next).filter(|o| !g.done.contains(o)).collect();
+                for o in back {
+                    g.why.entry(o).or_insert("delivered by an earlier primary");
+                    g.ready.insert(o);
+                }
+            }
+        }
+        let topics: Vec<String> = self.groups.by_topic.keys().cloned().collect();
+        for t in topics {
+            self.pump_topic(&t);
+        }
+    }
+
+    /// Stepping down: leases end (the new primary delivers those entries again).
+    pub(super) fn groups_step_down(&mut self) {
+        for groups in self.groups.by_topic.values_mut() {
+            for g in groups.values_mut() {
+                g.leases.clear();
+                for m in &mut g.members {
+                    m.held = 0;
+                }
+            }
+        }
+        self.timers.stop(Timer::AckWait);
+    }
+
+    /// A connection is gone: its memberships end and its leases go to other members.
+    pub(super) fn groups_forget(&mut self, conn: ConnId, memberships: &[(String, String)]) {
+        for (topic, group) in memberships {
+            if let Some(g) = self.groups.get_mut(topic, group) {
+                g.members.retain(|m| m.conn != conn);
+                let held: Vec<u64> = g
+                    .leases
+                    .iter()
+                    .filter(|(_, l)| l.conn == conn)
+                    .map(|(o, _)| *o)
+                    .collect();
+                for o in held {
+                    g.give_back(o, "its consumer went away");
+                }
+            }
+        }
+        for (topic, _) in memberships {
+            self.pump_topic(topic);
+        }
+    }
+
+    /// Leases that ran out, and delays that ended.
+    pub(super) fn on_ack_wait(&mut self) {
+        let now = self.now.mono;
+        let mut topics = Vec::new();
+        for (t, groups) in &mut self.groups.by_topic {
+            for g in groups.values_mut() {
+                let late: Vec<u64> = g
+                    .leases
+                    .iter()
+                    .filter(|(_, l)| l.deadline <= now)
+                    .map(|(o, _)| *o)
+                    .collect();
+                let due: Vec<u64> = g
+                    .delayed
+                    .iter()
+                    .filter(|(_, at)| **at <= now)
+                    .map(|(o, _)| *o)
+                    .collect();
+                if late.is_empty() && due.is_empty() {
+                    continue;
+                }
+                for o in late {
+                    g.give_back(o, "its lease ran out");
+                }
+                for o in due {
+                    g.delayed.remove(&o);
+                    g.ready.insert(o);
+                }
+                topics.push(t.clone());
+            }
+        }
+        for t in topics {
+            self.pump_topic(&t);
+        }
+        self.arm_ack_wait();
+    }
+
+    fn arm_ack_wait(&mut self) {
+        let next = self
+            .groups
+            .by_topic
+            .values()
+            .flat_map(|gs| gs.values())
+            .flat_map(|g| {
+                g.leases
+                    .values()
+                    .map(|l| l.deadline)
+                    .chain(g.delayed.values().copied())
+            })
+            .min();
+        match next {
+            Some(t) => self.timers.set(Timer::AckWait, t),
+            None => self.timers.stop(Timer::AckWait),
+        }
+    }
+
+    /// Hands out what each group of `topic` may have now: entries to deliver again first, then
+    /// new ones up to the topic's delivered mark, each to the next member with room.
+    pub(super) fn pump_topic(&mut self, topic: &str) {
+        if self.role() != Role::Primary || !self.groups.on_topic(topic) {
+            return;
+        }
+        let names: Vec<String> = self
+            .groups
+            .by_topic
+            .get(topic)
+            .map(|gs| gs.keys().cloned().collect())
+            .unwrap_or_default();
+        for name in names {
+            self.pump(topic, &name);
+        }
+        self.arm_ack_wait();
+    }
+
+    fn pump(&mut self, topic: &str, name: &str) {
+        let st = self.log.topic(topic);
+        let limit = st.delivered.min(st.next);
+        loop {
+            let Some(g) = self.groups.get_mut(topic, name) else {
+                return;
+            };
+            if g.members.is_empty() {
+                return;
+            }
+            // Entries removed by retention before the group got to them are skipped.
+            if g.next < st.first {
+                g.next = st.first;
+            }
+            if g.floor < st.first {
+                g.floor = st.first;
+                g.done.retain(|o| *o >= st.first);
+            }
+            let offset = match g.ready.first() {
+                Some(o) => *o,
+                None if g.next < limit => g.next,
+                None => return,
+            };
+            if g.is_done(offset) {
+                g.ready.remove(&offset);
+                if offset == g.next {
+                    g.next += 1;
+                }
+                continue;
+            }
+            let attempt = g.attempts.get(&offset).copied().unwrap_or(0) + 1;
+            if attempt > g.options.max_deliver {
+                let why = g.why.get(&offset).copied().unwrap_or("not acknowledged");
+                let reason = format!("{} deliveries, the last: {why}", attempt - 1);
+                g.ready.remove(&offset);
+                self.dead_letter(topic, name, offset, reason);
+                continue;
+            }
+            let avoid = g.had.get(&offset).copied();
+            let Some(i) = g.next_member(avoid) else {
+                return;
+            };
+            let (conn, consumer) = (g.members[i].conn, g.members[i].name.clone());
+            let entry = match self.log.read(topic, offset, 1) {
+                Ok(mut e) if !e.is_empty() => e.swap_remove(0),
+                Ok(_) => return,
+                Err(e) => {
+                    warn!("group '{name}' on '{topic}': cannot read offset {offset}: {e}");
+                    return;
+                }
+            };
+            let rec = Record::Deliver {
+                topic: topic.to_string(),
+                group: name.to_string(),
+                offset,
+                attempt,
+                consumer,
+            };
+            if let Err(e) = self.journal(&rec) {
+                warn!("group '{name}' on '{topic}': {e}");
+                return;
+            }
+            let deadline =
+                self.now.mono + std::time::Duration::from_millis(self.groups_ack_wait(topic, name));
+            let Some(g) = self.groups.get_mut(topic, name) else {
+                return;
+            };
+            g.leases.insert(offset, Lease { conn, deadline });
+            g.members[i].held += 1;
+            let f = Frame::Group(GroupOp::Msg {
+                topic: topic.to_string(),
+                group: name.to_string(),
+                offset,
+                attempt,
+                id: entry.id.clone(),
+                sent_us: entry.sent_us,
+                payload: entry.payload.clone(),
+            });
+            self.reply(conn, f);
+        }
+    }
+
+    fn groups_ack_wait(&mut self, topic: &str, name: &str) -> u64 {
+        self.groups
+            .get_mut(topic, name)
+            .map_or(0, |g| g.options.ack_wait_ms)
+    }
+
+    /// Moves an entry a group could not get acknowledged to `<topic>.dead`, as a new entry of
+    /// that topic (its subscribers get it as any other), and records it done.
+    fn dead_letter(&mut self, topic: &str, group: &str, offset: u64, reason: String) {
+        let dead_topic = format!("{topic}.dead");
+        let original = self
+            .log
+            .read(topic, offset, 1)
+            .ok()
+            .and_then(|mut e| (!e.is_empty()).then(|| e.swap_remove(0)));
+        let (dead_count, publisher) = match self.groups.get_mut(topic, group) {
+            Some(g) => (g.dead, format!("$dead:{topic}:{group}")),
+            None => return,
+        };
+        if let Some(orig) = original {
+            let entry = Arc::new(Entry {
+                offset: self.log.next_offset(&dead_topic),
+                epoch: self.epoch,
+                id: MsgId {
+                    publisher,
+                    seq: dead_count + 1,
+                },
+                sent_us: orig.sent_us,
+                received_us: self.now.wall_us,
+                payload: format!(
+                    "group={group} offset={offset} publisher={} seq={} reason={reason}: {}",
+                    orig.id.publisher, orig.id.seq, orig.payload
+                ),
+            });
+            if let Err(e) = self.append(&dead_topic, &entry) {
+                warn!("dead letter of '{topic}'@{offset} not stored: {e}");
+                return;
+            }
+            self.seen.record(&entry.id.publisher, entry.id.seq);
+            let mid = self.next_mid;
+            self.next_mid += 1;
+            let msg = Arc::new(Message {
+                mid,
+                topic: dead_topic.clone(),
+                entry,
+            });
+            self.replicate(&msg);
+            self.enqueue(msg, true);
+        }
+        warn!("group '{group}' on '{topic}': offset {offset} dead-lettered to '{dead_topic}' ({reason})");
+        self.counters.dead_lettered += 1;
+        let rec = Record::Dead {
+            topic: topic.to_string(),
+            group: group.to_string(),
+            offset,
+            reason,
+        };
+        if let Err(e) = self.journal(&rec) {
+            warn!("{e}");
+        }
+    }
+}
+
+fn no_group_reason(topic: &str, group: &str) -> String {
+    format!("no group '{group}' on '{topic}' (make it with GROUP|create)")
+}
+
+fn no_group(topic: &str, group: &str) -> Frame {
+    err(no_group_reason(topic, group))
+}
+
+fn verb_of(op: &GroupOp) -> String {
+    op.to_string().split('|').next().unwrap_or("?").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_records_read_back_as_written() {
+        for r in [
+            Record::Create {
+                topic: "t".into(),
+                group: "g".into(),
+                start: 3,
+                options: GroupOptions::default(),
+            },
+            Record::Deliver {
+                topic: "t".into(),
+                group: "g".into(),
+                offset: 4,
+                attempt: 2,
+                consumer: "c1".into(),
+            },
+            Record::Ack {
+                topic: "t".into(),
+                group: "g".into(),
+                offset: 4,
+            },
+            Record::Dead {
+                topic: "t".into(),
+                group: "g".into(),
+                offset: 5,
+                reason: "5 deliveries, the last: nacked | twice".into(),
+            },
+        ] {
+            assert_eq!(Record::decode(&r.encode()), Some(r.clone()), "{r:?}");
+        }
+        assert_eq!(Record::decode("rename|t|g"), None);
+    }
+
+    #[test]
+    fn a_group_floor_moves_over_done_entries_only() {
+        let mut g = Group::new(GroupOptions::default(), 10);
+        assert!(g.finish(11) && g.floor == 10);
+        assert!(g.finish(10) && g.floor == 12);
+        assert!(!g.finish(10) && !g.finish(11));
+        assert!(g.is_done(9) && !g.is_done(12));
+    }
+}
