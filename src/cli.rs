@@ -789,3 +789,233 @@ pub fn clock(cli: ClockCli) -> ExitCode {
         }
     }
 }
+
+/// `consumer`: a member of a consumer group.
+#[derive(Debug, clap::Parser)]
+#[command(name = "consumer", version)]
+pub struct ConsumerCli {
+    /// The group (made if missing, unless --no-create).
+    pub group: String,
+    /// Its topic.
+    pub topic: String,
+    /// Primary broker (HOST:PORT or PORT).
+    #[arg(value_parser = addr)]
+    pub primary: String,
+    /// Backup broker (HOST:PORT or PORT).
+    #[arg(value_parser = addr)]
+    pub backup: String,
+    /// This member's name, unique in the group (default: `consumer-PID`).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Simulated work per entry, ms: `MIN..MAX` (uniform) or `N`; `0` for none.
+    #[arg(long, default_value = "50..150")]
+    pub work: ComputeRange,
+    /// Share of entries given back (`nack`) instead of acknowledged, as a failing worker would.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    pub fail_rate: f64,
+    /// Exit as a crash would after receiving N entries: the last one is never answered.
+    #[arg(long, value_name = "N")]
+    pub crash_after: Option<u64>,
+    /// Also write one CSV row per entry to FILE (columns in README.md).
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<std::path::PathBuf>,
+    /// Where a group this consumer makes starts: `first`, `new`, an offset, or `time:µs`.
+    #[arg(long, default_value = "first")]
+    pub start: String,
+    /// How long a member has to acknowledge an entry before it goes to another.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+    /// Deliveries of an entry before it goes to `TOPIC.dead`.
+    #[arg(long, default_value_t = 5)]
+    pub max_deliver: u32,
+    /// Entries one member holds at a time.
+    #[arg(long, default_value_t = 1)]
+    pub max_in_flight: u32,
+    /// Join only: the group must exist.
+    #[arg(long)]
+    pub no_create: bool,
+    /// Seeds the work times and failures (default: from the clock).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Connect to the brokers over TLS, checking their certificates against this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("'{s}': expected a share between 0 and 1")),
+    }
+}
+
+/// Runs a consumer; exit 0 when stopped, 3 after a planned crash (`--crash-after`), 2 on bad
+/// options.
+pub fn consumer(cli: ConsumerCli) -> ExitCode {
+    use crate::protocol::{check_name, GroupOptions, GroupStart};
+    init_tracing();
+    let name = cli
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("consumer-{}", std::process::id()));
+    let checks = check_topic(&cli.topic)
+        .and_then(|_| check_name(&cli.group, "group").map_err(|e| e.to_string()))
+        .and_then(|_| check_name(&name, "consumer").map_err(|e| e.to_string()));
+    let start: Result<GroupStart, String> = cli.start.parse().map_err(|e| format!("--start: {e}"));
+    let options_ok = GroupOptions::parse(&format!(
+        "ack_wait={},max_deliver={},max_in_flight={}",
+        cli.ack_wait.as_millis(),
+        cli.max_deliver,
+        cli.max_in_flight
+    ))
+    .map_err(|e| e.to_string());
+    let tls = client_tls(cli.tls_ca.as_deref());
+    let (start, options, tls) = match (checks, start, options_ok, tls) {
+        (Ok(()), Ok(s), Ok(o), Ok(t)) => (s, o, t),
+        (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (.., Err(e)) => {
+            error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut csv = match &cli.csv {
+        None => None,
+        Some(p) => match std::fs::File::create(p) {
+            Ok(f) => Some(csv::Writer::from_writer(std::io::BufWriter::new(f))),
+            Err(e) => {
+                error!("cannot create {}: {e}", p.display());
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let cfg = crate::client::ConsumerConfig {
+        group: cli.group.clone(),
+        topic: cli.topic.clone(),
+        name,
+        brokers: crate::client::Brokers {
+            primary: cli.primary.clone(),
+            backup: cli.backup.clone(),
+        },
+        net: Net::Tokio,
+        tls,
+        create: (!cli.no_create).then_some((start, options)),
+        work: cli.work,
+        fail_rate: cli.fail_rate,
+        crash_after: cli.crash_after,
+        seed: cli.seed.unwrap_or_else(crate::clock::now_us),
+    };
+    let end = rt.block_on(async {
+        let shutdown = shutdown_on_signals();
+        crate::client::run_consumer(
+            cfg,
+            |row| {
+                if let Some(w) = csv.as_mut() {
+                    w.serialize(row)?;
+                    w.flush()?;
+                }
+                Ok(())
+            },
+            shutdown,
+        )
+        .await
+    });
+    match end {
+        Ok(crate::client::ConsumerEnd::Stopped) => ExitCode::SUCCESS,
+        Ok(crate::client::ConsumerEnd::Crashed) => ExitCode::from(3),
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `groups`: the consumer groups a node knows.
+#[derive(Debug, clap::Parser)]
+#[command(name = "groups", version)]
+pub struct GroupsCli {
+    /// The node (HOST:PORT or PORT).
+    #[arg(value_parser = addr)]
+    pub node: String,
+    /// Only this topic's groups.
+    pub topic: Option<String>,
+    /// Connect over TLS, checking the node's certificate against this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+/// Prints one line per group: members, acknowledged floor, pending, lag, redeliveries, dead
+/// letters.
+pub fn groups(cli: GroupsCli) -> ExitCode {
+    use crate::protocol::{Frame, GroupOp};
+    use futures_util::{SinkExt, StreamExt};
+    init_tracing();
+    let tls = match client_tls(cli.tls_ca.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let listed: anyhow::Result<Vec<(String, String, crate::protocol::GroupInfo)>> =
+        rt.block_on(async {
+            use anyhow::Context;
+            let s = Net::Tokio
+                .connect_tls(&cli.node, Duration::from_secs(2), tls.as_ref())
+                .await
+                .with_context(|| format!("cannot reach {}", cli.node))?;
+            let mut f = tokio_util::codec::Framed::new(s, crate::protocol::FrameCodec::default());
+            f.send(Frame::Group(GroupOp::List {
+                topic: cli.topic.clone(),
+            }))
+            .await?;
+            let mut out = Vec::new();
+            loop {
+                let next = tokio::time::timeout(Duration::from_secs(5), f.next())
+                    .await
+                    .context("no answer within 5 s")?;
+                match next {
+                    Some(Ok(Frame::Group(GroupOp::Info { topic, group, info }))) => {
+                        out.push((topic, group, info))
+                    }
+                    Some(Ok(Frame::Group(GroupOp::End))) => return Ok(out),
+                    Some(Ok(Frame::Err { reason })) => anyhow::bail!("{}: {reason}", cli.node),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => anyhow::bail!("{}: {e}", cli.node),
+                    None => anyhow::bail!("{} closed the connection", cli.node),
+                }
+            }
+        });
+    match listed {
+        Ok(groups) => {
+            println!(
+                "{:<16} {:<16} {:>8} {:>8} {:>8} {:>11} {:>5}  members",
+                "topic", "group", "floor", "pending", "lag", "redelivered", "dead"
+            );
+            for (t, g, i) in groups {
+                println!(
+                    "{t:<16} {g:<16} {:>8} {:>8} {:>8} {:>11} {:>5}  {}",
+                    i.floor,
+                    i.pending,
+                    i.lag,
+                    i.redelivered,
+                    i.dead,
+                    if i.members.is_empty() {
+                        "-".to_string()
+                    } else {
+                        i.members.join(",")
+                    }
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -10,10 +10,12 @@
 //! with the broker it came from.
 
 mod clock;
+mod consumer;
 mod publisher;
 mod subscriber;
 
 pub use clock::{clock_offset, ClockOffset};
+pub use consumer::{run_consumer, Consumed, ConsumerConfig, ConsumerEnd};
 
 pub use publisher::{
     new_publisher_id, print_event, run_publisher, AckLog, AckRecord, PubEvent, PubSummary,

@@ -1,0 +1,158 @@
+//! Consumer groups with the real binaries: three `consumer` processes share a topic; one
+//! crashes mid-run holding an entry, then the primary is SIGKILLed. Every entry ends
+//! acknowledged by exactly one member, and what the crashed one held went to another.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use edgepair::client::Consumed;
+
+fn rows(csv: &Path) -> Vec<Consumed> {
+    let Ok(mut r) = csv::Reader::from_path(csv) else {
+        return Vec::new();
+    };
+    r.deserialize().filter_map(Result::ok).collect()
+}
+
+#[test]
+fn a_group_shares_the_work_and_loses_nothing_to_a_crashed_member_or_a_dead_primary() {
+    let (mut primary, _backup, pa, ba) = pair(&["--compute", "0"], &["--compute", "0"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = |n: &str| dir.path().join(format!("{n}.csv"));
+    let consumer = |name: &str, extra: &[&str]| {
+        let file = csv(name);
+        let mut a = vec![
+            "g",
+            "jobs",
+            &pa,
+            &ba,
+            "--name",
+            name,
+            "--work",
+            "5..15",
+            "--ack-wait",
+            "1s",
+            "--csv",
+        ];
+        let file = file.display().to_string();
+        a.push(&file);
+        a.extend_from_slice(extra);
+        let g = spawn_bin("consumer", &a);
+        g.wait_stderr(&format!("joined group 'g' on 'jobs' as {name} on primary"));
+        g
+    };
+    let _one = consumer("one", &[]);
+    let mut two = consumer("two", &["--crash-after", "5"]);
+    let _three = consumer("three", &[]);
+    let n = 60u64;
+    let publisher = spawn_bin(
+        "test-publisher",
+        &["jobs", &pa, &ba, "--rate", "100", "--count", &n.to_string()],
+    );
+    // The crashed member's last entry was never answered: it goes to another at once.
+    assert_eq!(
+        two.wait_exit(Duration::from_secs(20))
+            .and_then(|s| s.code()),
+        Some(3),
+        "--crash-after exits 3"
+    );
+    assert!(wait_until(Duration::from_secs(20), || {
+        ["one", "three"]
+            .iter()
+            .flat_map(|c| rows(&csv(c)))
+            .filter(|r| r.outcome == "acked")
+            .count()
+            >= 25
+    }));
+    primary.kill9();
+    let mut publisher = publisher;
+    assert!(
+        publisher
+            .wait_exit(Duration::from_secs(30))
+            .is_some_and(|s| s.success()),
+        "every publish acknowledged"
+    );
+    // Everything acknowledged by exactly one member, on whichever node served it.
+    let mut acked: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    let done = wait_until(Duration::from_secs(30), || {
+        acked.clear();
+        for c in ["one", "two", "three"] {
+            for r in rows(&csv(c)).into_iter().filter(|r| r.outcome == "acked") {
+                acked.entry(r.offset).or_default().push(r.consumer.clone());
+            }
+        }
+        acked.len() as u64 == n
+    });
+    assert!(
+        done,
+        "acknowledged {} of {n}: missing {:?}",
+        acked.len(),
+        (0..n)
+            .filter(|o| !acked.contains_key(o))
+            .collect::<Vec<_>>()
+    );
+    let twice: Vec<_> = acked.iter().filter(|(_, who)| who.len() > 1).collect();
+    assert!(twice.is_empty(), "acknowledged twice: {twice:?}");
+    let crashed = rows(&csv("two"))
+        .into_iter()
+        .find(|r| r.outcome == "crashed")
+        .expect("the crashed entry is in two's CSV");
+    let again: Vec<Consumed> = ["one", "three"]
+        .iter()
+        .flat_map(|c| rows(&csv(c)))
+        .filter(|r| r.offset == crashed.offset)
+        .collect();
+    assert!(
+        again.iter().any(|r| r.attempt >= 2 && r.outcome == "acked"),
+        "{crashed:?} went to another member: {again:?}"
+    );
+    assert!(
+        ["one", "three"]
+            .iter()
+            .flat_map(|c| rows(&csv(c)))
+            .any(|r| r.source == "backup" && r.outcome == "acked"),
+        "the backup served the group after the takeover"
+    );
+    // The new primary's listing agrees: everything done, nothing pending.
+    let list = spawn_bin_capture("groups", &[&ba, "jobs"]);
+    let mut list = list;
+    assert!(list
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    let out = list.stdout_lines().join("\n");
+    assert!(
+        out.contains(&format!("jobs             g                      {n}")),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_consumer_with_bad_options_says_why_and_exits_2() {
+    for (args, says) in [
+        (
+            vec!["g", "t", "1", "2", "--fail-rate", "2"],
+            "between 0 and 1",
+        ),
+        (vec!["bad group", "t", "1", "2"], "bad group name"),
+        (
+            vec!["g", "t", "1", "2", "--start", "soon"],
+            "bad group start",
+        ),
+        (
+            vec!["g", "t", "1", "2", "--max-deliver", "0"],
+            "out of range",
+        ),
+    ] {
+        let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("consumer"))
+            .args(&args)
+            .output()
+            .expect("run consumer");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
