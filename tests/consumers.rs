@@ -156,3 +156,114 @@ fn a_consumer_with_bad_options_says_why_and_exits_2() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn acknowledgements_survive_both_nodes_dying_and_are_never_delivered_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = |n: &str| dir.path().join(n).display().to_string();
+    let (pp, bp) = (free_port(), free_port());
+    let (pa, ba) = (addr(pp), addr(bp));
+    let (dp, db) = (data("p"), data("b"));
+    let start = |which: &str| {
+        let (bin, port, peer, d) = if which == "primary" {
+            ("primary", pp, &ba, &dp)
+        } else {
+            ("backup", bp, &pa, &db)
+        };
+        spawn_bin(
+            bin,
+            &[
+                &port.to_string(),
+                peer,
+                "--compute",
+                "0",
+                "--data-dir",
+                d,
+                "--fsync",
+                "always",
+            ],
+        )
+    };
+    let (mut p, mut b) = (start("primary"), start("backup"));
+    wait_status(&pa, "primary", "up");
+    wait_status(&ba, "backup", "armed");
+    let csv1 = dir.path().join("first.csv");
+    let mut c = spawn_bin(
+        "consumer",
+        &[
+            "g",
+            "jobs",
+            &pa,
+            &ba,
+            "--name",
+            "w",
+            "--work",
+            "20",
+            "--csv",
+            &csv1.display().to_string(),
+        ],
+    );
+    c.wait_stderr("joined group 'g' on 'jobs' as w on primary");
+    let mut publ = spawn_bin(
+        "test-publisher",
+        &["jobs", &pa, &ba, "--rate", "200", "--count", "40"],
+    );
+    assert!(publ
+        .wait_exit(Duration::from_secs(20))
+        .is_some_and(|s| s.success()));
+    assert!(wait_until(Duration::from_secs(10), || {
+        rows(&csv1).iter().filter(|r| r.outcome == "acked").count() >= 10
+    }));
+    // Power loss: both nodes and the consumer at once.
+    p.kill9();
+    b.kill9();
+    c.kill9();
+    let acked: Vec<u64> = rows(&csv1)
+        .into_iter()
+        .filter(|r| r.outcome == "acked")
+        .map(|r| r.offset)
+        .collect();
+    assert!(acked.len() < 40, "some left for after the restart");
+    let (_p, _b) = (start("primary"), start("backup"));
+    wait_status(&pa, "primary", "up");
+    let csv2 = dir.path().join("second.csv");
+    let _c = spawn_bin(
+        "consumer",
+        &[
+            "g",
+            "jobs",
+            &pa,
+            &ba,
+            "--name",
+            "w",
+            "--work",
+            "0",
+            "--csv",
+            &csv2.display().to_string(),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let mut all: Vec<u64> = acked.clone();
+            all.extend(
+                rows(&csv2)
+                    .iter()
+                    .filter(|r| r.outcome == "acked")
+                    .map(|r| r.offset),
+            );
+            all.sort();
+            all.dedup();
+            all.len() == 40
+        }),
+        "all 40 acknowledged across the restart"
+    );
+    let again: Vec<u64> = rows(&csv2)
+        .iter()
+        .map(|r| r.offset)
+        .filter(|o| acked.contains(o))
+        .collect();
+    assert!(
+        again.is_empty(),
+        "acknowledged before the power loss, delivered again after: {again:?}"
+    );
+}
