@@ -90,6 +90,28 @@ pub async fn request(addr: &str, frame: Frame, limit: Duration) -> Option<Frame>
     }
 }
 
+/// Like [`request`] for a question answered by several frames: collects them up to and with
+/// the one `last` says ends the answer (an error if the connection ends before it).
+pub async fn request_until(
+    addr: &str,
+    frame: Frame,
+    last: impl Fn(&Frame) -> bool,
+) -> anyhow::Result<Vec<Frame>> {
+    let s = Net::Tokio.connect(addr, Duration::from_secs(1)).await?;
+    let mut f = Framed::new(s, FrameCodec::default());
+    f.send(frame).await?;
+    let mut out = Vec::new();
+    while let Some(answer) = f.next().await {
+        let answer = answer?;
+        let end = last(&answer);
+        out.push(answer);
+        if end {
+            return Ok(out);
+        }
+    }
+    bail!("{addr} closed the connection before the end of its answer")
+}
+
 /// What a broker says about itself in `STATUS`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
@@ -289,8 +311,14 @@ impl Launcher {
     /// The command that runs binary `name` (from `bin_dir` here, from the host's own folder
     /// over ssh) with `args`. `ip netns exec NS` execs the binary in place: the PID is the
     /// binary's.
-    pub fn command(&self, bin_dir: &Path, name: &str, args: &[String]) -> anyhow::Result<Command> {
-        let path = bin_dir.join(name);
+    pub fn command(
+        &self,
+        bin_dir: &Path,
+        bin: &str,
+        name: &str,
+        args: &[String],
+    ) -> anyhow::Result<Command> {
+        let path = bin_dir.join(bin);
         let mut cmd = match self {
             Launcher::Local => Command::new(&path),
             Launcher::Netns(ns) => {
@@ -298,7 +326,7 @@ impl Launcher {
                 c.args(["netns", "exec", ns]).arg(&path);
                 c
             }
-            Launcher::Ssh(ssh) => return ssh.command(name, args),
+            Launcher::Ssh(ssh) => return ssh.command(bin, name, args),
         };
         cmd.args(args);
         Ok(cmd)
@@ -315,9 +343,23 @@ pub fn spawn_logged(
     dir: &Path,
     lines: mpsc::UnboundedSender<(&'static str, bool, String)>,
 ) -> anyhow::Result<Proc> {
-    let path = bin_dir.join(name);
+    spawn_logged_as(launcher, bin_dir, name, name, args, dir, lines)
+}
+
+/// [`spawn_logged`] for one of several processes of binary `bin`, told apart as `name` (its
+/// log file `<name>.log`, the name on its lines).
+pub fn spawn_logged_as(
+    launcher: &Launcher,
+    bin_dir: &Path,
+    bin: &str,
+    name: &'static str,
+    args: &[String],
+    dir: &Path,
+    lines: mpsc::UnboundedSender<(&'static str, bool, String)>,
+) -> anyhow::Result<Proc> {
+    let path = bin_dir.join(bin);
     let mut child = launcher
-        .command(bin_dir, name, args)?
+        .command(bin_dir, bin, name, args)?
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

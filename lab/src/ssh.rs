@@ -122,10 +122,10 @@ impl Ssh {
         std::fs::write(to, bytes).with_context(|| format!("cannot write {}", to.display()))
     }
 
-    /// The command that starts binary `name` there with `args`, its PID written to
-    /// `NAME.pid` in the run's folder.
-    pub fn command(&self, name: &str, args: &[String]) -> anyhow::Result<Command> {
-        let bin = format!("{}/{name}", self.bin_dir.trim_end_matches('/'));
+    /// The command that starts binary `bin` there with `args`, its PID written to
+    /// `NAME.pid` in the run's folder (`name` tells apart several processes of one binary).
+    pub fn command(&self, bin: &str, name: &str, args: &[String]) -> anyhow::Result<Command> {
+        let bin = format!("{}/{bin}", self.bin_dir.trim_end_matches('/'));
         let pid = self.file(&format!("{name}.pid"));
         let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
         let rust_log = format!("RUST_LOG={log}");
@@ -187,7 +187,7 @@ mod tests {
             control: PathBuf::from("/tmp/cm"),
         };
         let c = s
-            .command("primary", &["7000".into(), "it's".into()])
+            .command("primary", "primary", &["7000".into(), "it's".into()])
             .expect("quotes");
         let args: Vec<String> = c
             .as_std()

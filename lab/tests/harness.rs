@@ -43,6 +43,7 @@ fn broker_binaries_are_built(bin_dir: &Path) {
         "subscriber",
         "test-publisher",
         "edgepair-clock",
+        "consumer",
     ] {
         let built = std::fs::metadata(bin_dir.join(b)).and_then(|m| m.modified());
         let fresh = match (&built, newest_src) {
@@ -951,4 +952,63 @@ fn the_ssh_launcher_runs_a_failover_through_a_real_sshd() {
             pid.trim()
         );
     }
+}
+
+#[test]
+fn the_group_scenario_shares_every_entry_once_across_a_dead_member_and_a_dead_primary() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("group");
+    let bin = assert_cmd::cargo::cargo_bin("harness");
+    broker_binaries_are_built(bin.parent().expect("bin dir"));
+    let run = run_harness(
+        &[
+            "--scenario",
+            "group",
+            "--kill-at",
+            "6s",
+            "--after",
+            "3s",
+            "--port",
+            "0",
+            "--out-dir",
+            &out.display().to_string(),
+        ],
+        None,
+    );
+    assert!(
+        run.code == Some(0) && run.stdout.contains("group            PASS"),
+        "group scenario failed ({:?}):\n{}\n{}",
+        run.code,
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.stdout.contains("SIGKILL sent to consumer-2") && run.stdout.contains("TAKEOVER"),
+        "{}",
+        run.stdout
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("group.json")).expect("group.json"))
+            .expect("group.json parses");
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["missing"].as_array().map(Vec::len), Some(0), "{v}");
+    assert_eq!(v["acked_twice"].as_array().map(Vec::len), Some(0), "{v}");
+    assert!(v["acked"].as_u64().unwrap_or(0) >= 80, "{v}");
+    // The dead member's entry went to another; the primary's in-flight ones too.
+    let redeliveries = v["redeliveries"].as_object().cloned().unwrap_or_default();
+    assert!(
+        redeliveries.contains_key("consumer-death"),
+        "{redeliveries:?}"
+    );
+    assert!(
+        !redeliveries.contains_key("unexplained"),
+        "{redeliveries:?}"
+    );
+    let shares = v["shares"].as_object().cloned().unwrap_or_default();
+    assert!(
+        shares["consumer-1"].as_u64() > Some(10) && shares["consumer-3"].as_u64() > Some(10),
+        "{shares:?}"
+    );
+    assert!(out.join("group.svg").exists() && out.join("group.csv").exists());
+    assert_no_child_left(&run);
 }

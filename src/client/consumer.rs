@@ -113,14 +113,69 @@ pub async fn run_consumer(
     drop(tx);
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let mut received = 0u64;
-    // Entries answered and not yet confirmed: (source, offset) → row.
+    // Entries given and not yet worked on, in arrival order.
+    let mut queue: std::collections::VecDeque<(usize, Consumed)> = Default::default();
+    // The entry being worked on, and when the work ends.
+    let mut working: Option<(usize, Consumed, tokio::time::Instant)> = None;
+    // Entries answered and not yet confirmed: (source, row).
     let mut waiting: Vec<(usize, Consumed)> = Vec::new();
     loop {
+        if working.is_none() {
+            if let Some((src, c)) = queue.pop_front() {
+                let ms = if cfg.work.max_ms == 0 {
+                    0
+                } else {
+                    rng.gen_range(cfg.work.min_ms..=cfg.work.max_ms)
+                };
+                working = Some((
+                    src,
+                    c,
+                    tokio::time::Instant::now() + Duration::from_millis(ms),
+                ));
+            }
+        }
+        let until = working.as_ref().map(|w| w.2);
+        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+        // Answers are taken while an entry is worked on, so each row is written when its
+        // fate is known.
         let ev = tokio::select! {
-            _ = shutdown.cancelled() => None,
-            e = rx.recv() => e,
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(until.unwrap_or(far)), if until.is_some() => None,
+            e = rx.recv() => match e {
+                Some(e) => Some(e),
+                None => break,
+            },
         };
-        let Some(ev) = ev else { break };
+        let Some(ev) = ev else {
+            // The work is done: acknowledge it, or give it back.
+            let Some((src, c, _)) = working.take() else {
+                continue;
+            };
+            let fail = cfg.fail_rate > 0.0 && rng.gen_bool(cfg.fail_rate.min(1.0));
+            let (topic, group, offset) = (cfg.topic.clone(), cfg.group.clone(), c.offset);
+            let f = if fail {
+                Frame::Group(GroupOp::Nack {
+                    topic,
+                    group,
+                    offset,
+                    delay_ms: 0,
+                })
+            } else {
+                Frame::Group(GroupOp::Ack {
+                    topic,
+                    group,
+                    offset,
+                })
+            };
+            if outs[src].send(f).is_err() {
+                let mut c = c;
+                c.outcome = "lost".into();
+                row(&c)?;
+            } else {
+                waiting.push((src, c));
+            }
+            continue;
+        };
         match ev {
             Event::Msg(
                 src,
@@ -134,14 +189,13 @@ pub async fn run_consumer(
                     ..
                 },
             ) => {
-                let at = now_us();
                 received += 1;
                 println!(
                     "[{}] offset {offset} attempt {attempt}: {payload}",
                     broker_name(src).to_uppercase()
                 );
                 let mut c = Consumed {
-                    received_at_us: at,
+                    received_at_us: now_us(),
                     source: broker_name(src).to_string(),
                     consumer: cfg.name.clone(),
                     group,
@@ -159,40 +213,7 @@ pub async fn run_consumer(
                     row(&c)?;
                     return Ok(ConsumerEnd::Crashed);
                 }
-                let work = if cfg.work.max_ms == 0 {
-                    0
-                } else {
-                    rng.gen_range(cfg.work.min_ms..=cfg.work.max_ms)
-                };
-                if work > 0 {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(work)) => {}
-                    }
-                }
-                let fail = cfg.fail_rate > 0.0 && rng.gen_bool(cfg.fail_rate.min(1.0));
-                let topic = cfg.topic.clone();
-                let group = cfg.group.clone();
-                let f = if fail {
-                    Frame::Group(GroupOp::Nack {
-                        topic,
-                        group,
-                        offset,
-                        delay_ms: 0,
-                    })
-                } else {
-                    Frame::Group(GroupOp::Ack {
-                        topic,
-                        group,
-                        offset,
-                    })
-                };
-                if outs[src].send(f).is_err() {
-                    c.outcome = "lost".into();
-                    row(&c)?;
-                } else {
-                    waiting.push((src, c));
-                }
+                queue.push_back((src, c));
             }
             Event::Msg(..) => {}
             Event::Answer(src, frame) => {
@@ -229,6 +250,10 @@ pub async fn run_consumer(
                 }
             }
         }
+    }
+    for (_, mut c) in queue.into_iter().chain(working.map(|(s, c, _)| (s, c))) {
+        c.outcome = "lost".into();
+        row(&c)?;
     }
     for (_, mut c) in waiting {
         c.outcome = "lost".into();
@@ -287,9 +312,25 @@ async fn connection(
                 while let Ok(stale) = out.try_recv() {
                     drop(stale);
                 }
+                // A backup may not know the group yet (its record is on its way from the
+                // primary): the join is tried again until it is answered.
+                let mut rejoin: Option<tokio::time::Instant> = None;
                 loop {
+                    let wake = rejoin
+                        .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep_until(wake), if rejoin.is_some() => {
+                            rejoin = None;
+                            let join = Frame::Group(GroupOp::Join {
+                                topic: cfg.topic.clone(),
+                                group: cfg.group.clone(),
+                                consumer: cfg.name.clone(),
+                            });
+                            if c.send(join).await.is_err() {
+                                break;
+                            }
+                        }
                         f = out.recv() => match f {
                             Some(f) => if c.send(f).await.is_err() { break },
                             None => return,
@@ -308,6 +349,9 @@ async fn connection(
                             }
                             Some(Ok(Frame::Group(GroupOp::Created { .. }))) => {}
                             Some(Ok(Frame::Err { reason })) if reason.contains("made on the primary") => {}
+                            Some(Ok(Frame::Err { reason })) if reason.starts_with("no group") => {
+                                rejoin = Some(tokio::time::Instant::now() + Duration::from_millis(200));
+                            }
                             Some(Ok(Frame::Err { reason })) if reason.contains("exists with other settings") => {
                                 warn!("{name}: {reason}");
                             }

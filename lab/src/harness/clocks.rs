@@ -53,7 +53,12 @@ pub async fn measure_client(
     node: &ClockReading,
 ) -> anyhow::Result<ClockReading> {
     use anyhow::Context;
-    let mut cmd = launcher.command(bin_dir, "edgepair-clock", &[node_addr.to_string()])?;
+    let mut cmd = launcher.command(
+        bin_dir,
+        "edgepair-clock",
+        "edgepair-clock",
+        &[node_addr.to_string()],
+    )?;
     cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
         .await

@@ -87,11 +87,14 @@ pub enum Scenario {
     PowerLoss,
     /// SIGTERM both nodes at once (clean stops), restart both after `--restart-after`.
     RestartBoth,
+    /// A consumer group of three members shares the topic: one member is SIGKILLed halfway to
+    /// `--kill-at`, the primary at `--kill-at`. Every entry must be acknowledged by one member.
+    Group,
 }
 
 impl Scenario {
     /// Every scenario, in the order the matrix runs them.
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::KillPrimary,
         Scenario::TermPrimary,
         Scenario::HangPrimary,
@@ -101,6 +104,7 @@ impl Scenario {
         Scenario::SlowLink,
         Scenario::PowerLoss,
         Scenario::RestartBoth,
+        Scenario::Group,
     ];
 
     /// Name as given on the command line.
@@ -115,6 +119,7 @@ impl Scenario {
             Scenario::SlowLink => "slow-link",
             Scenario::PowerLoss => "power-loss",
             Scenario::RestartBoth => "restart-both",
+            Scenario::Group => "group",
         }
     }
 

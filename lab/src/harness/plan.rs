@@ -18,6 +18,8 @@ pub(crate) enum Action {
     Link(Fault),
     /// A chaos fault, aimed when it fires at whichever node is then active (or standing by).
     Chaos(ChaosFault),
+    /// SIGKILL consumer `k` of the `group` scenario (0-based).
+    KillConsumer(usize),
 }
 
 /// The faults chaos mode draws from. Each heals itself: a killed node is restarted after
@@ -111,6 +113,10 @@ pub(crate) fn plan(opts: &HarnessOpts, scenario: Scenario) -> Vec<(Duration, Act
         ],
         Scenario::PowerLoss => both_down(t, opts.restart_after, KillSignal::Kill),
         Scenario::RestartBoth => both_down(t, opts.restart_after, KillSignal::Term),
+        Scenario::Group => vec![
+            (t / 2, Action::KillConsumer(1)),
+            (t, Action::Signal(0, KillSignal::Kill)),
+        ],
     }
 }
 

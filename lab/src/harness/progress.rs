@@ -19,6 +19,8 @@ pub(crate) struct Counters {
     pub(crate) by_backup: AtomicU64,
     pub(crate) duplicates: AtomicU64,
     pub(crate) subscribed: AtomicU64,
+    /// Consumers (`group` scenario) that joined their group on the primary.
+    pub(crate) joined: AtomicU64,
     pub(crate) published: AtomicU64,
     /// Lines in which a broker said it runs without a backup (or lost its role).
     pub(crate) events: std::sync::Mutex<Vec<String>>,
@@ -45,6 +47,13 @@ pub(crate) fn watch_lines(
                 }
                 ("subscriber", false) if line.contains("subscribed to") => {
                     c.subscribed.fetch_add(1, Ordering::Relaxed);
+                }
+                (n, false)
+                    if n.starts_with("consumer")
+                        && line.contains("joined group")
+                        && line.contains(" on primary") =>
+                {
+                    c.joined.fetch_add(1, Ordering::Relaxed);
                 }
                 ("test-publisher", true) => {
                     if let Some(rest) = line.strip_prefix("ACK ") {

@@ -17,6 +17,13 @@ use super::{chaos::*, plan::*, progress::*};
 use crate::procs::*;
 use edgepair::clock::now_us;
 use edgepair::net::Net;
+/// The `group` scenario's ack-wait: its slow member (1.5–2.5 s of work) outlasts it now and
+/// then, so leases run out too.
+const GROUP_ACK_WAIT: Duration = Duration::from_secs(2);
+
+/// The `group` scenario's members, by name (their logs and CSVs are `<name>.log`/`.csv`).
+const CONSUMERS: [&str; 3] = ["consumer-1", "consumer-2", "consumer-3"];
+
 /// How long a restart waits for a node it sent SIGTERM to to finish stopping before it kills it.
 const TERM_GRACE: Duration = Duration::from_secs(5);
 
@@ -113,10 +120,23 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
             bin_dir.display()
         );
     }
+    let group_run = scenario == Scenario::Group && !opts.chaos;
+    if group_run && !bin_dir.join("consumer").exists() {
+        bail!(
+            "consumer not found in {} (the group scenario runs three; build with \
+             `cargo build --release --workspace --bins`)",
+            bin_dir.display()
+        );
+    }
+    let subscriber_bins: &[&str] = if group_run {
+        &["subscriber", "edgepair-clock", "consumer"]
+    } else {
+        &["subscriber", "edgepair-clock"]
+    };
     let role_bins: [&[&str]; 4] = [
         &["primary"],
         &["backup"],
-        &["subscriber", "edgepair-clock"],
+        subscriber_bins,
         &["test-publisher", "edgepair-clock"],
     ];
     for ((l, p), bins) in launchers.iter().zip(placements).zip(role_bins) {
@@ -345,6 +365,57 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         ltx.clone(),
     )?);
 
+    // The group scenario's members: three consumers where the subscriber runs, joined on both
+    // nodes (procs 4, 5, 6), and the group's figures scraped from both nodes.
+    let mut group_scrape = None;
+    if group_run {
+        for (k, name) in CONSUMERS.iter().enumerate() {
+            let args = vec![
+                "g".to_string(),
+                opts.topic.clone(),
+                primary.clone(),
+                backup.clone(),
+                "--name".into(),
+                name.to_string(),
+                "--work".into(),
+                // The member killed mid-run is a slow one: it is working on an entry then.
+                if k == 1 { "1500..2500" } else { "50..150" }.into(),
+                "--ack-wait".into(),
+                format!("{}ms", GROUP_ACK_WAIT.as_millis()),
+                "--seed".into(),
+                (chaos_seed + k as u64).to_string(),
+                "--csv".into(),
+                file_for(2, &format!("{name}.csv")),
+            ];
+            procs.push(spawn_logged_as(
+                &launchers[2],
+                &bin_dir,
+                "consumer",
+                name,
+                &args,
+                &dir,
+                ltx.clone(),
+            )?);
+        }
+        let c = counters.clone();
+        wait_until(
+            "the consumers to join their group on the primary",
+            Duration::from_secs(10),
+            &mut procs,
+            || {
+                let n = c.joined.load(Ordering::Relaxed);
+                async move { n >= CONSUMERS.len() as u64 }
+            },
+        )
+        .await?;
+        group_scrape = Some(super::scrape::start_groups(
+            vec![("primary", primary.clone()), ("backup", backup.clone())],
+            opts.topic.clone(),
+        ));
+    }
+    let mut consumer_kills: Vec<u64> = Vec::new();
+    let mut extra_marks: Vec<(u64, String)> = Vec::new();
+
     // Progress until the end of the publishing window; the faults happen on the way.
     let progress = Progress::new(total, opts.no_progress);
     let mut fault_us = None;
@@ -361,7 +432,11 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
             let (_, action) = faults[next];
             next += 1;
             let first_fault = fault_us.is_none();
-            fault_us.get_or_insert_with(now_us);
+            if !matches!(action, Action::KillConsumer(_)) {
+                // A consumer's death is no fault of the pair: the failover is timed from the
+                // node fault.
+                fault_us.get_or_insert_with(now_us);
+            }
             let mut chaos_note = String::new();
             let mut actions = vec![action];
             if let Action::Chaos(kind) = action {
@@ -471,9 +546,22 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
                             spans[k].to_us = now;
                         }
                     }
-                    Action::Chaos(_) => {}
+                    Action::Chaos(_) | Action::KillConsumer(_) => {}
                 }
                 let what = match action {
+                    Action::KillConsumer(k) => {
+                        let i = 4 + k;
+                        if let Some(p) = procs.get(i) {
+                            p.signal(libc::SIGKILL);
+                        }
+                        consumer_kills.push(now_us());
+                        extra_marks.push((now_us(), format!("SIGKILL {}", CONSUMERS[k])));
+                        format!(
+                            "SIGKILL sent to {} ({})",
+                            CONSUMERS[k],
+                            procs.get(i).map(|p| p.whereabouts()).unwrap_or_default()
+                        )
+                    }
                     Action::Signal(i, sig) => {
                         procs[i].signal(sig.number());
                         procs[i].stopped = sig == KillSignal::Stop;
@@ -621,6 +709,38 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     }
     procs[2].stop(Duration::from_secs(5)).await;
     fetch_back(&launchers[2], "deliveries.csv", &csv_path);
+    // The group's members finish what they hold (until the group's lag is 0 on a node that
+    // serves it, or 15 s), then stop; their CSVs come back.
+    let mut group_rows: Vec<edgepair::client::Consumed> = Vec::new();
+    let mut group_scrapes: Vec<report::GroupRow> = Vec::new();
+    if let Some((rows, task)) = group_scrape.take() {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let start_len = rows.lock().map(|g| g.len()).unwrap_or(0);
+        loop {
+            let done = rows.lock().is_ok_and(|g| {
+                g.len() > start_len
+                    && g[start_len..]
+                        .iter()
+                        .any(|r| r.lag == 0 && r.members > 0 && r.end > 0)
+            });
+            if done || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        task.abort();
+        group_scrapes = rows.lock().map(|g| g.clone()).unwrap_or_default();
+        for (k, name) in CONSUMERS.iter().enumerate() {
+            if let Some(p) = procs.get_mut(4 + k) {
+                p.stop(Duration::from_secs(3)).await;
+            }
+            let local = dir.join(format!("{name}.csv"));
+            fetch_back(&launchers[2], &format!("{name}.csv"), &local);
+            if let Ok(mut r) = csv::Reader::from_path(&local) {
+                group_rows.extend(r.deserialize().filter_map(Result::ok));
+            }
+        }
+    }
     let end_us = now_us();
     measure_clocks(
         &mut clocks,
@@ -691,23 +811,52 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         marks: chaos_events
             .iter()
             .map(|e| (e.at_us, e.fault.to_string()))
+            .chain(extra_marks.iter().cloned())
             .collect(),
         faults: spans,
         // The binaries' defaults: the harness passes neither `--resend` nor `--ping-interval`.
         resend: 5,
         ping_interval_us: 1_000_000,
         acked,
-        signal: match faults.first().map(|f| f.1) {
+        signal: match faults
+            .iter()
+            .map(|f| f.1)
+            .find(|a| !matches!(a, Action::KillConsumer(_)))
+        {
             Some(Action::Signal(_, s)) => s.name().to_string(),
             Some(Action::Link(f)) => format!("{f:?}"),
             _ => String::new(),
         },
     };
-    let analysis = report::analyze(&deliveries, &info);
+    let mut analysis = report::analyze(&deliveries, &info);
+    let group_verdict = group_run.then(|| {
+        report::judge_group(
+            &group_rows,
+            info.publisher.as_deref().unwrap_or_default(),
+            published,
+            &consumer_kills,
+            fault_us,
+            GROUP_ACK_WAIT.as_micros() as u64,
+        )
+    });
+    if let Some(v) = &group_verdict {
+        analysis.verdict_ok &= v.ok;
+        report::write_group(&dir, &group_scrapes, v, &info)?;
+    }
     report::write_reports(&dir, &analysis, &deliveries, &info)?;
     let metrics_rows = scraped.lock().map(|g| g.clone()).unwrap_or_default();
     report::write_metrics(&dir, &metrics_rows, &info)?;
     let mut table = report::render_table(&analysis);
+    if let Some(v) = &group_verdict {
+        if !v.ok {
+            table = table.replacen(
+                "PASS:",
+                "FAIL: the consumer group lost or acknowledged twice some entries (below);",
+                1,
+            );
+        }
+        table.push_str(&report::render_group(v));
+    }
     if !info.hosts.is_empty() {
         table.push_str(&format!("  hosts            {}\n", info.hosts));
     }

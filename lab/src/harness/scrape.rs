@@ -53,3 +53,57 @@ pub fn start(
     });
     (rows, task)
 }
+
+/// Asks `nodes` (name, address) for the groups of `topic` (`GROUP|list|TOPIC`) every
+/// [`EVERY`]; a node that does not answer has no row for that moment.
+pub fn start_groups(
+    nodes: Vec<(&'static str, String)>,
+    topic: String,
+) -> (
+    Arc<Mutex<Vec<crate::report::GroupRow>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use edgepair::protocol::{Frame, GroupOp};
+    let rows = Arc::new(Mutex::new(Vec::new()));
+    let out = rows.clone();
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EVERY);
+        loop {
+            tick.tick().await;
+            for (name, addr) in &nodes {
+                let ask = Frame::Group(GroupOp::List {
+                    topic: Some(topic.clone()),
+                });
+                let Ok(Ok(answers)) = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    crate::procs::request_until(addr, ask, |f| {
+                        matches!(f, Frame::Group(GroupOp::End))
+                    }),
+                )
+                .await
+                else {
+                    continue;
+                };
+                let at = edgepair::clock::now_us();
+                for f in answers {
+                    if let Frame::Group(GroupOp::Info { info, .. }) = f {
+                        if let Ok(mut g) = out.lock() {
+                            g.push(crate::report::GroupRow {
+                                at_us: at,
+                                node: name.to_string(),
+                                floor: info.floor,
+                                end: info.end,
+                                pending: info.pending,
+                                lag: info.lag,
+                                redelivered: info.redelivered,
+                                dead: info.dead,
+                                members: info.members.len() as u64,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    });
+    (rows, task)
+}

@@ -84,7 +84,7 @@ pub fn write_metrics(dir: &Path, rows: &[MetricsRow], info: &RunInfo) -> anyhow:
 }
 
 /// `pts` cut where two scrapes are further apart than a missed scrape or two.
-fn segments(pts: Vec<(f64, f64)>) -> Vec<Vec<(f64, f64)>> {
+pub(super) fn segments(pts: Vec<(f64, f64)>) -> Vec<Vec<(f64, f64)>> {
     let gap = 3.0 * crate::harness::SCRAPE_EVERY.as_secs_f64();
     let mut out: Vec<Vec<(f64, f64)>> = Vec::new();
     for p in pts {

@@ -30,9 +30,11 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+mod group;
 mod metrics;
 mod plot;
 
+pub use group::{judge_group, render_group, write_group, GroupRow, GroupVerdict, Redelivery};
 pub use metrics::{write_metrics, MetricsRow};
 
 pub(crate) use plot::{draw_legend, plot_err};
