@@ -139,7 +139,10 @@ where
                 .map(|l| PathElement::new(l, DUP_COLOUR.mix(0.45).stroke_width(2))),
         )
         .map_err(plot_err)?
-        .label(format!("faults ({n})"))
+        .label(match info.marks.as_slice() {
+            [(at, what)] => format!("{what} at {:.1} s", secs(*at, info.start_us)),
+            _ => format!("faults ({n})"),
+        })
         .legend(|(x, y)| {
             PathElement::new(
                 vec![(x, y), (x + 12, y)],
