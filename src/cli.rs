@@ -905,6 +905,7 @@ pub fn consumer(cli: ConsumerCli) -> ExitCode {
         fail_rate: cli.fail_rate,
         crash_after: cli.crash_after,
         seed: cli.seed.unwrap_or_else(crate::clock::now_us),
+        print: true,
     };
     let end = rt.block_on(async {
         let shutdown = shutdown_on_signals();

@@ -97,6 +97,86 @@ pub fn excused_until_us(f: &FaultSpan, ping_interval_us: u64) -> u64 {
     f.to_us + SPLIT_BRAIN_PINGS * ping_interval_us + SPLIT_BRAIN_SLACK_US
 }
 
+/// What a consumer group must show ([`check_group`]).
+#[derive(Debug, Clone, Copy)]
+pub struct GroupExpect<'a> {
+    /// Judge only this publisher's entries.
+    pub publisher: &'a str,
+    /// The faults, for the windows in which an ack may be lost (split brain).
+    pub faults: &'a [FaultSpan],
+    /// The backup's ping interval (the split-brain window's length depends on it).
+    pub ping_interval_us: u64,
+    /// Times after which acks given before may be gone for good: power losses of both nodes
+    /// under a policy that allows losing unsynced records (`batch`, `never`), and any loss of
+    /// both nodes without a disk.
+    pub acks_lost_at: &'a [u64],
+}
+
+/// The consumer group's invariants over every member's rows:
+///
+/// 1. an entry whose ack the broker confirmed (`acked`, at `acked_at_us`) is never delivered to
+///    the group again, unless the ack was confirmed inside a split-brain window (the reign
+///    that confirmed it may be overwritten when the link heals) or before a both-nodes loss
+///    that `acks_lost_at` lists;
+/// 2. every entry the topic's subscribers got (`delivered`) is acknowledged by some member by
+///    the end, confirmed or not (dead letters aside: none are expected where this is used).
+pub fn check_group(
+    rows: &[edgepair::client::Consumed],
+    delivered: &std::collections::BTreeSet<u64>,
+    x: &GroupExpect<'_>,
+) -> Vec<String> {
+    let mine: Vec<&edgepair::client::Consumed> =
+        rows.iter().filter(|r| r.publisher == x.publisher).collect();
+    let excused = |t: u64| {
+        x.faults.iter().any(|f| {
+            f.kind.excuses_split_brain()
+                && f.from_us <= t
+                && t <= excused_until_us(f, x.ping_interval_us)
+        }) || x.acks_lost_at.iter().any(|l| *l >= t)
+    };
+    let mut again = Vec::new();
+    for a in mine.iter().filter(|r| r.outcome == "acked") {
+        if excused(a.acked_at_us) {
+            continue;
+        }
+        if let Some(r) = mine
+            .iter()
+            .find(|r| r.seq == a.seq && r.received_at_us > a.acked_at_us)
+        {
+            again.push(format!(
+                "seq {} acknowledged by {} at {} µs, delivered again to {} (attempt {})",
+                a.seq, a.consumer, a.acked_at_us, r.consumer, r.attempt
+            ));
+        }
+    }
+    // An ack sent and not confirmed (the node died first) may have been stored: the node that
+    // serves next then never delivers the entry again, rightly. It counts as finished.
+    let acked: std::collections::BTreeSet<u64> = mine
+        .iter()
+        .filter(|r| r.outcome == "acked" || r.outcome == "unconfirmed")
+        .map(|r| r.seq)
+        .collect();
+    let never: Vec<u64> = delivered.difference(&acked).copied().collect();
+    let mut v = Vec::new();
+    if !again.is_empty() {
+        v.push(format!(
+            "group: {} acknowledged entr{} delivered again: {}",
+            again.len(),
+            if again.len() == 1 { "y" } else { "ies" },
+            again.iter().take(3).cloned().collect::<Vec<_>>().join("; ")
+        ));
+    }
+    if !never.is_empty() {
+        v.push(format!(
+            "group: {} delivered entr{} never acknowledged by a member: {:?}",
+            never.len(),
+            if never.len() == 1 { "y" } else { "ies" },
+            never.iter().take(10).collect::<Vec<_>>()
+        ));
+    }
+    v
+}
+
 /// The duplicates a run may show: `resend × (faults + 1)`.
 ///
 /// Why: identified publishers' resends of messages a broker already holds are dropped by the

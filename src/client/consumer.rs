@@ -44,6 +44,8 @@ pub struct ConsumerConfig {
     pub crash_after: Option<u64>,
     /// Seeds the work times and failures.
     pub seed: u64,
+    /// Print a line per entry (`[PRIMARY] offset 7 attempt 1: payload`).
+    pub print: bool,
 }
 
 /// One entry as the consumer saw it: a row of its CSV.
@@ -69,8 +71,10 @@ pub struct Consumed {
     pub sent_at_us: u64,
     /// When the broker confirmed the acknowledgement (0 if it did not).
     pub acked_at_us: u64,
-    /// `acked`, `nacked`, `refused` (the broker said why not), `lost` (the connection went
-    /// before an answer) or `crashed` (`--crash-after`).
+    /// `acked`; `unconfirmed` (acknowledged, and the connection went or the consumer stopped
+    /// before the broker confirmed it: the ack may or may not have been stored); `nacked`;
+    /// `refused` (the broker said why not, as when the lease had run out); `dropped` (never
+    /// answered: the consumer stopped first); or `crashed` (`--crash-after`).
     pub outcome: String,
 }
 
@@ -117,8 +121,8 @@ pub async fn run_consumer(
     let mut queue: std::collections::VecDeque<(usize, Consumed)> = Default::default();
     // The entry being worked on, and when the work ends.
     let mut working: Option<(usize, Consumed, tokio::time::Instant)> = None;
-    // Entries answered and not yet confirmed: (source, row).
-    let mut waiting: Vec<(usize, Consumed)> = Vec::new();
+    // Entries answered and not yet confirmed: (source, row, an ack rather than a nack).
+    let mut waiting: Vec<(usize, Consumed, bool)> = Vec::new();
     loop {
         if working.is_none() {
             if let Some((src, c)) = queue.pop_front() {
@@ -169,10 +173,10 @@ pub async fn run_consumer(
             };
             if outs[src].send(f).is_err() {
                 let mut c = c;
-                c.outcome = "lost".into();
+                c.outcome = "dropped".into();
                 row(&c)?;
             } else {
-                waiting.push((src, c));
+                waiting.push((src, c, !fail));
             }
             continue;
         };
@@ -190,10 +194,12 @@ pub async fn run_consumer(
                 },
             ) => {
                 received += 1;
-                println!(
-                    "[{}] offset {offset} attempt {attempt}: {payload}",
-                    broker_name(src).to_uppercase()
-                );
+                if cfg.print {
+                    println!(
+                        "[{}] offset {offset} attempt {attempt}: {payload}",
+                        broker_name(src).to_uppercase()
+                    );
+                }
                 let mut c = Consumed {
                     received_at_us: now_us(),
                     source: broker_name(src).to_string(),
@@ -229,9 +235,9 @@ pub async fn run_consumer(
                 };
                 let i = waiting
                     .iter()
-                    .position(|(s, c)| *s == src && offset.is_none_or(|o| c.offset == o));
+                    .position(|(s, c, _)| *s == src && offset.is_none_or(|o| c.offset == o));
                 if let Some(i) = i {
-                    let (_, mut c) = waiting.remove(i);
+                    let (_, mut c, _) = waiting.remove(i);
                     c.outcome = outcome.into();
                     if outcome == "acked" {
                         c.acked_at_us = now_us();
@@ -242,21 +248,21 @@ pub async fn run_consumer(
             Event::Lost(src) => {
                 // Whatever that broker did not answer is not known to be acknowledged.
                 let (lost, keep): (Vec<_>, Vec<_>) =
-                    waiting.into_iter().partition(|(s, _)| *s == src);
+                    waiting.into_iter().partition(|(s, _, _)| *s == src);
                 waiting = keep;
-                for (_, mut c) in lost {
-                    c.outcome = "lost".into();
+                for (_, mut c, ack) in lost {
+                    c.outcome = if ack { "unconfirmed" } else { "nacked" }.into();
                     row(&c)?;
                 }
             }
         }
     }
     for (_, mut c) in queue.into_iter().chain(working.map(|(s, c, _)| (s, c))) {
-        c.outcome = "lost".into();
+        c.outcome = "dropped".into();
         row(&c)?;
     }
-    for (_, mut c) in waiting {
-        c.outcome = "lost".into();
+    for (_, mut c, ack) in waiting {
+        c.outcome = if ack { "unconfirmed" } else { "nacked" }.into();
         row(&c)?;
     }
     Ok(ConsumerEnd::Stopped)

@@ -310,6 +310,10 @@ impl Broker {
             // A chunk now, the rest as deliveries go (`takeup.rs`): the node serves at once.
             let cleared = std::mem::take(&mut self.cleared);
             self.begin_take_up(cleared);
+            if self.cfg.peer.is_some() {
+                // The backup may have served while we were down: its records first.
+                self.groups.hold = true;
+            }
             self.groups_take_over();
         }
     }
@@ -511,7 +515,25 @@ impl Broker {
         if from >= self.log.next_offset(topic) {
             return Ok(());
         }
-        let undelivered = self.undelivered(topic, from)?;
+        let mut undelivered = self.undelivered(topic, from)?;
+        // Delivered entries a consumer group has not finished go over too: the group must
+        // still get them (a subscriber that had one gets it again: at least once).
+        let unfinished = self.groups_unfinished(topic, from, self.log.delivered(topic));
+        if !unfinished.is_empty() {
+            let mut extra = Vec::new();
+            for o in unfinished {
+                if let Ok(mut e) = self.log.read(topic, o, 1) {
+                    extra.append(&mut e);
+                }
+            }
+            extra.append(&mut undelivered);
+            undelivered = extra;
+        }
+        if topic == super::JOURNAL {
+            // Our records past the cut go back to the primary (`GROUP|merge`, at its `MARK`).
+            let mut cut = self.journal_cut(from);
+            self.groups.to_merge.append(&mut cut);
+        }
         let cut = self.log.truncate(topic, from)?;
         if let RoleState::Backup(Backup {
             caught_up: Some((_, marks)),
@@ -526,6 +548,7 @@ impl Broker {
             c.retain(|o| *o < from);
         }
         self.offsets_reused(topic, from);
+        self.groups_offsets_reused(topic, from);
         warn!(
             "topic '{topic}': cut {cut} entr{} from offset {from} that the primary's log does not have; handing {} undelivered one(s) to it",
             if cut == 1 { "y" } else { "ies" },
@@ -599,6 +622,20 @@ impl Broker {
         if self.role() != Role::Backup {
             return;
         }
+        if topic == super::JOURNAL {
+            // Our records past the primary's journal (a reign it did not see) go back to it
+            // (those cut already during the catch-up, then those cut now), then `merged` says
+            // that was all.
+            let mut records = std::mem::take(&mut self.groups.to_merge);
+            records.extend(self.journal_cut(next));
+            for record in records {
+                self.send_frame(
+                    conn,
+                    &Frame::Group(crate::protocol::GroupOp::Merge { record }),
+                );
+            }
+            self.send_frame(conn, &Frame::Group(crate::protocol::GroupOp::Merged));
+        }
         if let Err(e) = self.cut_tail(topic, next) {
             error!("topic '{topic}': cannot cut the log at {next}: {e}");
         } else if self.log.next_offset(topic) == next {
@@ -646,6 +683,7 @@ impl Broker {
     /// delivered mark and end, and the link is up.
     pub(super) fn begin_catch_up(&mut self, conn: ConnId, tails: Vec<(String, u64, u64)>) {
         let mut topics: BTreeSet<String> = tails.iter().map(|t| t.0.clone()).collect();
+        let mut journal_ahead = false;
         topics.extend(self.log.topics().into_iter().map(|t| t.topic));
         let mut from = Vec::new();
         for topic in topics {
@@ -655,8 +693,17 @@ impl Broker {
                 .find(|x| x.0 == topic)
                 .map_or((0, 0), |x| (x.1, x.2));
             let start = b_next.min(self.end_of_epoch(&topic, b_epoch)).max(t.first);
+            if topic == super::JOURNAL {
+                // Records of the backup's we do not have come back as `GROUP|merge`.
+                journal_ahead = b_next > start;
+            }
             from.push((topic, start));
         }
+        // The groups' journal last: the backup cuts a diverged topic while its groups still
+        // know what they finished there (what they did not goes over to us), and only then
+        // its journal.
+        from.sort_by_key(|(t, _)| t == super::JOURNAL);
+        self.groups_hold(journal_ahead);
         if let Some(p) = self.primary() {
             p.link.catching_up = from;
             p.link.caught_up_sent = 0;

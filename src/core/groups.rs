@@ -48,6 +48,12 @@ const READ_CHUNK: usize = 256;
 #[derive(Debug, Default)]
 pub(super) struct Groups {
     by_topic: BTreeMap<String, BTreeMap<String, Group>>,
+    /// A primary that may lack records of a reign it did not see (it started again as
+    /// primary, and its backup may have served meanwhile) hands out nothing until its backup
+    /// has sent them (`GROUP|merged`), or the link fails and it serves alone.
+    pub hold: bool,
+    /// Backup: journal records cut during a catch-up, to send back at the journal's `MARK`.
+    pub to_merge: Vec<String>,
 }
 
 impl Groups {
@@ -95,6 +101,8 @@ struct Group {
 struct Lease {
     conn: ConnId,
     deadline: Time,
+    /// The entry's identity (what its ack record names).
+    id: MsgId,
 }
 
 #[derive(Debug)]
@@ -198,7 +206,9 @@ impl Group {
     }
 }
 
-/// One record of the journal (the payload of a [`JOURNAL`] entry).
+/// One record of the journal (the payload of a [`JOURNAL`] entry). Records about an entry
+/// carry its identity as well as its offset: a record handed over from a reign whose log went
+/// apart from ours (`GROUP|merge`) is taken only where our entry at that offset is the same.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Record {
     /// `create|TOPIC|GROUP|START|OPTIONS`.
@@ -208,25 +218,28 @@ enum Record {
         start: u64,
         options: GroupOptions,
     },
-    /// `deliver|TOPIC|GROUP|OFFSET|ATTEMPT|CONSUMER`.
+    /// `deliver|TOPIC|GROUP|OFFSET|PUBLISHER|SEQ|ATTEMPT|CONSUMER`.
     Deliver {
         topic: String,
         group: String,
         offset: u64,
+        id: MsgId,
         attempt: u32,
         consumer: String,
     },
-    /// `ack|TOPIC|GROUP|OFFSET`.
+    /// `ack|TOPIC|GROUP|OFFSET|PUBLISHER|SEQ`.
     Ack {
         topic: String,
         group: String,
         offset: u64,
+        id: MsgId,
     },
-    /// `dead|TOPIC|GROUP|OFFSET|REASON`.
+    /// `dead|TOPIC|GROUP|OFFSET|PUBLISHER|SEQ|REASON`.
     Dead {
         topic: String,
         group: String,
         offset: u64,
+        id: MsgId,
         reason: String,
     },
 }
@@ -244,62 +257,93 @@ impl Record {
                 topic,
                 group,
                 offset,
+                id,
                 attempt,
                 consumer,
-            } => format!("deliver|{topic}|{group}|{offset}|{attempt}|{consumer}"),
+            } => format!(
+                "deliver|{topic}|{group}|{offset}|{}|{}|{attempt}|{consumer}",
+                id.publisher, id.seq
+            ),
             Record::Ack {
                 topic,
                 group,
                 offset,
-            } => format!("ack|{topic}|{group}|{offset}"),
+                id,
+            } => format!("ack|{topic}|{group}|{offset}|{}|{}", id.publisher, id.seq),
             Record::Dead {
                 topic,
                 group,
                 offset,
+                id,
                 reason,
-            } => format!("dead|{topic}|{group}|{offset}|{reason}"),
+            } => format!(
+                "dead|{topic}|{group}|{offset}|{}|{}|{reason}",
+                id.publisher, id.seq
+            ),
         }
     }
 
     /// Reads a record back; `None` for one this version does not know (skipped, said).
     fn decode(s: &str) -> Option<Record> {
-        let f: Vec<&str> = s.splitn(6, '|').collect();
+        let f: Vec<&str> = s.splitn(8, '|').collect();
         let (topic, group) = (f.get(1)?.to_string(), f.get(2)?.to_string());
         let num = |i: usize| f.get(i)?.parse::<u64>().ok();
+        let id = || {
+            Some(MsgId {
+                publisher: f.get(4)?.to_string(),
+                seq: num(5)?,
+            })
+        };
         Some(match *f.first()? {
-            "create" => {
+            "create" => Record::Create {
+                topic,
+                group,
+                start: num(3)?,
                 // The options as `GROUP|create` writes them.
-                let op = GroupOptions::parse(f.get(4)?).ok()?;
-                Record::Create {
-                    topic,
-                    group,
-                    start: num(3)?,
-                    options: op,
-                }
-            }
+                options: GroupOptions::parse(f.get(4)?).ok()?,
+            },
             "deliver" => Record::Deliver {
                 topic,
                 group,
                 offset: num(3)?,
-                attempt: num(4)?.min(u32::MAX as u64) as u32,
-                consumer: f.get(5)?.to_string(),
+                id: id()?,
+                attempt: num(6)?.min(u32::MAX as u64) as u32,
+                consumer: f.get(7)?.to_string(),
             },
-            "ack" => Record::Ack {
+            "ack" if f.len() == 6 => Record::Ack {
                 topic,
                 group,
                 offset: num(3)?,
+                id: id()?,
             },
             "dead" => {
-                let rest: Vec<&str> = s.splitn(5, '|').collect();
+                let rest: Vec<&str> = s.splitn(7, '|').collect();
                 Record::Dead {
                     topic,
                     group,
                     offset: num(3)?,
-                    reason: rest.get(4)?.to_string(),
+                    id: id()?,
+                    reason: rest.get(6)?.to_string(),
                 }
             }
             _ => return None,
         })
+    }
+
+    /// The entry a record is about, if it is about one: (topic, offset, identity).
+    fn entry(&self) -> Option<(&str, u64, &MsgId)> {
+        match self {
+            Record::Create { .. } => None,
+            Record::Deliver {
+                topic, offset, id, ..
+            }
+            | Record::Ack {
+                topic, offset, id, ..
+            }
+            | Record::Dead {
+                topic, offset, id, ..
+            } => Some((topic, *offset, id)),
+        }
     }
 }
 
@@ -472,10 +516,17 @@ impl Broker {
             group: group.clone(),
             offset,
         });
+        let id = self
+            .groups
+            .get_mut(&topic, &group)
+            .and_then(|g| g.leases.get(&offset))
+            .map(|l| l.id.clone())
+            .unwrap_or_else(MsgId::anonymous);
         let rec = Record::Ack {
             topic: topic.clone(),
             group,
             offset,
+            id,
         };
         self.journal_then_reply(conn, rec, answer);
         self.pump_topic(&topic);
@@ -666,6 +717,7 @@ impl Broker {
                 topic,
                 group,
                 offset,
+                ..
             } => {
                 if let Some(g) = self.groups.get_mut(topic, group) {
                     g.finish(*offset);
@@ -733,6 +785,106 @@ impl Broker {
         let topics: Vec<String> = self.groups.by_topic.keys().cloned().collect();
         for t in topics {
             self.pump_topic(&t);
+        }
+    }
+
+    /// Offsets of `topic` in `from..upto` that some group of it has not finished (acknowledged
+    /// or dead-lettered).
+    pub(super) fn groups_unfinished(&self, topic: &str, from: u64, upto: u64) -> Vec<u64> {
+        let Some(groups) = self.groups.by_topic.get(topic) else {
+            return Vec::new();
+        };
+        (from..upto)
+            .filter(|o| groups.values().any(|g| !g.is_done(*o)))
+            .collect()
+    }
+
+    /// Holds (or stops holding) what the groups hand out; see [`Groups::hold`].
+    pub(super) fn groups_hold(&mut self, hold: bool) {
+        if self.groups.hold == hold {
+            return;
+        }
+        self.groups.hold = hold;
+        if !hold {
+            let topics: Vec<String> = self.groups.by_topic.keys().cloned().collect();
+            for t in topics {
+                self.pump_topic(&t);
+            }
+        }
+    }
+
+    /// Backup, at a `MARK` of the journal from `next` on: the records about to be cut, for the
+    /// primary to take what it lacks.
+    pub(super) fn journal_cut(&self, next: u64) -> Vec<String> {
+        let end = self.log.next_offset(JOURNAL);
+        if next >= end {
+            return Vec::new();
+        }
+        self.log
+            .read(JOURNAL, next, (end - next) as usize)
+            .map(|es| es.iter().map(|e| e.payload.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Primary: a record the backup's log had and ours did not (`GROUP|merge`). A group we lack
+    /// is made; a record about an entry is taken only if our entry at that offset is the same
+    /// one (the two logs may have gone apart there), and then logged anew.
+    pub(super) fn merge_record(&mut self, record: &str) {
+        let Some(rec) = Record::decode(record) else {
+            warn!("group record from the backup not understood: skipped");
+            return;
+        };
+        if let Some((topic, offset, id)) = rec.entry() {
+            let same = self
+                .log
+                .read(topic, offset, 1)
+                .ok()
+                .and_then(|e| e.first().map(|e| &e.id == id))
+                .unwrap_or(false);
+            if !same {
+                return;
+            }
+        }
+        if let Err(e) = self.journal(&rec) {
+            warn!("group record from the backup not stored: {e}");
+        }
+    }
+
+    /// A tail of `topic` from `from` on was cut (our log diverged from the primary's): those
+    /// offsets will name other entries. For the journal itself, the groups are read back from
+    /// what is left of it (the members stay).
+    pub(super) fn groups_offsets_reused(&mut self, topic: &str, from: u64) {
+        if topic == JOURNAL {
+            let mut members: Vec<(String, String, Vec<Member>)> = Vec::new();
+            for (t, groups) in &mut self.groups.by_topic {
+                for (name, g) in groups {
+                    members.push((t.clone(), name.clone(), std::mem::take(&mut g.members)));
+                }
+            }
+            self.groups = Groups::default();
+            self.groups_recover();
+            for (t, name, ms) in members {
+                if let Some(g) = self.groups.get_mut(&t, &name) {
+                    g.members = ms;
+                    for m in &mut g.members {
+                        m.held = 0;
+                    }
+                }
+            }
+            return;
+        }
+        if let Some(groups) = self.groups.by_topic.get_mut(topic) {
+            for g in groups.values_mut() {
+                g.done.retain(|o| *o < from);
+                g.attempts.retain(|o, _| *o < from);
+                g.why.retain(|o, _| *o < from);
+                g.had.retain(|o, _| *o < from);
+                g.ready.retain(|o| *o < from);
+                g.delayed.retain(|o, _| *o < from);
+                g.leases.retain(|o, _| *o < from);
+                g.next = g.next.min(from);
+                g.floor = g.floor.min(from);
+            }
         }
     }
 
@@ -829,7 +981,7 @@ impl Broker {
     /// Hands out what each group of `topic` may have now: entries to deliver again first, then
     /// new ones up to the topic's delivered mark, each to the next member with room.
     pub(super) fn pump_topic(&mut self, topic: &str) {
-        if self.role() != Role::Primary || !self.groups.on_topic(topic) {
+        if self.role() != Role::Primary || !self.groups.on_topic(topic) || self.groups.hold {
             return;
         }
         let names: Vec<String> = self
@@ -899,6 +1051,7 @@ impl Broker {
                 topic: topic.to_string(),
                 group: name.to_string(),
                 offset,
+                id: entry.id.clone(),
                 attempt,
                 consumer,
             };
@@ -911,7 +1064,14 @@ impl Broker {
             let Some(g) = self.groups.get_mut(topic, name) else {
                 return;
             };
-            g.leases.insert(offset, Lease { conn, deadline });
+            g.leases.insert(
+                offset,
+                Lease {
+                    conn,
+                    deadline,
+                    id: entry.id.clone(),
+                },
+            );
             g.members[i].held += 1;
             let f = Frame::Group(GroupOp::Msg {
                 topic: topic.to_string(),
@@ -945,6 +1105,10 @@ impl Broker {
             Some(g) => (g.dead, format!("$dead:{topic}:{group}")),
             None => return,
         };
+        let orig_id = original
+            .as_ref()
+            .map(|o| o.id.clone())
+            .unwrap_or_else(MsgId::anonymous);
         if let Some(orig) = original {
             let entry = Arc::new(Entry {
                 offset: self.log.next_offset(&dead_topic),
@@ -981,6 +1145,7 @@ impl Broker {
             topic: topic.to_string(),
             group: group.to_string(),
             offset,
+            id: orig_id,
             reason,
         };
         if let Err(e) = self.journal(&rec) {
@@ -1018,6 +1183,10 @@ mod tests {
                 topic: "t".into(),
                 group: "g".into(),
                 offset: 4,
+                id: MsgId {
+                    publisher: "p".into(),
+                    seq: 9,
+                },
                 attempt: 2,
                 consumer: "c1".into(),
             },
@@ -1025,11 +1194,16 @@ mod tests {
                 topic: "t".into(),
                 group: "g".into(),
                 offset: 4,
+                id: MsgId {
+                    publisher: "p".into(),
+                    seq: 9,
+                },
             },
             Record::Dead {
                 topic: "t".into(),
                 group: "g".into(),
                 offset: 5,
+                id: MsgId::anonymous(),
                 reason: "5 deliveries, the last: nacked | twice".into(),
             },
         ] {

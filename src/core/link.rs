@@ -180,6 +180,12 @@ impl Broker {
                 self.link_retry(None);
             }
             (LinkState::Up { .. }, Frame::Stored { mid }) => self.stored(mid),
+            (LinkState::Up { .. }, Frame::Group(crate::protocol::GroupOp::Merge { record })) => {
+                self.merge_record(&record)
+            }
+            (LinkState::Up { .. }, Frame::Group(crate::protocol::GroupOp::Merged)) => {
+                self.groups_hold(false)
+            }
             (LinkState::Up { .. }, Frame::Ack { .. }) => {}
             (LinkState::Up { .. }, Frame::Status { .. }) => self.lease_answered(),
             (LinkState::Up { .. }, Frame::Err { reason }) if reason.starts_with(LEASE_REFUSED) => {
@@ -381,6 +387,8 @@ impl Broker {
 
     /// Schedules the next connect: after `wait`, or after the backoff's next wait.
     fn link_retry(&mut self, wait: Option<Duration>) {
+        // Without a backup to hear from, the groups serve what this node knows.
+        self.groups_hold(false);
         let now = self.now.mono;
         let Some(p) = self.primary() else {
             return;

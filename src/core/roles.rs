@@ -44,6 +44,8 @@ impl Broker {
         // A chunk now, the rest as deliveries go (`takeup.rs`).
         let cleared = std::mem::take(&mut self.cleared);
         self.begin_take_up(cleared);
+        // Ours is the newest journal there is now.
+        self.groups.hold = false;
         self.groups_take_over();
         self.synced_mid = self.next_mid - 1;
         self.written_mid = self.synced_mid;

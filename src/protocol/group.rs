@@ -285,6 +285,15 @@ pub enum GroupOp {
     },
     /// The end of a list.
     End,
+    /// Backup → primary on the replication link: a record of the groups' journal that the
+    /// primary's catch-up cut from the backup's log (written in a reign the primary did not
+    /// see). The primary takes what still names its own entries.
+    Merge {
+        /// The record, as the journal holds it.
+        record: String,
+    },
+    /// Backup → primary: every `merge` of that catch-up was sent.
+    Merged,
 }
 
 fn bad(s: String) -> ProtocolError {
@@ -331,7 +340,9 @@ impl GroupOp {
             ))
         };
         // The payload of `msg` is last and may hold '|': split only as far as needed.
-        let f: Vec<&str> = if step == "msg" {
+        let f: Vec<&str> = if step == "merge" {
+            vec![rest]
+        } else if step == "msg" {
             rest.splitn(8, '|').collect()
         } else {
             rest.split('|').collect()
@@ -463,6 +474,10 @@ impl GroupOp {
                 }
             }
             ("end", 1) if rest.is_empty() => GroupOp::End,
+            ("merge", _) if !rest.is_empty() => GroupOp::Merge {
+                record: rest.to_string(),
+            },
+            ("merged", 1) if rest.is_empty() => GroupOp::Merged,
             _ => return Err(usage()),
         };
         Ok(op)
@@ -472,7 +487,7 @@ impl GroupOp {
     pub fn topic(&self) -> Option<&str> {
         match self {
             GroupOp::List { topic } => topic.as_deref(),
-            GroupOp::End => None,
+            GroupOp::End | GroupOp::Merge { .. } | GroupOp::Merged => None,
             GroupOp::Create { topic, .. }
             | GroupOp::Join { topic, .. }
             | GroupOp::Leave { topic, .. }
@@ -559,6 +574,8 @@ impl fmt::Display for GroupOp {
                 info.members.join(",")
             ),
             GroupOp::End => f.write_str("end"),
+            GroupOp::Merge { record } => write!(f, "merge|{record}"),
+            GroupOp::Merged => f.write_str("merged"),
         }
     }
 }
@@ -631,6 +648,10 @@ mod tests {
                 },
             },
             GroupOp::End,
+            GroupOp::Merge {
+                record: "ack|t|g|4|p|9".into(),
+            },
+            GroupOp::Merged,
         ];
         for op in ops {
             let text = op.to_string();

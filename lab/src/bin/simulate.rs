@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use edgepair::compute::parse_duration;
 use edgepair_lab::sim::report::{self as simreport, Axis};
-use edgepair_lab::sim::{run_seed, FaultKind, SimConfig, SimResult};
+use edgepair_lab::sim::{run_seed_traced, FaultKind, SimConfig, SimResult};
 
 /// Runs seeded fault schedules in simulated time and checks the delivery invariants.
 #[derive(Parser)]
@@ -40,6 +40,10 @@ struct Cli {
     /// Both nodes' lease (`--lease`): no overlapping reigns, at a price in failover time.
     #[arg(long, value_parser = edgepair::cli::parse_lease)]
     lease: Option<Duration>,
+    /// Three consumers share the topic in a group: no entry whose ack was confirmed is
+    /// delivered to the group again, and every entry delivered is acknowledged.
+    #[arg(long)]
+    group: bool,
     /// Backup's ping interval.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     ping_interval: Duration,
@@ -124,6 +128,7 @@ fn main() -> ExitCode {
         fsync: cli.fsync,
         memory_only: cli.memory_only,
         lease: cli.lease,
+        group: cli.group,
         ..SimConfig::default()
     };
     let dir = cli.out.join(format!(
@@ -154,7 +159,7 @@ fn header() {
 
 fn replay_command(cfg: &SimConfig, seed: u64) -> String {
     format!(
-        "cargo run --release --bin simulate -- --seed {seed} --duration {}ms --faults {} --ping-interval {}ms --ping-timeout {}ms --ack-timeout {}ms --resend {} --fsync {}{}{}",
+        "cargo run --release --bin simulate -- --seed {seed} --duration {}ms --faults {} --ping-interval {}ms --ping-timeout {}ms --ack-timeout {}ms --resend {} --fsync {}{}{}{}",
         cfg.duration.as_millis(),
         cfg.faults
             .iter()
@@ -173,14 +178,15 @@ fn replay_command(cfg: &SimConfig, seed: u64) -> String {
         },
         cfg.lease
             .map(|l| format!(" --lease {}ms", l.as_millis()))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if cfg.group { " --group" } else { "" }
     )
 }
 
 /// One seed, with every delivery listed when it violates an invariant.
 fn replay(cfg: &SimConfig, seed: u64) -> ExitCode {
     header();
-    let (r, deliveries) = run_seed(seed, cfg);
+    let (r, deliveries, group) = run_seed_traced(seed, cfg);
     row(&r);
     if r.violations.is_empty() {
         return ExitCode::SUCCESS;
@@ -197,6 +203,28 @@ fn replay(cfg: &SimConfig, seed: u64) -> ExitCode {
             d.seq,
             d.epoch,
             if d.duplicate { "dup" } else { "" }
+        );
+    }
+    for c in &group {
+        println!(
+            "          t={:>9.3}s group {:<7} seq {:>4} offset {:>4} attempt {} {} {}{}",
+            (c.received_at_us
+                .saturating_sub(edgepair::clock::SIM_EPOCH_US)) as f64
+                / 1e6,
+            c.source,
+            c.seq,
+            c.offset,
+            c.attempt,
+            c.consumer,
+            c.outcome,
+            if c.acked_at_us > 0 {
+                format!(
+                    " at {:.3}s",
+                    c.acked_at_us.saturating_sub(edgepair::clock::SIM_EPOCH_US) as f64 / 1e6
+                )
+            } else {
+                String::new()
+            }
         );
     }
     ExitCode::FAILURE

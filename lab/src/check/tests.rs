@@ -313,3 +313,60 @@ fn a_replay_from_the_log_is_judged_for_loss_and_order_but_not_for_epochs() {
     let v = check(&rows, &expect(3, &[], None));
     assert_eq!((v.missing.clone(), v.reordered), (vec![3], 1));
 }
+
+fn g(seq: u64, at_ms: u64, acked_ms: Option<u64>, who: &str) -> edgepair::client::Consumed {
+    edgepair::client::Consumed {
+        received_at_us: T0 + at_ms * 1000,
+        source: "primary".into(),
+        consumer: who.into(),
+        group: "g".into(),
+        offset: seq - 1,
+        attempt: 1,
+        publisher: "p".into(),
+        seq,
+        sent_at_us: T0,
+        acked_at_us: acked_ms.map_or(0, |a| T0 + a * 1000),
+        outcome: if acked_ms.is_some() {
+            "acked"
+        } else {
+            "dropped"
+        }
+        .into(),
+    }
+}
+
+#[test]
+fn a_group_must_never_deliver_a_confirmed_ack_again_and_must_ack_everything() {
+    let delivered: std::collections::BTreeSet<u64> = [1, 2].into_iter().collect();
+    let x = GroupExpect {
+        publisher: "p",
+        faults: &[],
+        ping_interval_us: PING_US,
+        acks_lost_at: &[],
+    };
+    let clean = vec![
+        g(1, 10, Some(20), "a"),
+        g(2, 30, None, "b"),
+        g(2, 40, Some(50), "a"),
+    ];
+    assert!(check_group(&clean, &delivered, &x).is_empty());
+    // Acknowledged at 20 ms, delivered again at 60 ms.
+    let mut again = clean.clone();
+    again.push(g(1, 60, Some(70), "b"));
+    let v = check_group(&again, &delivered, &x);
+    assert!(v.len() == 1 && v[0].contains("delivered again"), "{v:?}");
+    // Inside a partition's split-brain window the same is excused.
+    let faults = [FaultSpan {
+        kind: FaultKind::Partition,
+        from_us: T0,
+        to_us: T0 + 30_000,
+    }];
+    let x2 = GroupExpect {
+        faults: &faults,
+        ..x
+    };
+    assert!(check_group(&again, &delivered, &x2).is_empty());
+    // An entry the subscribers got that no member acknowledged.
+    let v = check_group(&clean[..2], &delivered, &x);
+    assert!(v.len() == 1 && v[0].contains("never acknowledged"), "{v:?}");
+}

@@ -105,12 +105,12 @@ pub fn judge_group(
             Some("nacked") => Redelivery::Nacked,
             Some("refused") => Redelivery::LeaseExpiry,
             Some("crashed") => Redelivery::ConsumerDeath,
-            Some("lost") if after(primary_kill) => Redelivery::Failover,
+            Some("unconfirmed") if after(primary_kill) => Redelivery::Failover,
             // A member killed by SIGKILL wrote no row for what it held.
             None if after(primary_kill) && prev_holder_failed_over(r, primary_kill) => {
                 Redelivery::Failover
             }
-            None | Some("lost") if killed_before => Redelivery::ConsumerDeath,
+            None | Some("unconfirmed") if killed_before => Redelivery::ConsumerDeath,
             None if after(primary_kill) => Redelivery::Failover,
             // Its member worked longer than the lease and wrote its row after this one.
             None if waited_a_lease => Redelivery::LeaseExpiry,
@@ -301,7 +301,7 @@ mod tests {
             row("c", 4, 1, 50, "primary", "nacked"),
             row("a", 4, 2, 60, "primary", "acked"),
             // In flight when the primary died.
-            row("c", 5, 1, 70, "primary", "lost"),
+            row("c", 5, 1, 70, "primary", "unconfirmed"),
             row("c", 5, 2, 110, "backup", "acked"),
         ];
         let v = judge_group(&rows, "p", 5, &[35], Some(100), 20);

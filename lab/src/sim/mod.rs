@@ -93,6 +93,8 @@ pub struct SimConfig {
     pub memory_only: bool,
     /// Both nodes' `--lease`: reigns that never overlap, paid for in failover time.
     pub lease: Option<Duration>,
+    /// Three consumers share the topic in a group, judged by [`check::check_group`].
+    pub group: bool,
 }
 
 impl Default for SimConfig {
@@ -116,6 +118,7 @@ impl Default for SimConfig {
             lease: None,
             fsync: Fsync::default(),
             memory_only: false,
+            group: false,
         }
     }
 }
@@ -184,6 +187,10 @@ pub struct SimResult {
     pub power_dropped: u64,
     /// Longest time an entry dropped by a power loss had waited for its sync, ms.
     pub power_oldest_unsynced_ms: f64,
+    /// With a consumer group: acknowledgements the members got confirmed.
+    pub group_acked: u64,
+    /// With a consumer group: deliveries to it that were not an entry's first.
+    pub group_redelivered: u64,
 }
 
 /// One power loss as the simulation saw it.
@@ -346,6 +353,15 @@ fn broker(
 
 /// Runs one seed and checks the invariants. Also returns every delivery, for traces.
 pub fn run_seed(seed: u64, cfg: &SimConfig) -> (SimResult, Vec<Delivery>) {
+    let (r, d, _) = run_seed_traced(seed, cfg);
+    (r, d)
+}
+
+/// [`run_seed`], also returning the consumer group's rows (empty without `cfg.group`).
+pub fn run_seed_traced(
+    seed: u64,
+    cfg: &SimConfig,
+) -> (SimResult, Vec<Delivery>, Vec<client::Consumed>) {
     let faults = schedule(seed, cfg);
     let mut sim = turmoil::Builder::new()
         .simulation_duration(cfg.duration + Duration::from_secs(120))
@@ -384,6 +400,9 @@ pub fn run_seed(seed: u64, cfg: &SimConfig) -> (SimResult, Vec<Delivery>) {
     type Out = (Vec<Delivery>, client::PubSummary, BTreeSet<u64>);
     let got: Arc<Mutex<Out>> = Arc::default();
     let out = got.clone();
+    let group_rows: Arc<Mutex<Vec<client::Consumed>>> = Arc::default();
+    let group_out = group_rows.clone();
+    let group = cfg.group;
     let (rate, duration, ack_timeout, resend) =
         (cfg.rate, cfg.duration, cfg.ack_timeout, cfg.resend);
     sim.client("clients", async move {
@@ -399,6 +418,50 @@ pub fn run_seed(seed: u64, cfg: &SimConfig) -> (SimResult, Vec<Delivery>) {
             let _ = client::run_subscriber(sub_cfg, &mut v, sub_stop).await;
             v
         });
+        let mut consumers = Vec::new();
+        if group {
+            for k in 0..3u64 {
+                let ccfg = client::ConsumerConfig {
+                    group: "g".into(),
+                    topic: "t".into(),
+                    name: format!("c{k}"),
+                    brokers: brokers.clone(),
+                    net: Net::Sim,
+                    tls: None,
+                    create: Some((
+                        edgepair::protocol::GroupStart::First,
+                        edgepair::protocol::GroupOptions {
+                            ack_wait_ms: 1000,
+                            max_deliver: 1000,
+                            max_in_flight: 2,
+                        },
+                    )),
+                    work: ComputeRange {
+                        min_ms: 0,
+                        max_ms: 30,
+                    },
+                    fail_rate: 0.0,
+                    crash_after: None,
+                    seed: seed.wrapping_mul(31).wrapping_add(k),
+                    print: false,
+                };
+                let rows = group_out.clone();
+                let c_stop = stop.clone();
+                consumers.push(edgepair::net::spawn(async move {
+                    let _ = client::run_consumer(
+                        ccfg,
+                        |r| {
+                            if let Ok(mut g) = rows.lock() {
+                                g.push(r.clone());
+                            }
+                            Ok(())
+                        },
+                        c_stop,
+                    )
+                    .await;
+                }));
+            }
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let (ev, mut evr) = tokio::sync::mpsc::unbounded_channel();
@@ -439,6 +502,9 @@ pub fn run_seed(seed: u64, cfg: &SimConfig) -> (SimResult, Vec<Delivery>) {
         let acked = acked.await?;
         tokio::time::sleep(Duration::from_secs(5)).await;
         stop.cancel();
+        for c in consumers {
+            c.await?;
+        }
         let deliveries = sub.await?;
         if let Ok(mut g) = out.lock() {
             *g = (deliveries, summary, acked);
@@ -535,10 +601,58 @@ pub fn run_seed(seed: u64, cfg: &SimConfig) -> (SimResult, Vec<Delivery>) {
     }
     let (deliveries, summary, acked) = got.lock().map(|g| g.clone()).unwrap_or_default();
     let mut r = judge(seed, cfg, &faults, &deliveries, &summary, &acked, &power);
+    let rows = group_rows.lock().map(|g| g.clone()).unwrap_or_default();
+    if cfg.group {
+        judge_group(&mut r, cfg, &faults, &deliveries, &rows, &power);
+    }
     if let Some(e) = error {
         r.violations = format!("simulation error: {e}; {}", r.violations);
     }
-    (r, deliveries)
+    (r, deliveries, rows)
+}
+
+/// Adds the consumer group's figures and violations to a seed's result.
+fn judge_group(
+    r: &mut SimResult,
+    cfg: &SimConfig,
+    faults: &[Fault],
+    deliveries: &[Delivery],
+    rows: &[client::Consumed],
+    _power: &[PowerEvent],
+) {
+    let spans = fault_spans(faults);
+    let delivered: BTreeSet<u64> = deliveries
+        .iter()
+        .filter(|d| d.publisher == "sim")
+        .map(|d| d.seq)
+        .collect();
+    // Acks a loss of both nodes may take with it: every one without a disk; under `batch` and
+    // `never`, those the disks had not synced (any before the loss, to keep it simple).
+    let lost_at: Vec<u64> = faults
+        .iter()
+        .filter(|f| {
+            f.kind == FaultKind::PowerBoth && (cfg.memory_only || cfg.fsync != Fsync::Always)
+        })
+        .map(|f| PUBLISH_START_US + f.at.as_micros() as u64)
+        .collect();
+    let v = check::check_group(
+        rows,
+        &delivered,
+        &check::GroupExpect {
+            publisher: "sim",
+            faults: &spans,
+            ping_interval_us: cfg.ping_interval.as_micros() as u64,
+            acks_lost_at: &lost_at,
+        },
+    );
+    r.group_acked = rows.iter().filter(|c| c.outcome == "acked").count() as u64;
+    r.group_redelivered = rows.iter().filter(|c| c.attempt > 1).count() as u64;
+    if !v.is_empty() {
+        if !r.violations.is_empty() {
+            r.violations.push_str("; ");
+        }
+        r.violations.push_str(&v.join("; "));
+    }
 }
 
 /// When publishing starts: faults are timed from here, 500 ms into the simulation.
@@ -640,6 +754,8 @@ fn judge(
         lost_by_policy: excused.len() as u64,
         power_dropped,
         power_oldest_unsynced_ms: power_oldest.as_secs_f64() * 1000.0,
+        group_acked: 0,
+        group_redelivered: 0,
     }
 }
 
