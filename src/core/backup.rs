@@ -188,6 +188,7 @@ impl Broker {
                     mid: 0,
                     topic,
                     entry,
+                    quiet: false,
                 })
             })
             .collect();

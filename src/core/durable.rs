@@ -515,20 +515,15 @@ impl Broker {
         if from >= self.log.next_offset(topic) {
             return Ok(());
         }
-        let mut undelivered = self.undelivered(topic, from)?;
-        // Delivered entries a consumer group has not finished go over too: the group must
-        // still get them (a subscriber that had one gets it again: at least once).
-        let unfinished = self.groups_unfinished(topic, from, self.log.delivered(topic));
-        if !unfinished.is_empty() {
-            let mut extra = Vec::new();
-            for o in unfinished {
-                if let Ok(mut e) = self.log.read(topic, o, 1) {
-                    extra.append(&mut e);
-                }
-            }
-            extra.append(&mut undelivered);
-            undelivered = extra;
-        }
+        let undelivered = self.undelivered(topic, from)?;
+        // Delivered entries a consumer group has not finished go over too, for the groups
+        // only (`GROUP|requeue`: the subscribers had them).
+        let unfinished: Vec<Arc<Entry>> = self
+            .groups_unfinished(topic, from, self.log.delivered(topic))
+            .into_iter()
+            .filter_map(|o| self.log.read(topic, o, 1).ok())
+            .flatten()
+            .collect();
         if topic == super::JOURNAL {
             // Our records past the cut go back to the primary (`GROUP|merge`, at its `MARK`).
             let mut cut = self.journal_cut(from);
@@ -554,14 +549,16 @@ impl Broker {
             if cut == 1 { "y" } else { "ies" },
             undelivered.len()
         );
-        if !undelivered.is_empty() && self.cfg.peer.is_some() {
-            let msgs = undelivered
-                .into_iter()
-                .map(|entry| {
+        if !(undelivered.is_empty() && unfinished.is_empty()) && self.cfg.peer.is_some() {
+            let quiet = unfinished.into_iter().map(|e| (e, true));
+            let msgs = quiet
+                .chain(undelivered.into_iter().map(|e| (e, false)))
+                .map(|(entry, quiet)| {
                     Arc::new(Message {
                         mid: 0,
                         topic: topic.to_string(),
                         entry,
+                        quiet,
                     })
                 })
                 .collect();

@@ -403,6 +403,27 @@ impl Broker {
                 delay_ms,
             } => self.group_nack(conn, topic, group, offset, delay_ms),
             GroupOp::List { topic } => self.group_list(conn, topic.as_deref()),
+            GroupOp::Requeue {
+                topic,
+                id,
+                sent_us,
+                payload,
+            } => {
+                let f = Frame::Pub {
+                    topic,
+                    id,
+                    sent_us,
+                    payload,
+                };
+                match self.role() {
+                    Role::Primary => self.accept_publish_as(conn, f, true),
+                    // Handed over to a node that is not primary (any more): the sender tries
+                    // again, as for a hand-over of `PUB`s.
+                    Role::Backup => {
+                        self.reply(conn, err("not primary; hand it to the other broker".into()))
+                    }
+                }
+            }
             other => {
                 let reason = format!("unexpected GROUP|{} from a client", verb_of(&other));
                 self.reply(conn, err(reason));
@@ -660,6 +681,7 @@ impl Broker {
             mid,
             topic: JOURNAL.to_string(),
             entry,
+            quiet: false,
         };
         let repl = self.replicate(&msg);
         Ok((repl.is_some() || self.log.is_durable()).then_some(mid))
@@ -1135,6 +1157,7 @@ impl Broker {
                 mid,
                 topic: dead_topic.clone(),
                 entry,
+                quiet: false,
             });
             self.replicate(&msg);
             self.enqueue(msg, true);

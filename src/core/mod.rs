@@ -206,6 +206,9 @@ struct Message {
     mid: u64,
     topic: String,
     entry: Arc<Entry>,
+    /// For consumer groups only: the topic's subscribers had it already (an entry handed over
+    /// from a diverged log so that a group still gets it; see `groups.rs`).
+    quiet: bool,
 }
 
 impl std::ops::Deref for Message {

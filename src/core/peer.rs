@@ -333,6 +333,7 @@ impl Broker {
                 mid,
                 topic: m.topic.clone(),
                 entry,
+                quiet: false,
             });
             if !self.park(&msg) {
                 self.enqueue(msg, false);
@@ -384,7 +385,14 @@ impl Broker {
         };
         let mut line = String::new();
         for m in &h.msgs {
-            let f = if m.id.is_anonymous() {
+            let f = if m.quiet {
+                Frame::Group(crate::protocol::GroupOp::Requeue {
+                    topic: m.topic.clone(),
+                    id: m.id.clone(),
+                    sent_us: m.sent_us,
+                    payload: m.payload.clone(),
+                })
+            } else if m.id.is_anonymous() {
                 Frame::Publish {
                     topic: m.topic.clone(),
                     payload: m.payload.clone(),

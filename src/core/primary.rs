@@ -115,6 +115,12 @@ impl Broker {
     /// Accepts a publish on the primary. The `ACK` goes at once when running degraded (or for
     /// a resend of a message already safe), otherwise when the backup has stored the message.
     pub(super) fn accept_publish(&mut self, conn: ConnId, frame: Frame) {
+        self.accept_publish_as(conn, frame, false);
+    }
+
+    /// [`Broker::accept_publish`]; a `quiet` one goes to the topic's consumer groups only (a
+    /// group-only hand-over, `GROUP|requeue`).
+    pub(super) fn accept_publish_as(&mut self, conn: ConnId, frame: Frame, quiet: bool) {
         let (topic, id, sent_us, payload, legacy) = match frame {
             Frame::Pub {
                 topic,
@@ -164,7 +170,12 @@ impl Broker {
             );
             let mid = self.next_mid;
             self.next_mid += 1;
-            let msg = Arc::new(Message { mid, topic, entry });
+            let msg = Arc::new(Message {
+                mid,
+                topic,
+                entry,
+                quiet,
+            });
             let repl = self.replicate(&msg);
             self.enqueue(msg, true);
             let local = self.log.is_durable();
@@ -410,6 +421,10 @@ impl Broker {
 
     /// Sends one message to every subscriber of its topic, encoded once per dialect.
     fn deliver(&mut self, m: &Message, stamps: Stamps) {
+        if m.quiet {
+            // Its subscribers had it already; its groups take it from the log.
+            return;
+        }
         self.delivered += 1;
         self.observe_stages(&stamps);
         let Some(subs) = self.topics.get(&m.topic) else {

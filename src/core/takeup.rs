@@ -169,6 +169,7 @@ impl Broker {
                 mid,
                 topic: topic.to_string(),
                 entry,
+                quiet: false,
             });
             self.replicate(&msg);
             self.enqueue(msg, false);
@@ -324,6 +325,7 @@ impl Broker {
                                 mid: 0,
                                 topic: topic.clone(),
                                 entry,
+                                quiet: false,
                             })
                         }),
                 ),

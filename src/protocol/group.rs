@@ -294,6 +294,20 @@ pub enum GroupOp {
     },
     /// Backup → primary: every `merge` of that catch-up was sent.
     Merged,
+    /// Peer → primary (a hand-over, sent as the hand-over's `PUB`s are): an entry cut from the
+    /// sender's diverged log that a consumer group had not finished. The topic's subscribers
+    /// had it already: it is logged again for the groups only. Answered `ACK|publisher|seq`, as
+    /// a `PUB`; it carries no more authority than one (any client could publish the entry).
+    Requeue {
+        /// The topic.
+        topic: String,
+        /// Its publisher's identity.
+        id: MsgId,
+        /// When its publisher sent it.
+        sent_us: u64,
+        /// Its payload.
+        payload: String,
+    },
 }
 
 fn bad(s: String) -> ProtocolError {
@@ -342,6 +356,8 @@ impl GroupOp {
         // The payload of `msg` is last and may hold '|': split only as far as needed.
         let f: Vec<&str> = if step == "merge" {
             vec![rest]
+        } else if step == "requeue" {
+            rest.splitn(5, '|').collect()
         } else if step == "msg" {
             rest.splitn(8, '|').collect()
         } else {
@@ -478,6 +494,20 @@ impl GroupOp {
                 record: rest.to_string(),
             },
             ("merged", 1) if rest.is_empty() => GroupOp::Merged,
+            ("requeue", 5) => {
+                if f[0].is_empty() {
+                    return Err(ProtocolError::EmptyField("GROUP topic"));
+                }
+                GroupOp::Requeue {
+                    topic: f[0].to_string(),
+                    id: MsgId {
+                        publisher: f[1].to_string(),
+                        seq: num(f[2], "GROUP seq")?,
+                    },
+                    sent_us: num(f[3], "GROUP sent")?,
+                    payload: f[4].to_string(),
+                }
+            }
             _ => return Err(usage()),
         };
         Ok(op)
@@ -488,6 +518,7 @@ impl GroupOp {
         match self {
             GroupOp::List { topic } => topic.as_deref(),
             GroupOp::End | GroupOp::Merge { .. } | GroupOp::Merged => None,
+            GroupOp::Requeue { topic, .. } => Some(topic),
             GroupOp::Create { topic, .. }
             | GroupOp::Join { topic, .. }
             | GroupOp::Leave { topic, .. }
@@ -576,6 +607,16 @@ impl fmt::Display for GroupOp {
             GroupOp::End => f.write_str("end"),
             GroupOp::Merge { record } => write!(f, "merge|{record}"),
             GroupOp::Merged => f.write_str("merged"),
+            GroupOp::Requeue {
+                topic,
+                id,
+                sent_us,
+                payload,
+            } => write!(
+                f,
+                "requeue|{topic}|{}|{}|{sent_us}|{payload}",
+                id.publisher, id.seq
+            ),
         }
     }
 }
@@ -652,6 +693,15 @@ mod tests {
                 record: "ack|t|g|4|p|9".into(),
             },
             GroupOp::Merged,
+            GroupOp::Requeue {
+                topic: "t".into(),
+                id: MsgId {
+                    publisher: "p".into(),
+                    seq: 3,
+                },
+                sent_us: 5,
+                payload: "x|y".into(),
+            },
         ];
         for op in ops {
             let text = op.to_string();
