@@ -267,3 +267,135 @@ fn acknowledgements_survive_both_nodes_dying_and_are_never_delivered_again() {
         "acknowledged before the power loss, delivered again after: {again:?}"
     );
 }
+
+#[test]
+fn a_lease_that_runs_out_goes_to_another_member_and_a_hopeless_entry_to_the_dead_letters() {
+    let (_p, _b, pa, ba) = pair(&["--compute", "0"], &["--compute", "0"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = |n: &str| dir.path().join(format!("{n}.csv")).display().to_string();
+    // A member slower than the ack-wait: its leases run out and its late acks are refused.
+    let (slow_csv, quick_csv) = (csv("slow"), csv("quick"));
+    let slow = spawn_bin_capture(
+        "consumer",
+        &[
+            "lease",
+            "jobs",
+            &pa,
+            &ba,
+            "--name",
+            "slow",
+            "--work",
+            "800",
+            "--ack-wait",
+            "300ms",
+            "--csv",
+            &slow_csv,
+        ],
+    );
+    slow.wait_stderr("joined group 'lease' on 'jobs' as slow on primary");
+    let mut publ = spawn_bin("test-publisher", &["jobs", &pa, &ba, "--count", "1"]);
+    assert!(publ
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    assert!(
+        wait_until(Duration::from_secs(5), || slow
+            .stdout_lines()
+            .iter()
+            .any(|l| l.contains("offset 0 attempt 1"))),
+        "the slow member got the entry first"
+    );
+    let quick = spawn_bin(
+        "consumer",
+        &[
+            "lease",
+            "jobs",
+            &pa,
+            &ba,
+            "--name",
+            "quick",
+            "--work",
+            "0",
+            "--ack-wait",
+            "300ms",
+            "--csv",
+            &quick_csv,
+        ],
+    );
+    quick.wait_stderr("joined group 'lease' on 'jobs' as quick on primary");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            rows(Path::new(&quick_csv))
+                .iter()
+                .any(|r| r.offset == 0 && r.attempt >= 2 && r.outcome == "acked")
+        }),
+        "the entry went to the quick member after the slow one's lease ran out: {:?}",
+        rows(Path::new(&quick_csv))
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            rows(Path::new(&slow_csv))
+                .iter()
+                .any(|r| r.offset == 0 && r.outcome == "refused")
+        }),
+        "the slow member's late ack was refused: {:?}",
+        rows(Path::new(&slow_csv))
+    );
+    // A member that gives everything back: after --max-deliver deliveries the entry becomes a
+    // dead letter, which a subscriber of `jobs.dead` gets.
+    let mut dead = subscribe(&pa, "jobs.dead");
+    let nacker_csv = csv("nacker");
+    let _nacker = spawn_bin(
+        "consumer",
+        &[
+            "hopeless",
+            "jobs",
+            &pa,
+            &ba,
+            "--name",
+            "nacker",
+            "--work",
+            "0",
+            "--fail-rate",
+            "1",
+            "--max-deliver",
+            "3",
+            "--csv",
+            &nacker_csv,
+        ],
+    );
+    let got = match dead.next(10 * SEC) {
+        Got::Line(l) => l,
+        other => panic!("no dead letter: {other:?}"),
+    };
+    assert!(
+        got.starts_with("MSG|jobs.dead|$dead:jobs:hopeless|1|")
+            && got.contains("offset=0")
+            && got.contains("3 deliveries, the last: nacked"),
+        "{got}"
+    );
+    let attempts: Vec<u32> = rows(Path::new(&nacker_csv))
+        .iter()
+        .filter(|r| r.offset == 0)
+        .map(|r| r.attempt)
+        .collect();
+    assert_eq!(attempts, vec![1, 2, 3], "three deliveries, each nacked");
+    let list = spawn_bin_capture("groups", &[&pa, "jobs"]);
+    let mut list = list;
+    assert!(list
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    let out = list.stdout_lines().join("\n");
+    let hopeless = out
+        .lines()
+        .find(|l| l.contains("hopeless"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>();
+    // topic group floor pending lag redelivered dead members
+    assert_eq!(
+        hopeless.get(2),
+        Some(&"1"),
+        "floor past the dead letter: {out}"
+    );
+    assert_eq!(hopeless.get(6), Some(&"1"), "one dead letter: {out}");
+}
