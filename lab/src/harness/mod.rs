@@ -203,6 +203,10 @@ pub struct HarnessOpts {
     /// Chaos: time between two faults.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub cycle: Duration,
+    /// Run a consumer group of three alongside, judged as in `--scenario group` (with any
+    /// scenario, and in chaos, where killing a member joins the faults drawn).
+    #[arg(long)]
+    pub group: bool,
     /// Where each process runs (a TOML inventory: `local` or a network namespace per role;
     /// README, *Across network namespaces*). Default: everything local.
     #[arg(long, value_name = "FILE")]

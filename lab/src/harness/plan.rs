@@ -14,6 +14,8 @@ pub(crate) enum Action {
     Resume(usize),
     /// Start a killed node again with its original command line.
     Restart(usize),
+    /// Start a killed consumer again (chaos with `--group`).
+    RestartConsumer(usize),
     /// Set the fault of both peer-link proxies.
     Link(Fault),
     /// A chaos fault, aimed when it fires at whichever node is then active (or standing by).
@@ -43,6 +45,8 @@ pub enum ChaosFault {
     PowerLoss,
     /// SIGTERM both nodes at once, restart both later.
     RestartBoth,
+    /// SIGKILL a member of the consumer group, start it again later (`--group` only).
+    KillConsumer,
 }
 
 impl ChaosFault {
@@ -68,6 +72,7 @@ impl ChaosFault {
             ChaosFault::SlowLink => "slow-link",
             ChaosFault::PowerLoss => "power-loss",
             ChaosFault::RestartBoth => "restart-both",
+            ChaosFault::KillConsumer => "kill-consumer",
         }
     }
 }
@@ -79,7 +84,13 @@ pub(crate) fn chaos_plan(opts: &HarnessOpts, seed: u64) -> Vec<(Duration, Action
     (0..opts.cycles)
         .map(|c| {
             let jitter = Duration::from_millis(rng.gen_range(0..500));
-            let f = ChaosFault::ALL[rng.gen_range(0..ChaosFault::ALL.len())];
+            // With a consumer group, killing a member joins the faults (without one, the
+            // schedules of earlier seeds stay as they were).
+            let kinds = ChaosFault::ALL.len() + usize::from(opts.group);
+            let f = ChaosFault::ALL
+                .get(rng.gen_range(0..kinds))
+                .copied()
+                .unwrap_or(ChaosFault::KillConsumer);
             (
                 opts.kill_at + opts.cycle * c as u32 + jitter,
                 Action::Chaos(f),

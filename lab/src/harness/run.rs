@@ -120,7 +120,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
             bin_dir.display()
         );
     }
-    let group_run = scenario == Scenario::Group && !opts.chaos;
+    let group_run = (scenario == Scenario::Group && !opts.chaos) || opts.group;
     if group_run && !bin_dir.join("consumer").exists() {
         bail!(
             "consumer not found in {} (the group scenario runs three; build with \
@@ -368,25 +368,34 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
     // The group scenario's members: three consumers where the subscriber runs, joined on both
     // nodes (procs 4, 5, 6), and the group's figures scraped from both nodes.
     let mut group_scrape = None;
+    // Each life of a member writes its own CSV (`consumer-2.csv`, `consumer-2.2.csv`, …).
+    let mut consumer_files: Vec<String> = Vec::new();
+    let mut consumer_lives = [1u32; 3];
+    let consumer_args = |k: usize, file: &str| {
+        let name = CONSUMERS[k];
+        vec![
+            "g".to_string(),
+            opts.topic.clone(),
+            primary.clone(),
+            backup.clone(),
+            "--name".into(),
+            name.to_string(),
+            "--work".into(),
+            // The member killed mid-run is a slow one: it is working on an entry then.
+            if k == 1 { "1500..2500" } else { "50..150" }.into(),
+            "--ack-wait".into(),
+            format!("{}ms", GROUP_ACK_WAIT.as_millis()),
+            "--seed".into(),
+            (chaos_seed + k as u64).to_string(),
+            "--csv".into(),
+            file_for(2, file),
+        ]
+    };
     if group_run {
         for (k, name) in CONSUMERS.iter().enumerate() {
-            let args = vec![
-                "g".to_string(),
-                opts.topic.clone(),
-                primary.clone(),
-                backup.clone(),
-                "--name".into(),
-                name.to_string(),
-                "--work".into(),
-                // The member killed mid-run is a slow one: it is working on an entry then.
-                if k == 1 { "1500..2500" } else { "50..150" }.into(),
-                "--ack-wait".into(),
-                format!("{}ms", GROUP_ACK_WAIT.as_millis()),
-                "--seed".into(),
-                (chaos_seed + k as u64).to_string(),
-                "--csv".into(),
-                file_for(2, &format!("{name}.csv")),
-            ];
+            let file = format!("{name}.csv");
+            let args = consumer_args(k, &file);
+            consumer_files.push(file);
             procs.push(spawn_logged_as(
                 &launchers[2],
                 &bin_dir,
@@ -432,7 +441,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
             let (_, action) = faults[next];
             next += 1;
             let first_fault = fault_us.is_none();
-            if !matches!(action, Action::KillConsumer(_)) {
+            if !matches!(action, Action::KillConsumer(_) | Action::RestartConsumer(_)) {
                 // A consumer's death is no fault of the pair: the failover is timed from the
                 // node fault.
                 fault_us.get_or_insert_with(now_us);
@@ -485,6 +494,16 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
                         opts.fault_for,
                         vec![Action::Link(Fault::Pass)],
                     ),
+                    ChaosFault::KillConsumer => {
+                        // The members in turn.
+                        let k = chaos_events.len() % CONSUMERS.len();
+                        (
+                            vec![Action::KillConsumer(k)],
+                            CONSUMERS[k],
+                            opts.restart_after,
+                            vec![Action::RestartConsumer(k)],
+                        )
+                    }
                     ChaosFault::PowerLoss | ChaosFault::RestartBoth => {
                         let sig = if kind == ChaosFault::PowerLoss {
                             KillSignal::Kill
@@ -546,16 +565,43 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
                             spans[k].to_us = now;
                         }
                     }
-                    Action::Chaos(_) | Action::KillConsumer(_) => {}
+                    Action::Chaos(_) | Action::KillConsumer(_) | Action::RestartConsumer(_) => {}
                 }
                 let what = match action {
+                    Action::RestartConsumer(k) => {
+                        let i = 4 + k;
+                        if let Some(p) = procs.get_mut(i) {
+                            let _ = p.child.wait().await;
+                        }
+                        consumer_lives[k] += 1;
+                        let file = format!("{}.{}.csv", CONSUMERS[k], consumer_lives[k]);
+                        let args = consumer_args(k, &file);
+                        consumer_files.push(file);
+                        let p = spawn_logged_as(
+                            &launchers[2],
+                            &bin_dir,
+                            "consumer",
+                            CONSUMERS[k],
+                            &args,
+                            &dir,
+                            ltx.clone(),
+                        )?;
+                        let whereabouts = p.whereabouts();
+                        if let Some(slot) = procs.get_mut(i) {
+                            *slot = p;
+                        }
+                        format!("{} restarted ({whereabouts})", CONSUMERS[k])
+                    }
                     Action::KillConsumer(k) => {
                         let i = 4 + k;
                         if let Some(p) = procs.get(i) {
                             p.signal(libc::SIGKILL);
                         }
                         consumer_kills.push(now_us());
-                        extra_marks.push((now_us(), format!("SIGKILL {}", CONSUMERS[k])));
+                        if !opts.chaos {
+                            // (A chaos run marks each of its faults already.)
+                            extra_marks.push((now_us(), format!("SIGKILL {}", CONSUMERS[k])));
+                        }
                         format!(
                             "SIGKILL sent to {} ({})",
                             CONSUMERS[k],
@@ -730,12 +776,14 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         }
         task.abort();
         group_scrapes = rows.lock().map(|g| g.clone()).unwrap_or_default();
-        for (k, name) in CONSUMERS.iter().enumerate() {
+        for k in 0..CONSUMERS.len() {
             if let Some(p) = procs.get_mut(4 + k) {
                 p.stop(Duration::from_secs(3)).await;
             }
-            let local = dir.join(format!("{name}.csv"));
-            fetch_back(&launchers[2], &format!("{name}.csv"), &local);
+        }
+        for file in &consumer_files {
+            let local = dir.join(file);
+            fetch_back(&launchers[2], file, &local);
             if let Ok(mut r) = csv::Reader::from_path(&local) {
                 group_rows.extend(r.deserialize().filter_map(Result::ok));
             }
@@ -821,7 +869,7 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
         signal: match faults
             .iter()
             .map(|f| f.1)
-            .find(|a| !matches!(a, Action::KillConsumer(_)))
+            .find(|a| !matches!(a, Action::KillConsumer(_) | Action::RestartConsumer(_)))
         {
             Some(Action::Signal(_, s)) => s.name().to_string(),
             Some(Action::Link(f)) => format!("{f:?}"),
@@ -834,9 +882,13 @@ pub async fn run(opts: HarnessOpts) -> anyhow::Result<Outcome> {
             &group_rows,
             info.publisher.as_deref().unwrap_or_default(),
             published,
-            &consumer_kills,
-            fault_us,
-            GROUP_ACK_WAIT.as_micros() as u64,
+            &report::GroupFaults {
+                consumer_kills: &consumer_kills,
+                primary_kill: fault_us,
+                ack_wait_us: GROUP_ACK_WAIT.as_micros() as u64,
+                spans: &info.faults,
+                ping_interval_us: info.ping_interval_us,
+            },
         )
     });
     if let Some(v) = &group_verdict {

@@ -60,8 +60,12 @@ pub struct GroupVerdict {
     pub acked: u64,
     /// Sequence numbers never acknowledged.
     pub missing: Vec<u64>,
-    /// Sequence numbers acknowledged more than once.
+    /// Sequence numbers acknowledged more than once (outside a split brain).
     pub acked_twice: Vec<u64>,
+    /// Acknowledged more than once, one of the acks inside a link fault's split-brain window:
+    /// both nodes served the group then (reported, not judged; see `check::excused_until_us`).
+    #[serde(default)]
+    pub acked_twice_split_brain: Vec<u64>,
     /// Deliveries that were not an entry's first, by cause.
     pub redeliveries: BTreeMap<String, u64>,
     /// Acknowledged entries per member.
@@ -70,16 +74,37 @@ pub struct GroupVerdict {
     pub ok: bool,
 }
 
-/// Judges the members' rows against what was published. `consumer_kills` and `primary_kill`
-/// (µs, harness clock) and the group's `ack_wait_us` explain redeliveries.
+/// What explains a group's redeliveries, and excuses an ack twice.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GroupFaults<'a> {
+    /// When members were killed (µs, harness clock).
+    pub consumer_kills: &'a [u64],
+    /// When the primary was first failed.
+    pub primary_kill: Option<u64>,
+    /// The group's ack-wait, µs.
+    pub ack_wait_us: u64,
+    /// Every fault of the run, for the split-brain windows of link faults.
+    pub spans: &'a [crate::check::FaultSpan],
+    /// The backup's ping interval (the windows' length depends on it).
+    pub ping_interval_us: u64,
+}
+
+/// Judges the members' rows against what was published; `f` explains redeliveries.
 pub fn judge_group(
     rows: &[Consumed],
     publisher: &str,
     published: u64,
-    consumer_kills: &[u64],
-    primary_kill: Option<u64>,
-    ack_wait_us: u64,
+    f: &GroupFaults<'_>,
 ) -> GroupVerdict {
+    let (consumer_kills, primary_kill, ack_wait_us) =
+        (f.consumer_kills, f.primary_kill, f.ack_wait_us);
+    let in_split_brain = |t: u64| {
+        f.spans.iter().any(|s| {
+            s.kind.excuses_split_brain()
+                && s.from_us <= t
+                && t <= crate::check::excused_until_us(s, f.ping_interval_us)
+        })
+    };
     let mine: Vec<&Consumed> = rows.iter().filter(|r| r.publisher == publisher).collect();
     let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
     for r in mine.iter().filter(|r| r.outcome == "acked") {
@@ -123,17 +148,24 @@ pub fn judge_group(
         *redeliveries.entry(key).or_default() += 1;
     }
     let missing: Vec<u64> = (1..=published).filter(|s| !acked.contains_key(s)).collect();
-    let acked_twice: Vec<u64> = acked
+    let twice: Vec<u64> = acked
         .iter()
         .filter(|(_, n)| **n > 1)
         .map(|(s, _)| *s)
         .collect();
+    let (acked_twice_split_brain, acked_twice): (Vec<u64>, Vec<u64>) =
+        twice.into_iter().partition(|s| {
+            mine.iter()
+                .filter(|r| r.seq == *s && r.outcome == "acked")
+                .any(|r| in_split_brain(r.acked_at_us))
+        });
     GroupVerdict {
         published,
         acked: acked.len() as u64,
         ok: missing.is_empty() && acked_twice.is_empty(),
         missing,
         acked_twice,
+        acked_twice_split_brain,
         redeliveries,
         shares,
     }
@@ -163,6 +195,14 @@ pub fn render_group(v: &GroupVerdict) -> String {
             format!(", acknowledged twice {:?}", v.acked_twice)
         }
     );
+    if !v.acked_twice_split_brain.is_empty() {
+        s.push_str(&format!(
+            "  split brain      {} entr{} acknowledged on both nodes while they both served (excused): {:?}\n",
+            v.acked_twice_split_brain.len(),
+            if v.acked_twice_split_brain.len() == 1 { "y" } else { "ies" },
+            v.acked_twice_split_brain
+        ));
+    }
     let redel: Vec<String> = v
         .redeliveries
         .iter()
@@ -304,7 +344,13 @@ mod tests {
             row("c", 5, 1, 70, "primary", "unconfirmed"),
             row("c", 5, 2, 110, "backup", "acked"),
         ];
-        let v = judge_group(&rows, "p", 5, &[35], Some(100), 20);
+        let f = GroupFaults {
+            consumer_kills: &[35],
+            primary_kill: Some(100),
+            ack_wait_us: 20,
+            ..Default::default()
+        };
+        let v = judge_group(&rows, "p", 5, &f);
         assert!(v.ok, "{v:?}");
         assert_eq!(v.acked, 5);
         assert_eq!(v.redeliveries.get("consumer-death"), Some(&2), "{v:?}");
@@ -313,11 +359,28 @@ mod tests {
         assert_eq!(v.shares.get("a"), Some(&4));
         let mut twice = rows.clone();
         twice.push(row("c", 1, 2, 120, "backup", "acked"));
-        let v = judge_group(&twice, "p", 6, &[35], Some(100), 20);
+        let v = judge_group(&twice, "p", 6, &f);
         assert!(
             !v.ok && v.acked_twice == vec![1] && v.missing == vec![6],
             "{v:?}"
         );
         assert!(render_group(&v).contains("FAIL"));
+        // The same second ack inside a partition's window is split brain: excused.
+        let spans = [crate::check::FaultSpan {
+            kind: crate::check::FaultKind::Partition,
+            from_us: 100,
+            to_us: 130,
+        }];
+        let v = judge_group(
+            &twice,
+            "p",
+            5,
+            &GroupFaults {
+                spans: &spans,
+                ping_interval_us: 1000,
+                ..f
+            },
+        );
+        assert!(v.ok && v.acked_twice_split_brain == vec![1], "{v:?}");
     }
 }

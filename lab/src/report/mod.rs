@@ -34,7 +34,9 @@ mod group;
 mod metrics;
 mod plot;
 
-pub use group::{judge_group, render_group, write_group, GroupRow, GroupVerdict, Redelivery};
+pub use group::{
+    judge_group, render_group, write_group, GroupFaults, GroupRow, GroupVerdict, Redelivery,
+};
 pub use metrics::{write_metrics, MetricsRow};
 
 pub(crate) use plot::{draw_legend, plot_err};
