@@ -336,10 +336,8 @@ fn a_subscriber_that_does_not_read_holds_up_a_long_undelivered_log_only_for_a_wh
     publish_acked(&pa, "late", 1..=3);
     let got = collect_ids(&mut reader, LONG_LOG as usize + 3);
     assert_same_order(&got, &filled_then(LONG_LOG, 3));
-    assert!(
-        primary.logged("going on without them"),
-        "the stuck subscriber should have been waited for, then left behind"
-    );
+    // The stuck subscriber was waited for, then left behind.
+    primary.wait_stderr("going on without them");
 }
 
 #[test]

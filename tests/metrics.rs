@@ -115,5 +115,5 @@ fn a_metrics_address_that_cannot_be_bound_stops_the_node_and_says_why() {
     );
     let code = n.wait_exit(10 * SEC).expect("exits");
     assert!(!code.success());
-    assert!(n.logged("cannot listen for --metrics"));
+    n.wait_stderr("cannot listen for --metrics");
 }

@@ -278,7 +278,7 @@ fn with_no_secret_anywhere_the_first_node_makes_one_and_the_pair_links() {
         .mode()
         & 0o777;
     assert_eq!(mode, 0o600);
-    assert!(primary.logged("peer secret from"));
+    primary.wait_stderr("peer secret from");
 }
 
 #[test]
@@ -373,6 +373,6 @@ fn a_node_on_the_backups_port_cannot_reflect_the_primarys_handshake_back_to_it()
         answer.starts_with("ERR|authentication failed") && answer.contains("reflection"),
         "the primary answered its own nonce with {answer}"
     );
-    assert!(primary.logged("refused a peer handshake"));
+    primary.wait_stderr("refused a peer handshake");
     assert_eq!(state(&pa).1, 1);
 }

@@ -422,10 +422,8 @@ fn a_kicked_subscriber_that_never_reads_loses_its_connection_after_the_grace() {
         }
         published += 1024;
     }
-    assert!(
-        broker.logged(KICK_LINE),
-        "never disconnected ({published} published)"
-    );
+    // It was disconnected (its log says so, a moment after the close perhaps).
+    broker.wait_stderr(KICK_LINE);
     let kicked = open_fds(pid);
     // The slow subscriber still does not read: its socket must go within the grace (2 s).
     assert!(

@@ -270,7 +270,7 @@ fn tls_options_that_do_not_go_together_stop_the_node_and_say_why() {
     );
     let code = n.wait_exit(10 * SEC).expect("exits");
     assert_eq!(code.code(), Some(2));
-    assert!(n.logged("key"), "{:?}", n.stderr.lock().map(|l| l.clone()));
+    n.wait_stderr("key");
 }
 
 #[test]
