@@ -76,26 +76,38 @@ fn a_group_shares_the_work_and_loses_nothing_to_a_crashed_member_or_a_dead_prima
             .is_some_and(|s| s.success()),
         "every publish acknowledged"
     );
-    // Everything acknowledged by exactly one member, on whichever node served it.
+    // Everything acknowledged by exactly one member, on whichever node served it. An ack whose
+    // answer never came (the primary died first) may have been stored, and then the entry is
+    // rightly never delivered again: it counts as finished, and the listing below shows the
+    // group's floor past every entry.
     let mut acked: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     let done = wait_until(Duration::from_secs(30), || {
         acked.clear();
         for c in ["one", "two", "three"] {
-            for r in rows(&csv(c)).into_iter().filter(|r| r.outcome == "acked") {
-                acked.entry(r.offset).or_default().push(r.consumer.clone());
+            for r in rows(&csv(c))
+                .into_iter()
+                .filter(|r| r.outcome == "acked" || r.outcome == "unconfirmed")
+            {
+                acked.entry(r.offset).or_default().push(r.outcome.clone());
             }
         }
         acked.len() as u64 == n
     });
+    let missing: Vec<u64> = (0..n).filter(|o| !acked.contains_key(o)).collect();
     assert!(
         done,
-        "acknowledged {} of {n}: missing {:?}",
+        "acknowledged {} of {n}: missing {missing:?}; their rows: {:?}",
         acked.len(),
-        (0..n)
-            .filter(|o| !acked.contains_key(o))
+        ["one", "two", "three"]
+            .iter()
+            .flat_map(|c| rows(&csv(c)))
+            .filter(|r| missing.contains(&r.offset))
             .collect::<Vec<_>>()
     );
-    let twice: Vec<_> = acked.iter().filter(|(_, who)| who.len() > 1).collect();
+    let twice: Vec<_> = acked
+        .iter()
+        .filter(|(_, how)| how.iter().filter(|o| *o == "acked").count() > 1)
+        .collect();
     assert!(twice.is_empty(), "acknowledged twice: {twice:?}");
     let crashed = rows(&csv("two"))
         .into_iter()
@@ -373,12 +385,20 @@ fn a_lease_that_runs_out_goes_to_another_member_and_a_hopeless_entry_to_the_dead
             && got.contains("3 deliveries, the last: nacked"),
         "{got}"
     );
-    let attempts: Vec<u32> = rows(Path::new(&nacker_csv))
-        .iter()
-        .filter(|r| r.offset == 0)
-        .map(|r| r.attempt)
-        .collect();
-    assert_eq!(attempts, vec![1, 2, 3], "three deliveries, each nacked");
+    // The member writes its third row when its nack is answered, which may be after the dead
+    // letter reached the subscriber.
+    let attempts = || -> Vec<u32> {
+        rows(Path::new(&nacker_csv))
+            .iter()
+            .filter(|r| r.offset == 0 && r.outcome == "nacked")
+            .map(|r| r.attempt)
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || attempts() == vec![1, 2, 3]),
+        "three deliveries, each nacked: {:?}",
+        attempts()
+    );
     let list = spawn_bin_capture("groups", &[&pa, "jobs"]);
     let mut list = list;
     assert!(list
