@@ -173,6 +173,22 @@ impl Group {
         }
     }
 
+    /// Ends `conn`'s membership, if it has one: what it held goes to others. True if it had.
+    fn drop_member(&mut self, conn: ConnId, why: &'static str) -> bool {
+        let before = self.members.len();
+        self.members.retain(|m| m.conn != conn);
+        let held: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.conn == conn)
+            .map(|(o, _)| *o)
+            .collect();
+        for o in held {
+            self.give_back(o, why);
+        }
+        self.members.len() < before
+    }
+
     /// The next member with room, round-robin; one other than `avoid` (who had the entry
     /// before) when there is one.
     fn next_member(&mut self, avoid: Option<ConnId>) -> Option<usize> {
@@ -370,16 +386,9 @@ impl Broker {
                 let Some(g) = self.groups.get_mut(&topic, &group) else {
                     return self.reply(conn, no_group(&topic, &group));
                 };
-                if let Some(i) = g.members.iter().position(|m| m.conn == conn) {
-                    g.members.remove(i);
-                    let held: Vec<u64> = g
-                        .leases
-                        .iter()
-                        .filter(|(_, l)| l.conn == conn)
-                        .map(|(o, _)| *o)
-                        .collect();
-                    for o in held {
-                        g.give_back(o, "its consumer left");
+                if g.drop_member(conn, "its consumer left") {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.groups.retain(|(t, n)| !(t == &topic && n == &group));
                     }
                 }
                 self.reply(
@@ -927,16 +936,7 @@ impl Broker {
     pub(super) fn groups_forget(&mut self, conn: ConnId, memberships: &[(String, String)]) {
         for (topic, group) in memberships {
             if let Some(g) = self.groups.get_mut(topic, group) {
-                g.members.retain(|m| m.conn != conn);
-                let held: Vec<u64> = g
-                    .leases
-                    .iter()
-                    .filter(|(_, l)| l.conn == conn)
-                    .map(|(o, _)| *o)
-                    .collect();
-                for o in held {
-                    g.give_back(o, "its consumer went away");
-                }
+                g.drop_member(conn, "its consumer went away");
             }
         }
         for (topic, _) in memberships {
