@@ -280,3 +280,39 @@ fn after_a_failover_nothing_acknowledged_is_delivered_again() {
     );
     assert_eq!(after[1].0, 4);
 }
+
+#[test]
+fn the_same_group_made_again_is_no_error_and_a_leaving_member_gives_back_what_it_held() {
+    let (mut p, admin) = pair_with_group();
+    p.send(
+        admin,
+        "GROUP|create|t|g|first|ack_wait=500,max_deliver=3,max_in_flight=1",
+    );
+    p.run_until(ms(100), |p| p.count(admin, "GROUP|created|t|g") == 2);
+    let leaver = p.client(P);
+    p.send(leaver, "GROUP|join|t|g|leaver");
+    publish(&mut p, 1);
+    p.run_until(ms(200), |p| got(p, leaver).len() == 1);
+    let stays = p.client(P);
+    p.send(stays, "GROUP|join|t|g|stays");
+    p.send(leaver, "GROUP|leave|t|g");
+    p.run_until(ms(100), |p| got(p, stays).len() == 1);
+    assert_eq!(p.count(leaver, "GROUP|left|t|g"), 1);
+    assert_eq!(got(&p, stays), vec![(0, 2)], "at once, not after ack-wait");
+    assert_eq!(info(&mut p, P).members, vec!["stays".to_string()]);
+}
+
+#[test]
+fn a_nack_with_a_delay_holds_the_entry_back_that_long() {
+    let (mut p, _) = pair_with_group();
+    let c = p.client(P);
+    p.send(c, "GROUP|join|t|g|one");
+    publish(&mut p, 1);
+    p.run_until(ms(200), |p| got(p, c).len() == 1);
+    p.send(c, "GROUP|nack|t|g|0|300");
+    p.run_until(ms(50), |p| p.count(c, "GROUP|nacked|t|g|0") == 1);
+    p.run_for(ms(250));
+    assert_eq!(got(&p, c).len(), 1, "held back for the delay");
+    p.run_until(ms(100), |p| got(p, c).len() == 2);
+    assert_eq!(got(&p, c)[1], (0, 2));
+}
