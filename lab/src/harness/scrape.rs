@@ -27,11 +27,18 @@ async fn get(addr: &str) -> Option<String> {
         .flatten()
 }
 
-/// Starts scraping `nodes` (name, metrics address); the rows collect in the returned list
-/// until the task is aborted.
-pub fn start(
+/// Every [`EVERY`], asks each of `nodes` (name, address) with `read`; the rows it returns
+/// collect in the returned list until the task is aborted. A node that does not answer has no
+/// row for that moment.
+fn poll<R, F, Fut>(
     nodes: Vec<(&'static str, String)>,
-) -> (Arc<Mutex<Vec<MetricsRow>>>, tokio::task::JoinHandle<()>) {
+    read: F,
+) -> (Arc<Mutex<Vec<R>>>, tokio::task::JoinHandle<()>)
+where
+    R: Send + 'static,
+    F: Fn(&'static str, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Vec<R>> + Send,
+{
     let rows = Arc::new(Mutex::new(Vec::new()));
     let out = rows.clone();
     let task = tokio::spawn(async move {
@@ -39,14 +46,9 @@ pub fn start(
         loop {
             tick.tick().await;
             for (name, addr) in &nodes {
-                let Some(text) = get(addr).await else {
-                    continue;
-                };
-                let at = edgepair::clock::now_us();
-                if let Some(r) = MetricsRow::parse(at, name, &text) {
-                    if let Ok(mut g) = out.lock() {
-                        g.push(r);
-                    }
+                let got = read(name, addr.clone()).await;
+                if let Ok(mut g) = out.lock() {
+                    g.extend(got);
                 }
             }
         }
@@ -54,8 +56,21 @@ pub fn start(
     (rows, task)
 }
 
-/// Asks `nodes` (name, address) for the groups of `topic` (`GROUP|list|TOPIC`) every
-/// [`EVERY`]; a node that does not answer has no row for that moment.
+/// Starts scraping `nodes` (name, metrics address) for their metrics.
+pub fn start(
+    nodes: Vec<(&'static str, String)>,
+) -> (Arc<Mutex<Vec<MetricsRow>>>, tokio::task::JoinHandle<()>) {
+    poll(nodes, |name, addr| async move {
+        let Some(text) = get(&addr).await else {
+            return Vec::new();
+        };
+        MetricsRow::parse(edgepair::clock::now_us(), name, &text)
+            .into_iter()
+            .collect()
+    })
+}
+
+/// Asks `nodes` (name, address) for the groups of `topic` (`GROUP|list|TOPIC`).
 pub fn start_groups(
     nodes: Vec<(&'static str, String)>,
     topic: String,
@@ -64,46 +79,39 @@ pub fn start_groups(
     tokio::task::JoinHandle<()>,
 ) {
     use edgepair::protocol::{Frame, GroupOp};
-    let rows = Arc::new(Mutex::new(Vec::new()));
-    let out = rows.clone();
-    let task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(EVERY);
-        loop {
-            tick.tick().await;
-            for (name, addr) in &nodes {
-                let ask = Frame::Group(GroupOp::List {
-                    topic: Some(topic.clone()),
-                });
-                let Ok(Ok(answers)) = tokio::time::timeout(
-                    Duration::from_millis(500),
-                    crate::procs::request_until(addr, ask, |f| {
-                        matches!(f, Frame::Group(GroupOp::End))
+    poll(nodes, move |name, addr| {
+        let ask = Frame::Group(GroupOp::List {
+            topic: Some(topic.clone()),
+        });
+        async move {
+            let Ok(Ok(answers)) = tokio::time::timeout(
+                Duration::from_millis(500),
+                crate::procs::request_until(&addr, ask, |f| {
+                    matches!(f, Frame::Group(GroupOp::End))
+                }),
+            )
+            .await
+            else {
+                return Vec::new();
+            };
+            let at = edgepair::clock::now_us();
+            answers
+                .into_iter()
+                .filter_map(|f| match f {
+                    Frame::Group(GroupOp::Info { info, .. }) => Some(crate::report::GroupRow {
+                        at_us: at,
+                        node: name.to_string(),
+                        floor: info.floor,
+                        end: info.end,
+                        pending: info.pending,
+                        lag: info.lag,
+                        redelivered: info.redelivered,
+                        dead: info.dead,
+                        members: info.members.len() as u64,
                     }),
-                )
-                .await
-                else {
-                    continue;
-                };
-                let at = edgepair::clock::now_us();
-                for f in answers {
-                    if let Frame::Group(GroupOp::Info { info, .. }) = f {
-                        if let Ok(mut g) = out.lock() {
-                            g.push(crate::report::GroupRow {
-                                at_us: at,
-                                node: name.to_string(),
-                                floor: info.floor,
-                                end: info.end,
-                                pending: info.pending,
-                                lag: info.lag,
-                                redelivered: info.redelivered,
-                                dead: info.dead,
-                                members: info.members.len() as u64,
-                            });
-                        }
-                    }
-                }
-            }
+                    _ => None,
+                })
+                .collect()
         }
-    });
-    (rows, task)
+    })
 }
