@@ -6,96 +6,26 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 
-/// A lab of namespaces, removed when dropped.
-struct Lab {
-    prefix: String,
-    net: String,
-}
+#[path = "support/netns.rs"]
+mod netns_lab;
+use netns_lab::NetnsLab as Lab;
 
-fn script() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netns-lab.sh")
-}
-
-impl Lab {
-    /// `n` namespaces, or why not.
-    fn up(n: usize) -> Result<Lab, String> {
-        let id = std::process::id();
-        let lab = Lab {
-            prefix: format!("ep{}", id % 100_000),
-            net: format!("10.203.{}", 20 + id % 200),
-        };
-        let out = Command::new("bash")
-            .arg(script())
-            .args(["up", &n.to_string(), &lab.prefix, &lab.net])
-            .output()
-            .map_err(|e| format!("cannot run netns-lab.sh: {e}"))?;
-        if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            drop(lab);
-            return Err(why);
-        }
-        // Namespaces that can be made but not entered (some containers) are no lab either.
-        let enter = Command::new("ip")
-            .args(["netns", "exec", &format!("{}1", lab.prefix), "true"])
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !enter.status.success() {
-            let why = String::from_utf8_lossy(&enter.stderr).trim().to_string();
-            drop(lab);
-            return Err(format!("cannot run a process in a namespace: {why}"));
-        }
-        Ok(lab)
-    }
-
-    fn ns(&self, i: usize) -> String {
-        format!("{}{i}", self.prefix)
-    }
-
-    fn addr(&self, i: usize, port: u16) -> String {
-        format!("{}.{}:{port}", self.net, 10 + i)
-    }
-
-    /// Takes namespace `i`'s link down (`false`) or up.
-    fn link(&self, i: usize, up: bool) {
-        let st = Command::new("ip")
-            .args([
-                "link",
-                "set",
-                &format!("{}v{i}", self.prefix),
-                if up { "up" } else { "down" },
-            ])
-            .status()
-            .expect("ip link");
-        assert!(st.success(), "ip link set failed");
-    }
-
-    /// Starts binary `name` inside namespace `i`.
-    fn spawn(&self, i: usize, name: &str, args: &[&str]) -> ChildGuard {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns(i)])
-            .arg(assert_cmd::cargo::cargo_bin(name));
-        spawn_cmd(cmd, name, args, false)
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script())
-            .args(["down", &self.prefix])
-            .status();
-    }
+/// Starts binary `name` inside namespace `i` of `lab`.
+fn spawn_in(lab: &Lab, i: usize, name: &str, args: &[&str]) -> ChildGuard {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &lab.ns(i)])
+        .arg(assert_cmd::cargo::cargo_bin(name));
+    spawn_cmd(cmd, name, args, false)
 }
 
 #[test]
 fn a_partition_by_link_down_across_namespaces_loses_nothing() {
-    let lab = match Lab::up(4) {
+    let lab = match Lab::up(4, "ep", "10.203") {
         Ok(l) => l,
         Err(why) => {
             eprintln!("skipped: cannot make network namespaces here: {why}");
@@ -105,12 +35,14 @@ fn a_partition_by_link_down_across_namespaces_loses_nothing() {
     let (pa, ba) = (lab.addr(1, 8080), lab.addr(2, 8081));
     let bind = |i: usize| format!("{}.{}", lab.net, 10 + i);
     let (b1, b2) = (bind(1), bind(2));
-    let _primary = lab.spawn(
+    let _primary = spawn_in(
+        &lab,
         1,
         "primary",
         &["8080", &ba, "--bind", &b1, "--compute", "10..30"],
     );
-    let _backup = lab.spawn(
+    let _backup = spawn_in(
+        &lab,
         2,
         "backup",
         &["8081", &pa, "--bind", &b2, "--compute", "10..30"],
@@ -120,7 +52,8 @@ fn a_partition_by_link_down_across_namespaces_loses_nothing() {
     wait_status(&ba, "backup", "armed");
     let dir = tempfile::tempdir().expect("tempdir");
     let csv = dir.path().join("d.csv");
-    let sub = lab.spawn(
+    let sub = spawn_in(
+        &lab,
         3,
         "subscriber",
         &["t", &pa, &ba, "--csv", csv.to_str().expect("utf-8")],
@@ -128,7 +61,8 @@ fn a_partition_by_link_down_across_namespaces_loses_nothing() {
     sub.wait_stderr("subscribed to 't' on primary");
     sub.wait_stderr("subscribed to 't' on backup");
     let total = 80u64;
-    let mut publisher = lab.spawn(
+    let mut publisher = spawn_in(
+        &lab,
         4,
         "test-publisher",
         &["t", &pa, &ba, "--rate", "20", "--count", &total.to_string()],

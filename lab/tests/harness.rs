@@ -585,61 +585,13 @@ fn chaos_mode_draws_the_same_fault_schedule_from_the_same_seed() {
     }
 }
 
-/// Network namespaces for one test (`scripts/netns-lab.sh`), removed when dropped.
-struct NetnsLab {
-    script: std::path::PathBuf,
-    prefix: String,
-    net: String,
-}
-
-impl NetnsLab {
-    fn up(n: usize) -> Result<NetnsLab, String> {
-        // Tests of this file run at once in one process: each lab gets its own names.
-        static LABS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let k = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
-        let id = std::process::id();
-        let lab = NetnsLab {
-            script: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../scripts/netns-lab.sh"),
-            prefix: format!("eh{}{k}", id % 100_000),
-            net: format!("10.204.{}", 20 + (id * 10 + k) % 230),
-        };
-        let out = Command::new("bash")
-            .arg(&lab.script)
-            .args(["up", &n.to_string(), &lab.prefix, &lab.net])
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            drop(lab);
-            return Err(why);
-        }
-        // Namespaces that can be made but not entered (some containers) are no lab either.
-        let enter = Command::new("ip")
-            .args(["netns", "exec", &format!("{}1", lab.prefix), "true"])
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !enter.status.success() {
-            let why = String::from_utf8_lossy(&enter.stderr).trim().to_string();
-            drop(lab);
-            return Err(format!("cannot run a process in a namespace: {why}"));
-        }
-        Ok(lab)
-    }
-}
-
-impl Drop for NetnsLab {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(&self.script)
-            .args(["down", &self.prefix])
-            .status();
-    }
-}
+#[path = "../../tests/support/netns.rs"]
+mod netns_lab;
+use netns_lab::NetnsLab;
 
 #[test]
 fn the_harness_runs_each_process_in_its_own_namespace_from_an_inventory() {
-    let lab = match NetnsLab::up(4) {
+    let lab = match NetnsLab::up(4, "eh", "10.204") {
         Ok(l) => l,
         Err(why) => {
             eprintln!("skipped: cannot make network namespaces here: {why}");
@@ -831,7 +783,7 @@ fn the_ssh_launcher_runs_a_failover_through_a_real_sshd() {
         eprintln!("skipped: no /usr/sbin/sshd (apt-get install openssh-server)");
         return;
     }
-    let lab = match NetnsLab::up(4) {
+    let lab = match NetnsLab::up(4, "eh", "10.204") {
         Ok(l) => l,
         Err(why) => {
             eprintln!("skipped: cannot make network namespaces here: {why}");
