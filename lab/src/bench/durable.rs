@@ -27,7 +27,7 @@ use crate::procs::{free_port, status};
 
 /// Who answers the requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Proto {
+pub(super) enum Proto {
     /// Our line protocol: `PUB|…` answered by one `ACK|…` line.
     Ours,
     /// Redis: `XADD bench * f <payload>` answered by a bulk string (two lines).
@@ -76,7 +76,7 @@ async fn read_reply<R: AsyncBufReadExt + Unpin>(
     }
 }
 
-async fn connect(
+pub(super) async fn connect(
     addr: &str,
 ) -> anyhow::Result<(
     BufReader<tokio::net::tcp::OwnedReadHalf>,
@@ -113,7 +113,7 @@ async fn pipelined(addr: &str, proto: Proto, n: u64, depth: u64) -> anyhow::Resu
 /// `n` requests with up to `window` unanswered at any time (a pipelining publisher: the next
 /// requests go as soon as answers come back, without waiting for a whole batch): answers per
 /// second.
-async fn windowed(addr: &str, proto: Proto, n: u64, window: u64) -> anyhow::Result<f64> {
+pub(super) async fn windowed(addr: &str, proto: Proto, n: u64, window: u64) -> anyhow::Result<f64> {
     let (mut r, mut w) = connect(addr).await?;
     let window = window.max(1);
     // The reader counts answers and hands their credit back to the writer.
@@ -303,7 +303,7 @@ async fn start_setting(bin_dir: &Path, o: &DurableOpts, s: Setting) -> anyhow::R
     }
 }
 
-async fn redis_ping(addr: &str) -> bool {
+pub(super) async fn redis_ping(addr: &str) -> bool {
     let Ok(Ok((mut r, mut w))) =
         tokio::time::timeout(Duration::from_millis(500), connect(addr)).await
     else {

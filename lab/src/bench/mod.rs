@@ -19,6 +19,7 @@ use edgepair::clock::now_us;
 
 mod durable;
 mod figures;
+mod groups;
 mod nats;
 mod tls;
 
@@ -55,7 +56,7 @@ pub struct BenchOpts {
     #[arg(long)]
     pub quick: bool,
     /// Only these figures (comma-separated: throughput,latency,tls,fanout,rss,compute,durable,
-    /// restart,catchup).
+    /// restart,catchup,groups).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where the CSV goes.
@@ -94,6 +95,20 @@ pub struct BenchOpts {
     /// system's temporary folder; put it on the disk you care about).
     #[arg(long)]
     pub data_root: Option<PathBuf>,
+    /// Consumer groups: entries the group acknowledges in the throughput figure.
+    #[arg(long, default_value_t = 200_000)]
+    pub group_entries: u64,
+    /// Consumer groups: members of the throughput figure.
+    #[arg(long, default_value_t = 4)]
+    pub group_members: usize,
+    /// Consumer groups: entries a member holds at once in the throughput figure (ours:
+    /// `max_in_flight`; Redis: `XREADGROUP COUNT`).
+    #[arg(long, default_value_t = 64)]
+    pub group_in_flight: u32,
+    /// Consumer groups: length of the queue-wait figure (4 members working 50..150 ms per
+    /// entry, 30 entries/s).
+    #[arg(long, value_parser = edgepair::compute::parse_duration, default_value = "20s")]
+    pub group_queue_for: Duration,
     /// Entries in the log of the restart, read-back and catch-up figures.
     #[arg(long, default_value_t = 1_000_000)]
     pub restart_entries: u64,
@@ -308,6 +323,8 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         o.fanout = o.fanout.min(1000);
         o.durable_messages = o.durable_messages.min(20_000);
         o.durable_single = o.durable_single.min(1000);
+        o.group_entries = o.group_entries.min(50_000);
+        o.group_queue_for = o.group_queue_for.min(Duration::from_secs(5));
     }
     let bin_dir = match &o.bin_dir {
         Some(d) => d.clone(),
@@ -583,6 +600,20 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
     };
     if want("durable") {
         for (figure, setup, runs, unit, target) in durable::durable(&bin_dir, &dopts).await? {
+            push(&figure, &setup, runs, unit, &target);
+        }
+    }
+    if want("groups") {
+        let gopts = groups::GroupOpts {
+            runs: o.runs,
+            entries: o.group_entries.max(1),
+            members: o.group_members.max(1),
+            in_flight: o.group_in_flight.max(1),
+            redis: o.redis_server.clone(),
+            threads: o.broker_threads,
+            queue_for: o.group_queue_for,
+        };
+        for (figure, setup, runs, unit, target) in groups::groups(&bin_dir, &gopts).await? {
             push(&figure, &setup, runs, unit, &target);
         }
     }
