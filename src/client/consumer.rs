@@ -17,7 +17,7 @@ use super::{broker_name, Brokers};
 use crate::clock::now_us;
 use crate::compute::ComputeRange;
 use crate::net::Net;
-use crate::protocol::{Frame, FrameCodec, GroupOp, GroupOptions, GroupStart};
+use crate::protocol::{Frame, FrameCodec, GroupOp, GroupOptions, GroupStart, ACK_UNCONFIRMED};
 
 /// What a consumer does.
 #[derive(Debug, Clone)]
@@ -227,6 +227,12 @@ pub async fn run_consumer(
                     Frame::Group(GroupOp::Acked { offset, .. }) => (Some(*offset), "acked"),
                     Frame::Group(GroupOp::Nacked { offset, .. }) => (Some(*offset), "nacked"),
                     // Errors answer in order: the oldest unanswered entry of that connection.
+                    // An ack the node could not confirm before it stopped being primary: the
+                    // other node has it or delivers the entry again.
+                    Frame::Err { reason } if reason.starts_with(ACK_UNCONFIRMED) => {
+                        warn!("{} says: {reason}", broker_name(src));
+                        (None, "unconfirmed")
+                    }
                     Frame::Err { reason } => {
                         warn!("{} says: {reason}", broker_name(src));
                         (None, "refused")

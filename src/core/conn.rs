@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use super::peer::Purpose;
 use super::{Broker, ConnId, Output};
-use crate::protocol::Frame;
+use crate::protocol::{Frame, ACK_UNCONFIRMED};
 
 /// Where the lines the core hands to the driver are cut from: each is encoded into a scratch
 /// buffer and copied into one large block, and the [`Bytes`] handed out share that block (a
@@ -181,6 +181,14 @@ impl Broker {
                 Reply::Ack { wait, line } if stored.is_some_and(|s| *wait <= s) => {
                     c.acks_waiting = c.acks_waiting.saturating_sub(1);
                     match instead {
+                        // A member's ack may have reached the other node, which then has the
+                        // entry done: that is no refusal to act on, but an ack unconfirmed.
+                        Some(Frame::Err { reason }) if line.starts_with(b"GROUP|acked|") => {
+                            Frame::Err {
+                                reason: format!("{ACK_UNCONFIRMED}: {reason}"),
+                            }
+                            .encode_into_bytes(&mut buf)
+                        }
                         Some(f) => f.encode_into_bytes(&mut buf),
                         None => {
                             acked += 1;

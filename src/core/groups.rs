@@ -54,6 +54,12 @@ pub(super) struct Groups {
     pub hold: bool,
     /// Backup: journal records cut during a catch-up, to send back at the journal's `MARK`.
     pub to_merge: Vec<String>,
+    /// Records applied and not yet in the log: they go in as one journal entry when the
+    /// batch closes ([`Broker::journal_flush`]).
+    batch: Vec<String>,
+    /// The batch's `mid` (taken when it opened), and whether what depends on it must wait
+    /// for it (the link was up, or the log is on a disk).
+    batch_mid: Option<(u64, bool)>,
 }
 
 impl Groups {
@@ -574,6 +580,9 @@ impl Broker {
                 g.delayed.insert(offset, until);
             }
         }
+        if delay > 0 {
+            self.arm_ack_wait_by(until);
+        }
         self.reply(
             conn,
             Frame::Group(GroupOp::Nacked {
@@ -663,9 +672,51 @@ impl Broker {
         }
     }
 
-    /// Appends `rec` to the journal, replicates it and applies it here; the `mid` to wait for
-    /// before what depends on it is said, if any.
+    /// Applies `rec` here and adds it to the open batch of records (opening one if none is),
+    /// which goes into the journal, and down the link, as one entry when it closes; the `mid`
+    /// to wait for before what depends on the record is said, if any.
+    ///
+    /// Why a batch: a member acknowledging at full speed sends dozens of acks per read, each
+    /// making two records (its ack, and the delivery of the entry that takes its place). One
+    /// journal entry and one `REPL` for all of them, instead of one each, is most of what a
+    /// group costs the pair. The batch stays open only while nothing else can happen in
+    /// between: see [`Broker::journal_flush`] for where it closes.
     fn journal(&mut self, rec: &Record) -> Result<Option<u64>, String> {
+        if let Err(e) = self.log.writable() {
+            warn!("group record not stored: {e}");
+            return Err(format!("not stored: {e}"));
+        }
+        self.groups_apply(rec);
+        self.groups.batch.push(rec.encode());
+        let (mid, wait) = match self.groups.batch_mid {
+            Some(b) => b,
+            None => {
+                let mid = self.next_mid;
+                self.next_mid += 1;
+                let link_up = self.primary().is_some_and(|p| p.link.up().is_some());
+                let b = (mid, link_up || self.log.is_durable());
+                self.groups.batch_mid = Some(b);
+                b
+            }
+        };
+        Ok(wait.then_some(mid))
+    }
+
+    /// Closes the open batch of records: appends it to the journal as one entry, under the
+    /// `mid` it opened with, and replicates it. The core calls this before anything that could
+    /// tell another `mid` from this one or change where it goes: at the end of every event but
+    /// a member's `ack` or `nack` (so the acks of one read share a batch), before it takes
+    /// another `mid`, before the link comes up, and before it hands out its outputs.
+    pub(super) fn journal_flush(&mut self) {
+        let Some((mid, _)) = self.groups.batch_mid.take() else {
+            return;
+        };
+        let mut records = std::mem::take(&mut self.groups.batch);
+        let payload = if records.len() == 1 {
+            records.pop().unwrap_or_default()
+        } else {
+            encode_batch(&records)
+        };
         let offset = self.log.next_offset(JOURNAL);
         let entry = Arc::new(Entry {
             offset,
@@ -676,35 +727,52 @@ impl Broker {
             },
             sent_us: self.now.wall_us,
             received_us: self.now.wall_us,
-            payload: rec.encode(),
+            payload,
         });
         if let Err(e) = self.append(JOURNAL, &entry) {
-            warn!("group record not stored: {e}");
-            return Err(format!("not stored: {e}"));
+            // Applied here, not kept: what waited for these records is refused.
+            warn!(
+                "{} group record(s) not stored: {e}; what waited for them is refused",
+                records.len().max(1)
+            );
+            if let Some(p) = self.primary() {
+                let (refused, kept): (std::collections::VecDeque<_>, _) =
+                    std::mem::take(&mut p.acks)
+                        .into_iter()
+                        .partition(|a| a.mid == mid);
+                p.acks = kept;
+                self.refuse_acks(&refused, &format!("not stored: {e}"));
+            }
+            return;
         }
         self.log.set_delivered(JOURNAL, offset + 1);
-        self.groups_apply(rec);
-        let mid = self.next_mid;
-        self.next_mid += 1;
         let msg = Message {
             mid,
             topic: JOURNAL.to_string(),
             entry,
             quiet: false,
         };
-        let repl = self.replicate(&msg);
-        Ok((repl.is_some() || self.log.is_durable()).then_some(mid))
+        self.replicate(&msg);
     }
 
     /// A journal entry stored on this node (a backup's `REPL`, or read back at a start).
     pub(super) fn journal_stored(&mut self, entry: &Entry) {
         self.log.set_delivered(JOURNAL, entry.offset + 1);
-        match Record::decode(&entry.payload) {
-            Some(rec) => self.groups_apply(&rec),
-            None => warn!(
-                "group record {} not understood (a newer version wrote it?): skipped",
+        let Some(records) = split_batch(&entry.payload) else {
+            warn!(
+                "journal entry {} is a batch that does not parse: skipped",
                 entry.offset
-            ),
+            );
+            return;
+        };
+        for r in records {
+            match Record::decode(r) {
+                Some(rec) => self.groups_apply(&rec),
+                None => warn!(
+                    "group record in journal entry {} not understood (a newer version wrote it?): skipped",
+                    entry.offset
+                ),
+            }
         }
     }
 
@@ -853,7 +921,12 @@ impl Broker {
         }
         self.log
             .read(JOURNAL, next, (end - next) as usize)
-            .map(|es| es.iter().map(|e| e.payload.clone()).collect())
+            .map(|es| {
+                es.iter()
+                    .flat_map(|e| split_batch(&e.payload).unwrap_or_default())
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -981,6 +1054,17 @@ impl Broker {
         self.arm_ack_wait();
     }
 
+    /// Makes the ack-wait timer go off by `at` (a lease or a delay was just made). Leases that
+    /// end early (acks) leave it as it is: going off early costs one scan, in
+    /// [`Broker::on_ack_wait`], which sets it right; scanning every lease at every delivery
+    /// would cost more than the delivery.
+    fn arm_ack_wait_by(&mut self, at: Time) {
+        if self.timers.due(Timer::AckWait).is_none_or(|t| at < t) {
+            self.timers.set(Timer::AckWait, at);
+        }
+    }
+
+    /// Sets the ack-wait timer to the earliest lease or delay end of every group.
     fn arm_ack_wait(&mut self) {
         let next = self
             .groups
@@ -1015,7 +1099,6 @@ impl Broker {
         for name in names {
             self.pump(topic, &name);
         }
-        self.arm_ack_wait();
     }
 
     fn pump(&mut self, topic: &str, name: &str) {
@@ -1095,6 +1178,7 @@ impl Broker {
                 },
             );
             g.members[i].held += 1;
+            self.arm_ack_wait_by(deadline);
             let f = Frame::Group(GroupOp::Msg {
                 topic: topic.to_string(),
                 group: name.to_string(),
@@ -1151,8 +1235,7 @@ impl Broker {
                 return;
             }
             self.seen.record(&entry.id.publisher, entry.id.seq);
-            let mid = self.next_mid;
-            self.next_mid += 1;
+            let mid = self.take_mid();
             let msg = Arc::new(Message {
                 mid,
                 topic: dead_topic.clone(),
@@ -1175,6 +1258,38 @@ impl Broker {
             warn!("{e}");
         }
     }
+}
+
+/// What starts a journal entry holding several records: `records|` then each record as
+/// `LEN|RECORD` (LEN in bytes), one after the other. An entry without it is one record (as
+/// every entry was before batches).
+const BATCH: &str = "records|";
+
+fn encode_batch(records: &[String]) -> String {
+    let mut s =
+        String::with_capacity(BATCH.len() + records.iter().map(|r| r.len() + 4).sum::<usize>());
+    s.push_str(BATCH);
+    for r in records {
+        s.push_str(&r.len().to_string());
+        s.push('|');
+        s.push_str(r);
+    }
+    s
+}
+
+/// The records of a journal entry; `None` if it is a batch that does not parse.
+fn split_batch(payload: &str) -> Option<Vec<&str>> {
+    let Some(mut rest) = payload.strip_prefix(BATCH) else {
+        return Some(vec![payload]);
+    };
+    let mut v = Vec::new();
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_once('|')?;
+        let len: usize = len.parse().ok()?;
+        v.push(tail.get(..len)?);
+        rest = tail.get(len..)?;
+    }
+    Some(v)
 }
 
 fn no_group_reason(topic: &str, group: &str) -> String {
@@ -1233,6 +1348,24 @@ mod tests {
             assert_eq!(Record::decode(&r.encode()), Some(r.clone()), "{r:?}");
         }
         assert_eq!(Record::decode("rename|t|g"), None);
+    }
+
+    #[test]
+    fn a_batch_of_records_splits_back_into_them() {
+        let records = vec![
+            "ack|t|g|3|p|4".to_string(),
+            "deliver|t|g|5|p|6|1|c:1".to_string(),
+            "dead|t|g|7|p|8|2 deliveries, the last: nacked".to_string(),
+        ];
+        let payload = encode_batch(&records);
+        let back = split_batch(&payload).expect("a batch we wrote parses");
+        assert_eq!(back, records.iter().map(String::as_str).collect::<Vec<_>>());
+        // One record without the prefix is itself (entries written before batches).
+        assert_eq!(split_batch("ack|t|g|3|p|4"), Some(vec!["ack|t|g|3|p|4"]));
+        // A damaged batch is refused, not misread or a panic.
+        for bad in ["records|99|ack", "records|x|ack", "records|3", "records|1|é"] {
+            assert_eq!(split_batch(bad), None, "{bad}");
+        }
     }
 
     #[test]

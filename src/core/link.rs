@@ -272,6 +272,9 @@ impl Broker {
     /// The link is up: replay what is in flight, then stream. `caught_up`: log entries the
     /// catch-up sent, which the backup stores before it gets to anything sent from here on.
     pub(super) fn link_up(&mut self, conn: ConnId, caught_up: u64) {
+        // Group records made before the link was up are the catch-up's, not in flight: they go
+        // into the log now, so that `confirmed` below does not count them as sent.
+        self.journal_flush();
         // What the backup may still have to store is at most what the socket buffers hold
         // once the catch-up's last chunk was written out (at most 16 chunks, on loopback).
         let chunks = caught_up.div_ceil(CATCH_UP_CHUNK as u64).min(16);

@@ -407,6 +407,24 @@ impl Broker {
     /// A frame arrived on `conn`.
     pub fn handle_frame(&mut self, conn: ConnId, frame: Frame, now: Now) {
         self.now = now;
+        // A member's acks (and nacks) in a row share one batch of group records; anything
+        // else closes the batch before and after it (`groups.rs`, `journal_flush`).
+        let in_batch = matches!(
+            frame,
+            Frame::Group(
+                crate::protocol::GroupOp::Ack { .. } | crate::protocol::GroupOp::Nack { .. }
+            )
+        );
+        if !in_batch {
+            self.journal_flush();
+        }
+        self.on_frame(conn, frame);
+        if !in_batch {
+            self.journal_flush();
+        }
+    }
+
+    fn on_frame(&mut self, conn: ConnId, frame: Frame) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -433,6 +451,7 @@ impl Broker {
     /// long to find the next one) closes the connection.
     pub fn handle_bad_frame(&mut self, conn: ConnId, err: &ProtocolError, now: Now) {
         self.now = now;
+        self.journal_flush();
         match self.conns.get(&conn).map(|c| &c.kind) {
             None => return,
             Some(Kind::Out(_)) => {
@@ -471,6 +490,7 @@ impl Broker {
     /// `conn` was closed by the other side (or broke).
     pub fn handle_closed(&mut self, conn: ConnId, now: Now) {
         self.now = now;
+        self.journal_flush();
         if let Some(c) = self
             .conns
             .get_mut(&conn)
@@ -499,6 +519,7 @@ impl Broker {
     /// An outbound connection asked for with [`Output::Connect`] is open.
     pub fn handle_connected(&mut self, conn: ConnId, now: Now) {
         self.now = now;
+        self.journal_flush();
         match self.conns.get(&conn) {
             Some(_) => self.on_peer_connected(conn),
             // Given up on while it connected (a role change, a timeout): close it again.
@@ -509,6 +530,7 @@ impl Broker {
     /// An outbound connection asked for with [`Output::Connect`] could not be opened.
     pub fn handle_connect_failed(&mut self, conn: ConnId, reason: &str, now: Now) {
         self.now = now;
+        self.journal_flush();
         if let Some(c) = self.forget(conn) {
             if let Kind::Out(purpose) = c.kind {
                 self.on_peer_failed(conn, purpose, reason.to_string());
@@ -519,6 +541,7 @@ impl Broker {
     /// The compute task of `mid` started at `start_us` and ended at `end_us` (wall clock, µs).
     pub fn handle_computed(&mut self, mid: u64, start_us: u64, end_us: u64, now: Now) {
         self.now = now;
+        self.journal_flush();
         if now.mono < self.started + STARTUP_GRACE {
             // Subscribers that lost this node when it went down reconnect within their backoff;
             // a node that has just started holds its first results until then.
@@ -533,6 +556,8 @@ impl Broker {
     pub fn handle_timeout(&mut self, now: Now) {
         self.now = now;
         for t in self.timers.expired(now.mono) {
+            // Each timer's records go into the log before the next timer acts.
+            self.journal_flush();
             match t {
                 Timer::Watchdog => self.on_watchdog(),
                 Timer::Grace => {
@@ -558,6 +583,7 @@ impl Broker {
     /// now, then answer what waited for it.
     pub fn handle_sync(&mut self, now: Now) {
         self.now = now;
+        self.journal_flush();
         self.sync_log();
     }
 
@@ -567,6 +593,7 @@ impl Broker {
     /// here, or one is in flight and another is asked for when it ends).
     pub fn begin_sync(&mut self, now: Now) -> Option<crate::log::SyncJob> {
         self.now = now;
+        self.journal_flush();
         self.begin_sync_job()
     }
 
@@ -590,11 +617,22 @@ impl Broker {
     /// Makes the log durable on the way out (a clean stop): best effort, the error is
     /// returned for the caller to report.
     pub fn shutdown(&mut self) -> Result<(), crate::log::LogError> {
+        self.journal_flush();
         self.log.sync()
+    }
+
+    /// A new `mid`. The open batch of group records, which took the one before, goes down
+    /// the link first: mids go down it in order (the backup's `STORED` is cumulative).
+    fn take_mid(&mut self) -> u64 {
+        self.journal_flush();
+        let mid = self.next_mid;
+        self.next_mid += 1;
+        mid
     }
 
     /// The next thing the caller should do, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
+        self.journal_flush();
         if std::mem::take(&mut self.unflushed) {
             // What was appended is written before the `ACK`s and `STORED`s that wait for it go
             // out (they wait in reply queues until then): a crash of the process loses none of

@@ -327,8 +327,7 @@ impl Broker {
             // Behind the topic's backlog if it has one (the log's entries before it are
             // taken up a chunk at a time, `takeup.rs`), otherwise in flight at once; either
             // way taken up again, not fresh (a relay waits for subscribers to reconnect).
-            let mid = self.next_mid;
-            self.next_mid += 1;
+            let mid = self.take_mid();
             let msg = Arc::new(Message {
                 mid,
                 topic: m.topic.clone(),

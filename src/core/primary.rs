@@ -168,8 +168,7 @@ impl Broker {
                 "accepted {}:{} at {topic}@{} (conn {conn})",
                 entry.id.publisher, entry.id.seq, entry.offset
             );
-            let mid = self.next_mid;
-            self.next_mid += 1;
+            let mid = self.take_mid();
             let msg = Arc::new(Message {
                 mid,
                 topic,

@@ -117,6 +117,8 @@ impl Broker {
     /// Puts the next chunk of `topic`'s backlog in flight; after the last one, the messages
     /// parked behind it.
     fn take_up_chunk(&mut self, topic: &str) {
+        // The mids below are counted from the next one: none may be taken meanwhile.
+        self.journal_flush();
         let Some(bl) = self.backlogs().and_then(|b| b.get_mut(topic)) else {
             return;
         };

@@ -662,6 +662,10 @@ impl Storage for FileLog {
         Ok(())
     }
 
+    fn writable(&self) -> Result<(), LogError> {
+        self.check_writable()
+    }
+
     fn is_durable(&self) -> bool {
         true
     }

@@ -261,6 +261,11 @@ pub trait Storage: Send + std::fmt::Debug {
         let _ = job;
         result
     }
+    /// Whether an append could succeed now: an error once the log has failed (a write or
+    /// sync that failed, a log opened for inspection), said before anything depends on it.
+    fn writable(&self) -> Result<(), LogError> {
+        Ok(())
+    }
     /// True when [`Storage::sync`] reaches a disk (false for [`MemLog`]).
     fn is_durable(&self) -> bool;
 }

@@ -17,6 +17,11 @@ use std::fmt;
 
 use super::{MsgId, ProtocolError};
 
+/// How an `ERR` answering a member's `ack` starts when the ack may have been stored and may
+/// not: the node stopped being primary before it knew. The new primary either has the entry
+/// done or delivers it again; the member has nothing to resend.
+pub const ACK_UNCONFIRMED: &str = "ack unconfirmed";
+
 /// Longest group or consumer name.
 pub const MAX_NAME: usize = 64;
 

@@ -26,8 +26,8 @@ use thiserror::Error;
 pub use codec::{FrameCodec, LenientCodec};
 pub use frame::{msg_line, msg_line_into, repl_line, repl_line_into, write_ack, Frame};
 pub use group::{
-    check_name, GroupInfo, GroupOp, GroupOptions, GroupStart, MAX_ACK_WAIT_MS, MAX_DELIVER,
-    MAX_IN_FLIGHT,
+    check_name, GroupInfo, GroupOp, GroupOptions, GroupStart, ACK_UNCONFIRMED, MAX_ACK_WAIT_MS,
+    MAX_DELIVER, MAX_IN_FLIGHT,
 };
 
 /// Longest accepted frame in bytes, newline included. Caps the memory one connection can pin

@@ -167,28 +167,47 @@ async fn ours_rate(addr: &str, o: &GroupOpts) -> anyhow::Result<f64> {
     )
     .await?;
     let acked = Arc::new(AtomicU64::new(0));
+    // When the last `GROUP|acked` came, µs after the start (the other members may be waiting
+    // on a read then).
+    let end_us = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for m in 0..o.members {
         let (addr, acked, n) = (addr.to_string(), acked.clone(), o.entries);
+        let end_us = end_us.clone();
         tasks.push(tokio::spawn(async move {
             let (mut r, mut w) = connect(&addr).await?;
             w.write_all(format!("GROUP|join|bench|g|m{m}\n").as_bytes())
                 .await?;
             let (mut line, mut out) = (Vec::new(), Vec::with_capacity(64 * 1024));
+            let mut msgs = 0u64;
             while acked.load(Ordering::Relaxed) < n {
-                line.clear();
+                // A read cut short by the timeout keeps what it got in `line`: cleared only
+                // once a whole line was handled.
+                if line.ends_with(b"\n") {
+                    line.clear();
+                }
                 let read = tokio::time::timeout(Duration::from_millis(200), async {
                     r.read_until(b'\n', &mut line).await
                 })
                 .await;
                 match read {
-                    Err(_) => continue,
+                    Err(_) => {
+                        if std::env::var("BENCH_DEBUG").is_ok() {
+                            eprintln!(
+                                "m{m}: acked {} msgs {msgs} line {:?}",
+                                acked.load(Ordering::Relaxed),
+                                String::from_utf8_lossy(&line)
+                            );
+                        }
+                        continue;
+                    }
                     Ok(Ok(0)) => bail!("member m{m}: connection closed"),
                     Ok(Err(e)) => return Err(e.into()),
                     Ok(Ok(_)) => {}
                 }
                 if line.starts_with(b"GROUP|msg|") {
+                    msgs += 1;
                     let offset = line
                         .split(|b| *b == b'|')
                         .nth(4)
@@ -197,7 +216,9 @@ async fn ours_rate(addr: &str, o: &GroupOpts) -> anyhow::Result<f64> {
                     out.extend_from_slice(offset);
                     out.push(b'\n');
                 } else if line.starts_with(b"GROUP|acked|") {
-                    acked.fetch_add(1, Ordering::Relaxed);
+                    if acked.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                        end_us.store(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    }
                 } else if line.starts_with(b"ERR") {
                     bail!("member m{m}: {}", String::from_utf8_lossy(&line));
                 }
@@ -213,7 +234,8 @@ async fn ours_rate(addr: &str, o: &GroupOpts) -> anyhow::Result<f64> {
     for t in tasks {
         t.await.context("a member task failed")??;
     }
-    Ok(o.entries as f64 / start.elapsed().as_secs_f64().max(1e-9))
+    let secs = end_us.load(Ordering::Relaxed) as f64 / 1e6;
+    Ok(o.entries as f64 / secs.max(1e-9))
 }
 
 /// Redis with no persistence (our pair's log is in memory in this figure).
@@ -556,7 +578,9 @@ async fn queue_wait(addr: &str, dur: Duration) -> anyhow::Result<(f64, f64)> {
             push_ev(&events, now_us(), m, Ev::Idle);
             let mut line = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                line.clear();
+                if line.ends_with(b"\n") {
+                    line.clear();
+                }
                 match tokio::time::timeout(
                     Duration::from_millis(200),
                     r.read_until(b'\n', &mut line),
