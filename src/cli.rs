@@ -102,8 +102,8 @@ pub struct BrokerOpts {
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
     /// Directory of the node's log: one folder of segment files per topic. Without it the log
-    /// is kept in memory (the last 100,000 delivered entries per topic) and nothing survives a
-    /// restart of the node.
+    /// is kept in memory (the last 100,000 delivered entries per topic, and what a consumer
+    /// group has not finished) and nothing survives a restart of the node.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<std::path::PathBuf>,
     /// When a publish is acknowledged, as far as this node's disk goes: `always` = after its

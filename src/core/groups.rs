@@ -352,6 +352,16 @@ impl Record {
         })
     }
 
+    /// The topic whose groups' floors a record may move (a new group, an entry done).
+    fn floor_topic(&self) -> Option<&str> {
+        match self {
+            Record::Create { topic, .. }
+            | Record::Ack { topic, .. }
+            | Record::Dead { topic, .. } => Some(topic),
+            Record::Deliver { .. } => None,
+        }
+    }
+
     /// The entry a record is about, if it is about one: (topic, offset, identity).
     fn entry(&self) -> Option<(&str, u64, &MsgId)> {
         match self {
@@ -776,8 +786,27 @@ impl Broker {
         }
     }
 
+    /// Tells the log to keep `topic` from its groups' lowest floor on: retention (the
+    /// in-memory bound of a node without a disk, `--retain-bytes`, `--retain-age`) never
+    /// removes an entry a group has not finished.
+    fn groups_keep(&mut self, topic: &str) {
+        let floor = self
+            .groups
+            .by_topic
+            .get(topic)
+            .and_then(|gs| gs.values().map(|g| g.floor).min());
+        self.log.hold(topic, floor);
+    }
+
     /// Applies a record to the groups; the same record twice changes nothing more.
     fn groups_apply(&mut self, rec: &Record) {
+        self.groups_apply_record(rec);
+        if let Some(topic) = rec.floor_topic() {
+            self.groups_keep(topic);
+        }
+    }
+
+    fn groups_apply_record(&mut self, rec: &Record) {
         match rec {
             Record::Create {
                 topic,
@@ -1363,7 +1392,12 @@ mod tests {
         // One record without the prefix is itself (entries written before batches).
         assert_eq!(split_batch("ack|t|g|3|p|4"), Some(vec!["ack|t|g|3|p|4"]));
         // A damaged batch is refused, not misread or a panic.
-        for bad in ["records|99|ack", "records|x|ack", "records|3", "records|1|é"] {
+        for bad in [
+            "records|99|ack",
+            "records|x|ack",
+            "records|3",
+            "records|1|é",
+        ] {
             assert_eq!(split_batch(bad), None, "{bad}");
         }
     }

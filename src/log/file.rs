@@ -139,6 +139,9 @@ pub struct FileLog {
     marks_saved: std::time::Instant,
     /// New topics' segments are preallocated ([`FileLog::set_preallocate`]).
     preallocate: bool,
+    /// Per topic, retention keeps entries from this offset on ([`Storage::hold`]); a topic
+    /// may be held before it has an entry.
+    holds: HashMap<String, u64>,
 }
 
 impl FileLog {
@@ -271,6 +274,7 @@ impl FileLog {
             max_age: None,
             marks_saved: std::time::Instant::now(),
             preallocate: false,
+            holds: HashMap::new(),
         };
         Ok((log, rec))
     }
@@ -313,7 +317,10 @@ impl FileLog {
                 // cut by age or size.
                 continue;
             }
-            if t.log.retain(self.max_bytes, cutoff, t.delivered)? {
+            let keep_from = t
+                .delivered
+                .min(self.holds.get(name).copied().unwrap_or(u64::MAX));
+            if t.log.retain(self.max_bytes, cutoff, keep_from)? {
                 t.delivered = t.delivered.max(t.log.first());
                 moved.push((name.clone(), t.log.first()));
             }
@@ -664,6 +671,17 @@ impl Storage for FileLog {
 
     fn writable(&self) -> Result<(), LogError> {
         self.check_writable()
+    }
+
+    fn hold(&mut self, topic: &str, from: Option<u64>) {
+        match from {
+            Some(o) => {
+                self.holds.insert(topic.to_string(), o);
+            }
+            None => {
+                self.holds.remove(topic);
+            }
+        }
     }
 
     fn is_durable(&self) -> bool {
@@ -1190,8 +1208,13 @@ mod tests {
         log.set_retention(Some(1), None);
         // Nothing delivered: nothing goes, however far over the bound.
         assert!(log.enforce_retention(0).expect("retention").is_empty());
-        // Delivered up to inside the third segment: the first two go.
+        // Delivered up to inside the third segment, a group holding from the second: only
+        // the first goes; once the group moves on, the second too.
         log.set_delivered("t", segs[2].0 + 1);
+        log.hold("t", Some(segs[1].0 + 1));
+        let moved = log.enforce_retention(0).expect("retention");
+        assert_eq!(moved, vec![("t".to_string(), segs[1].0)]);
+        log.hold("t", Some(segs[2].0 + 1));
         let moved = log.enforce_retention(0).expect("retention");
         assert_eq!(moved, vec![("t".to_string(), segs[2].0)]);
         assert_eq!(log.topic("t").first, segs[2].0);
@@ -1200,6 +1223,7 @@ mod tests {
         // By age: entries received at 2000 + offset µs; a bound of 1 s at a "now" where
         // everything is older than that: every delivered sealed segment goes.
         log.set_retention(None, Some(Duration::from_secs(1)));
+        log.hold("t", None);
         log.set_delivered("t", 300);
         let moved = log.enforce_retention(10_000_000).expect("retention");
         let last_base = segs[segs.len() - 1].0;

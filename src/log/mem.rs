@@ -37,6 +37,9 @@ pub struct MemLog {
     unsynced: u64,
     /// The saved epoch (on a simulated disk it survives a crash, as an fsync'd file would).
     epoch: u64,
+    /// Per topic, retention keeps entries from this offset on ([`Storage::hold`]); a topic
+    /// may be held before it has an entry.
+    holds: HashMap<String, u64>,
 }
 
 impl MemLog {
@@ -48,6 +51,7 @@ impl MemLog {
             disk: false,
             unsynced: 0,
             epoch: 0,
+            holds: HashMap::new(),
         }
     }
 
@@ -120,6 +124,13 @@ impl Storage for MemLog {
         } else {
             t.delivered
         };
+        // Nor what a group has not finished, nor the node's own topics (the groups' journal
+        // is their state).
+        let floor = if topic.starts_with('$') {
+            0
+        } else {
+            floor.min(self.holds.get(topic).copied().unwrap_or(u64::MAX))
+        };
         while t.entries.len() > self.retain && t.first < floor {
             t.entries.pop_front();
             t.first += 1;
@@ -151,6 +162,17 @@ impl Storage for MemLog {
         };
         let skip = from.saturating_sub(t.first) as usize;
         Ok(t.entries.iter().skip(skip).take(max).cloned().collect())
+    }
+
+    fn hold(&mut self, topic: &str, from: Option<u64>) {
+        match from {
+            Some(o) => {
+                self.holds.insert(topic.to_string(), o);
+            }
+            None => {
+                self.holds.remove(topic);
+            }
+        }
     }
 
     fn set_delivered(&mut self, topic: &str, upto: u64) {
@@ -230,6 +252,35 @@ mod tests {
         let s = log.topic("t");
         assert_eq!((s.first, s.next, s.delivered), (4, 6, 4));
         assert_eq!(log.read("t", 0, 10).unwrap()[0].offset, 4);
+    }
+
+    #[test]
+    fn retention_keeps_what_a_group_holds_and_the_nodes_own_topics() {
+        let mut log = MemLog::new(2);
+        // Held before it has an entry (a group made on a topic nobody published to yet).
+        log.hold("t", Some(1));
+        log.append("t", &entry(0)).unwrap();
+        for o in 1..10 {
+            log.append("t", &entry(o)).unwrap();
+            log.set_delivered("t", o + 1);
+        }
+        assert_eq!(log.topic("t").first, 1, "kept from the group's floor on");
+        log.hold("t", None);
+        log.append("t", &entry(10)).unwrap();
+        assert_eq!(
+            log.topic("t").first,
+            9,
+            "the bound again once the hold is lifted"
+        );
+        for o in 0..10 {
+            log.append("$groups", &entry(o)).unwrap();
+            log.set_delivered("$groups", o + 1);
+        }
+        assert_eq!(
+            log.topic("$groups").first,
+            0,
+            "the node's own topics are kept whole"
+        );
     }
 
     #[test]

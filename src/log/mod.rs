@@ -261,6 +261,9 @@ pub trait Storage: Send + std::fmt::Debug {
         let _ = job;
         result
     }
+    /// Retention keeps `topic`'s entries from `from` on (a consumer group has not finished
+    /// them), whatever the bounds say; `None` lifts the hold.
+    fn hold(&mut self, _topic: &str, _from: Option<u64>) {}
     /// Whether an append could succeed now: an error once the log has failed (a write or
     /// sync that failed, a log opened for inspection), said before anything depends on it.
     fn writable(&self) -> Result<(), LogError> {
