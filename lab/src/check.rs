@@ -106,9 +106,12 @@ pub struct GroupExpect<'a> {
     pub faults: &'a [FaultSpan],
     /// The backup's ping interval (the split-brain window's length depends on it).
     pub ping_interval_us: u64,
-    /// Times after which acks given before may be gone for good: power losses of both nodes
-    /// under a policy that allows losing unsynced records (`batch`, `never`), and any loss of
-    /// both nodes without a disk.
+    /// Times up to which an ack the consumer saw confirmed may be gone for good: the end of
+    /// each outage of both nodes that may lose records they had not synced (a power loss of
+    /// both under `batch` or `never`, any loss of both without a disk). The end, not the
+    /// start: the consumer stamps an ack when the confirmation reaches it, and one the broker
+    /// sent just before the loss can arrive after it (no node being up meanwhile, any that
+    /// arrives before the nodes are back was sent before the loss).
     pub acks_lost_at: &'a [u64],
 }
 
@@ -116,8 +119,8 @@ pub struct GroupExpect<'a> {
 ///
 /// 1. an entry whose ack the broker confirmed (`acked`, at `acked_at_us`) is never delivered to
 ///    the group again, unless the ack was confirmed inside a split-brain window (the reign
-///    that confirmed it may be overwritten when the link heals) or before a both-nodes loss
-///    that `acks_lost_at` lists;
+///    that confirmed it may be overwritten when the link heals) or by the end of a
+///    both-nodes loss that `acks_lost_at` lists;
 /// 2. every entry the topic's subscribers got (`delivered`) is acknowledged by some member by
 ///    the end, confirmed or not (dead letters aside: none are expected where this is used).
 pub fn check_group(

@@ -267,3 +267,21 @@ fn twenty_seeds_with_a_consumer_group_keep_its_promises() {
     let bad: Vec<&SimResult> = r.iter().filter(|r| !r.violations.is_empty()).collect();
     assert!(bad.is_empty(), "{}", report(&bad));
 }
+
+/// Group seeds that once broke an invariant after a failback, with what they found. 322, 502,
+/// 663, 702: an ack confirmed just before a power loss of both nodes (its record unsynced on
+/// both, as `batch` allows) reached the consumer a few ms after the loss, and the checker took
+/// that arrival for the time it was given (the excuse now lasts until the nodes are back).
+#[test]
+fn group_regression_seeds_stay_clean() {
+    let cfg = SimConfig {
+        group: true,
+        ..SimConfig::default()
+    };
+    let r: Vec<SimResult> = [322, 502, 663, 702]
+        .into_iter()
+        .map(|s| run_seed(s, &cfg).0)
+        .collect();
+    let bad: Vec<&SimResult> = r.iter().filter(|r| !r.violations.is_empty()).collect();
+    assert!(bad.is_empty(), "{}", report(&bad));
+}
