@@ -619,13 +619,12 @@ impl Broker {
         if self.role() != Role::Backup {
             return;
         }
+        let cut = self.cut_tail(topic, next);
         if topic == super::JOURNAL {
-            // Our records past the primary's journal (a reign it did not see) go back to it
-            // (those cut already during the catch-up, then those cut now), then `merged` says
-            // that was all.
-            let mut records = std::mem::take(&mut self.groups.to_merge);
-            records.extend(self.journal_cut(next));
-            for record in records {
+            // Our records past the primary's journal (a reign it did not see) go back to it:
+            // those cut during the catch-up, then those cut just now (`cut_tail` keeps each
+            // for here); then `merged` says that was all.
+            for record in std::mem::take(&mut self.groups.to_merge) {
                 self.send_frame(
                     conn,
                     &Frame::Group(crate::protocol::GroupOp::Merge { record }),
@@ -633,7 +632,7 @@ impl Broker {
             }
             self.send_frame(conn, &Frame::Group(crate::protocol::GroupOp::Merged));
         }
-        if let Err(e) = self.cut_tail(topic, next) {
+        if let Err(e) = cut {
             error!("topic '{topic}': cannot cut the log at {next}: {e}");
         } else if self.log.next_offset(topic) == next {
             if let RoleState::Backup(b) = &mut self.role {

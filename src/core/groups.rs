@@ -980,6 +980,27 @@ impl Broker {
         }
         if let Err(e) = self.journal(&rec) {
             warn!("group record from the backup not stored: {e}");
+            return;
+        }
+        if let Record::Deliver {
+            topic,
+            group,
+            offset,
+            ..
+        } = &rec
+        {
+            // Delivered by a reign we did not see, and not done: its lease was there, so it
+            // goes out again from here, as at a takeover (applying the record took it out of
+            // what goes out, and moved the group's next offset past it).
+            if let Some(g) = self.groups.get_mut(topic, group) {
+                if !g.is_done(*offset) && !g.leases.contains_key(offset) {
+                    g.why
+                        .entry(*offset)
+                        .or_insert("delivered by an earlier primary");
+                    g.ready.insert(*offset);
+                }
+            }
+            self.pump_topic(topic);
         }
     }
 
@@ -994,8 +1015,11 @@ impl Broker {
                     members.push((t.clone(), name.clone(), std::mem::take(&mut g.members)));
                 }
             }
+            // What is kept across the reading back: the records cut so far, for the `MARK`.
+            let to_merge = std::mem::take(&mut self.groups.to_merge);
             self.groups = Groups::default();
             self.groups_recover();
+            self.groups.to_merge = to_merge;
             for (t, name, ms) in members {
                 if let Some(g) = self.groups.get_mut(&t, &name) {
                     g.members = ms;

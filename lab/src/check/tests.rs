@@ -338,11 +338,13 @@ fn g(seq: u64, at_ms: u64, acked_ms: Option<u64>, who: &str) -> edgepair::client
 #[test]
 fn a_group_must_never_deliver_a_confirmed_ack_again_and_must_ack_everything() {
     let delivered: std::collections::BTreeSet<u64> = [1, 2].into_iter().collect();
+    let none = std::collections::BTreeSet::new();
     let x = GroupExpect {
         publisher: "p",
         faults: &[],
         ping_interval_us: PING_US,
         acks_lost_at: &[],
+        duplicated: &none,
     };
     let clean = vec![
         g(1, 10, Some(20), "a"),
@@ -366,6 +368,20 @@ fn a_group_must_never_deliver_a_confirmed_ack_again_and_must_ack_everything() {
         ..x
     };
     assert!(check_group(&again, &delivered, &x2).is_empty());
+    // A message the log holds twice (the subscribers got it twice) is two entries: the other
+    // offset's delivery is no redelivery of the acknowledged one; the same offset still is.
+    let dup: std::collections::BTreeSet<u64> = [1].into_iter().collect();
+    let x3 = GroupExpect {
+        duplicated: &dup,
+        ..x
+    };
+    let mut twice = clean.clone();
+    let mut other = g(1, 60, Some(70), "b");
+    other.offset = 7;
+    twice.push(other);
+    assert!(check_group(&twice, &delivered, &x3).is_empty());
+    let v = check_group(&again, &delivered, &x3);
+    assert!(v.len() == 1 && v[0].contains("delivered again"), "{v:?}");
     // An entry the subscribers got that no member acknowledged.
     let v = check_group(&clean[..2], &delivered, &x);
     assert!(v.len() == 1 && v[0].contains("never acknowledged"), "{v:?}");

@@ -626,6 +626,12 @@ fn judge_group(
         .filter(|d| d.publisher == "sim")
         .map(|d| d.seq)
         .collect();
+    let mut seen = BTreeSet::new();
+    let duplicated: BTreeSet<u64> = deliveries
+        .iter()
+        .filter(|d| d.publisher == "sim" && !seen.insert(d.seq))
+        .map(|d| d.seq)
+        .collect();
     // Acks a loss of both nodes may take with it: every one without a disk; under `batch` and
     // `never`, those the disks had not synced (any given before the loss, to keep it simple).
     // Given before the loss means confirmed to the consumer by the time the nodes are back: a
@@ -647,6 +653,7 @@ fn judge_group(
             faults: &spans,
             ping_interval_us: cfg.ping_interval.as_micros() as u64,
             acks_lost_at: &lost_at,
+            duplicated: &duplicated,
         },
     );
     r.group_acked = rows.iter().filter(|c| c.outcome == "acked").count() as u64;
