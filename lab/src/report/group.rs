@@ -126,16 +126,19 @@ pub fn judge_group(
             .iter()
             .any(|k| r.received_at_us >= *k && r.received_at_us - k <= ack_wait_us + 1_000_000);
         let waited_a_lease = r.received_at_us.saturating_sub(r.sent_at_us) >= ack_wait_us;
-        let why = match prev.map(|p| p.outcome.as_str()) {
-            Some("nacked") => Redelivery::Nacked,
-            Some("refused") => Redelivery::LeaseExpiry,
-            Some("crashed") => Redelivery::ConsumerDeath,
-            Some("unconfirmed") if after(primary_kill) => Redelivery::Failover,
+        let why = match prev.map(|p| (p.outcome.as_str(), p.acked_at_us)) {
+            Some(("nacked", _)) => Redelivery::Nacked,
+            Some(("refused", _)) => Redelivery::LeaseExpiry,
+            // Its member acknowledged after the lease had run out and the entry had gone out
+            // again (to it again, when no other member had room, so the late ack still held).
+            Some(("acked", at)) if at > r.received_at_us => Redelivery::LeaseExpiry,
+            Some(("crashed", _)) => Redelivery::ConsumerDeath,
+            Some(("unconfirmed", _)) if after(primary_kill) => Redelivery::Failover,
             // A member killed by SIGKILL wrote no row for what it held.
             None if after(primary_kill) && prev_holder_failed_over(r, primary_kill) => {
                 Redelivery::Failover
             }
-            None | Some("unconfirmed") if killed_before => Redelivery::ConsumerDeath,
+            None | Some(("unconfirmed", _)) if killed_before => Redelivery::ConsumerDeath,
             None if after(primary_kill) => Redelivery::Failover,
             // Its member worked longer than the lease and wrote its row after this one.
             None if waited_a_lease => Redelivery::LeaseExpiry,
@@ -364,6 +367,17 @@ mod tests {
         assert_eq!(v.redeliveries.get("nacked"), Some(&1));
         assert_eq!(v.redeliveries.get("failover"), Some(&1));
         assert_eq!(v.shares.get("a"), Some(&4));
+        // A slow member acknowledged after its lease ran out and the entry went out again, to
+        // it again: the late ack held, the second delivery is refused; a lease expiry.
+        let mut late = rows.clone();
+        late.push(row("d", 7, 1, 200, "primary", "acked"));
+        if let Some(r) = late.last_mut() {
+            r.acked_at_us = 260;
+        }
+        late.push(row("d", 7, 2, 240, "primary", "refused"));
+        let v = judge_group(&late, "p", 5, &f);
+        assert_eq!(v.redeliveries.get("lease-expiry"), Some(&1), "{v:?}");
+        assert_eq!(v.redeliveries.get("unexplained"), None, "{v:?}");
         let mut twice = rows.clone();
         twice.push(row("c", 1, 2, 120, "backup", "acked"));
         let v = judge_group(&twice, "p", 6, &f);
