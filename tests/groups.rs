@@ -150,6 +150,43 @@ fn a_lease_that_runs_out_goes_to_another_member_with_its_attempt_raised() {
 }
 
 #[test]
+fn an_entry_whose_lease_ran_out_waits_for_another_member_not_the_slow_one() {
+    let (mut p, _) = pair_with_group();
+    let slow = p.client(P);
+    p.send(slow, "GROUP|join|t|g|slow");
+    publish(&mut p, 1);
+    p.run_until(ms(200), |p| got(p, slow).len() == 1);
+    // The other member is busy with an entry of its own when the slow one's lease (500 ms)
+    // runs out, and stays so (its own lease runs out 300 ms later).
+    let busy = p.client(P);
+    p.send(busy, "GROUP|join|t|g|busy");
+    p.run_for(ms(300));
+    publish_as(&mut p, "pub2", 1);
+    p.run_until(ms(200), |p| got(p, busy).len() == 1);
+    p.run_for(ms(300));
+    assert_eq!(
+        got(&p, slow),
+        vec![(0, 1)],
+        "not handed back to the member whose lease ran out, while another member is there"
+    );
+    // A new entry still goes to the slow member (it has room): the waiting one holds up nothing.
+    publish_as(&mut p, "pub3", 1);
+    p.run_until(ms(200), |p| got(p, slow).len() == 2);
+    assert_eq!(got(&p, slow)[1], (2, 1), "{:?}", got(&p, slow));
+    // Once the busy member is done, the entry goes to it, its attempt raised.
+    p.send(busy, "GROUP|ack|t|g|1");
+    p.run_until(ms(200), |p| got(p, busy).len() == 2);
+    assert_eq!(got(&p, busy)[1], (0, 2));
+}
+
+/// One message from publisher `who`, acknowledged.
+fn publish_as(p: &mut Pair, who: &str, seq: u64) {
+    let publ = p.client(P);
+    p.send(publ, &format!("PUB|t|{who}|{seq}|1|job"));
+    p.run_until(ms(200), |p| p.count(publ, "ACK|") == 1);
+}
+
+#[test]
 fn a_member_that_goes_away_gives_back_what_it_held() {
     let (mut p, _) = pair_with_group();
     let gone = p.client(P);

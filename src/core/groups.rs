@@ -195,23 +195,36 @@ impl Group {
         self.members.len() < before
     }
 
-    /// The next member with room, round-robin; one other than `avoid` (who had the entry
-    /// before) when there is one.
+    /// Whether member `i` may take an entry that `avoid` had before: it has room, and it is
+    /// another member, unless it is the only one. An entry whose lease ran out (a member too
+    /// slow for `ack_wait`) waits for another member rather than going back to the same one,
+    /// which would only run out again (a chaos run here: one entry delivered 5 times to its
+    /// slow member and dead-lettered while two fast ones were busy for a moment).
+    fn may_take(&self, i: usize, avoid: Option<ConnId>) -> bool {
+        let m = &self.members[i];
+        m.held < self.options.max_in_flight && (Some(m.conn) != avoid || self.members.len() == 1)
+    }
+
+    /// The next member that may take an entry `avoid` had before ([`Group::may_take`]),
+    /// round-robin.
     fn next_member(&mut self, avoid: Option<ConnId>) -> Option<usize> {
         let n = self.members.len();
-        let mut fallback = None;
-        for k in 0..n {
-            let i = (self.turn + k) % n;
-            if self.members[i].held < self.options.max_in_flight {
-                if Some(self.members[i].conn) == avoid {
-                    fallback.get_or_insert(i);
-                    continue;
-                }
-                self.turn = (i + 1) % n;
-                return Some(i);
-            }
-        }
-        fallback
+        let i = (0..n)
+            .map(|k| (self.turn + k) % n)
+            .find(|i| self.may_take(*i, avoid))?;
+        self.turn = (i + 1) % n;
+        Some(i)
+    }
+
+    /// The first entry given back that can go now: done (to drop), out of deliveries (to
+    /// dead-letter), or wanted by a member that may take it. Entries waiting for another
+    /// member than the one that had them do not hold up the rest.
+    fn next_ready(&self) -> Option<u64> {
+        self.ready.iter().copied().find(|o| {
+            self.is_done(*o)
+                || self.attempts.get(o).copied().unwrap_or(0) >= self.options.max_deliver
+                || (0..self.members.len()).any(|i| self.may_take(i, self.had.get(o).copied()))
+        })
     }
 
     fn info(&self, end: u64) -> GroupInfo {
@@ -1172,8 +1185,8 @@ impl Broker {
                 g.floor = st.first;
                 g.done.retain(|o| *o >= st.first);
             }
-            let offset = match g.ready.first() {
-                Some(o) => *o,
+            let offset = match g.next_ready() {
+                Some(o) => o,
                 None if g.next < limit => g.next,
                 None => return,
             };
