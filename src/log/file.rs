@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::segment::{io_err, sync_dir, Damage, SegmentLog, DEFAULT_SEGMENT_BYTES};
-use super::{Covered, Entry, LogError, Storage, SyncJob, TopicState};
+use super::{Covered, Entry, Holds, LogError, Storage, SyncJob, TopicState};
 
 /// Content of the `FORMAT` file of a log directory.
 const FORMAT: &str = "edgepair-log 1\n";
@@ -139,9 +139,8 @@ pub struct FileLog {
     marks_saved: std::time::Instant,
     /// New topics' segments are preallocated ([`FileLog::set_preallocate`]).
     preallocate: bool,
-    /// Per topic, retention keeps entries from this offset on ([`Storage::hold`]); a topic
-    /// may be held before it has an entry.
-    holds: HashMap<String, u64>,
+    /// Where retention must stop, per topic ([`Storage::hold`]).
+    holds: Holds,
 }
 
 impl FileLog {
@@ -274,7 +273,7 @@ impl FileLog {
             max_age: None,
             marks_saved: std::time::Instant::now(),
             preallocate: false,
-            holds: HashMap::new(),
+            holds: Holds::default(),
         };
         Ok((log, rec))
     }
@@ -317,9 +316,7 @@ impl FileLog {
                 // cut by age or size.
                 continue;
             }
-            let keep_from = t
-                .delivered
-                .min(self.holds.get(name).copied().unwrap_or(u64::MAX));
+            let keep_from = t.delivered.min(self.holds.from(name));
             if t.log.retain(self.max_bytes, cutoff, keep_from)? {
                 t.delivered = t.delivered.max(t.log.first());
                 moved.push((name.clone(), t.log.first()));
@@ -674,14 +671,7 @@ impl Storage for FileLog {
     }
 
     fn hold(&mut self, topic: &str, from: Option<u64>) {
-        match from {
-            Some(o) => {
-                self.holds.insert(topic.to_string(), o);
-            }
-            None => {
-                self.holds.remove(topic);
-            }
-        }
+        self.holds.set(topic, from);
     }
 
     fn is_durable(&self) -> bool {

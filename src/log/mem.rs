@@ -5,7 +5,7 @@ use foldhash::{HashMap, HashMapExt};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::{Entry, LogError, Storage, TopicState};
+use super::{Entry, Holds, LogError, Storage, TopicState};
 
 /// Entries kept per topic by default when there is no disk to keep them on: enough for
 /// history and catch-up, bounded so a long run does not grow without end. Entries not yet
@@ -37,9 +37,8 @@ pub struct MemLog {
     unsynced: u64,
     /// The saved epoch (on a simulated disk it survives a crash, as an fsync'd file would).
     epoch: u64,
-    /// Per topic, retention keeps entries from this offset on ([`Storage::hold`]); a topic
-    /// may be held before it has an entry.
-    holds: HashMap<String, u64>,
+    /// Where retention must stop, per topic ([`Storage::hold`]).
+    holds: Holds,
 }
 
 impl MemLog {
@@ -51,7 +50,7 @@ impl MemLog {
             disk: false,
             unsynced: 0,
             epoch: 0,
-            holds: HashMap::new(),
+            holds: Holds::default(),
         }
     }
 
@@ -129,7 +128,7 @@ impl Storage for MemLog {
         let floor = if topic.starts_with('$') {
             0
         } else {
-            floor.min(self.holds.get(topic).copied().unwrap_or(u64::MAX))
+            floor.min(self.holds.from(topic))
         };
         while t.entries.len() > self.retain && t.first < floor {
             t.entries.pop_front();
@@ -165,14 +164,7 @@ impl Storage for MemLog {
     }
 
     fn hold(&mut self, topic: &str, from: Option<u64>) {
-        match from {
-            Some(o) => {
-                self.holds.insert(topic.to_string(), o);
-            }
-            None => {
-                self.holds.remove(topic);
-            }
-        }
+        self.holds.set(topic, from);
     }
 
     fn set_delivered(&mut self, topic: &str, upto: u64) {

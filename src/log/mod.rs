@@ -197,6 +197,29 @@ impl SyncJob {
     }
 }
 
+/// Per topic, the offset retention must keep entries from ([`Storage::hold`]): what a
+/// consumer group has not finished. A topic may be held before it has an entry.
+#[derive(Debug, Default)]
+struct Holds(foldhash::HashMap<String, u64>);
+
+impl Holds {
+    fn set(&mut self, topic: &str, from: Option<u64>) {
+        match from {
+            Some(o) => {
+                self.0.insert(topic.to_string(), o);
+            }
+            None => {
+                self.0.remove(topic);
+            }
+        }
+    }
+
+    /// The offset `topic` is held from (`u64::MAX`: not held).
+    fn from(&self, topic: &str) -> u64 {
+        self.0.get(topic).copied().unwrap_or(u64::MAX)
+    }
+}
+
 /// The log of every topic of one node.
 pub trait Storage: Send + std::fmt::Debug {
     /// Every topic the log holds.
