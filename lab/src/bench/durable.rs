@@ -265,37 +265,10 @@ async fn start_setting(bin_dir: &Path, o: &DurableOpts, s: Setting) -> anyhow::R
         }
         Setting::Redis(policy) => {
             let dir = tempfile::tempdir_in(&o.data_root)?;
-            let port = free_port()?;
-            let mut args: Vec<std::ffi::OsString> = [
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                policy,
-                "--daemonize",
-                "no",
-                "--dir",
-            ]
-            .map(std::ffi::OsString::from)
-            .into();
-            args.push(dir.path().into());
-            let addr = format!("127.0.0.1:{port}");
-            let b = super::start_peer(
-                "redis-server",
-                &o.redis,
-                &args,
-                addr.clone(),
-                |a| async move { redis_ping(&a).await },
-            )
-            .await?;
+            let b = start_redis(&o.redis, Some((policy, dir.path()))).await?;
             Ok(Running {
+                addr: b.addr.clone(),
                 procs: vec![b],
-                addr,
                 proto: Proto::Redis,
                 _dirs: vec![dir],
             })
@@ -303,7 +276,41 @@ async fn start_setting(bin_dir: &Path, o: &DurableOpts, s: Setting) -> anyhow::R
     }
 }
 
-pub(super) async fn redis_ping(addr: &str) -> bool {
+/// `redis-server` on a free loopback port, without snapshots: with an append-only file under
+/// `appendfsync` policy in `dir` (`aof`), or with no persistence at all (`None`).
+pub(super) async fn start_redis(
+    server: &Path,
+    aof: Option<(&str, &Path)>,
+) -> anyhow::Result<Broker> {
+    let port = free_port()?;
+    let mut args: Vec<std::ffi::OsString> = [
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+        "--appendonly",
+    ]
+    .map(std::ffi::OsString::from)
+    .into();
+    match aof {
+        Some((policy, dir)) => {
+            args.extend(["yes", "--appendfsync", policy, "--dir"].map(Into::into));
+            args.push(dir.into());
+        }
+        None => args.push("no".into()),
+    }
+    let addr = format!("127.0.0.1:{port}");
+    super::start_peer("redis-server", server, &args, addr, |a| async move {
+        redis_ping(&a).await
+    })
+    .await
+}
+
+async fn redis_ping(addr: &str) -> bool {
     let Ok(Ok((mut r, mut w))) =
         tokio::time::timeout(Duration::from_millis(500), connect(addr)).await
     else {

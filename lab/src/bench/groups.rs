@@ -19,9 +19,9 @@ use tokio::time::Instant;
 
 use edgepair::clock::now_us;
 
-use super::durable::{connect, redis_ping, windowed, Proto};
-use super::{start_nodes, Broker};
-use crate::procs::{free_port, Proc};
+use super::durable::{connect, start_redis, windowed, Proto};
+use super::start_nodes;
+use crate::procs::Proc;
 
 /// What the group section measures, from the bench's options.
 pub(super) struct GroupOpts {
@@ -60,7 +60,8 @@ pub(super) async fn groups(bin_dir: &Path, o: &GroupOpts) -> anyhow::Result<Vec<
         ours.push(ours_rate(&b[0].addr, o).await?);
         drop(b);
         if redis_ok {
-            let r = start_redis(&o.redis).await?;
+            // No persistence: our pair's log is in memory in this figure.
+            let r = start_redis(&o.redis, None).await?;
             redis.push(redis_rate(&r.addr, o).await?);
         }
     }
@@ -226,30 +227,6 @@ async fn ours_rate(addr: &str, o: &GroupOpts) -> anyhow::Result<f64> {
     }
     let secs = end_us.load(Ordering::Relaxed) as f64 / 1e6;
     Ok(o.entries as f64 / secs.max(1e-9))
-}
-
-/// Redis with no persistence (our pair's log is in memory in this figure).
-async fn start_redis(server: &Path) -> anyhow::Result<Broker> {
-    let port = free_port()?;
-    let args: Vec<std::ffi::OsString> = [
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        &port.to_string(),
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--daemonize",
-        "no",
-    ]
-    .map(std::ffi::OsString::from)
-    .into();
-    let addr = format!("127.0.0.1:{port}");
-    super::start_peer("redis-server", server, &args, addr, |a| async move {
-        redis_ping(&a).await
-    })
-    .await
 }
 
 /// A RESP command of bulk strings.
