@@ -179,6 +179,39 @@ fn an_entry_whose_lease_ran_out_waits_for_another_member_not_the_slow_one() {
     assert_eq!(got(&p, busy)[1], (0, 2));
 }
 
+#[test]
+fn retention_keeps_what_a_group_has_not_finished() {
+    // Logs that keep only the last 3 delivered entries of a topic.
+    let logs: [Option<Box<dyn edgepair::log::Storage>>; 2] = [
+        Some(Box::new(edgepair::log::MemLog::new(3))),
+        Some(Box::new(edgepair::log::MemLog::new(3))),
+    ];
+    let mut p = Pair::with_logs(quick, pair::config(), logs);
+    p.run_until(
+        ms(2_000),
+        |p| matches!(p.core(P).status(), Frame::Status { ref link, .. } if link == "up"),
+    );
+    p.run_for(edgepair::core::STARTUP_GRACE);
+    let admin = p.client(P);
+    p.send(admin, "GROUP|create|t|g|first|max_in_flight=20");
+    p.run_until(ms(100), |p| p.count(admin, "GROUP|created|t|g") == 1);
+    // Ten entries, each delivered to the topic before the next is appended (the log trims at
+    // an append), while the group has no member.
+    for seq in 1..=10 {
+        publish_as(&mut p, &format!("one{seq}"), 1);
+        p.run_for(ms(50));
+    }
+    let late = p.client(P);
+    p.send(late, "GROUP|join|t|g|late");
+    p.run_until(ms(200), |p| got(p, late).len() == 10);
+    let offsets: Vec<u64> = got(&p, late).iter().map(|x| x.0).collect();
+    assert_eq!(
+        offsets,
+        (0..10).collect::<Vec<_>>(),
+        "none cut before the group had it"
+    );
+}
+
 /// One message from publisher `who`, acknowledged.
 fn publish_as(p: &mut Pair, who: &str, seq: u64) {
     let publ = p.client(P);

@@ -205,9 +205,13 @@ struct Holds(foldhash::HashMap<String, u64>);
 impl Holds {
     fn set(&mut self, topic: &str, from: Option<u64>) {
         match from {
-            Some(o) => {
-                self.0.insert(topic.to_string(), o);
-            }
+            // Set at every ack: no new key (an allocation) once the topic is held.
+            Some(o) => match self.0.get_mut(topic) {
+                Some(v) => *v = o,
+                None => {
+                    self.0.insert(topic.to_string(), o);
+                }
+            },
             None => {
                 self.0.remove(topic);
             }

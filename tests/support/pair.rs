@@ -114,17 +114,29 @@ impl Pair {
 
     /// Like [`Pair::new`], both nodes configured with `cfg` (role, peer and incarnation aside).
     pub fn with_config(compute: fn(u64) -> Duration, cfg: Config) -> Pair {
-        let node = |born| Node {
+        Pair::with_logs(compute, cfg, [None, None])
+    }
+
+    /// Like [`Pair::with_config`], each node starting on the log given for it (`None`: the
+    /// default in-memory log).
+    #[allow(dead_code)]
+    pub fn with_logs(
+        compute: fn(u64) -> Duration,
+        cfg: Config,
+        logs: [Option<Box<dyn edgepair::log::Storage>>; 2],
+    ) -> Pair {
+        let [lp, lb] = logs;
+        let node = |born, disk| Node {
             core: None,
             paused: false,
             held: VecDeque::new(),
             born,
             lives: 0,
-            disk: None,
+            disk,
         };
         let mut p = Pair {
             now: Time(0),
-            nodes: [node(Role::Primary), node(Role::Backup)],
+            nodes: [node(Role::Primary, lp), node(Role::Backup, lb)],
             wires: HashMap::new(),
             clients: Vec::new(),
             net: BTreeMap::new(),
