@@ -133,6 +133,13 @@ fn every_frame_round_trips_through_encode_and_parse() {
             topic: "t".into(),
             next: 42,
             epoch: 2,
+            epochs: Vec::new(),
+        },
+        Frame::Tail {
+            topic: "t".into(),
+            next: 42,
+            epoch: 4,
+            epochs: vec![(1, 0), (2, 17), (4, 30)],
         },
         Frame::TailEnd,
         Frame::Mark {

@@ -28,6 +28,19 @@ pub(super) const CATCH_UP_CHUNK: usize = 4096;
 /// How long a backup may take to read one chunk of a catch-up before the link is dropped.
 const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Where a backup's log of one topic ends, as its `TAIL` told.
+#[derive(Debug)]
+pub(super) struct Tail {
+    pub topic: String,
+    /// Its next offset.
+    pub next: u64,
+    /// The epoch of its last entry.
+    pub epoch: u64,
+    /// Each epoch of its log and the offset where it begins (empty from a backup that did
+    /// not say).
+    pub epochs: Vec<(u64, u64)>,
+}
+
 /// A sync running off the core's caller: what it answers when it ends.
 #[derive(Debug)]
 pub(super) struct Syncing {
@@ -649,22 +662,17 @@ impl Broker {
         }
     }
 
-    /// A backup answering its primary's `HELLO`: where its log of each topic ends.
+    /// A backup answering its primary's `HELLO`: where its log of each topic ends, and where
+    /// each epoch of it begins.
     pub(super) fn send_tails(&mut self, conn: ConnId) {
         for t in self.log.topics() {
-            let epoch = match t.next.checked_sub(1).filter(|last| *last >= t.first) {
-                Some(last) => self
-                    .log
-                    .read(&t.topic, last, 1)
-                    .ok()
-                    .and_then(|v| v.first().map(|e| e.epoch))
-                    .unwrap_or(0),
-                None => 0,
-            };
+            let epochs = self.epochs(&t.topic);
+            let epoch = epochs.last().map_or(0, |(e, _)| *e);
             let f = Frame::Tail {
                 topic: t.topic,
                 next: t.next,
                 epoch,
+                epochs,
             };
             self.reply(conn, f);
         }
@@ -677,18 +685,24 @@ impl Broker {
     /// million undelivered entries neither stops serving while it reads them all, past its
     /// backup's ping timeout, nor queues them all in memory); then, in one go, every topic's
     /// delivered mark and end, and the link is up.
-    pub(super) fn begin_catch_up(&mut self, conn: ConnId, tails: Vec<(String, u64, u64)>) {
-        let mut topics: BTreeSet<String> = tails.iter().map(|t| t.0.clone()).collect();
+    pub(super) fn begin_catch_up(&mut self, conn: ConnId, tails: Vec<Tail>) {
+        let mut topics: BTreeSet<String> = tails.iter().map(|t| t.topic.clone()).collect();
         let mut journal_ahead = false;
         topics.extend(self.log.topics().into_iter().map(|t| t.topic));
         let mut from = Vec::new();
         for topic in topics {
             let t = self.log.topic(&topic);
-            let (b_next, b_epoch) = tails
+            let start = match tails.iter().find(|x| x.topic == topic) {
+                None => 0,
+                // A backup that did not list its epochs: only its last one is compared.
+                Some(b) if b.epochs.is_empty() => b.next.min(self.end_of_epoch(&topic, b.epoch)),
+                Some(b) => diverge(&self.epochs(&topic), t.next, &b.epochs, b.next),
+            }
+            .max(t.first);
+            let b_next = tails
                 .iter()
-                .find(|x| x.0 == topic)
-                .map_or((0, 0), |x| (x.1, x.2));
-            let start = b_next.min(self.end_of_epoch(&topic, b_epoch)).max(t.first);
+                .find(|x| x.topic == topic)
+                .map_or(0, |b| b.next);
             if topic == super::JOURNAL {
                 // Records of the backup's we do not have come back as `GROUP|merge`.
                 journal_ahead = b_next > start;
@@ -703,6 +717,7 @@ impl Broker {
         if let Some(p) = self.primary() {
             p.link.catching_up = from;
             p.link.caught_up_sent = 0;
+            p.link.marked_early = false;
         }
         self.catch_up_step(conn);
     }
@@ -724,6 +739,7 @@ impl Broker {
             return;
         };
         let mut from = std::mem::take(&mut p.link.catching_up);
+        let mut marked_early = p.link.marked_early;
         // Topics created since the catch-up began are sent from their start.
         for t in self.log.topics() {
             if !from.iter().any(|(topic, _)| *topic == t.topic) {
@@ -731,7 +747,24 @@ impl Broker {
             }
         }
         let mut sent = 0usize;
-        for (topic, at) in from.iter_mut() {
+        for i in 0..from.len() {
+            if from[i].0 == super::JOURNAL
+                && !marked_early
+                && from[..i]
+                    .iter()
+                    .all(|(t, at)| *at >= self.log.next_offset(t))
+            {
+                // Every other topic is sent to its end: their `MARK`s go before the journal's
+                // entries, so a backup cuts a diverged topic (handing over what its groups had
+                // not finished there) while its groups still know what they finished, before
+                // an entry of the journal that differs from ours cuts the journal and reads
+                // the groups back from what is left. They go again with the journal's.
+                marked_early = true;
+                for (topic, _) in &from[..i] {
+                    self.send_mark(conn, topic);
+                }
+            }
+            let (topic, at) = &mut from[i];
             let t = self.log.topic(topic);
             *at = (*at).max(t.first);
             while *at < t.next && sent < CATCH_UP_CHUNK {
@@ -760,6 +793,7 @@ impl Broker {
             return;
         };
         p.link.caught_up_sent += sent as u64;
+        p.link.marked_early = marked_early;
         if sent > 0 {
             p.link.catching_up = from;
             self.out.push_back(Output::Writable { conn });
@@ -772,13 +806,7 @@ impl Broker {
         // Every topic sent to its end, within this one step: its marks, and the link is up.
         let total = p.link.caught_up_sent;
         for (topic, _) in from {
-            let t = self.log.topic(&topic);
-            let mark = Frame::Mark {
-                topic,
-                upto: t.delivered.max(t.first),
-                next: t.next,
-            };
-            self.send_frame(conn, &mark);
+            self.send_mark(conn, &topic);
         }
         if total > 0 {
             info!(
@@ -787,6 +815,45 @@ impl Broker {
             );
         }
         self.link_up(conn, total);
+    }
+
+    /// `MARK`: where our log of `topic` ends and up to where it is delivered.
+    fn send_mark(&mut self, conn: ConnId, topic: &str) {
+        let t = self.log.topic(topic);
+        let mark = Frame::Mark {
+            topic: topic.to_string(),
+            upto: t.delivered.max(t.first),
+            next: t.next,
+        };
+        self.send_frame(conn, &mark);
+    }
+
+    /// Each epoch of our log of `topic` with the offset where it begins, in order. An entry
+    /// that cannot be read ends the list with epoch `u64::MAX` (which no log has, so a
+    /// primary comparing sees the logs part there).
+    fn epochs(&self, topic: &str) -> Vec<(u64, u64)> {
+        let t = self.log.topic(topic);
+        let mut out = Vec::new();
+        let mut at = t.first;
+        while at < t.next {
+            let epoch = self
+                .log
+                .read(topic, at, 1)
+                .ok()
+                .and_then(|v| v.first().map(|e| e.epoch));
+            let Some(epoch) = epoch.filter(|e| out.last().is_none_or(|(p, _)| e > p)) else {
+                out.push((u64::MAX, at));
+                break;
+            };
+            out.push((epoch, at));
+            let end = self.end_of_epoch(topic, epoch);
+            if end <= at {
+                out.push((u64::MAX, at + 1));
+                break;
+            }
+            at = end;
+        }
+        out
     }
 
     /// The first offset of `topic` whose entry is of a later epoch than `epoch` (entries of
@@ -811,8 +878,71 @@ impl Broker {
     }
 }
 
+/// Where two logs of one topic part: the first offset both hold whose entries are of
+/// different epochs, or the end of the shorter. Each log is its epochs with the offset each
+/// begins at (rising) and its next offset. An entry is known by its epoch and offset: one
+/// epoch's entries were all written by one primary (the two nodes' epochs never meet, see
+/// `failover::next_epoch`), and a log takes an entry only after it agrees with its writer's
+/// log below it (this comparison), so where the epochs agree the entries are the same.
+///
+/// Comparing only the backup's last epoch (where our entries of that epoch end) missed
+/// logs that parted earlier: a backup whose last epoch is one we never had, over entries of
+/// an older reign that ours replaced, kept those entries beside ours.
+pub(super) fn diverge(a: &[(u64, u64)], a_next: u64, b: &[(u64, u64)], b_next: u64) -> u64 {
+    let end = a_next.min(b_next);
+    let (Some(a0), Some(b0)) = (a.first(), b.first()) else {
+        return end;
+    };
+    let epoch_at = |list: &[(u64, u64)], o: u64| {
+        list.iter()
+            .take_while(|(_, start)| *start <= o)
+            .last()
+            .map(|(e, _)| *e)
+    };
+    let lo = a0.1.max(b0.1);
+    let mut points: Vec<u64> = a
+        .iter()
+        .chain(b)
+        .map(|(_, start)| *start)
+        .filter(|o| *o > lo && *o < end)
+        .collect();
+    points.push(lo);
+    points.sort_unstable();
+    points
+        .into_iter()
+        .filter(|o| *o < end)
+        .find(|o| epoch_at(a, *o) != epoch_at(b, *o))
+        .unwrap_or(end)
+}
+
 pub(super) fn not_a_backup() -> Frame {
     Frame::Err {
         reason: "not a backup".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::diverge;
+
+    #[test]
+    fn logs_part_where_their_epochs_first_differ() {
+        // Same epochs throughout: the shorter log's end.
+        assert_eq!(diverge(&[(1, 0), (3, 10)], 20, &[(1, 0), (3, 10)], 15), 15);
+        // The backup had more of epoch 1 than we kept: from where ours moved to epoch 2.
+        assert_eq!(diverge(&[(1, 0), (2, 3)], 10, &[(1, 0)], 5), 3);
+        // Seed 964's shape: the backup's last epoch (3) is one we never had, over entries
+        // of epoch 1 that our epoch 2 replaced. Its last epoch alone would say "from 7".
+        assert_eq!(
+            diverge(&[(1, 0), (2, 3), (4, 8)], 9, &[(1, 0), (3, 5)], 7),
+            3
+        );
+        // Either log empty, or starting later (retention): compared where both have entries.
+        assert_eq!(diverge(&[], 0, &[(1, 0)], 5), 0);
+        assert_eq!(diverge(&[(1, 0), (2, 50)], 80, &[(1, 40), (2, 50)], 70), 70);
+        assert_eq!(diverge(&[(1, 0), (2, 50)], 80, &[(2, 40)], 70), 40);
+        assert_eq!(diverge(&[(1, 0), (2, 50)], 80, &[(1, 40)], 70), 50);
+        // An unreadable entry on one side parts the logs there.
+        assert_eq!(diverge(&[(1, 0)], 9, &[(1, 0), (u64::MAX, 4)], 9), 4);
     }
 }

@@ -28,8 +28,8 @@ pub(super) struct Link {
     backoff: Backoff,
     ever_up: bool,
     said_degraded: bool,
-    /// The backup's `TAIL`s (topic, next offset, epoch of its last entry) while they come in.
-    tails: Vec<(String, u64, u64)>,
+    /// The backup's `TAIL`s while they come in.
+    tails: Vec<super::durable::Tail>,
     /// When the current connect attempt started (a refusal grants the lease from then).
     connect_started: Time,
     /// The last connect was refused: no process listens on the backup's port, so none can take
@@ -42,6 +42,8 @@ pub(super) struct Link {
     pub catching_up: Vec<(String, u64)>,
     /// Entries the catch-up sent so far.
     pub caught_up_sent: u64,
+    /// The catch-up sent the other topics' `MARK`s ahead of the groups' journal.
+    pub marked_early: bool,
 }
 
 impl Link {
@@ -59,6 +61,7 @@ impl Link {
             catch_up_grace: Duration::ZERO,
             catching_up: Vec::new(),
             caught_up_sent: 0,
+            marked_early: false,
         }
     }
 
@@ -161,8 +164,21 @@ impl Broker {
             // `TAIL`s of an earlier `HELLO` (we said hello again in a newer epoch).
             (LinkState::Hello(_), Frame::Tail { .. } | Frame::TailEnd) => {}
             (LinkState::Hello(_), f) => self.on_hello_answer(conn, f),
-            (LinkState::Tails(_), Frame::Tail { topic, next, epoch }) => {
-                p.link.tails.push((topic, next, epoch));
+            (
+                LinkState::Tails(_),
+                Frame::Tail {
+                    topic,
+                    next,
+                    epoch,
+                    epochs,
+                },
+            ) => {
+                p.link.tails.push(super::durable::Tail {
+                    topic,
+                    next,
+                    epoch,
+                    epochs,
+                });
             }
             (LinkState::Tails(_), Frame::TailEnd) => {
                 let tails = std::mem::take(&mut p.link.tails);

@@ -100,9 +100,9 @@ pub enum Frame {
         /// Message body.
         payload: String,
     },
-    /// `TAIL|topic|next|epoch`: a backup answering its primary's `HELLO` tells, per topic, the
-    /// next offset of its log and the epoch of its last entry, so the primary knows where to
-    /// resume replication (and where the two logs diverge).
+    /// `TAIL|topic|next|epoch[|E@O,E@O…]`: a backup answering its primary's `HELLO` tells, per
+    /// topic, the next offset of its log, the epoch of its last entry and where each epoch of
+    /// its log begins, so the primary knows where the two logs diverge and resumes there.
     Tail {
         /// The topic.
         topic: String,
@@ -110,6 +110,9 @@ pub enum Frame {
         next: u64,
         /// The epoch of the backup's last entry of it (0 when empty).
         epoch: u64,
+        /// Each epoch of the backup's log with the offset of its first entry there, in order
+        /// (empty: not told, and only `epoch` is compared).
+        epochs: Vec<(u64, u64)>,
     },
     /// `TAIL`: the end of the backup's `TAIL` list.
     TailEnd,
@@ -210,6 +213,25 @@ fn number(s: &str, what: &'static str) -> Result<u64, ProtocolError> {
 
 /// Splits `line` into the verb and exactly `N` further fields, the last one taking the rest.
 /// No allocation: this runs once per message on the relay path.
+/// `E@O,E@O…` of a `TAIL`: epochs with the offset each begins at, both rising.
+fn epoch_starts(list: &str) -> Result<Vec<(u64, u64)>, ProtocolError> {
+    if list.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for item in list.split(',') {
+        let (e, o) = item
+            .split_once('@')
+            .ok_or(ProtocolError::BadField("epoch start"))?;
+        let (e, o) = (number(e, "epoch")?, number(o, "epoch start")?);
+        if out.last().is_some_and(|(pe, po)| e <= *pe || o <= *po) {
+            return Err(ProtocolError::BadField("epoch starts (not rising)"));
+        }
+        out.push((e, o));
+    }
+    Ok(out)
+}
+
 fn fields<'a, const N: usize>(
     line: &'a str,
     verb: &'static str,
@@ -346,10 +368,12 @@ impl Frame {
             "TAIL" if line == "TAIL" => Frame::TailEnd,
             "TAIL" => {
                 let f = fields::<3>(line, "TAIL")?;
+                let (epoch, epochs) = f[2].split_once('|').unwrap_or((f[2], ""));
                 Frame::Tail {
                     topic: s(non_empty(f[0], "topic")?),
                     next: number(f[1], "next")?,
-                    epoch: number(f[2], "epoch")?,
+                    epoch: number(epoch, "epoch")?,
+                    epochs: epoch_starts(epochs)?,
                 }
             }
             "MARK" => {
@@ -492,7 +516,17 @@ impl Frame {
                 stamps,
                 payload,
             } => write_repl_fields(out, *mid, topic, id, *sent_us, stamps, payload),
-            Frame::Tail { topic, next, epoch } => write!(out, "TAIL|{topic}|{next}|{epoch}"),
+            Frame::Tail {
+                topic,
+                next,
+                epoch,
+                epochs,
+            } => write!(out, "TAIL|{topic}|{next}|{epoch}").and_then(|()| {
+                epochs.iter().enumerate().try_for_each(|(i, (e, o))| {
+                    let sep = if i == 0 { '|' } else { ',' };
+                    write!(out, "{sep}{e}@{o}")
+                })
+            }),
             Frame::TailEnd => write!(out, "TAIL"),
             Frame::Mark { topic, upto, next } => write!(out, "MARK|{topic}|{upto}|{next}"),
             Frame::Stored { mid } => write!(out, "STORED|{mid}"),
