@@ -47,6 +47,8 @@ pub enum Redelivery {
     LeaseExpiry,
     /// Its member gave it back.
     Nacked,
+    /// Both nodes served the group during a link fault: the other node delivered it again.
+    SplitBrain,
     /// None of the above.
     Unexplained,
 }
@@ -133,6 +135,16 @@ pub fn judge_group(
             // again (to it again, when no other member had room, so the late ack still held).
             Some(("acked", at)) if at > r.received_at_us => Redelivery::LeaseExpiry,
             Some(("crashed", _)) => Redelivery::ConsumerDeath,
+            // Never answered: the member was still working when its lease ran out (the run's
+            // end stopped it later), or its consumer stopped first.
+            Some(("dropped", _))
+                if prev.is_some_and(|p| {
+                    r.received_at_us.saturating_sub(p.received_at_us) >= ack_wait_us
+                }) =>
+            {
+                Redelivery::LeaseExpiry
+            }
+            Some(("dropped", _)) => Redelivery::ConsumerDeath,
             Some(("unconfirmed", _)) if after(primary_kill) => Redelivery::Failover,
             // A member killed by SIGKILL wrote no row for what it held.
             None if after(primary_kill) && prev_holder_failed_over(r, primary_kill) => {
@@ -142,6 +154,11 @@ pub fn judge_group(
             None if after(primary_kill) => Redelivery::Failover,
             // Its member worked longer than the lease and wrote its row after this one.
             None if waited_a_lease => Redelivery::LeaseExpiry,
+            _ if in_split_brain(r.received_at_us)
+                || prev.is_some_and(|p| in_split_brain(p.acked_at_us)) =>
+            {
+                Redelivery::SplitBrain
+            }
             _ => Redelivery::Unexplained,
         };
         let key = serde_json::to_value(why)
@@ -375,8 +392,11 @@ mod tests {
             r.acked_at_us = 260;
         }
         late.push(row("d", 7, 2, 240, "primary", "refused"));
+        // A member still working when its lease ran out, stopped before it answered.
+        late.push(row("e", 8, 1, 300, "primary", "dropped"));
+        late.push(row("a", 8, 2, 320, "primary", "acked"));
         let v = judge_group(&late, "p", 5, &f);
-        assert_eq!(v.redeliveries.get("lease-expiry"), Some(&1), "{v:?}");
+        assert_eq!(v.redeliveries.get("lease-expiry"), Some(&2), "{v:?}");
         assert_eq!(v.redeliveries.get("unexplained"), None, "{v:?}");
         let mut twice = rows.clone();
         twice.push(row("c", 1, 2, 120, "backup", "acked"));
@@ -403,5 +423,8 @@ mod tests {
             },
         );
         assert!(v.ok && v.acked_twice_split_brain == vec![1], "{v:?}");
+        // And its delivery again, by the other node, is explained by it.
+        assert_eq!(v.redeliveries.get("split-brain"), Some(&1), "{v:?}");
+        assert_eq!(v.redeliveries.get("unexplained"), None, "{v:?}");
     }
 }
