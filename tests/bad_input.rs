@@ -177,3 +177,63 @@ fn a_connection_past_the_limit_is_refused_and_the_others_are_served() {
         assert_eq!(conn.next(5 * common::SEC), Got::Line("PONG".into()));
     }
 }
+
+/// Bad group frames on a real broker's port: each gets `ERR|…` saying why, and the group is as
+/// it was (its one entry still leased to the member that has it, which can still ack it).
+#[test]
+fn bad_group_frames_get_err_and_change_nothing() {
+    let (mut p, addr) = primary();
+    let t = Duration::from_secs(5);
+    let mut admin = LineConn::connect(&addr);
+    admin.send_line("GROUP|create|t|g|first|ack_wait=60000");
+    assert_eq!(admin.read_line(t).as_deref(), Some("GROUP|created|t|g"));
+    let mut one = LineConn::connect(&addr);
+    one.send_line("GROUP|join|t|g|one");
+    assert_eq!(one.read_line(t).as_deref(), Some("GROUP|joined|t|g|one"));
+    admin.send_line("PUB|t|p|1|1|work");
+    assert_eq!(admin.read_line(t).as_deref(), Some("ACK|p|1"));
+    let msg = one.read_line(t).unwrap_or_default();
+    assert!(msg.starts_with("GROUP|msg|t|g|0|1|p|1|"), "{msg}");
+    let mut two = LineConn::connect(&addr);
+    two.send_line("GROUP|join|t|g|two");
+    assert_eq!(two.read_line(t).as_deref(), Some("GROUP|joined|t|g|two"));
+    let (a, o, w) = (0, 1, 2);
+    let mut c = [admin, one, two];
+    for (who, line, says) in [
+        (w, "GROUP|ack|t|g|0", "leased to one"),
+        (o, "GROUP|ack|t|g|7", "never delivered"),
+        (o, "GROUP|ack|t|nosuch|0", "no group 'nosuch'"),
+        (o, "GROUP|ack|t|g|x", "bad"),
+        (w, "GROUP|join|t|g|one", "already a member"),
+        (w, "GROUP|join|t|g|bad name!", "name"),
+        (a, "GROUP|create|t|g|first|ack_wait=5", "other settings"),
+        (a, "GROUP|create|t|h|first|max_in_flight=0", "out of range"),
+        (
+            a,
+            "GROUP|create|t|h|first|max_deliver=99999",
+            "out of range",
+        ),
+        (a, "GROUP|create|t|h|soon", "bad group start"),
+        (a, "PUB|$groups|x|1|1|forged", "reserved"),
+    ] {
+        c[who].send_line(line);
+        let got = c[who].read_line(t).unwrap_or_default();
+        assert!(
+            got.starts_with("ERR|") && got.contains(says),
+            "{line}: {got}"
+        );
+    }
+    c[a].send_line("GROUP|list|t");
+    let info = c[a].read_line(t).unwrap_or_default();
+    let f: Vec<&str> = info.split('|').collect();
+    // GROUP|info|topic|group|floor|end|pending|lag|redelivered|dead|members
+    assert_eq!(
+        f.get(2..10),
+        Some(&["t", "g", "0", "1", "1", "1", "0", "0"][..]),
+        "{info}"
+    );
+    assert_eq!(c[a].read_line(t).as_deref(), Some("GROUP|end"));
+    c[o].send_line("GROUP|ack|t|g|0");
+    assert_eq!(c[o].read_line(t).as_deref(), Some("GROUP|acked|t|g|0"));
+    assert!(p.alive(), "the broker died");
+}
