@@ -361,3 +361,91 @@ fn a_backup_that_takes_over_a_long_held_log_delivers_it_all_in_order() {
         "nothing left in flight"
     );
 }
+
+/// Base offsets of the segments of topic `t` in a data directory, oldest first.
+fn segment_bases(dir: &std::path::Path) -> Vec<u64> {
+    let mut bases: Vec<u64> = std::fs::read_dir(dir.join("topics").join("t"))
+        .map(|files| {
+            files
+                .flatten()
+                .filter_map(|f| {
+                    let p = f.path();
+                    let is_log = p.extension().is_some_and(|e| e == "log");
+                    is_log
+                        .then(|| p.file_stem()?.to_str()?.parse().ok())
+                        .flatten()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    bases.sort_unstable();
+    bases
+}
+
+/// A backup SIGKILLed while its primary's retention (`--retain-bytes`) removed the segments
+/// it lacks starts its copy again at the primary's oldest kept entry when it comes back, and
+/// the link comes up; after a failover it serves every kept entry from there. Before, the
+/// catch-up's first entry lay past the backup's end and was refused, and the link never came
+/// up: the primary acknowledged with no backup for good.
+#[test]
+fn a_backup_behind_the_primarys_retention_catches_up_from_its_oldest_kept_entry() {
+    let (pp, bp) = (free_port(), free_port());
+    let (pa, ba) = (addr(pp), addr(bp));
+    let (pdir, bdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let args = |port, peer: &str, dir: &std::path::Path| {
+        let mut a = node_args_fsync(port, peer, dir, "0", "batch");
+        for x in ["--segment-bytes", "4K", "--retain-bytes", "8K"] {
+            a.push(x.into());
+        }
+        a
+    };
+    let (pargs, bargs) = (args(pp, &ba, pdir.path()), args(bp, &pa, bdir.path()));
+    let _primary = spawn_node("primary", &pargs);
+    let mut backup = spawn_node("backup", &bargs);
+    wait_status(&pa, "primary", "up");
+    wait_status(&ba, "backup", "armed");
+    publish_acked(&pa, "pub", 1..=10);
+    backup.kill9();
+    // Some 60 bytes an entry: 400 more fill several 4 KiB segments, and retention (every
+    // second) removes the oldest, delivered ones, among them all the backup has.
+    publish_acked(&pa, "pub", 11..=410);
+    assert!(
+        common::wait_until(10 * SEC, || segment_bases(pdir.path())
+            .first()
+            .is_some_and(|b| *b > 10)),
+        "the primary's retention removed nothing: {:?}",
+        segment_bases(pdir.path())
+    );
+    let oldest = segment_bases(pdir.path())[0];
+    let _backup = spawn_node("backup", &bargs);
+    wait_status(&pa, "primary", "up");
+    publish_acked(&pa, "pub", 411..=411);
+    let bases = segment_bases(bdir.path());
+    assert!(
+        bases.first().is_some_and(|b| *b >= oldest),
+        "the backup's copy starts at the primary's oldest kept entry {oldest} or later: {bases:?}"
+    );
+    // The backup has every entry the primary kept: a subscriber reading it from there after a
+    // failover gets them all.
+    drop(_primary);
+    wait_status(&ba, "primary", "down");
+    let mut c = common::LineConn::connect(&ba);
+    c.send_line(&format!("SUB|t|{oldest}"));
+    let mut offsets = Vec::new();
+    loop {
+        match c.next(5 * SEC) {
+            Got::Line(l) if l.starts_with("REPLAYED|t|") => break,
+            Got::Line(l) if l.starts_with("MSG|") => {
+                let stamps = l.split('|').nth(5).unwrap_or_default().to_string();
+                let o = stamps
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("o="))
+                    .and_then(|o| o.parse::<u64>().ok());
+                offsets.push(o.unwrap_or_else(|| panic!("no offset in {l}")));
+            }
+            Got::Line(_) => {}
+            other => panic!("replay ended after {} MSGs: {other:?}", offsets.len()),
+        }
+    }
+    assert_eq!(offsets, (oldest..411).collect::<Vec<_>>());
+}

@@ -386,3 +386,61 @@ fn a_nack_with_a_delay_holds_the_entry_back_that_long() {
     p.run_until(ms(100), |p| got(p, c).len() == 2);
     assert_eq!(got(&p, c)[1], (0, 2));
 }
+
+/// A backup away while its primary's retention removed what it lacks (logs keeping 3
+/// delivered entries) starts its copy again at the primary's oldest entry, and the link comes
+/// up; the group's state follows through the journal, so after a failover nothing the group
+/// finished is delivered again. Before, the catch-up's first entry was past the backup's end,
+/// refused, and the link never came up: the primary ran degraded for good.
+#[test]
+fn a_backup_behind_the_primarys_retention_starts_again_at_its_oldest_entry() {
+    let logs: [Option<Box<dyn edgepair::log::Storage>>; 2] = [
+        Some(Box::new(edgepair::log::MemLog::new(3))),
+        Some(Box::new(edgepair::log::MemLog::new(3))),
+    ];
+    let mut p = Pair::with_logs(quick, pair::config(), logs);
+    let up =
+        |p: &Pair| matches!(p.core(P).status(), Frame::Status { ref link, .. } if link == "up");
+    p.run_until(ms(2_000), up);
+    p.run_for(edgepair::core::STARTUP_GRACE);
+    let admin = p.client(P);
+    p.send(admin, "GROUP|create|t|g|first|max_in_flight=20");
+    p.run_until(ms(100), |p| p.count(admin, "GROUP|created|t|g") == 1);
+    let c = p.client(P);
+    p.send(c, "GROUP|join|t|g|worker");
+    let mut acked = Vec::new();
+    let work = |p: &mut Pair, acked: &mut Vec<u64>, seq: u64| {
+        publish_as(p, "a", seq);
+        p.run_until(ms(200), |p| got(p, c).len() as u64 == seq);
+        ack_all(p, c, acked);
+        p.run_until(ms(200), |p| p.count(c, "GROUP|acked|") == acked.len());
+        p.run_for(ms(50));
+    };
+    work(&mut p, &mut acked, 1);
+    p.crash_keeping_log(B);
+    for seq in 2..=10 {
+        work(&mut p, &mut acked, seq);
+    }
+    let tp = p.core(P).log().topic("t");
+    assert!(
+        tp.first > 1,
+        "the primary's retention removed entries: {tp:?}"
+    );
+    p.start(B);
+    p.run_until(ms(3_000), up);
+    assert!(up(&p), "the link comes up");
+    work(&mut p, &mut acked, 11);
+    let (tp, tb) = (p.core(P).log().topic("t"), p.core(B).log().topic("t"));
+    assert_eq!((tb.first, tb.next), (tp.first, tp.next), "{tp:?} {tb:?}");
+    // The member waits on the backup too; the primary dies; the backup serves the group.
+    let cb = p.client(B);
+    p.send(cb, "GROUP|join|t|g|worker");
+    p.run_until(ms(50), |p| p.count(cb, "GROUP|joined|") == 1);
+    p.crash(P);
+    p.run_until(ms(2_000), |p| p.role(B) == Role::Primary);
+    let pb = p.client(B);
+    p.send(pb, "PUB|t|a|12|1|job12");
+    p.run_until(ms(500), |p| !got(p, cb).is_empty());
+    p.run_for(ms(200));
+    assert_eq!(got(&p, cb), vec![(11, 1)], "only the new entry, once");
+}

@@ -446,6 +446,16 @@ impl Broker {
             return;
         }
         let entry = Arc::new(entry);
+        if mid == 0 && entry.offset > self.log.next_offset(&topic) {
+            // A catch-up that starts past our end: the primary no longer keeps what we lack
+            // (its retention removed it while we were away).
+            if let Err(e) = self.restart_topic(&topic, entry.offset) {
+                error!(
+                    "topic '{topic}': cannot start our copy again at {}: {e}",
+                    entry.offset
+                );
+            }
+        }
         if let Err(e) = self.store(conn, &topic, &entry) {
             warn!("cannot store entry {} of '{topic}': {e}", entry.offset);
             self.reply(
@@ -572,6 +582,40 @@ impl Broker {
                         topic: topic.to_string(),
                         entry,
                         quiet,
+                    })
+                })
+                .collect();
+            self.hand_over(msgs);
+        }
+        Ok(())
+    }
+
+    /// Our copy of `topic` ends before the oldest entry the primary keeps: it starts again,
+    /// empty, at `at`. What of it was not delivered goes to the primary first (which drops
+    /// by identity what it has). The groups' state is left to the journal, which is never cut
+    /// and comes after: the primary's groups finished what its retention removed.
+    fn restart_topic(&mut self, topic: &str, at: u64) -> Result<(), LogError> {
+        let t = self.log.topic(topic);
+        let undelivered = self.undelivered(topic, t.first)?;
+        let gone = self.log.restart_at(topic, at)?;
+        if let Some(c) = self.cleared.get_mut(topic) {
+            c.clear();
+        }
+        warn!(
+            "topic '{topic}': our copy ends at {} and the primary keeps only from {at} on: dropped its {gone} entr{} and went on from {at}; handing {} undelivered one(s) to the primary",
+            t.next,
+            if gone == 1 { "y" } else { "ies" },
+            undelivered.len()
+        );
+        if !undelivered.is_empty() && self.cfg.peer.is_some() {
+            let msgs = undelivered
+                .into_iter()
+                .map(|entry| {
+                    Arc::new(Message {
+                        mid: 0,
+                        topic: topic.to_string(),
+                        entry,
+                        quiet: false,
                     })
                 })
                 .collect();

@@ -609,6 +609,11 @@ impl Broker {
         self.end_sync_job(job, result);
     }
 
+    /// The node's log, to look at (tests compare the two nodes' logs).
+    pub fn log(&self) -> &dyn Storage {
+        self.log.as_ref()
+    }
+
     /// The node's log, as a process that dies leaves it behind (tests restart a node on it).
     pub fn into_log(self) -> Box<dyn Storage> {
         self.log

@@ -551,6 +551,30 @@ impl Storage for FileLog {
         }
     }
 
+    fn restart_at(&mut self, topic: &str, at: u64) -> Result<u64, LogError> {
+        self.check_writable()?;
+        if !self.topics.contains_key(topic) {
+            // Made as an append makes it, then started again.
+            self.create_topic(topic)?;
+        }
+        let Some(t) = self.topics.get_mut(topic) else {
+            return Ok(0);
+        };
+        match t.log.restart_at(at) {
+            Ok(n) => {
+                t.delivered = t.log.next();
+                self.unsynced -= t.unsynced;
+                t.unsynced = 0;
+                t.cuts += 1;
+                Ok(n)
+            }
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
     fn read(&self, topic: &str, from: u64, max: usize) -> Result<Vec<Arc<Entry>>, LogError> {
         match self.topics.get(topic) {
             Some(t) => t.log.read(from, max),
@@ -1078,6 +1102,32 @@ mod tests {
         assert_eq!(log.topic("t").next, 0);
         fill(&mut log, "t", 0..3);
         assert_entries(&log, "t", 0..3);
+    }
+
+    #[test]
+    fn a_topic_started_again_past_its_end_keeps_only_what_comes_after_across_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (mut log, _) = open(dir.path());
+            fill(&mut log, "t", 0..300);
+            assert!(log.topic_segments("t").len() > 2);
+            assert_eq!(log.restart_at("t", 100).expect("not past the end"), 0);
+            assert_eq!(log.restart_at("t", 500).expect("restart"), 300);
+            let t = log.topic("t");
+            assert_eq!((t.first, t.next, t.delivered), (500, 500, 500));
+            assert_eq!(log.unsynced(), 0);
+            fill(&mut log, "t", 500..510);
+            // A topic this log never had starts where it is told.
+            assert_eq!(log.restart_at("u", 40).expect("new topic"), 0);
+            fill(&mut log, "u", 40..42);
+            log.sync().expect("sync");
+        }
+        let (log, rec) = open(dir.path());
+        assert!(rec.is_clean(), "{:?}", rec.lines());
+        assert_eq!(log.topic_segments("t").len(), 1);
+        assert_eq!(log.topic("t").first, 500);
+        assert_entries(&log, "t", 500..510);
+        assert_entries(&log, "u", 40..42);
     }
 
     #[test]

@@ -155,6 +155,23 @@ impl Storage for MemLog {
         Ok(cut)
     }
 
+    fn restart_at(&mut self, topic: &str, at: u64) -> Result<u64, LogError> {
+        let t = self.topics.entry(topic.to_string()).or_default();
+        if at <= t.next() && !t.entries.is_empty() {
+            return Ok(0);
+        }
+        let gone = t.entries.len() as u64;
+        if self.disk {
+            self.unsynced = self
+                .unsynced
+                .saturating_sub(t.next().saturating_sub(t.synced));
+        }
+        t.entries.clear();
+        t.first = at.max(t.first);
+        (t.delivered, t.synced) = (t.first, t.first);
+        Ok(gone)
+    }
+
     fn read(&self, topic: &str, from: u64, max: usize) -> Result<Vec<Arc<Entry>>, LogError> {
         let Some(t) = self.topics.get(topic) else {
             return Ok(Vec::new());

@@ -1118,6 +1118,45 @@ impl SegmentLog {
         Ok(old_next - from)
     }
 
+    /// Drops every record and starts the log again, empty, at offset `at` (past its end):
+    /// segments are removed newest first (a crash meanwhile leaves a dense, shorter log), then
+    /// one empty segment is made at `at`. Returns how many records went.
+    pub fn restart_at(&mut self, at: u64) -> Result<u64, LogError> {
+        self.writable()?;
+        self.flush()?;
+        let (first, next) = (self.first(), self.next());
+        if at <= next && next > first {
+            return Ok(0);
+        }
+        let at = at.max(next);
+        self.active = None;
+        self.active_idx = None;
+        let bases: Vec<u64> = self.segs.iter().rev().map(|s| s.base).collect();
+        for base in bases {
+            for p in [idx_path(&self.dir, base), log_path(&self.dir, base)] {
+                match fs::remove_file(&p) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(io_err(format!("remove {}", p.display()))(e))
+                    }
+                    _ => {}
+                }
+            }
+            self.segs.pop();
+        }
+        let (log, idx) = create_files(&self.dir, at)?;
+        self.active = Some(log);
+        self.active_idx = Some(idx);
+        self.file_len.set(0);
+        self.runway_failed.set(false);
+        self.since_index = 0;
+        self.pending_points.clear();
+        self.dirty = false;
+        self.segs.push(Segment::empty(at));
+        sync_dir(&self.dir)?;
+        self.names_changed = false;
+        Ok(next - first)
+    }
+
     /// Removes the oldest sealed segments while they end at or below `delivered` and either
     /// the log is over `max_bytes` or the segment's last entry is older than `cutoff_us`.
     /// Returns whether any went.

@@ -135,6 +135,13 @@ impl Storage for SimDisk {
         Ok(cut)
     }
 
+    fn restart_at(&mut self, topic: &str, at: u64) -> Result<u64, LogError> {
+        let mut g = self.lock();
+        let gone = g.log.restart_at(topic, at)?;
+        g.unsynced.retain(|(t, _), _| t != topic);
+        Ok(gone)
+    }
+
     fn read(&self, topic: &str, from: u64, max: usize) -> Result<Vec<Arc<Entry>>, LogError> {
         self.lock().log.read(topic, from, max)
     }
