@@ -165,6 +165,10 @@ pub struct BrokerOpts {
     /// `ERR|…` and nothing is stored or subscribed.
     #[arg(long, default_value_t = crate::core::MAX_TOPIC_LEN, value_name = "BYTES")]
     pub max_topic_len: usize,
+    /// Consumer groups: journal entries after which the primary writes a snapshot of the
+    /// groups and, once the backup has it, removes the journal before it.
+    #[arg(long, default_value_t = crate::core::JOURNAL_COMPACT, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub journal_compact: u64,
     /// Close a connection that has begun a frame and not finished it within this long (a slow
     /// drip of bytes); idle connections are not timed.
     #[arg(long, value_parser = parse_frame_timeout, default_value = "10s", value_name = "D")]
@@ -320,6 +324,7 @@ pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCo
         cfg.max_unacked = opts.max_unacked;
         cfg.max_subscriptions = opts.max_subscriptions;
         cfg.max_topic_len = opts.max_topic_len;
+        cfg.journal_compact = opts.journal_compact;
         cfg.frame_timeout = opts.frame_timeout;
         cfg.tls = tls;
         match driver::run(listener, cfg, shutdown).await {

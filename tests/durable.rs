@@ -364,7 +364,12 @@ fn a_backup_that_takes_over_a_long_held_log_delivers_it_all_in_order() {
 
 /// Base offsets of the segments of topic `t` in a data directory, oldest first.
 fn segment_bases(dir: &std::path::Path) -> Vec<u64> {
-    let mut bases: Vec<u64> = std::fs::read_dir(dir.join("topics").join("t"))
+    topic_segment_bases(dir, "t")
+}
+
+/// Base offsets of the segments of a topic (its folder's name) in a data directory.
+fn topic_segment_bases(dir: &std::path::Path, folder: &str) -> Vec<u64> {
+    let mut bases: Vec<u64> = std::fs::read_dir(dir.join("topics").join(folder))
         .map(|files| {
             files
                 .flatten()
@@ -448,4 +453,85 @@ fn a_backup_behind_the_primarys_retention_catches_up_from_its_oldest_kept_entry(
         }
     }
     assert_eq!(offsets, (oldest..411).collect::<Vec<_>>());
+}
+
+/// A consumer group's journal, compacted every 5 entries (`--journal-compact 5`, 4 KiB
+/// segments), is cut on both nodes' disks as the group works; after SIGKILL of both, the nodes
+/// read the group back from the snapshots whole: its floor past every acknowledged entry, and
+/// only the entry published after comes to the member.
+#[test]
+fn a_compacted_journal_on_disk_keeps_the_group_through_both_nodes_killed() {
+    let (pp, bp) = (free_port(), free_port());
+    let (pa, ba) = (addr(pp), addr(bp));
+    let (pdir, bdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let args = |port, peer: &str, dir: &std::path::Path| {
+        let mut a = node_args_fsync(port, peer, dir, "0", "always");
+        for x in ["--segment-bytes", "4K", "--journal-compact", "5"] {
+            a.push(x.into());
+        }
+        a
+    };
+    let (pargs, bargs) = (args(pp, &ba, pdir.path()), args(bp, &pa, bdir.path()));
+    let mut primary = spawn_node("primary", &pargs);
+    let mut backup = spawn_node("backup", &bargs);
+    wait_status(&pa, "primary", "up");
+    wait_status(&ba, "backup", "armed");
+    let mut admin = common::LineConn::connect(&pa);
+    admin.send_line("GROUP|create|t|g|first|max_in_flight=50");
+    assert_eq!(
+        admin.read_line(5 * SEC).as_deref(),
+        Some("GROUP|created|t|g")
+    );
+    let mut member = common::LineConn::connect(&pa);
+    member.send_line("GROUP|join|t|g|worker");
+    assert_eq!(
+        member.read_line(5 * SEC).as_deref(),
+        Some("GROUP|joined|t|g|worker")
+    );
+    publish_acked(&pa, "pub", 1..=200);
+    let mut acked = 0;
+    while acked < 200 {
+        match member.next(5 * SEC) {
+            Got::Line(l) if l.starts_with("GROUP|msg|t|g|") => {
+                let offset = l.split('|').nth(4).unwrap_or_default().to_string();
+                member.send_line(&format!("GROUP|ack|t|g|{offset}"));
+            }
+            Got::Line(l) if l.starts_with("GROUP|acked|") => acked += 1,
+            other => panic!("after {acked} acks: {other:?}"),
+        }
+    }
+    let journal = "%24groups";
+    for dir in [pdir.path(), bdir.path()] {
+        let bases = topic_segment_bases(dir, journal);
+        assert!(
+            bases.first().is_some_and(|b| *b > 0),
+            "the journal's first segments were removed in {}: {bases:?}",
+            dir.display()
+        );
+    }
+    primary.kill9();
+    backup.kill9();
+    let _backup = spawn_node("backup", &bargs);
+    let _primary = spawn_node("primary", &pargs);
+    wait_status(&pa, "primary", "up");
+    let mut admin = common::LineConn::connect(&pa);
+    admin.send_line("GROUP|list|t");
+    let info = admin.read_line(5 * SEC).unwrap_or_default();
+    // GROUP|info|topic|group|floor|end|pending|lag|...
+    let f: Vec<&str> = info.split('|').collect();
+    assert_eq!(
+        f.get(2..8),
+        Some(&["t", "g", "200", "200", "0", "0"][..]),
+        "{info}"
+    );
+    let mut member = common::LineConn::connect(&pa);
+    member.send_line("GROUP|join|t|g|worker");
+    publish_acked(&pa, "pub", 201..=201);
+    let mut got = Vec::new();
+    while let Got::Line(l) = member.next(Duration::from_millis(1500)) {
+        if l.starts_with("GROUP|msg|") {
+            got.push(l.split('|').nth(4).unwrap_or_default().to_string());
+        }
+    }
+    assert_eq!(got, ["200"], "only the new entry");
 }

@@ -444,3 +444,77 @@ fn a_backup_behind_the_primarys_retention_starts_again_at_its_oldest_entry() {
     p.run_for(ms(200));
     assert_eq!(got(&p, cb), vec![(11, 1)], "only the new entry, once");
 }
+
+/// With a snapshot every 4 journal entries, the journal is cut on both nodes as the group
+/// works, and the group's state lives on in the snapshots: after a failover the backup
+/// delivers nothing the group finished, and a node restarted on its cut journal reads the
+/// group back whole (its floor, its redelivery count).
+#[test]
+fn a_compacted_journal_keeps_the_groups_state_through_a_failover_and_a_restart() {
+    let logs: [Option<Box<dyn edgepair::log::Storage>>; 2] = [
+        Some(Box::new(edgepair::log::MemLog::new(1_000))),
+        Some(Box::new(edgepair::log::MemLog::new(1_000))),
+    ];
+    let mut cfg = pair::config();
+    cfg.journal_compact = 4;
+    let mut p = Pair::with_logs(quick, cfg, logs);
+    let up =
+        |p: &Pair| matches!(p.core(P).status(), Frame::Status { ref link, .. } if link == "up");
+    p.run_until(ms(2_000), up);
+    p.run_for(edgepair::core::STARTUP_GRACE);
+    let admin = p.client(P);
+    p.send(
+        admin,
+        "GROUP|create|t|g|first|ack_wait=500,max_deliver=5,max_in_flight=1",
+    );
+    p.run_until(ms(100), |p| p.count(admin, "GROUP|created|t|g") == 1);
+    let c = p.client(P);
+    p.send(c, "GROUP|join|t|g|worker");
+    let cb = p.client(B);
+    p.send(cb, "GROUP|join|t|g|worker");
+    publish(&mut p, 30);
+    // The first entry's lease runs out once (a redelivery the snapshots must count).
+    p.run_until(ms(200), |p| !got(p, c).is_empty());
+    p.run_until(ms(1_000), |p| got(p, c).len() == 2);
+    let mut acked = vec![0];
+    p.send(c, "GROUP|ack|t|g|0");
+    for _ in 0..20 {
+        p.run_until(ms(200), |p| got(p, c).len() > acked.len() + 1);
+        ack_all(&mut p, c, &mut acked);
+        let n = acked.len();
+        p.run_until(ms(200), |p| p.count(c, "GROUP|acked|") == n);
+    }
+    assert_eq!(acked.len(), 21);
+    let (jp, jb) = (
+        p.core(P).log().topic(edgepair::core::JOURNAL),
+        p.core(B).log().topic(edgepair::core::JOURNAL),
+    );
+    assert!(
+        jp.first > 0 && jb.first > 0,
+        "both journals were cut: {jp:?} {jb:?}"
+    );
+    let before = info(&mut p, P);
+    assert_eq!((before.floor, before.redelivered), (21, 1), "{before:?}");
+    // The primary dies: the backup, on its cut journal, carries on from entry 21.
+    p.crash(P);
+    p.run_until(ms(2_000), |p| p.role(B) == Role::Primary);
+    p.run_until(ms(1_000), |p| !got(p, cb).is_empty());
+    let after = got(&p, cb);
+    assert!(
+        after.iter().all(|(o, _)| !acked.contains(o)),
+        "acknowledged {acked:?}, delivered again {after:?}"
+    );
+    assert_eq!(after[0].0, 21, "{after:?}");
+    // Its count: the lease that ran out, and entry 21, in flight at the failover.
+    let on_b = info(&mut p, B);
+    assert_eq!((on_b.floor, on_b.redelivered), (21, 2), "{on_b:?}");
+    // Restarted on its cut journal, the node reads the group back whole.
+    p.crash_keeping_log(B);
+    p.start(B);
+    p.run_for(ms(100));
+    let again = info(&mut p, B);
+    assert!(
+        again.floor == 21 && again.redelivered >= 2,
+        "the floor and the count read back: {again:?}"
+    );
+}

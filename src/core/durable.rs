@@ -469,6 +469,9 @@ impl Broker {
         if topic == super::JOURNAL {
             // A group record: applied now, delivered to no one, never cleared.
             self.journal_stored(&entry);
+            if super::groups::is_snapshot(&entry.payload) {
+                self.trim_journal(entry.offset);
+            }
         }
         if mid == 0 {
             // Catching up: the primary expects no answer.
@@ -552,7 +555,13 @@ impl Broker {
             let mut cut = self.journal_cut(from);
             self.groups.to_merge.append(&mut cut);
         }
-        let cut = self.log.truncate(topic, from)?;
+        // Below our oldest entry (the primary started again without its log, and we have
+        // removed old entries since): the topic starts again there, empty.
+        let cut = if from < self.log.topic(topic).first {
+            self.log.restart_at(topic, from)?
+        } else {
+            self.log.truncate(topic, from)?
+        };
         if let RoleState::Backup(Backup {
             caught_up: Some((_, marks)),
             ..
@@ -600,6 +609,11 @@ impl Broker {
         let gone = self.log.restart_at(topic, at)?;
         if let Some(c) = self.cleared.get_mut(topic) {
             c.clear();
+        }
+        if topic == super::JOURNAL {
+            // The groups are read again from what is left (nothing): the primary's journal
+            // from `at` on begins with a snapshot of them.
+            self.groups_offsets_reused(topic, at);
         }
         warn!(
             "topic '{topic}': our copy ends at {} and the primary keeps only from {at} on: dropped its {gone} entr{} and went on from {at}; handing {} undelivered one(s) to the primary",

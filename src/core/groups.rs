@@ -41,6 +41,11 @@ use crate::protocol::{Frame, GroupInfo, GroupOp, GroupOptions, GroupStart, MsgId
 /// clients may read them, not publish to them.
 pub const JOURNAL: &str = "$groups";
 
+/// Journal entries after which a primary writes a snapshot of the groups and removes the
+/// journal before it (`Config::journal_compact`): a record per delivery and per ack would
+/// otherwise grow it without end.
+pub const JOURNAL_COMPACT: u64 = 100_000;
+
 /// Entries read from the log per step of a dispatch.
 const READ_CHUNK: usize = 256;
 
@@ -60,11 +65,33 @@ pub(super) struct Groups {
     /// The batch's `mid` (taken when it opened), and whether what depends on it must wait
     /// for it (the link was up, or the log is on a disk).
     batch_mid: Option<(u64, bool)>,
+    /// Where the last snapshot of the groups went in the journal.
+    snapshot_at: u64,
+    /// A snapshot written and not yet stored by the backup: its `mid` and offset. The journal
+    /// before it goes once the backup has it.
+    compacting: Option<(u64, u64)>,
+    /// Members of groups the journal no longer made when it was read again (it was cut, or
+    /// started again from the primary's snapshot): they join the group when a record makes it.
+    orphans: Vec<(String, String, Vec<Member>)>,
 }
 
 impl Groups {
     fn get_mut(&mut self, topic: &str, group: &str) -> Option<&mut Group> {
         self.by_topic.get_mut(topic)?.get_mut(group)
+    }
+
+    /// The members waiting for group `group` of `topic` to be made again.
+    fn take_orphans(&mut self, topic: &str, group: &str) -> Vec<Member> {
+        let mut out = Vec::new();
+        self.orphans.retain_mut(|(t, g, ms)| {
+            if t == topic && g == group {
+                out.append(ms);
+                false
+            } else {
+                true
+            }
+        });
+        out
     }
 
     /// Whether `topic` has any group (checked on every delivery: cheap).
@@ -277,6 +304,22 @@ enum Record {
         id: MsgId,
         reason: String,
     },
+    /// `state|TOPIC|GROUP|FLOOR|NEXT|REDELIVERED|DEAD|OPTIONS|DONE,…|OFFSET:ATTEMPT,…`: the
+    /// whole of a group, as a snapshot of the journal writes it (see
+    /// [`Broker::compact_journal`]); it replaces what the records before it made.
+    State {
+        topic: String,
+        group: String,
+        floor: u64,
+        next: u64,
+        redelivered: u64,
+        dead: u64,
+        options: GroupOptions,
+        /// Done entries at or above the floor.
+        done: Vec<u64>,
+        /// Deliveries so far of each entry dispatched and not done.
+        tries: Vec<(u64, u32)>,
+    },
 }
 
 impl Record {
@@ -315,11 +358,33 @@ impl Record {
                 "dead|{topic}|{group}|{offset}|{}|{}|{reason}",
                 id.publisher, id.seq
             ),
+            Record::State {
+                topic,
+                group,
+                floor,
+                next,
+                redelivered,
+                dead,
+                options,
+                done,
+                tries,
+            } => {
+                let done: Vec<String> = done.iter().map(u64::to_string).collect();
+                let tries: Vec<String> = tries.iter().map(|(o, a)| format!("{o}:{a}")).collect();
+                format!(
+                    "state|{topic}|{group}|{floor}|{next}|{redelivered}|{dead}|{options}|{}|{}",
+                    done.join(","),
+                    tries.join(",")
+                )
+            }
         }
     }
 
     /// Reads a record back; `None` for one this version does not know (skipped, said).
     fn decode(s: &str) -> Option<Record> {
+        if s.starts_with("state|") {
+            return Record::decode_state(s);
+        }
         let f: Vec<&str> = s.splitn(8, '|').collect();
         let (topic, group) = (f.get(1)?.to_string(), f.get(2)?.to_string());
         let num = |i: usize| f.get(i)?.parse::<u64>().ok();
@@ -365,12 +430,42 @@ impl Record {
         })
     }
 
+    fn decode_state(s: &str) -> Option<Record> {
+        let f: Vec<&str> = s.split('|').collect();
+        if f.len() != 10 {
+            return None;
+        }
+        let num = |i: usize| f.get(i)?.parse::<u64>().ok();
+        let list = |i: usize| f.get(i).map(|l| l.split(',').filter(|x| !x.is_empty()));
+        let done = list(8)?
+            .map(|o| o.parse().ok())
+            .collect::<Option<Vec<u64>>>()?;
+        let tries = list(9)?
+            .map(|t| {
+                let (o, a) = t.split_once(':')?;
+                Some((o.parse().ok()?, a.parse().ok()?))
+            })
+            .collect::<Option<Vec<(u64, u32)>>>()?;
+        Some(Record::State {
+            topic: f[1].to_string(),
+            group: f[2].to_string(),
+            floor: num(3)?,
+            next: num(4)?,
+            redelivered: num(5)?,
+            dead: num(6)?,
+            options: GroupOptions::parse(f[7]).ok()?,
+            done,
+            tries,
+        })
+    }
+
     /// The topic whose groups' floors a record may move (a new group, an entry done).
     fn floor_topic(&self) -> Option<&str> {
         match self {
             Record::Create { topic, .. }
             | Record::Ack { topic, .. }
-            | Record::Dead { topic, .. } => Some(topic),
+            | Record::Dead { topic, .. }
+            | Record::State { topic, .. } => Some(topic),
             Record::Deliver { .. } => None,
         }
     }
@@ -378,7 +473,7 @@ impl Record {
     /// The entry a record is about, if it is about one: (topic, offset, identity).
     fn entry(&self) -> Option<(&str, u64, &MsgId)> {
         match self {
-            Record::Create { .. } => None,
+            Record::Create { .. } | Record::State { .. } => None,
             Record::Deliver {
                 topic, offset, id, ..
             }
@@ -776,6 +871,112 @@ impl Broker {
             quiet: false,
         };
         self.replicate(&msg);
+        self.maybe_compact_journal();
+    }
+
+    /// Primary, after a journal entry: once `journal_compact` entries came after the last
+    /// snapshot, writes a new one (one `state` record per group, in one entry) and replicates
+    /// it. Only while the link is up: a journal is cut at a snapshot only when both nodes have
+    /// it, so two journals that part (overlapping reigns) part above their last common
+    /// snapshot, where the records a catch-up merges are all still there.
+    fn maybe_compact_journal(&mut self) {
+        if self.groups.compacting.is_some() || self.role() != Role::Primary {
+            return;
+        }
+        let t = self.log.topic(JOURNAL);
+        let since = t.next - t.first.max(self.groups.snapshot_at);
+        if since < self.cfg.journal_compact.max(1)
+            || self.primary().is_none_or(|p| p.link.up().is_none())
+        {
+            return;
+        }
+        let mut records = Vec::new();
+        for (topic, groups) in &self.groups.by_topic {
+            for (name, g) in groups {
+                let mut tries: Vec<(u64, u32)> = g
+                    .attempts
+                    .iter()
+                    .filter(|(o, _)| !g.is_done(**o))
+                    .map(|(o, a)| (*o, *a))
+                    .collect();
+                tries.sort_unstable();
+                let state = Record::State {
+                    topic: topic.clone(),
+                    group: name.clone(),
+                    floor: g.floor,
+                    next: g.next,
+                    redelivered: g.redelivered,
+                    dead: g.dead,
+                    options: g.options,
+                    done: g.done.iter().copied().collect(),
+                    tries,
+                };
+                records.push(state.encode());
+            }
+        }
+        if records.is_empty() {
+            return;
+        }
+        let mid = self.next_mid;
+        self.next_mid += 1;
+        let offset = t.next;
+        let entry = Arc::new(Entry {
+            offset,
+            epoch: self.epoch,
+            id: MsgId {
+                publisher: JOURNAL.to_string(),
+                seq: offset + 1,
+            },
+            sent_us: self.now.wall_us,
+            received_us: self.now.wall_us,
+            payload: encode_batch(&records),
+        });
+        if let Err(e) = self.append(JOURNAL, &entry) {
+            warn!("snapshot of the groups not stored: {e}");
+            return;
+        }
+        self.log.set_delivered(JOURNAL, offset + 1);
+        self.groups.snapshot_at = offset;
+        self.groups.compacting = Some((mid, offset));
+        let msg = Message {
+            mid,
+            topic: JOURNAL.to_string(),
+            entry,
+            quiet: false,
+        };
+        self.replicate(&msg);
+    }
+
+    /// Primary: the backup stored up to `confirmed`; once that covers the snapshot, the
+    /// journal before it goes (the log makes the snapshot durable first).
+    pub(super) fn journal_snapshot_stored(&mut self, confirmed: u64) {
+        let Some((mid, offset)) = self.groups.compacting else {
+            return;
+        };
+        if confirmed < mid {
+            return;
+        }
+        self.groups.compacting = None;
+        self.trim_journal(offset);
+    }
+
+    /// Removes the journal before the snapshot at `offset` (a backup does when it stores one).
+    pub(super) fn trim_journal(&mut self, offset: u64) {
+        let first = self.log.topic(JOURNAL).first;
+        match self.log.trim_front(JOURNAL, offset) {
+            Ok(()) => {
+                let now = self.log.topic(JOURNAL).first;
+                if now > first {
+                    info!(
+                        "groups' journal: {} entries before the snapshot at {offset} removed",
+                        now - first
+                    );
+                }
+            }
+            Err(e) => warn!(
+                "groups' journal: cannot remove what came before the snapshot at {offset}: {e}"
+            ),
+        }
     }
 
     /// A journal entry stored on this node (a backup's `REPL`, or read back at a start).
@@ -827,12 +1028,15 @@ impl Broker {
                 start,
                 options,
             } => {
-                self.groups
+                let members = self.groups.take_orphans(topic, group);
+                let g = self
+                    .groups
                     .by_topic
                     .entry(topic.clone())
                     .or_default()
                     .entry(group.clone())
                     .or_insert_with(|| Group::new(*options, *start));
+                g.members.extend(members);
             }
             Record::Deliver {
                 topic,
@@ -876,6 +1080,40 @@ impl Broker {
                     }
                 }
             }
+            Record::State {
+                topic,
+                group,
+                floor,
+                next,
+                redelivered,
+                dead,
+                options,
+                done,
+                tries,
+            } => {
+                let members = self.groups.take_orphans(topic, group);
+                let g = self
+                    .groups
+                    .by_topic
+                    .entry(topic.clone())
+                    .or_default()
+                    .entry(group.clone())
+                    .or_insert_with(|| Group::new(*options, *floor));
+                g.members.extend(members);
+                g.options = *options;
+                (g.floor, g.next) = (*floor, (*next).max(*floor));
+                (g.redelivered, g.dead) = (*redelivered, *dead);
+                g.done = done.iter().copied().filter(|o| o >= floor).collect();
+                g.attempts = tries.iter().copied().collect();
+                let (floor, done) = (g.floor, &g.done);
+                let open = |o: &u64| *o >= floor && !done.contains(o);
+                g.ready.retain(open);
+                g.delayed.retain(|o, _| open(o));
+                g.why.retain(|o, _| open(o));
+                g.had.retain(|o, _| open(o));
+                // Members and their leases stay: a snapshot is written by the node they are
+                // on, of the state they made.
+            }
         }
     }
 
@@ -898,6 +1136,7 @@ impl Broker {
             }
         }
         self.log.set_delivered(JOURNAL, st.next);
+        self.groups.snapshot_at = st.first;
         let n: usize = self.groups.by_topic.values().map(BTreeMap::len).sum();
         if n > 0 {
             info!(
@@ -980,6 +1219,11 @@ impl Broker {
             warn!("group record from the backup not understood: skipped");
             return;
         };
+        if matches!(rec, Record::State { .. }) {
+            // Snapshots are written only while the link is up, so both journals have them
+            // below where they may part: one in a cut tail says nothing ours lacks.
+            return;
+        }
         if let Some((topic, offset, id)) = rec.entry() {
             let same = self
                 .log
@@ -1028,19 +1272,24 @@ impl Broker {
                     members.push((t.clone(), name.clone(), std::mem::take(&mut g.members)));
                 }
             }
-            // What is kept across the reading back: the records cut so far, for the `MARK`.
+            // What is kept across the reading back: the records cut so far, for the `MARK`,
+            // and the members of groups not made again yet.
             let to_merge = std::mem::take(&mut self.groups.to_merge);
+            let mut orphans = std::mem::take(&mut self.groups.orphans);
             self.groups = Groups::default();
             self.groups_recover();
             self.groups.to_merge = to_merge;
-            for (t, name, ms) in members {
-                if let Some(g) = self.groups.get_mut(&t, &name) {
-                    g.members = ms;
-                    for m in &mut g.members {
-                        m.held = 0;
-                    }
+            for (t, name, mut ms) in members {
+                for m in &mut ms {
+                    m.held = 0;
+                }
+                match self.groups.get_mut(&t, &name) {
+                    Some(g) => g.members = ms,
+                    None if !ms.is_empty() => orphans.push((t, name, ms)),
+                    None => {}
                 }
             }
+            self.groups.orphans = orphans;
             return;
         }
         if let Some(groups) = self.groups.by_topic.get_mut(topic) {
@@ -1073,6 +1322,10 @@ impl Broker {
 
     /// A connection is gone: its memberships end and its leases go to other members.
     pub(super) fn groups_forget(&mut self, conn: ConnId, memberships: &[(String, String)]) {
+        for (_, _, ms) in &mut self.groups.orphans {
+            ms.retain(|m| m.conn != conn);
+        }
+        self.groups.orphans.retain(|(_, _, ms)| !ms.is_empty());
         for (topic, group) in memberships {
             if let Some(g) = self.groups.get_mut(topic, group) {
                 g.drop_member(conn, "its consumer went away");
@@ -1344,6 +1597,11 @@ fn encode_batch(records: &[String]) -> String {
 }
 
 /// The records of a journal entry; `None` if it is a batch that does not parse.
+/// True when a journal entry is a snapshot of the groups (its records are `state` records).
+pub(super) fn is_snapshot(payload: &str) -> bool {
+    split_batch(payload).is_some_and(|r| r.first().is_some_and(|x| x.starts_with("state|")))
+}
+
 fn split_batch(payload: &str) -> Option<Vec<&str>> {
     let Some(mut rest) = payload.strip_prefix(BATCH) else {
         return Some(vec![payload]);
@@ -1409,6 +1667,28 @@ mod tests {
                 offset: 5,
                 id: MsgId::anonymous(),
                 reason: "5 deliveries, the last: nacked | twice".into(),
+            },
+            Record::State {
+                topic: "t".into(),
+                group: "g".into(),
+                floor: 10,
+                next: 17,
+                redelivered: 4,
+                dead: 1,
+                options: GroupOptions::default(),
+                done: vec![12, 15],
+                tries: vec![(10, 2), (11, 1), (13, 1)],
+            },
+            Record::State {
+                topic: "t".into(),
+                group: "idle".into(),
+                floor: 0,
+                next: 0,
+                redelivered: 0,
+                dead: 0,
+                options: GroupOptions::default(),
+                done: Vec::new(),
+                tries: Vec::new(),
             },
         ] {
             assert_eq!(Record::decode(&r.encode()), Some(r.clone()), "{r:?}");

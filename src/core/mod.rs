@@ -65,7 +65,7 @@ use tracing::{info, warn};
 use crate::log::{Entry, Fsync, MemLog, Storage, DEFAULT_RETAIN_ENTRIES};
 use crate::protocol::{Frame, ProtocolError, Role};
 pub use auth::{PeerKey, AUTH_FAILED, NOT_A_PEER};
-pub use groups::JOURNAL;
+pub use groups::{JOURNAL, JOURNAL_COMPACT};
 pub use history::REPLAY_CHUNK;
 pub use limits::{bad_topic, MAX_SUBSCRIPTIONS, MAX_TOPIC_LEN, MAX_UNACKED};
 pub use stats::{Counters, Snapshot, StageHist, STAGE_BOUNDS_US};
@@ -136,6 +136,9 @@ pub struct Config {
     pub max_subscriptions: usize,
     /// Longest topic name in bytes ([`MAX_TOPIC_LEN`]).
     pub max_topic_len: usize,
+    /// Journal entries after which the primary writes a snapshot of the consumer groups and
+    /// removes what came before it ([`JOURNAL_COMPACT`]).
+    pub journal_compact: u64,
     /// Mutual TLS: a connection may authenticate as the peer only if it presented a client
     /// certificate signed by the CA ([`Broker::handle_accepted_with_cert`]).
     pub require_client_cert: bool,

@@ -475,6 +475,8 @@ impl Broker {
             return;
         };
         p.confirmed = p.confirmed.max(mid);
+        let confirmed = p.confirmed;
+        self.journal_snapshot_stored(confirmed);
         self.release_ready_acks();
         self.release_stored();
     }

@@ -112,6 +112,9 @@ pub struct NodeConfig {
     pub max_subscriptions: usize,
     /// Longest topic name, bytes.
     pub max_topic_len: usize,
+    /// Journal entries between snapshots of the consumer groups (the simulation makes it
+    /// small, to compact under faults).
+    pub journal_compact: u64,
     /// How long a connection may take to finish a frame it has begun ([`FRAME_TIMEOUT`]).
     pub frame_timeout: Duration,
     /// TLS (`--tls-cert`, `--tls-key`, `--tls-ca`); `None`: plain TCP.
@@ -148,6 +151,7 @@ impl NodeConfig {
             max_unacked: crate::core::MAX_UNACKED,
             max_subscriptions: crate::core::MAX_SUBSCRIPTIONS,
             max_topic_len: crate::core::MAX_TOPIC_LEN,
+            journal_compact: crate::core::JOURNAL_COMPACT,
             frame_timeout: FRAME_TIMEOUT,
             tls: None,
             metrics: None,
@@ -272,6 +276,7 @@ pub async fn run_on(
         max_unacked: cfg.max_unacked.max(1),
         max_subscriptions: cfg.max_subscriptions,
         max_topic_len: cfg.max_topic_len,
+        journal_compact: cfg.journal_compact,
         require_client_cert: cfg.tls.is_some(),
     };
     info!(

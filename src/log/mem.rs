@@ -155,11 +155,27 @@ impl Storage for MemLog {
         Ok(cut)
     }
 
+    fn trim_front(&mut self, topic: &str, before: u64) -> Result<(), LogError> {
+        if let Some(t) = self.topics.get_mut(topic) {
+            // What replaces the removed entries is made durable first, as a disk's fsync.
+            if self.disk {
+                self.unsynced = self
+                    .unsynced
+                    .saturating_sub(t.next() - t.synced.min(t.next()));
+                t.synced = t.next();
+            }
+            while t.first < before && !t.entries.is_empty() {
+                t.entries.pop_front();
+                t.first += 1;
+            }
+            t.delivered = t.delivered.max(t.first);
+            t.synced = t.synced.max(t.first);
+        }
+        Ok(())
+    }
+
     fn restart_at(&mut self, topic: &str, at: u64) -> Result<u64, LogError> {
         let t = self.topics.entry(topic.to_string()).or_default();
-        if at <= t.next() && !t.entries.is_empty() {
-            return Ok(0);
-        }
         let gone = t.entries.len() as u64;
         if self.disk {
             self.unsynced = self
@@ -167,7 +183,7 @@ impl Storage for MemLog {
                 .saturating_sub(t.next().saturating_sub(t.synced));
         }
         t.entries.clear();
-        t.first = at.max(t.first);
+        t.first = at;
         (t.delivered, t.synced) = (t.first, t.first);
         Ok(gone)
     }

@@ -243,10 +243,14 @@ pub trait Storage: Send + std::fmt::Debug {
     fn append(&mut self, topic: &str, e: &Arc<Entry>) -> Result<(), LogError>;
     /// Removes the entries at `from` and after (a divergent tail); returns how many.
     fn truncate(&mut self, topic: &str, from: u64) -> Result<u64, LogError>;
-    /// Drops every entry of `topic` and starts it again, empty, at `at` (past its end): a
-    /// backup's copy that ends before the oldest entry its primary still keeps (retention
-    /// removed the rest while the backup was away) goes on from there. Returns how many went.
+    /// Drops every entry of `topic` and starts it again, empty, at `at`: a backup's copy that
+    /// ends before the oldest entry its primary still keeps (retention removed the rest while
+    /// the backup was away) goes on from there; one whose primary's log ends before our oldest
+    /// entry (it started again without its log) is cut back to there. Returns how many went.
     fn restart_at(&mut self, topic: &str, at: u64) -> Result<u64, LogError>;
+    /// Removes entries of `topic` below `before`, as far as the store can (a file log drops
+    /// whole segments, so some may stay): the groups' journal below a snapshot of the groups.
+    fn trim_front(&mut self, topic: &str, before: u64) -> Result<(), LogError>;
     /// Up to `max` entries of `topic` from `from` on, in order; starts at the oldest kept
     /// entry if `from` is older than that.
     fn read(&self, topic: &str, from: u64, max: usize) -> Result<Vec<Arc<Entry>>, LogError>;

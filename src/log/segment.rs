@@ -1118,17 +1118,13 @@ impl SegmentLog {
         Ok(old_next - from)
     }
 
-    /// Drops every record and starts the log again, empty, at offset `at` (past its end):
-    /// segments are removed newest first (a crash meanwhile leaves a dense, shorter log), then
-    /// one empty segment is made at `at`. Returns how many records went.
+    /// Drops every record and starts the log again, empty, at offset `at`: segments are
+    /// removed newest first (a crash meanwhile leaves a dense, shorter log), then one empty
+    /// segment is made at `at`. Returns how many records went.
     pub fn restart_at(&mut self, at: u64) -> Result<u64, LogError> {
         self.writable()?;
         self.flush()?;
         let (first, next) = (self.first(), self.next());
-        if at <= next && next > first {
-            return Ok(0);
-        }
-        let at = at.max(next);
         self.active = None;
         self.active_idx = None;
         let bases: Vec<u64> = self.segs.iter().rev().map(|s| s.base).collect();

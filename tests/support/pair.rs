@@ -102,6 +102,7 @@ pub fn config() -> Config {
         max_unacked: edgepair::core::MAX_UNACKED,
         max_subscriptions: edgepair::core::MAX_SUBSCRIPTIONS,
         max_topic_len: edgepair::core::MAX_TOPIC_LEN,
+        journal_compact: edgepair::core::JOURNAL_COMPACT,
         require_client_cert: false,
     }
 }

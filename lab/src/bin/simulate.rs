@@ -44,6 +44,9 @@ struct Cli {
     /// delivered to the group again, and every entry delivered is acknowledged.
     #[arg(long)]
     group: bool,
+    /// Journal entries between snapshots of the groups (the journal before each is removed).
+    #[arg(long, default_value_t = edgepair_lab::sim::SIM_JOURNAL_COMPACT)]
+    journal_compact: u64,
     /// Backup's ping interval.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     ping_interval: Duration,
@@ -129,6 +132,7 @@ fn main() -> ExitCode {
         memory_only: cli.memory_only,
         lease: cli.lease,
         group: cli.group,
+        journal_compact: cli.journal_compact,
         ..SimConfig::default()
     };
     let dir = cli.out.join(format!(
@@ -159,7 +163,7 @@ fn header() {
 
 fn replay_command(cfg: &SimConfig, seed: u64) -> String {
     format!(
-        "cargo run --release --bin simulate -- --seed {seed} --duration {}ms --faults {} --ping-interval {}ms --ping-timeout {}ms --ack-timeout {}ms --resend {} --fsync {}{}{}{}",
+        "cargo run --release --bin simulate -- --seed {seed} --duration {}ms --faults {} --ping-interval {}ms --ping-timeout {}ms --ack-timeout {}ms --resend {} --fsync {}{}{}{}{}",
         cfg.duration.as_millis(),
         cfg.faults
             .iter()
@@ -179,7 +183,12 @@ fn replay_command(cfg: &SimConfig, seed: u64) -> String {
         cfg.lease
             .map(|l| format!(" --lease {}ms", l.as_millis()))
             .unwrap_or_default(),
-        if cfg.group { " --group" } else { "" }
+        if cfg.group { " --group" } else { "" },
+        if cfg.journal_compact == edgepair_lab::sim::SIM_JOURNAL_COMPACT {
+            String::new()
+        } else {
+            format!(" --journal-compact {}", cfg.journal_compact)
+        }
     )
 }
 

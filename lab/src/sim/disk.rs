@@ -135,6 +135,14 @@ impl Storage for SimDisk {
         Ok(cut)
     }
 
+    fn trim_front(&mut self, topic: &str, before: u64) -> Result<(), LogError> {
+        let mut g = self.lock();
+        g.log.trim_front(topic, before)?;
+        // The topic was made durable first.
+        g.unsynced.retain(|(t, _), _| t != topic);
+        Ok(())
+    }
+
     fn restart_at(&mut self, topic: &str, at: u64) -> Result<u64, LogError> {
         let mut g = self.lock();
         let gone = g.log.restart_at(topic, at)?;

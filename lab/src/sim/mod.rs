@@ -95,7 +95,14 @@ pub struct SimConfig {
     pub lease: Option<Duration>,
     /// Three consumers share the topic in a group, judged by [`check::check_group`].
     pub group: bool,
+    /// Journal entries between snapshots of the groups: small, so that a run of 400 entries
+    /// compacts the journal a few times, under the faults ([`SIM_JOURNAL_COMPACT`]).
+    pub journal_compact: u64,
 }
+
+/// The simulation's journal compaction interval: a group run writes some 500 journal
+/// entries, so this compacts about a dozen times a run.
+pub const SIM_JOURNAL_COMPACT: u64 = 40;
 
 impl Default for SimConfig {
     fn default() -> Self {
@@ -119,6 +126,7 @@ impl Default for SimConfig {
             fsync: Fsync::default(),
             memory_only: false,
             group: false,
+            journal_compact: SIM_JOURNAL_COMPACT,
         }
     }
 }
@@ -321,8 +329,13 @@ fn broker(
     cfg: &SimConfig,
     disk: Option<SimDisk>,
 ) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = turmoil::Result> + 'static>> {
-    let (ping, ping_timeout, fsync, lease) =
-        (cfg.ping_interval, cfg.ping_timeout, cfg.fsync, cfg.lease);
+    let (ping, ping_timeout, fsync, lease, journal_compact) = (
+        cfg.ping_interval,
+        cfg.ping_timeout,
+        cfg.fsync,
+        cfg.lease,
+        cfg.journal_compact,
+    );
     move || {
         let disk = disk.clone();
         Box::pin(async move {
@@ -334,6 +347,7 @@ fn broker(
             c.ping_timeout = ping_timeout;
             c.fsync = fsync;
             c.lease = lease;
+            c.journal_compact = journal_compact;
             // Both nodes share a secret, as two real ones do; the nonces are drawn from the
             // seed, so a run replays exactly.
             c.peer_key = Some(edgepair::core::PeerKey::new(b"the simulated pair's secret"));
