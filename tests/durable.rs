@@ -362,6 +362,37 @@ fn a_backup_that_takes_over_a_long_held_log_delivers_it_all_in_order() {
     );
 }
 
+/// A pair's addresses, data directories and command lines (`--compute 0`), not started.
+struct DiskPair {
+    pa: String,
+    ba: String,
+    pdir: tempfile::TempDir,
+    bdir: tempfile::TempDir,
+    pargs: Vec<String>,
+    bargs: Vec<String>,
+}
+
+/// A [`DiskPair`] under `fsync`, each node with the options `extra` too.
+fn disk_pair(fsync: &str, extra: &[&str]) -> DiskPair {
+    let (pp, bp) = (free_port(), free_port());
+    let (pa, ba) = (addr(pp), addr(bp));
+    let (pdir, bdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let args = |port, peer: &str, dir: &std::path::Path| {
+        let mut a = node_args_fsync(port, peer, dir, "0", fsync);
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let (pargs, bargs) = (args(pp, &ba, pdir.path()), args(bp, &pa, bdir.path()));
+    DiskPair {
+        pa,
+        ba,
+        pdir,
+        bdir,
+        pargs,
+        bargs,
+    }
+}
+
 /// Base offsets of the segments of topic `t` in a data directory, oldest first.
 fn segment_bases(dir: &std::path::Path) -> Vec<u64> {
     topic_segment_bases(dir, "t")
@@ -394,17 +425,14 @@ fn topic_segment_bases(dir: &std::path::Path, folder: &str) -> Vec<u64> {
 /// up: the primary acknowledged with no backup for good.
 #[test]
 fn a_backup_behind_the_primarys_retention_catches_up_from_its_oldest_kept_entry() {
-    let (pp, bp) = (free_port(), free_port());
-    let (pa, ba) = (addr(pp), addr(bp));
-    let (pdir, bdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let args = |port, peer: &str, dir: &std::path::Path| {
-        let mut a = node_args_fsync(port, peer, dir, "0", "batch");
-        for x in ["--segment-bytes", "4K", "--retain-bytes", "8K"] {
-            a.push(x.into());
-        }
-        a
-    };
-    let (pargs, bargs) = (args(pp, &ba, pdir.path()), args(bp, &pa, bdir.path()));
+    let DiskPair {
+        pa,
+        ba,
+        pdir,
+        bdir,
+        pargs,
+        bargs,
+    } = disk_pair("batch", &["--segment-bytes", "4K", "--retain-bytes", "8K"]);
     let _primary = spawn_node("primary", &pargs);
     let mut backup = spawn_node("backup", &bargs);
     wait_status(&pa, "primary", "up");
@@ -461,17 +489,17 @@ fn a_backup_behind_the_primarys_retention_catches_up_from_its_oldest_kept_entry(
 /// only the entry published after comes to the member.
 #[test]
 fn a_compacted_journal_on_disk_keeps_the_group_through_both_nodes_killed() {
-    let (pp, bp) = (free_port(), free_port());
-    let (pa, ba) = (addr(pp), addr(bp));
-    let (pdir, bdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let args = |port, peer: &str, dir: &std::path::Path| {
-        let mut a = node_args_fsync(port, peer, dir, "0", "always");
-        for x in ["--segment-bytes", "4K", "--journal-compact", "5"] {
-            a.push(x.into());
-        }
-        a
-    };
-    let (pargs, bargs) = (args(pp, &ba, pdir.path()), args(bp, &pa, bdir.path()));
+    let DiskPair {
+        pa,
+        ba,
+        pdir,
+        bdir,
+        pargs,
+        bargs,
+    } = disk_pair(
+        "always",
+        &["--segment-bytes", "4K", "--journal-compact", "5"],
+    );
     let mut primary = spawn_node("primary", &pargs);
     let mut backup = spawn_node("backup", &bargs);
     wait_status(&pa, "primary", "up");

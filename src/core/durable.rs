@@ -581,22 +581,34 @@ impl Broker {
             if cut == 1 { "y" } else { "ies" },
             undelivered.len()
         );
-        if !(undelivered.is_empty() && unfinished.is_empty()) && self.cfg.peer.is_some() {
-            let quiet = unfinished.into_iter().map(|e| (e, true));
-            let msgs = quiet
-                .chain(undelivered.into_iter().map(|e| (e, false)))
-                .map(|(entry, quiet)| {
-                    Arc::new(Message {
-                        mid: 0,
-                        topic: topic.to_string(),
-                        entry,
-                        quiet,
-                    })
+        let quiet = unfinished.into_iter().map(|e| (e, true));
+        self.hand_over_entries(
+            topic,
+            quiet.chain(undelivered.into_iter().map(|e| (e, false))),
+        );
+        Ok(())
+    }
+
+    /// Hands entries of `topic` our log no longer keeps to the primary, each `(entry, quiet)`:
+    /// quiet for the groups only (`GROUP|requeue`: the subscribers had it).
+    fn hand_over_entries(
+        &mut self,
+        topic: &str,
+        entries: impl Iterator<Item = (Arc<Entry>, bool)>,
+    ) {
+        let msgs: Vec<Arc<Message>> = entries
+            .map(|(entry, quiet)| {
+                Arc::new(Message {
+                    mid: 0,
+                    topic: topic.to_string(),
+                    entry,
+                    quiet,
                 })
-                .collect();
+            })
+            .collect();
+        if !msgs.is_empty() && self.cfg.peer.is_some() {
             self.hand_over(msgs);
         }
-        Ok(())
     }
 
     /// Our copy of `topic` ends before the oldest entry the primary keeps: it starts again,
@@ -621,20 +633,7 @@ impl Broker {
             if gone == 1 { "y" } else { "ies" },
             undelivered.len()
         );
-        if !undelivered.is_empty() && self.cfg.peer.is_some() {
-            let msgs = undelivered
-                .into_iter()
-                .map(|entry| {
-                    Arc::new(Message {
-                        mid: 0,
-                        topic: topic.to_string(),
-                        entry,
-                        quiet: false,
-                    })
-                })
-                .collect();
-            self.hand_over(msgs);
-        }
+        self.hand_over_entries(topic, undelivered.into_iter().map(|e| (e, false)));
         Ok(())
     }
 
@@ -750,17 +749,15 @@ impl Broker {
         let mut from = Vec::new();
         for topic in topics {
             let t = self.log.topic(&topic);
-            let start = match tails.iter().find(|x| x.topic == topic) {
+            let b = tails.iter().find(|x| x.topic == topic);
+            let start = match b {
                 None => 0,
                 // A backup that did not list its epochs: only its last one is compared.
                 Some(b) if b.epochs.is_empty() => b.next.min(self.end_of_epoch(&topic, b.epoch)),
                 Some(b) => diverge(&self.epochs(&topic), t.next, &b.epochs, b.next),
             }
             .max(t.first);
-            let b_next = tails
-                .iter()
-                .find(|x| x.topic == topic)
-                .map_or(0, |b| b.next);
+            let b_next = b.map_or(0, |b| b.next);
             if topic == super::JOURNAL {
                 // Records of the backup's we do not have come back as `GROUP|merge`.
                 journal_ahead = b_next > start;

@@ -34,7 +34,7 @@ use super::conn::Reply;
 use super::primary::PendingAck;
 use super::time::{Time, Timer};
 use super::{Broker, ConnId, Message};
-use crate::log::Entry;
+use crate::log::{Entry, LogError};
 use crate::protocol::{Frame, GroupInfo, GroupOp, GroupOptions, GroupStart, MsgId, Role};
 
 /// The log topic holding every group's records. Topics starting with `$` are the node's own:
@@ -80,18 +80,25 @@ impl Groups {
         self.by_topic.get_mut(topic)?.get_mut(group)
     }
 
-    /// The members waiting for group `group` of `topic` to be made again.
-    fn take_orphans(&mut self, topic: &str, group: &str) -> Vec<Member> {
-        let mut out = Vec::new();
+    /// Group `group` of `topic`, made from `options` and `start` if it is not there yet, with
+    /// the members that waited for it to be made again (see `orphans`).
+    fn make(&mut self, topic: &str, group: &str, options: GroupOptions, start: u64) -> &mut Group {
+        let mut members = Vec::new();
         self.orphans.retain_mut(|(t, g, ms)| {
-            if t == topic && g == group {
-                out.append(ms);
-                false
-            } else {
-                true
+            let mine = t == topic && g == group;
+            if mine {
+                members.append(ms);
             }
+            !mine
         });
-        out
+        let g = self
+            .by_topic
+            .entry(topic.to_string())
+            .or_default()
+            .entry(group.to_string())
+            .or_insert_with(|| Group::new(options, start));
+        g.members.extend(members);
+        g
     }
 
     /// Whether `topic` has any group (checked on every delivery: cheap).
@@ -835,19 +842,7 @@ impl Broker {
         } else {
             encode_batch(&records)
         };
-        let offset = self.log.next_offset(JOURNAL);
-        let entry = Arc::new(Entry {
-            offset,
-            epoch: self.epoch,
-            id: MsgId {
-                publisher: JOURNAL.to_string(),
-                seq: offset + 1,
-            },
-            sent_us: self.now.wall_us,
-            received_us: self.now.wall_us,
-            payload,
-        });
-        if let Err(e) = self.append(JOURNAL, &entry) {
+        if let Err(e) = self.log_journal_entry(mid, payload) {
             // Applied here, not kept: what waited for these records is refused.
             warn!(
                 "{} group record(s) not stored: {e}; what waited for them is refused",
@@ -863,6 +858,25 @@ impl Broker {
             }
             return;
         }
+        self.maybe_compact_journal();
+    }
+
+    /// Appends `payload` to the journal as one entry under `mid` and replicates it; returns
+    /// its offset.
+    fn log_journal_entry(&mut self, mid: u64, payload: String) -> Result<u64, LogError> {
+        let offset = self.log.next_offset(JOURNAL);
+        let entry = Arc::new(Entry {
+            offset,
+            epoch: self.epoch,
+            id: MsgId {
+                publisher: JOURNAL.to_string(),
+                seq: offset + 1,
+            },
+            sent_us: self.now.wall_us,
+            received_us: self.now.wall_us,
+            payload,
+        });
+        self.append(JOURNAL, &entry)?;
         self.log.set_delivered(JOURNAL, offset + 1);
         let msg = Message {
             mid,
@@ -871,7 +885,7 @@ impl Broker {
             quiet: false,
         };
         self.replicate(&msg);
-        self.maybe_compact_journal();
+        Ok(offset)
     }
 
     /// Primary, after a journal entry: once `journal_compact` entries came after the last
@@ -919,32 +933,13 @@ impl Broker {
         }
         let mid = self.next_mid;
         self.next_mid += 1;
-        let offset = t.next;
-        let entry = Arc::new(Entry {
-            offset,
-            epoch: self.epoch,
-            id: MsgId {
-                publisher: JOURNAL.to_string(),
-                seq: offset + 1,
-            },
-            sent_us: self.now.wall_us,
-            received_us: self.now.wall_us,
-            payload: encode_batch(&records),
-        });
-        if let Err(e) = self.append(JOURNAL, &entry) {
-            warn!("snapshot of the groups not stored: {e}");
-            return;
+        match self.log_journal_entry(mid, encode_batch(&records)) {
+            Ok(offset) => {
+                self.groups.snapshot_at = offset;
+                self.groups.compacting = Some((mid, offset));
+            }
+            Err(e) => warn!("snapshot of the groups not stored: {e}"),
         }
-        self.log.set_delivered(JOURNAL, offset + 1);
-        self.groups.snapshot_at = offset;
-        self.groups.compacting = Some((mid, offset));
-        let msg = Message {
-            mid,
-            topic: JOURNAL.to_string(),
-            entry,
-            quiet: false,
-        };
-        self.replicate(&msg);
     }
 
     /// Primary: the backup stored up to `confirmed`; once that covers the snapshot, the
@@ -1028,15 +1023,7 @@ impl Broker {
                 start,
                 options,
             } => {
-                let members = self.groups.take_orphans(topic, group);
-                let g = self
-                    .groups
-                    .by_topic
-                    .entry(topic.clone())
-                    .or_default()
-                    .entry(group.clone())
-                    .or_insert_with(|| Group::new(*options, *start));
-                g.members.extend(members);
+                self.groups.make(topic, group, *options, *start);
             }
             Record::Deliver {
                 topic,
@@ -1091,15 +1078,7 @@ impl Broker {
                 done,
                 tries,
             } => {
-                let members = self.groups.take_orphans(topic, group);
-                let g = self
-                    .groups
-                    .by_topic
-                    .entry(topic.clone())
-                    .or_default()
-                    .entry(group.clone())
-                    .or_insert_with(|| Group::new(*options, *floor));
-                g.members.extend(members);
+                let g = self.groups.make(topic, group, *options, *floor);
                 g.options = *options;
                 (g.floor, g.next) = (*floor, (*next).max(*floor));
                 (g.redelivered, g.dead) = (*redelivered, *dead);

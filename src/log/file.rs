@@ -361,6 +361,31 @@ impl FileLog {
         })
     }
 
+    /// After `topic` was cut (`truncate`, `restart_at`): the cut fsync'd what is left, so none
+    /// of it is unsynced, and its delivered mark becomes `delivered(mark, next)`; a failed cut
+    /// fails the log.
+    fn cut_done(
+        &mut self,
+        topic: &str,
+        cut: Result<u64, LogError>,
+        delivered: impl FnOnce(u64, u64) -> u64,
+    ) -> Result<u64, LogError> {
+        let n = match cut {
+            Ok(n) => n,
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        if let Some(t) = self.topics.get_mut(topic) {
+            t.delivered = delivered(t.delivered, t.log.next());
+            self.unsynced -= t.unsynced;
+            t.unsynced = 0;
+            t.cuts += 1;
+        }
+        Ok(n)
+    }
+
     fn check_writable(&self) -> Result<(), LogError> {
         if self.read_only {
             return Err(LogError::Failed(format!(
@@ -535,20 +560,8 @@ impl Storage for FileLog {
         let Some(t) = self.topics.get_mut(topic) else {
             return Ok(0);
         };
-        match t.log.truncate(from) {
-            Ok(n) => {
-                t.delivered = t.delivered.min(t.log.next());
-                // The cut fsync'd the segment: what is left of this topic is durable.
-                self.unsynced -= t.unsynced;
-                t.unsynced = 0;
-                t.cuts += 1;
-                Ok(n)
-            }
-            Err(e) => {
-                self.failed = Some(e.to_string());
-                Err(e)
-            }
-        }
+        let cut = t.log.truncate(from);
+        self.cut_done(topic, cut, |delivered, next| delivered.min(next))
     }
 
     fn trim_front(&mut self, topic: &str, before: u64) -> Result<(), LogError> {
@@ -579,19 +592,8 @@ impl Storage for FileLog {
         let Some(t) = self.topics.get_mut(topic) else {
             return Ok(0);
         };
-        match t.log.restart_at(at) {
-            Ok(n) => {
-                t.delivered = t.log.next();
-                self.unsynced -= t.unsynced;
-                t.unsynced = 0;
-                t.cuts += 1;
-                Ok(n)
-            }
-            Err(e) => {
-                self.failed = Some(e.to_string());
-                Err(e)
-            }
-        }
+        let cut = t.log.restart_at(at);
+        self.cut_done(topic, cut, |_, next| next)
     }
 
     fn read(&self, topic: &str, from: u64, max: usize) -> Result<Vec<Arc<Entry>>, LogError> {

@@ -733,7 +733,11 @@ impl SegmentLog {
                 idx_path(&self.dir, self.last().base).display()
             )))?;
         }
-        let base = self.next();
+        self.start_segment(self.next())
+    }
+
+    /// Makes an empty segment at `base` the active one.
+    fn start_segment(&mut self, base: u64) -> Result<(), LogError> {
         let (log, idx) = create_files(&self.dir, base)?;
         self.active = Some(log);
         self.active_idx = Some(idx);
@@ -742,6 +746,19 @@ impl SegmentLog {
         self.since_index = 0;
         self.names_changed = true;
         self.segs.push(Segment::empty(base));
+        Ok(())
+    }
+
+    /// Removes a segment's files (one already gone is fine: a removal a crash interrupted).
+    fn remove_segment_files(&self, base: u64) -> Result<(), LogError> {
+        for p in [idx_path(&self.dir, base), log_path(&self.dir, base)] {
+            match fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io_err(format!("remove {}", p.display()))(e))
+                }
+                _ => {}
+            }
+        }
         Ok(())
     }
 
@@ -1127,27 +1144,13 @@ impl SegmentLog {
         let (first, next) = (self.first(), self.next());
         self.active = None;
         self.active_idx = None;
-        let bases: Vec<u64> = self.segs.iter().rev().map(|s| s.base).collect();
-        for base in bases {
-            for p in [idx_path(&self.dir, base), log_path(&self.dir, base)] {
-                match fs::remove_file(&p) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(io_err(format!("remove {}", p.display()))(e))
-                    }
-                    _ => {}
-                }
-            }
+        while let Some(s) = self.segs.last() {
+            self.remove_segment_files(s.base)?;
             self.segs.pop();
         }
-        let (log, idx) = create_files(&self.dir, at)?;
-        self.active = Some(log);
-        self.active_idx = Some(idx);
-        self.file_len.set(0);
-        self.runway_failed.set(false);
-        self.since_index = 0;
+        self.start_segment(at)?;
         self.pending_points.clear();
         self.dirty = false;
-        self.segs.push(Segment::empty(at));
         sync_dir(&self.dir)?;
         self.names_changed = false;
         Ok(next - first)
@@ -1172,14 +1175,7 @@ impl SegmentLog {
             if self.segs[1].base > delivered || !(over_size || too_old) {
                 break;
             }
-            for p in [idx_path(&self.dir, s.base), log_path(&self.dir, s.base)] {
-                match fs::remove_file(&p) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(io_err(format!("remove {}", p.display()))(e))
-                    }
-                    _ => {}
-                }
-            }
+            self.remove_segment_files(s.base)?;
             total -= s.size;
             self.segs.remove(0);
             removed = true;
