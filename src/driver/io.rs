@@ -1,26 +1,30 @@
-//! The byte side of a connection: a framed reader polled by the driver, and a writer task that
-//! writes whatever the driver has appended to the connection's outbox in one write.
+//! The byte side of a connection: a reader polled by the driver that hands over every complete
+//! frame of a read at once, and a writer task that writes whatever the driver has appended to
+//! the connection's outbox in one write.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::BytesMut;
 use futures_util::stream::{self, SelectAll, Stream, StreamExt};
 use futures_util::task::AtomicWaker;
-use tokio::io::{AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
-use tokio_util::codec::FramedRead;
+use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::ConnId;
 use crate::net::BoxStream;
 use crate::protocol::{Frame, LenientCodec, ProtocolError};
 
-/// What a connection's reader yields: a frame (or a bad line), then, once, its end.
+/// What a connection's reader yields: the frames of a read (or bad lines), then, once, its end.
 pub enum ConnEvent {
-    /// A line was read.
-    Frame(ConnId, Result<Frame, ProtocolError>),
+    /// Lines were read: every complete one of a read, in order. One event per read rather
+    /// than per line: the readers' `SelectAll` re-queues a stream for each item it yields, a
+    /// cost that was paid per message.
+    Frames(ConnId, Vec<Result<Frame, ProtocolError>>),
     /// The connection ended (EOF, error, or closed by us).
     Closed(ConnId),
 }
@@ -157,13 +161,112 @@ fn lock(m: &std::sync::Mutex<Outbox>) -> std::sync::MutexGuard<'_, Outbox> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-type Framed = FramedRead<tokio::io::ReadHalf<BoxStream>, LenientCodec>;
+/// A connection's first read buffer: an idle subscriber then costs a few hundred bytes, not
+/// a full buffer.
+const FIRST_READ: usize = 512;
+
+/// The largest read: a publisher pipelining fills it, and one read (one system call, one event
+/// for the driver) then carries hundreds of frames. The buffer grows to it only while reads
+/// keep filling it.
+const MAX_READ: usize = 64 * 1024;
+
+/// Most frames handed over in one event; the rest of a read waits for the next poll.
+const MAX_FRAMES: usize = 256;
+
+/// Reads a connection and cuts what it read into frames, all the complete frames of a read
+/// handed over together.
+struct Lines {
+    io: ReadHalf<BoxStream>,
+    buf: BytesMut,
+    codec: LenientCodec,
+    /// Free room wanted before each read: doubled each time a read fills what it had.
+    want: usize,
+    /// The connection ended (or failed): only what is left in `buf` is still handed over.
+    eof: bool,
+    /// Everything was handed over, the end included.
+    done: bool,
+}
+
+impl Lines {
+    fn new(io: ReadHalf<BoxStream>) -> Self {
+        Lines {
+            io,
+            buf: BytesMut::new(),
+            codec: LenientCodec::default(),
+            want: FIRST_READ,
+            eof: false,
+            done: false,
+        }
+    }
+
+    /// Bytes read and not yet cut into a frame: the start of a frame not finished.
+    fn partial(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// The frames of the next read, or of what is left of the last one; `None` after the end.
+    fn poll_frames(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Vec<Result<Frame, ProtocolError>>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let mut frames = Vec::new();
+        loop {
+            while frames.len() < MAX_FRAMES {
+                let cut = if self.eof {
+                    self.codec.decode_eof(&mut self.buf)
+                } else {
+                    self.codec.decode(&mut self.buf)
+                };
+                match cut {
+                    Ok(Some(frame)) => frames.push(frame),
+                    Ok(None) if self.eof => {
+                        self.done = true;
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(fatal) => {
+                        // Nothing after a fatal error is read: the connection is closed.
+                        frames.push(Err(fatal));
+                        self.done = true;
+                        break;
+                    }
+                }
+            }
+            if !frames.is_empty() {
+                return Poll::Ready(Some(frames));
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            if self.buf.capacity() - self.buf.len() < self.want / 2 {
+                self.buf.reserve(self.want);
+            }
+            let room = self.buf.capacity() - self.buf.len();
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(n)) => {
+                    if n == room && self.want < MAX_READ {
+                        self.want = (self.want * 2).min(MAX_READ);
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    self.done = true;
+                    return Poll::Ready(Some(vec![Err(ProtocolError::Io(e))]));
+                }
+            }
+        }
+    }
+}
 
 /// A reader that pauses while its connection's writer is [`READ_PAUSE`] lines behind (when
 /// `paced`), or while the core holds frames of it unhandled ([`Writer::hold`]); and that gives
 /// a frame begun `frame_timeout` to be finished (`super::FRAME_TIMEOUT`).
 struct Paced {
-    inner: Framed,
+    inner: Lines,
     backlog: Arc<Backlog>,
     paced: bool,
     frame_timeout: std::time::Duration,
@@ -178,7 +281,7 @@ struct Paced {
 }
 
 impl Stream for Paced {
-    type Item = <Framed as Stream>::Item;
+    type Item = Vec<Result<Frame, ProtocolError>>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.timed_out {
@@ -199,7 +302,7 @@ impl Stream for Paced {
                 return Poll::Pending;
             }
         }
-        match Pin::new(&mut self.inner).poll_next(cx) {
+        match self.inner.poll_frames(cx) {
             Poll::Ready(item) => {
                 self.armed = false;
                 if let Some((counter, seen)) = self.raw.as_mut() {
@@ -208,7 +311,7 @@ impl Stream for Paced {
                 Poll::Ready(item)
             }
             Poll::Pending
-                if self.inner.read_buffer().is_empty()
+                if !self.inner.partial()
                     && self
                         .raw
                         .as_ref()
@@ -231,7 +334,7 @@ impl Stream for Paced {
                     Poll::Ready(()) => {
                         self.armed = false;
                         self.timed_out = true;
-                        Poll::Ready(Some(Err(ProtocolError::FrameTimeout(t))))
+                        Poll::Ready(Some(vec![Err(ProtocolError::FrameTimeout(t))]))
                     }
                     Poll::Pending => Poll::Pending,
                 }
@@ -251,13 +354,10 @@ pub fn split(
     alive: mpsc::Sender<()>,
 ) -> (Pin<Box<dyn Stream<Item = ConnEvent> + Send>>, Writer) {
     let (r, w) = tokio::io::split(stream);
-    // A small first read buffer (it grows with the traffic): an idle subscriber then costs a
-    // few KiB, not the codec's default 8 KiB.
-    let framed = FramedRead::with_capacity(r, LenientCodec::default(), 512);
     let (stop, kill) = (CancellationToken::new(), CancellationToken::new());
     let backlog = Arc::new(Backlog::default());
     let reader = Paced {
-        inner: framed,
+        inner: Lines::new(r),
         backlog: backlog.clone(),
         paced,
         frame_timeout,
@@ -271,7 +371,7 @@ pub fn split(
     };
     let reader = reader
         .take_until(stop.clone().cancelled_owned())
-        .map(move |item| ConnEvent::Frame(conn, item.and_then(|inner| inner)))
+        .map(move |frames| ConnEvent::Frames(conn, frames))
         .chain(stream::once(async move { ConnEvent::Closed(conn) }));
     let ended = stop.clone();
     let writing = write_loop(w, backlog.clone(), kill.clone(), (conn, drained.clone()));

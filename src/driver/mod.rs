@@ -54,8 +54,10 @@ const FLUSH_WAIT: Duration = Duration::from_secs(1);
 /// timed: a subscriber may wait for hours.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Events read in one go before their outputs are written.
-const BATCH: usize = 256;
+/// Frames read in one go (about) before their outputs are written: enough that a batch's
+/// writes and its clock reading are shared by many messages, few enough that the outputs
+/// waiting for the batch's end stay in the cache rather than growing the core's queue.
+const BATCH: usize = 1024;
 
 /// Everything a node needs to know at start.
 #[derive(Debug, Clone)]
@@ -623,21 +625,30 @@ impl Driver {
     /// Handles `first` and whatever else the readers have ready, with one clock reading.
     fn read_batch(&mut self, first: ConnEvent) {
         let now = self.clock.now();
-        self.event(first, now);
-        for _ in 1..BATCH {
+        let mut read = self.event(first, now);
+        while read < BATCH {
             match self.readers.next().now_or_never() {
-                Some(Some(ev)) => self.event(ev, now),
+                Some(Some(ev)) => read += self.event(ev, now),
                 _ => break,
             }
         }
     }
 
-    fn event(&mut self, ev: ConnEvent, now: Now) {
+    /// Hands an event to the core; returns how many frames it carried.
+    fn event(&mut self, ev: ConnEvent, now: Now) -> usize {
         match ev {
-            ConnEvent::Frame(conn, Ok(frame)) => self.core.handle_frame(conn, frame, now),
-            ConnEvent::Frame(conn, Err(e)) => {
-                debug!("connection {conn}: {e}");
-                self.core.handle_bad_frame(conn, &e, now);
+            ConnEvent::Frames(conn, frames) => {
+                let n = frames.len();
+                for frame in frames {
+                    match frame {
+                        Ok(frame) => self.core.handle_frame(conn, frame, now),
+                        Err(e) => {
+                            debug!("connection {conn}: {e}");
+                            self.core.handle_bad_frame(conn, &e, now);
+                        }
+                    }
+                }
+                n
             }
             ConnEvent::Closed(conn) => {
                 // What the core said to this connection before it closed still goes out.
@@ -648,6 +659,7 @@ impl Driver {
                 }
                 debug!("connection {conn} closed");
                 self.core.handle_closed(conn, now);
+                1
             }
         }
     }
