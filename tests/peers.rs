@@ -19,7 +19,7 @@ const FORGED: &[&str] = &[
     "REPL|1|t|rogue|1|0|o=0,e=99,rx=0|forged",
     "REPLICATE|t|forged-seed",
     "MARK|t|0|0",
-    "CLR|1",
+    "CLR|t|1",
     "CLEAR|t|forged-seed",
     "STORED|1",
 ];

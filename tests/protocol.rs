@@ -148,7 +148,10 @@ fn every_frame_round_trips_through_encode_and_parse() {
             next: 42,
         },
         Frame::Stored { mid: 9 },
-        Frame::Clr { mid: 9 },
+        Frame::Clr {
+            topic: "t".into(),
+            upto: 9,
+        },
         Frame::Hello {
             version: "edgepair/1".into(),
             role: Role::Backup,

@@ -1,7 +1,7 @@
 //! The backup's work: hold what the primary replicates, poll the primary, and decide, with the
 //! failure detector, when to take over; forward publishes that reach it while the primary lives.
 
-use foldhash::{HashMap, HashMapExt};
+use foldhash::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +17,6 @@ use crate::protocol::{Frame, Role, PROTOCOL_VERSION};
 /// State only a backup has.
 #[derive(Debug)]
 pub(super) struct Backup {
-    /// Replicated entries not yet cleared, by the primary's `mid`: where each is in the log.
-    pub pending: HashMap<u64, (String, u64)>,
     pub detector: Detector,
     /// Replication links from the primary, closed at takeover so that a primary that was
     /// merely paused learns at once, when it wakes, that it lost its role.
@@ -70,7 +68,6 @@ impl Backup {
     /// A backup whose detector sends its first `PING` at `now`.
     pub fn new(interval: Duration, now: Time) -> Backup {
         Backup {
-            pending: HashMap::new(),
             detector: Detector::new(interval, now),
             link_conns: Vec::new(),
             poll: Poll::Idle,
@@ -176,7 +173,6 @@ impl Broker {
         // A new life of our primary: what we hold from its previous life it may no longer know
         // about (its log may have been in memory). Hand it over rather than keep it forever:
         // it drops, by identity, what it still has.
-        b.pending.clear();
         if following == 0 {
             return;
         }

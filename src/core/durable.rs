@@ -477,11 +477,6 @@ impl Broker {
             // Catching up: the primary expects no answer.
             return;
         }
-        if topic != super::JOURNAL {
-            if let RoleState::Backup(b) = &mut self.role {
-                b.pending.insert(mid, (topic, entry.offset));
-            }
-        }
         if !self.must_sync() && self.unflushed {
             // Answered once the entry is written (see `Broker::poll_output`): one `STORED`
             // for every `REPL` of a batch of events (the primary takes it as cumulative), in
@@ -659,14 +654,31 @@ impl Broker {
         }
     }
 
-    /// `CLR|mid`: the primary delivered it.
-    pub(super) fn clear_mid(&mut self, mid: u64) {
-        let RoleState::Backup(b) = &mut self.role else {
+    /// `CLR|topic|upto`: the primary delivered every entry of `topic` below `upto`. Taken no
+    /// further than our copy goes: what we do not have yet is cleared by a later `CLR` (or by
+    /// the `MARK` that ends a catch-up).
+    pub(super) fn clear_upto(&mut self, topic: &str, upto: u64) {
+        if self.role() != Role::Backup {
             return;
-        };
-        if let Some((topic, offset)) = b.pending.remove(&mid) {
-            self.mark_delivered(&topic, offset);
         }
+        let upto = upto.min(self.log.next_offset(topic));
+        let mark = self.log.delivered(topic);
+        if upto <= mark {
+            return;
+        }
+        let mut upto = upto;
+        if let Some(cleared) = self.cleared.get_mut(topic) {
+            // Seed `CLEAR`s of entries above the old mark: those now below it are done with,
+            // and those just above it move it on.
+            cleared.retain(|o| *o >= upto);
+            while cleared.remove(&upto) {
+                upto += 1;
+            }
+            if cleared.is_empty() {
+                self.cleared.remove(topic);
+            }
+        }
+        self.log.set_delivered(topic, upto);
     }
 
     /// `CLEAR|topic|payload` (seed): the oldest held entry of `topic` with this payload.

@@ -302,6 +302,9 @@ pub struct Broker {
     /// Backup: offsets above a topic's delivered mark that were cleared out of order (the
     /// seed's `CLEAR` comes in the order its compute tasks end).
     cleared: HashMap<String, std::collections::BTreeSet<u64>>,
+    /// Primary: topics with deliveries since the last `CLR`s went out (one per topic, at the
+    /// end of the batch: see [`Broker::send_delivered_marks`]).
+    delivered_due: foldhash::HashSet<String>,
     /// Replays of topics' pasts to subscribers (`history.rs`).
     replays: history::Replays,
     /// Draws the nonces of peer handshakes (`auth.rs`).
@@ -370,6 +373,7 @@ impl Broker {
             unflushed: false,
             lines: LineArena::default(),
             cleared: HashMap::new(),
+            delivered_due: Default::default(),
             replays: history::Replays::default(),
         };
         b.synced_mid = b.next_mid - 1;
@@ -641,6 +645,7 @@ impl Broker {
     /// The next thing the caller should do, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.journal_flush();
+        self.send_delivered_marks();
         if std::mem::take(&mut self.unflushed) {
             // What was appended is written before the `ACK`s and `STORED`s that wait for it go
             // out (they wait in reply queues until then): a crash of the process loses none of
@@ -769,7 +774,7 @@ impl Broker {
                     },
                 );
             }
-            Frame::Clr { mid } => self.clear_mid(mid),
+            Frame::Clr { topic, upto } => self.clear_upto(&topic, upto),
             Frame::Clear { topic, payload } => self.clear_seed(&topic, &payload),
             other @ (Frame::Msg { .. }
             | Frame::Bare(_)

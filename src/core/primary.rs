@@ -405,17 +405,39 @@ impl Broker {
             return;
         };
         p.inflight.remove(&m.mid);
-        if let Some((conn, legacy)) = p.link.up() {
-            let f = if legacy {
-                Frame::Clear {
+        match p.link.up() {
+            Some((conn, true)) => {
+                // A seed backup clears by topic and payload, one message at a time.
+                let f = Frame::Clear {
                     topic: m.topic.clone(),
                     payload: m.payload.clone(),
-                }
-            } else {
-                Frame::Clr { mid: m.mid }
-            };
-            self.send_frame(conn, &f);
+                };
+                self.send_frame(conn, &f);
+            }
+            Some((_, false)) if !self.delivered_due.contains(m.topic.as_str()) => {
+                self.delivered_due.insert(m.topic.clone());
+            }
+            _ => {}
         }
+    }
+
+    /// Tells the backup where the delivered mark of each topic delivered to since the last
+    /// call now is: one cumulative `CLR` per topic for a batch of deliveries (a `CLR` per
+    /// message was a line to encode, send, parse and look up on each side of the link).
+    pub(super) fn send_delivered_marks(&mut self) {
+        if self.delivered_due.is_empty() {
+            return;
+        }
+        let mut due = std::mem::take(&mut self.delivered_due);
+        if let Some((conn, false)) = self.primary().and_then(|p| p.link.up()) {
+            for topic in due.drain() {
+                let upto = self.log.delivered(&topic);
+                self.send_frame(conn, &Frame::Clr { topic, upto });
+            }
+        }
+        due.clear();
+        // Its room kept for the next batch.
+        self.delivered_due = due;
     }
 
     /// Sends one message to every subscriber of its topic, encoded once per dialect.

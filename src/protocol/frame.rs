@@ -132,10 +132,14 @@ pub enum Frame {
         /// Replication id being confirmed.
         mid: u64,
     },
-    /// `CLR|mid`: message `mid` was delivered, the backup may drop it.
+    /// `CLR|topic|upto`: every entry of the topic below `upto` was delivered; the backup's
+    /// delivered mark of it moves up to there. Cumulative: the primary sends one per topic
+    /// for a batch of deliveries, not one per message.
     Clr {
-        /// Replication id to drop.
-        mid: u64,
+        /// The topic.
+        topic: String,
+        /// The primary's delivered mark of it.
+        upto: u64,
     },
     /// `HELLO|edgepair/1|role|epoch|incarnation`: opens a broker-to-broker link and says who is
     /// speaking.
@@ -387,9 +391,13 @@ impl Frame {
             "STORED" => Frame::Stored {
                 mid: number(fields::<1>(line, "STORED")?[0], "mid")?,
             },
-            "CLR" => Frame::Clr {
-                mid: number(fields::<1>(line, "CLR")?[0], "mid")?,
-            },
+            "CLR" => {
+                let f = fields::<2>(line, "CLR")?;
+                Frame::Clr {
+                    topic: s(non_empty(f[0], "topic")?),
+                    upto: number(f[1], "upto")?,
+                }
+            }
             "HELLO" => {
                 let f = fields::<3>(line, "HELLO")?;
                 let (epoch, incarnation) = match f[2].split_once('|') {
@@ -456,17 +464,13 @@ impl Frame {
     }
 
     /// Appends the frame, newline included, to a byte buffer (a connection's write buffer).
-    /// The frames sent once per message (`ACK`, `STORED`, `CLR`) are written without
+    /// The frames sent once per message or batch (`ACK`, `STORED`) are written without
     /// `core::fmt`, whose integer formatting was the largest single cost of the relay path.
     pub fn encode_into_bytes(&self, out: &mut Vec<u8>) {
         match self {
             Frame::Ack { id } => write_ack(id.as_ref(), out),
-            Frame::Stored { mid } | Frame::Clr { mid } => {
-                out.extend_from_slice(if matches!(self, Frame::Stored { .. }) {
-                    b"STORED|"
-                } else {
-                    b"CLR|"
-                });
+            Frame::Stored { mid } => {
+                out.extend_from_slice(b"STORED|");
                 push_u64(out, *mid);
                 out.push(b'\n');
             }
@@ -530,7 +534,7 @@ impl Frame {
             Frame::TailEnd => write!(out, "TAIL"),
             Frame::Mark { topic, upto, next } => write!(out, "MARK|{topic}|{upto}|{next}"),
             Frame::Stored { mid } => write!(out, "STORED|{mid}"),
-            Frame::Clr { mid } => write!(out, "CLR|{mid}"),
+            Frame::Clr { topic, upto } => write!(out, "CLR|{topic}|{upto}"),
             Frame::Hello {
                 version,
                 role,
@@ -805,7 +809,6 @@ mod tests {
                 },
                 Frame::Ack { id: None },
                 Frame::Stored { mid },
-                Frame::Clr { mid },
                 frame,
             ] {
                 let mut bytes = Vec::new();
