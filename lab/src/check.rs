@@ -125,7 +125,10 @@ pub struct GroupExpect<'a> {
 ///    the group again, unless the ack was confirmed inside a split-brain window (the reign
 ///    that confirmed it may be overwritten when the link heals) or by the end of a
 ///    both-nodes loss that `acks_lost_at` lists; a message the subscribers got twice
-///    (`duplicated`) is two entries when it comes again at another offset;
+///    (`duplicated`) is two entries when it comes again at another offset. "Again" is by the
+///    entry's attempt number, not only by arrival: an earlier attempt was handed out before the
+///    acknowledged one was (the group's journal counts them in order), so before its ack,
+///    though the network may bring it to its member after the ack;
 /// 2. every entry the topic's subscribers got (`delivered`) is acknowledged by some member by
 ///    the end, confirmed or not (dead letters aside: none are expected where this is used).
 pub fn check_group(
@@ -150,6 +153,7 @@ pub fn check_group(
         if let Some(r) = mine.iter().find(|r| {
             r.seq == a.seq
                 && r.received_at_us > a.acked_at_us
+                && r.attempt >= a.attempt
                 && (r.offset == a.offset || !x.duplicated.contains(&r.seq))
         }) {
             again.push(format!(

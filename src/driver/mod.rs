@@ -364,7 +364,15 @@ pub async fn run_on(
             _ = async { if let Some(p) = accept_pause.as_mut() { p.await } }, if accept_pause.is_some() => {
                 accept_pause = None;
             }
-            Some(ev) = d.readers.next(), if !d.readers.is_empty() => d.read_batch(ev),
+            Some(ev) = d.readers.next(), if !d.readers.is_empty() => {
+                d.read_batch(ev);
+                d.act();
+                // The writer tasks write the batch's lines before the next batch is read:
+                // otherwise, with input always ready, the loop reads on until tokio's budget
+                // makes it yield, and every connection's outbox grows meanwhile (fresh memory
+                // to fault in, and a subscriber's lines late by many batches).
+                tokio::task::yield_now().await;
+            }
             Some(done) = done_rx.recv() => d.done(done),
             Some(reply) = scrapes.recv() => {
                 let counts = crate::metrics::DriverCounts {

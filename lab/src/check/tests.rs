@@ -382,6 +382,19 @@ fn a_group_must_never_deliver_a_confirmed_ack_again_and_must_ack_everything() {
     assert!(check_group(&twice, &delivered, &x3).is_empty());
     let v = check_group(&again, &delivered, &x3);
     assert!(v.len() == 1 && v[0].contains("delivered again"), "{v:?}");
+    // An earlier attempt that the network brings after the ack (handed out before the
+    // acknowledged attempt was) is no redelivery; a later attempt is.
+    let mut late = clean.clone();
+    late[0].attempt = 3;
+    let mut earlier = g(1, 60, None, "b");
+    earlier.attempt = 2;
+    late.push(earlier);
+    assert!(check_group(&late, &delivered, &x).is_empty());
+    let mut after = g(1, 60, None, "b");
+    after.attempt = 4;
+    late.push(after);
+    let v = check_group(&late, &delivered, &x);
+    assert!(v.len() == 1 && v[0].contains("attempt 4"), "{v:?}");
     // An entry the subscribers got that no member acknowledged.
     let v = check_group(&clean[..2], &delivered, &x);
     assert!(v.len() == 1 && v[0].contains("never acknowledged"), "{v:?}");
