@@ -670,19 +670,10 @@ fn push_payload(out: &mut Vec<u8>, payload: &str) {
     out.push(b'\n');
 }
 
-/// Appends `v` in decimal.
-fn push_u64(out: &mut Vec<u8>, mut v: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
+/// Appends `v` in decimal (itoa: two digits per step from a table, where a division per
+/// digit was ~5 % of the primary's profile with a backup, six numbers per `REPL`).
+fn push_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
 /// The `REPL` line for one message, written from borrowed parts (no [`Frame`], no copies of the
