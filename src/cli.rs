@@ -317,6 +317,17 @@ pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCo
         cfg.max_pending = opts.max_pending;
         cfg.drain_timeout = opts.drain_timeout;
         cfg.max_connections = opts.max_connections;
+        // A descriptor per connection, and some for the log, the peer and the listener.
+        let want = opts.max_connections as u64 + 64;
+        match crate::net::raise_fd_limit(want) {
+            Ok(have) if have < want => tracing::warn!(
+                "--max-connections {}: only {have} open files allowed (hard limit); \
+                 connections past it are refused until `ulimit -Hn` is raised",
+                opts.max_connections
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("cannot read or raise the open-file limit: {e}"),
+        }
         cfg.peer_key = Some(key);
         cfg.allow_seed_replicate = opts.allow_seed_replicate;
         cfg.seed_backup = opts.seed_backup;

@@ -200,6 +200,30 @@ impl Listener {
     }
 }
 
+/// Raises this process's soft limit of open files to `want`, as far as the hard limit lets it;
+/// returns the limit now in force. A node serving thousands of connections (or a client
+/// holding them) needs one descriptor each, and many systems start processes at 1,024.
+pub fn raise_fd_limit(want: u64) -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let want: libc::rlim_t = want;
+    if lim.rlim_cur >= want {
+        return Ok(lim.rlim_cur);
+    }
+    lim.rlim_cur = want.min(lim.rlim_max);
+    // SAFETY: setrlimit only reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// Spawns a task on the current runtime. Inside a turmoil simulation it goes on the host's
 /// `LocalSet`, whose tasks are kept in one list in spawn order: tokio's shared task list is
 /// sharded by task id, a process-wide counter, so the order in which a crashed host's tasks

@@ -534,10 +534,31 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
             );
         }
     }
+    // Room for the subscribers of the fan-out and RSS figures past the brokers' default
+    // `--max-connections`, and file descriptors for this process's end of them.
+    let many = vec![vec![
+        "--max-connections".to_string(),
+        (o.fanout + 64)
+            .max(edgepair::driver::MAX_CONNECTIONS)
+            .to_string(),
+    ]];
+    if want("fanout") || want("rss") {
+        let want = o.fanout as u64 + 256;
+        let have = edgepair::net::raise_fd_limit(want)?;
+        anyhow::ensure!(
+            have >= want,
+            "{want} open files are needed for {} subscribers and the hard limit is {have}: \
+             raise it (ulimit -Hn) or pass a smaller --fanout",
+            o.fanout
+        );
+    }
+    // Issue #15's targets are for 10,000 subscribers; the 1,000-subscriber figure keeps the
+    // older, tighter spread target.
+    let spread_target = if o.fanout > 1000 { "<= 20" } else { "<= 10" };
     if want("fanout") {
         let (mut spread, mut lost) = (vec![], vec![]);
         for _ in 0..o.runs {
-            let b = start(&bin_dir, false, "0", None, o.broker_threads).await?;
+            let b = start_nodes(&bin_dir, false, "0", None, o.broker_threads, &many).await?;
             let (s, l) = fanout(&b[0].addr, o.fanout, 100, Duration::from_secs(5)).await?;
             spread.push(s);
             lost.push(l as f64);
@@ -547,7 +568,7 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
             "solo",
             spread,
             "ms",
-            "<= 10",
+            spread_target,
         );
         push(
             &format!("fan-out {} lost", o.fanout),
@@ -560,10 +581,11 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
     if want("rss") {
         let mut runs = Vec::new();
         for _ in 0..o.runs {
-            let b = start(&bin_dir, false, "0", None, o.broker_threads).await?;
+            let b = start_nodes(&bin_dir, false, "0", None, o.broker_threads, &many).await?;
             runs.push(rss_per_subscriber(&b[0], o.fanout).await?);
         }
-        push("RSS per idle subscriber", "solo", runs, "KiB", "<= 16");
+        let target = if o.fanout > 1000 { "<= 8" } else { "<= 16" };
+        push("RSS per idle subscriber", "solo", runs, "KiB", target);
     }
     if want("compute") {
         for (workers, setup) in [(Some(1), "workers 1"), (None, "default")] {
