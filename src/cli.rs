@@ -245,6 +245,7 @@ fn broker_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 
 /// Runs a broker binary to completion; the exit code says whether it started.
 pub fn run_broker(role: Role, port: u16, peer: &str, opts: BrokerOpts) -> ExitCode {
+    crate::disable_huge_pages();
     init_tracing();
     let peer = match addr(peer) {
         Ok(p) => p,

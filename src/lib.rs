@@ -22,3 +22,17 @@ pub mod tls;
 /// the README).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Turns transparent huge pages off for this process (Linux; elsewhere nothing to do).
+///
+/// mimalloc asks the kernel for huge pages for its arenas, and the first touch of each 2 MiB
+/// page zeroes all of it however little is used: a fresh broker under a pipelining publisher
+/// spent 40 % of its time in the kernel's `clear_page` and grew to 70 MiB, and the replicated
+/// pair ran at 0.6-0.7 M msg/s where a node with 4 KiB pages ran at 0.85-1.1 M (31 MiB).
+pub fn disable_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments and only sets a flag of this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
