@@ -44,27 +44,53 @@ impl Seen {
 }
 
 /// Identities seen, per publisher.
+///
+/// The publisher met last is kept out of the map, so that a stream of one publisher's messages
+/// (the common case: a pipelining publisher fills whole batches) finds its entry by comparing
+/// names rather than hashing one: the lookup was ~11 % of a solo primary's profile under such a
+/// publisher.
 #[derive(Debug, Default)]
-pub struct SeenMap(HashMap<String, Seen>);
+pub struct SeenMap {
+    map: HashMap<String, Seen>,
+    last: Option<(String, Seen)>,
+}
 
 impl SeenMap {
-    /// Records `seq` of `publisher`; false if it was seen before. Allocates the publisher's key
-    /// only the first time it is met (this runs once per message on the relay path).
-    pub fn record(&mut self, publisher: &str, seq: u64) -> bool {
-        match self.0.get_mut(publisher) {
-            Some(s) => s.insert(seq),
-            None => self.0.entry(publisher.to_string()).or_default().insert(seq),
+    /// The entry of `publisher`, made the last one met (made if new). Allocates the publisher's
+    /// key only the first time it is met (this runs once per message on the relay path).
+    fn entry(&mut self, publisher: &str) -> &mut Seen {
+        if self.last.as_ref().is_none_or(|(p, _)| p != publisher) {
+            let next = match self.map.remove_entry(publisher) {
+                Some(e) => e,
+                None => (publisher.to_string(), Seen::default()),
+            };
+            if let Some((p, s)) = self.last.replace(next) {
+                self.map.insert(p, s);
+            }
         }
+        match &mut self.last {
+            Some((_, s)) => s,
+            None => unreachable!("set just above"),
+        }
+    }
+
+    /// Records `seq` of `publisher`; false if it was seen before.
+    pub fn record(&mut self, publisher: &str, seq: u64) -> bool {
+        self.entry(publisher).insert(seq)
     }
 
     /// Whether `seq` of `publisher` was recorded.
     pub fn contains(&self, publisher: &str, seq: u64) -> bool {
-        self.0.get(publisher).is_some_and(|s| s.contains(seq))
+        match &self.last {
+            Some((p, s)) if p == publisher => s.contains(seq),
+            _ => self.map.get(publisher).is_some_and(|s| s.contains(seq)),
+        }
     }
 
     /// Forgets everything (a node that steps down relearns identities from its new primary).
     pub fn clear(&mut self) {
-        self.0.clear();
+        self.map.clear();
+        self.last = None;
     }
 }
 
@@ -101,6 +127,30 @@ mod tests {
         assert!(seen.record("p", 2));
         assert!(!seen.record("p", 1));
         assert!(seen.record("q", 1));
-        assert_eq!(seen.0.len(), 2);
+        assert_eq!(seen.map.len() + usize::from(seen.last.is_some()), 2);
+    }
+
+    #[test]
+    fn publishers_taking_turns_keep_their_own_sequence_numbers() {
+        let mut seen = SeenMap::default();
+        for seq in 1..=3 {
+            assert!(seen.record("p", seq));
+            assert!(seen.record("q", seq * 10));
+            assert!(seen.record("r", seq));
+        }
+        for (publisher, seq, was) in [
+            ("p", 3, true),
+            ("p", 4, false),
+            ("q", 20, true),
+            ("q", 21, false),
+            ("r", 1, true),
+            ("s", 1, false),
+        ] {
+            assert_eq!(seen.contains(publisher, seq), was, "{publisher}:{seq}");
+        }
+        assert!(!seen.record("q", 30), "q's 30 is q's, whoever came between");
+        assert!(seen.record("p", 4));
+        seen.clear();
+        assert!(!seen.contains("p", 1) && !seen.contains("q", 10));
     }
 }
