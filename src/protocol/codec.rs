@@ -29,8 +29,11 @@ impl Decoder for FrameCodec {
                 if end + 1 > MAX_FRAME {
                     return Err(ProtocolError::TooLong);
                 }
-                let line = buf.split_to(end + 1);
-                Frame::parse(&line[..end]).map(Some)
+                // Parsed in place, then skipped: a `split_to` per line made and dropped a
+                // shared handle on the buffer (two atomic operations) for every frame.
+                let frame = Frame::parse(&buf[..end]);
+                buf.advance(end + 1);
+                frame.map(Some)
             }
             None if buf.len() >= MAX_FRAME => Err(ProtocolError::TooLong),
             None => {
