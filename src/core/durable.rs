@@ -404,26 +404,32 @@ impl Broker {
     /// cleared out of order just above it.
     pub(super) fn mark_delivered(&mut self, topic: &str, offset: u64) {
         let mark = self.log.delivered(topic);
-        if offset < mark {
-            return;
+        if offset == mark {
+            self.move_mark(topic, mark + 1);
+        } else if offset > mark {
+            // Out of order: kept aside until the mark reaches it.
+            self.cleared
+                .entry(topic.to_string())
+                .or_default()
+                .insert(offset);
         }
-        if offset == mark && !self.cleared.contains_key(topic) {
-            // In order, the usual case: nothing cleared above it to move over.
-            self.log.set_delivered(topic, mark + 1);
-            return;
+    }
+
+    /// Moves `topic`'s delivered mark up to `to`, and on over what was cleared out of order just
+    /// above it; what was cleared below it is done with. (The log keeps its mark where it is if
+    /// `to` is below it, and stops it at its end.)
+    fn move_mark(&mut self, topic: &str, to: u64) {
+        let mut upto = to;
+        if let Some(cleared) = self.cleared.get_mut(topic) {
+            cleared.retain(|o| *o >= upto);
+            while cleared.remove(&upto) {
+                upto += 1;
+            }
+            if cleared.is_empty() {
+                self.cleared.remove(topic);
+            }
         }
-        let cleared = self.cleared.entry(topic.to_string()).or_default();
-        cleared.insert(offset);
-        let mut upto = mark;
-        while cleared.remove(&upto) {
-            upto += 1;
-        }
-        if cleared.is_empty() {
-            self.cleared.remove(topic);
-        }
-        if upto > mark {
-            self.log.set_delivered(topic, upto);
-        }
+        self.log.set_delivered(topic, upto);
     }
 
     /// Where this link's catch-up left `topic`: below it our log is the primary's (0 if it
@@ -654,31 +660,13 @@ impl Broker {
         }
     }
 
-    /// `CLR|topic|upto`: the primary delivered every entry of `topic` below `upto`. Taken no
-    /// further than our copy goes: what we do not have yet is cleared by a later `CLR` (or by
-    /// the `MARK` that ends a catch-up).
+    /// `CLR|topic|upto`: the primary delivered every entry of `topic` below `upto`. The log
+    /// takes the mark no further than our copy goes, and never back: what we do not have yet is
+    /// cleared by a later `CLR` (or by the `MARK` that ends a catch-up).
     pub(super) fn clear_upto(&mut self, topic: &str, upto: u64) {
-        if self.role() != Role::Backup {
-            return;
+        if self.role() == Role::Backup {
+            self.move_mark(topic, upto);
         }
-        let upto = upto.min(self.log.next_offset(topic));
-        let mark = self.log.delivered(topic);
-        if upto <= mark {
-            return;
-        }
-        let mut upto = upto;
-        if let Some(cleared) = self.cleared.get_mut(topic) {
-            // Seed `CLEAR`s of entries above the old mark: those now below it are done with,
-            // and those just above it move it on.
-            cleared.retain(|o| *o >= upto);
-            while cleared.remove(&upto) {
-                upto += 1;
-            }
-            if cleared.is_empty() {
-                self.cleared.remove(topic);
-            }
-        }
-        self.log.set_delivered(topic, upto);
     }
 
     /// `CLEAR|topic|payload` (seed): the oldest held entry of `topic` with this payload.
@@ -991,6 +979,64 @@ pub(super) fn not_a_backup() -> Frame {
 #[cfg(test)]
 mod tests {
     use super::diverge;
+    use crate::core::{Broker, Config, Now, Time};
+    use crate::protocol::Role;
+
+    /// A backup with no peer, holding `n` seed entries of topic `t` (offsets `0..n`).
+    fn backup_holding(n: usize) -> Broker {
+        let cfg = Config {
+            born: Role::Backup,
+            peer: None,
+            compute_off: true,
+            ping_interval: std::time::Duration::from_secs(1),
+            ping_timeout: std::time::Duration::from_millis(300),
+            repl_timeout: std::time::Duration::from_millis(250),
+            forward_timeout: std::time::Duration::from_secs(1),
+            incarnation: 1,
+            fsync: crate::log::Fsync::default(),
+            lease: None,
+            peer_key: None,
+            allow_seed_replicate: false,
+            seed_backup: false,
+            nonce_seed: [0; 32],
+            max_unacked: crate::core::MAX_UNACKED,
+            max_subscriptions: crate::core::MAX_SUBSCRIPTIONS,
+            max_topic_len: crate::core::MAX_TOPIC_LEN,
+            journal_compact: crate::core::JOURNAL_COMPACT,
+            require_client_cert: false,
+        };
+        let now = Now {
+            mono: Time::default(),
+            wall_us: 1,
+        };
+        let mut b = Broker::new(cfg, now);
+        for i in 0..n {
+            assert!(b.store_seed("t".into(), format!("m{i}")));
+        }
+        b
+    }
+
+    #[test]
+    fn the_delivered_mark_moves_over_clears_in_order_out_of_order_and_cumulative() {
+        let mut b = backup_holding(6);
+        let mark = |b: &Broker| b.log.delivered("t");
+        b.mark_delivered("t", 0);
+        assert_eq!(mark(&b), 1, "in order: over it");
+        b.mark_delivered("t", 3);
+        b.mark_delivered("t", 4);
+        assert_eq!(mark(&b), 1, "out of order: kept aside");
+        b.mark_delivered("t", 1);
+        assert_eq!(mark(&b), 2);
+        // A cumulative CLR up to 3 reaches the entries cleared aside and moves on over them.
+        b.clear_upto("t", 3);
+        assert_eq!(mark(&b), 5);
+        assert!(!b.cleared.contains_key("t"), "nothing left aside");
+        // Never past our own copy, never back.
+        b.clear_upto("t", 99);
+        assert_eq!(mark(&b), 6);
+        b.clear_upto("t", 2);
+        assert_eq!(mark(&b), 6);
+    }
 
     #[test]
     fn logs_part_where_their_epochs_first_differ() {
