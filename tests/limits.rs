@@ -1,5 +1,6 @@
 //! Each limit of a node is hit by one client while another is served: subscriptions per
-//! connection, topic names, publishes awaiting their ACK, and a frame dripped too slowly.
+//! connection, topic names, publishes awaiting their ACK, and a frame dripped too slowly; and a
+//! node raises its open-file limit to fit `--max-connections`.
 //! (`--max-connections` and `--max-pending`: `bad_input.rs` and `promises.rs`.) Real
 //! processes and sockets.
 
@@ -158,4 +159,65 @@ fn a_frame_timeout_under_100ms_is_refused_at_start() {
         "{:?}",
         n.stderr.lock().map(|l| l.clone())
     );
+}
+
+/// A primary started with `--max-connections 1000` under open-file limits of `soft`/`hard`
+/// (set before exec), and its address once it serves.
+fn primary_with_fd_limits(soft: u64, hard: u64) -> (ChildGuard, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("primary"));
+    // SAFETY: between fork and exec the closure only calls setrlimit and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (pp, dead) = (free_port(), free_port());
+    let (port, dead) = (pp.to_string(), addr(dead));
+    let args = [&port, &dead, "--compute", "0", "--max-connections", "1000"];
+    let g = spawn_cmd(cmd, "primary", &args, false);
+    wait_status(&addr(pp), "primary", "down");
+    (g, addr(pp))
+}
+
+/// The soft limit of open files of a running process, from `/proc/PID/limits`.
+fn open_files_soft(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no open-file limit in {limits}"))
+}
+
+#[test]
+fn a_node_raises_its_open_file_limit_to_its_connection_limit_and_says_when_it_cannot() {
+    // Room under the hard limit (this machine's, if lower than 4,096): raised to
+    // --max-connections + 64, as far as that goes.
+    let mut ours = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut ours) },
+        0
+    );
+    let hard = ours.rlim_max.min(4096);
+    let (node, a) = primary_with_fd_limits(256.min(hard), hard);
+    assert_eq!(open_files_soft(node.child.id()), 1064.min(hard));
+    served(&a);
+    // A hard limit below it: as far as it goes, and a warning names the limit.
+    let (node, a) = primary_with_fd_limits(256, 512);
+    assert_eq!(open_files_soft(node.child.id()), 512);
+    node.wait_stderr("only 512 open files allowed");
+    served(&a);
 }
