@@ -639,3 +639,39 @@ fn a_resume_starts_where_the_log_holds_a_newer_reigns_entries() {
     assert_eq!(offsets(&p, ahead).first(), Some(&(0, 1)));
     assert_eq!(offsets(&p, ahead).len(), 8);
 }
+
+#[test]
+fn a_primary_restarted_on_its_log_takes_the_backups_newer_entries_before_fresh_publishes() {
+    // Both nodes lose power while the backup reigns (it took over in a partition) with an
+    // acknowledged entry, seq 3, that never reached the primary, still in compute. The primary
+    // comes back on its log and its publisher resends seq 4 at once: seq 4 must wait until the
+    // backup has cut its tail and handed seq 3 over, or the subscribers get 4 before 3.
+    let (mut p, sp, _) = linked(steady);
+    let publ = p.client(P);
+    publish(&mut p, publ, 1..=2);
+    p.run_until(ms(2_000), |p| p.msgs(sp).len() == 2 && held(p, B) == 0);
+    p.partitioned = true;
+    p.run_until(ms(3_000), |p| p.role(B) == Role::Primary);
+    let publ_b = p.client(B);
+    publish(&mut p, publ_b, 3..=3);
+    p.run_until(ms(1_000), |p| p.count(publ_b, "ACK|pub|3") == 1);
+    // Power loss before seq 3's compute ends: undelivered in the backup's log only.
+    p.crash_keeping_log(P);
+    p.crash_keeping_log(B);
+    p.partitioned = false;
+    p.run_for(ms(500));
+    p.start(B);
+    p.start(P);
+    let live = p.client(P);
+    p.send(live, "SUB|t|2");
+    let again = p.client(P);
+    publish(&mut p, again, 4..=4);
+    p.run_until(ms(5_000), |p| p.msgs(live).len() == 2);
+    assert_eq!(
+        seqs(&p, live),
+        [3, 4],
+        "the older entry first, in publish order"
+    );
+    assert_eq!(offsets(&p, live), [(2, 3), (3, 4)]);
+    assert_eq!(p.count(again, "ACK|pub|4"), 1);
+}

@@ -142,6 +142,8 @@ fn every_frame_round_trips_through_encode_and_parse() {
             epochs: vec![(1, 0), (2, 17), (4, 30)],
         },
         Frame::TailEnd,
+        Frame::Settle,
+        Frame::Settled,
         Frame::Mark {
             topic: "t".into(),
             upto: 40,

@@ -289,7 +289,11 @@ impl Broker {
         let needs_peer = seed
             || matches!(
                 frame,
-                Frame::Hello { .. } | Frame::Repl { .. } | Frame::Mark { .. } | Frame::Clr { .. }
+                Frame::Hello { .. }
+                    | Frame::Repl { .. }
+                    | Frame::Mark { .. }
+                    | Frame::Clr { .. }
+                    | Frame::Settle
             );
         if !needs_peer || self.is_peer(conn) || (seed && self.cfg.allow_seed_replicate) {
             return true;

@@ -218,6 +218,7 @@ impl Broker {
         if !self.handovers.is_empty() {
             return;
         }
+        self.answer_settle();
         for (conn, frame, attempt) in std::mem::take(&mut self.forwards_waiting) {
             if self.role() == Role::Primary {
                 self.serve_here(conn, frame);

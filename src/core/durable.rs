@@ -745,6 +745,7 @@ impl Broker {
     pub(super) fn begin_catch_up(&mut self, conn: ConnId, tails: Vec<Tail>) {
         let mut topics: BTreeSet<String> = tails.iter().map(|t| t.topic.clone()).collect();
         let mut journal_ahead = false;
+        let mut ahead = false;
         topics.extend(self.log.topics().into_iter().map(|t| t.topic));
         let mut from = Vec::new();
         for topic in topics {
@@ -761,6 +762,9 @@ impl Broker {
             if topic == super::JOURNAL {
                 // Records of the backup's we do not have come back as `GROUP|merge`.
                 journal_ahead = b_next > start;
+            } else {
+                // Entries of the backup's we do not have come back as hand-overs.
+                ahead |= b_next > start;
             }
             from.push((topic, start));
         }
@@ -769,6 +773,9 @@ impl Broker {
         // its journal.
         from.sort_by_key(|(t, _)| t == super::JOURNAL);
         self.groups_hold(journal_ahead);
+        if ahead {
+            self.settle_expect_hand_over();
+        }
         if let Some(p) = self.primary() {
             p.link.catching_up = from;
             p.link.caught_up_sent = 0;

@@ -203,6 +203,13 @@ impl Broker {
                 self.groups_hold(false)
             }
             (LinkState::Up { .. }, Frame::Ack { .. }) => {}
+            (LinkState::Up { .. }, Frame::Settled) => {
+                self.settle_end("the backup handed its tail over")
+            }
+            (LinkState::Up { .. }, Frame::Err { reason }) if reason.contains("SETTLE") => {
+                // A backup of an earlier version: it hands over all the same, unannounced.
+                self.settle_end("the backup does not say when it has settled")
+            }
             (LinkState::Up { .. }, Frame::Status { .. }) => self.lease_answered(),
             (LinkState::Up { .. }, Frame::Err { reason }) if reason.starts_with(LEASE_REFUSED) => {
                 // The backup is about to take over: this question grants nothing.
@@ -325,6 +332,7 @@ impl Broker {
             // Ask for the lease at once rather than at the next tick.
             self.on_lease_timer();
         }
+        self.settle_link_up(conn);
     }
 
     /// The link failed: it could not connect, or broke or was closed (`reason` says which).

@@ -49,6 +49,7 @@ mod peer;
 mod primary;
 mod roles;
 mod seen;
+mod settle;
 mod stats;
 mod stop;
 mod takeup;
@@ -275,6 +276,8 @@ pub struct Broker {
     /// Publishes to forward once the hand-overs are done (connection, frame, attempt).
     forwards_waiting: Vec<(ConnId, Frame, u8)>,
     next_handover: u64,
+    /// Backup: the link on which our primary asked `SETTLE` (`settle.rs`), until we answer.
+    settle_asked: Option<ConnId>,
     /// Results computed during the startup grace: (mid, compute start, compute end).
     graced: Vec<(u64, u64, u64)>,
     delivered: u64,
@@ -360,6 +363,7 @@ impl Broker {
             stopping: false,
             forwards_waiting: Vec::new(),
             next_handover: 0,
+            settle_asked: None,
             graced: Vec::new(),
             delivered: 0,
             log,
@@ -379,6 +383,7 @@ impl Broker {
         b.synced_mid = b.next_mid - 1;
         b.written_mid = b.synced_mid;
         b.recover();
+        b.settle_at_start();
         b.timers
             .set(Timer::Retain, now.mono + durable::RETAIN_EVERY);
         b.timers.set(Timer::Watchdog, now.mono + STALL / 5);
@@ -582,6 +587,7 @@ impl Broker {
                 Timer::TakeUp => self.on_take_up_timer(),
                 Timer::Unpause(conn) => self.unpause(conn),
                 Timer::AckWait => self.on_ack_wait(),
+                Timer::Settle => self.on_settle_timer(),
             }
         }
     }
@@ -760,6 +766,7 @@ impl Broker {
                 self.on_repl(conn, mid, topic, entry);
             }
             Frame::Mark { topic, upto, next } => self.on_mark(conn, &topic, upto, next),
+            Frame::Settle => self.on_settle(conn),
             Frame::Replicate { topic, payload } => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.kind = Kind::InLink;
@@ -781,6 +788,7 @@ impl Broker {
             | Frame::Stored { .. }
             | Frame::Tail { .. }
             | Frame::TailEnd
+            | Frame::Settled
             | Frame::Pong
             | Frame::Ack { .. }
             | Frame::Status { .. }
@@ -814,6 +822,9 @@ impl Broker {
     /// A publish from a client: served here as primary, or forwarded by a backup.
     fn on_publish(&mut self, conn: ConnId, frame: Frame) {
         if self.refuse_when_stopping(conn) {
+            return;
+        }
+        if self.settle_holds(conn, &frame) {
             return;
         }
         match self.role {

@@ -70,7 +70,14 @@ impl Broker {
             }
             Purpose::HandOver(id) => {
                 let id = *id;
-                self.send_hand_over(conn, id);
+                if self.offer_auth(conn) {
+                    // As the peer, so that a primary holding publishes (`settle.rs`) takes
+                    // these first.
+                    let t = self.cfg.forward_timeout;
+                    self.timers.set(Timer::Answer(conn), now + t);
+                } else {
+                    self.send_hand_over(conn, id);
+                }
             }
             Purpose::Fence { epoch } => {
                 let epoch = *epoch;
@@ -137,6 +144,10 @@ impl Broker {
             Some(Kind::Out(Purpose::Fence { epoch })) => {
                 let epoch = *epoch;
                 self.fence_hello(conn, epoch);
+            }
+            Some(Kind::Out(Purpose::HandOver(id))) => {
+                let id = *id;
+                self.send_hand_over(conn, id);
             }
             _ => {}
         }

@@ -46,6 +46,8 @@ pub(super) struct Primary {
     pub fence: Option<ConnId>,
     /// Undelivered entries of the log not yet in flight, by topic (`takeup.rs`).
     pub backlogs: super::takeup::Backlogs,
+    /// Fresh publishes wait until the backup's log is reconciled with ours (`settle.rs`).
+    pub settle: Option<super::settle::Settle>,
 }
 
 /// A place in a publisher's delivery queue: filled when the message's compute task ends.
@@ -94,6 +96,7 @@ impl Primary {
             lease_lapsed: false,
             fence: None,
             backlogs: Default::default(),
+            settle: None,
         }
     }
 

@@ -50,6 +50,7 @@ impl Broker {
         self.synced_mid = self.next_mid - 1;
         self.written_mid = self.synced_mid;
         self.take_back_hand_overs();
+        self.settle_asked = None;
         self.serve_forwards_in_flight();
         for conn in b.link_conns {
             self.close(conn);
@@ -95,6 +96,8 @@ impl Broker {
         );
         self.epoch = self.epoch.max(epoch);
         self.save_epoch();
+        self.timers.stop(Timer::Settle);
+        let settle_waiting = p.settle.map(|s| s.waiting).unwrap_or_default();
         self.release_acks(p.acks, false);
         self.groups_step_down();
         // Forget which identities we accepted: the undelivered ones are about to come back to
@@ -121,6 +124,8 @@ impl Broker {
             }
             self.timers.set(Timer::Ping, now);
         }
+        // Publishes held for the reconciliation go to the new primary, in their order.
+        self.resume_settled(settle_waiting);
     }
 
     /// The peer confirmed (or could not deny) that we are still primary after a pause: deliver

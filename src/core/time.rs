@@ -78,6 +78,8 @@ pub enum Timer {
     Unpause(u64),
     /// A consumer group's lease ran out, or a delay of a given-back entry ended (`groups.rs`).
     AckWait,
+    /// Primary: fresh publishes are held no longer than this (`settle.rs`).
+    Settle,
 }
 
 /// The deadline table.

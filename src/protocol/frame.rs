@@ -116,6 +116,13 @@ pub enum Frame {
     },
     /// `TAIL`: the end of the backup's `TAIL` list.
     TailEnd,
+    /// `SETTLE`: sent by a primary after catching up a backup whose log went further than its
+    /// own (a reign or a degraded run it never saw). The backup cuts that tail at the `MARK`s
+    /// and hands what of it was undelivered to the primary; the primary holds fresh publishes
+    /// until the backup answers `SETTLED`, so that the handed entries come first in its log.
+    Settle,
+    /// `SETTLED`: the backup's answer to `SETTLE` once every hand-over it began is done.
+    Settled,
     /// `MARK|topic|upto|next`: sent by the primary after catching a backup up: every entry of
     /// the topic below `upto` was delivered, and the primary's log of it ends before `next`
     /// (the backup cuts anything it has from there on: a tail the primary never had).
@@ -416,6 +423,8 @@ impl Frame {
             // The seed's backup writes `PING||`; anything after the verb is ignored.
             "PING" => Frame::Ping,
             "PONG" => Frame::Pong,
+            "SETTLE" if line == "SETTLE" => Frame::Settle,
+            "SETTLED" if line == "SETTLED" => Frame::Settled,
             "ACK" if line == "ACK" => Frame::Ack { id: None },
             "ACK" => {
                 let f = fields::<2>(line, "ACK")?;
@@ -549,6 +558,8 @@ impl Frame {
             Frame::Group(op) => write!(out, "GROUP|{op}"),
             Frame::Ping => write!(out, "PING"),
             Frame::Pong => write!(out, "PONG"),
+            Frame::Settle => write!(out, "SETTLE"),
+            Frame::Settled => write!(out, "SETTLED"),
             Frame::Ack { id } => write_ack_fields(out, id.as_ref()),
             Frame::StatusQuery => write!(out, "STATUS"),
             Frame::TimeQuery => write!(out, "TIME"),
