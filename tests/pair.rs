@@ -675,3 +675,27 @@ fn a_primary_restarted_on_its_log_takes_the_backups_newer_entries_before_fresh_p
     assert_eq!(offsets(&p, live), [(2, 3), (3, 4)]);
     assert_eq!(p.count(again, "ACK|pub|4"), 1);
 }
+
+#[test]
+fn a_lost_ping_is_no_hang_while_the_primary_goes_on_replicating() {
+    // A 10 ms partition swallows whatever crosses it; slid over one ping interval, it swallows
+    // a PING in some window. The primary replicates a publish just after: the backup heard from
+    // it after that PING went out, so the PING's silence is a lost frame, not a hung primary.
+    for window in 0..100 {
+        let (mut p, ..) = linked(|_| ms(1));
+        let publ = p.client(P);
+        p.run_for(ms(window * 10));
+        p.partitioned = true;
+        p.run_for(ms(10));
+        p.partitioned = false;
+        publish(&mut p, publ, 1..=1);
+        p.run_for(ms(1_500));
+        assert_eq!(
+            p.role(B),
+            Role::Backup,
+            "took over after a partition at {} ms",
+            window * 10
+        );
+        assert_eq!(p.role(P), Role::Primary);
+    }
+}

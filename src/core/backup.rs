@@ -40,6 +40,10 @@ pub(super) struct Backup {
     /// message in flight sent again at link-up, an entry of the log taken up again) is one we
     /// have, stored without reading it back.
     pub caught_up: Option<(ConnId, HashMap<String, u64>)>,
+    /// When the `PING` in flight on the polling connection was sent.
+    asked_at: Time,
+    /// When the primary last sent something on its replication link into us.
+    pub heard_at: Time,
 }
 
 /// The polling connection.
@@ -77,6 +81,8 @@ impl Backup {
             last_grant: now,
             pending_takeover: None,
             caught_up: None,
+            asked_at: now,
+            heard_at: now,
         }
     }
 
@@ -156,10 +162,12 @@ impl Broker {
         self.save_epoch();
         let following = self.following;
         self.following = incarnation;
+        let now = self.now.mono;
         let Some(b) = self.backup() else {
             return;
         };
         // A primary that opens its replication link is alive: as good as a PONG.
+        b.heard_at = now;
         if !b.detector.is_armed() {
             info!("primary says hello: following it");
         }
@@ -456,9 +464,11 @@ impl Broker {
 
     /// Asks the question on the polling connection.
     pub(super) fn poll_ask(&mut self, conn: ConnId) {
-        let deadline = self.now.mono + self.cfg.ping_timeout;
+        let now = self.now.mono;
+        let deadline = now + self.cfg.ping_timeout;
         if let Some(b) = self.backup() {
             b.poll = Poll::Asking(conn);
+            b.asked_at = now;
         }
         self.ask(conn);
         self.timers.set(Timer::Answer(conn), deadline);
@@ -493,7 +503,17 @@ impl Broker {
             return;
         };
         let idle_between_pings = b.poll == Poll::Open(conn);
+        // A `PING` unanswered while the primary went on sending on its link (the polling
+        // connection died in a partition that has healed since): no hang. Ask again at once,
+        // on a fresh connection.
+        let spoke_since = e == Evidence::Timeout && b.heard_at > b.asked_at;
         b.poll = Poll::Idle;
+        if spoke_since {
+            let now = self.now.mono;
+            info!("a PING went unanswered, yet the primary spoke on its link since: asking again");
+            self.timers.set(Timer::Ping, now);
+            return;
+        }
         self.rearm_ping();
         // A kept-open connection that closes between pings says nothing yet: the next ping
         // reconnects and finds out.

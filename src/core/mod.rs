@@ -452,6 +452,15 @@ impl Broker {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
+        if matches!(c.kind, Kind::InLink) {
+            let now = self.now.mono;
+            if let Some(b) = self.backup() {
+                b.heard_at = now;
+            }
+        }
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         match &c.kind {
             Kind::Out(_) => self.on_peer_frame(conn, frame),
             Kind::Client | Kind::InLink if c.busy || c.full => self.hold_back(conn, Ok(frame)),
