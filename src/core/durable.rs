@@ -773,9 +773,7 @@ impl Broker {
         // its journal.
         from.sort_by_key(|(t, _)| t == super::JOURNAL);
         self.groups_hold(journal_ahead);
-        if ahead {
-            self.settle_expect_hand_over();
-        }
+        self.settle_catch_up(ahead);
         if let Some(p) = self.primary() {
             p.link.catching_up = from;
             p.link.caught_up_sent = 0;

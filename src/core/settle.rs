@@ -74,8 +74,14 @@ impl Broker {
         self.timers.set(Timer::Settle, at);
     }
 
-    /// The catch-up found the backup's log going past ours on some topic.
-    pub(super) fn settle_expect_hand_over(&mut self) {
+    /// The catch-up begins: `ahead` when the backup's log goes past ours (or apart from it) on
+    /// some topic, and what it cuts will be handed over; otherwise it has nothing we lack, and
+    /// publishes taken from now on follow our log to it with the rest of the catch-up.
+    pub(super) fn settle_catch_up(&mut self, ahead: bool) {
+        if !ahead {
+            self.settle_end("the backup's log goes no further than ours");
+            return;
+        }
         self.settle_until(SETTLE_TIMEOUT);
         if let Some(s) = self.primary().and_then(|p| p.settle.as_mut()) {
             s.expect_hand_over = true;
@@ -101,7 +107,8 @@ impl Broker {
         true
     }
 
-    /// The link is up after its catch-up: ask the backup to settle, or stop holding.
+    /// The link is up after its catch-up (or a seed backup's, which has no log to compare): ask
+    /// the backup to settle, or stop holding.
     pub(super) fn settle_link_up(&mut self, conn: ConnId) {
         let expect = match self.primary().and_then(|p| p.settle.as_ref()) {
             None => return,
@@ -130,7 +137,7 @@ impl Broker {
             self.timers.set(Timer::Settle, at);
             return;
         }
-        if matches!(p.link.state, LinkState::CatchUp(_)) {
+        if s.expect_hand_over && matches!(p.link.state, LinkState::CatchUp(_)) {
             self.settle_until(SETTLE_TIMEOUT);
             return;
         }
