@@ -228,6 +228,8 @@ struct Driver {
     /// Cloned into every writer task, which drops it when done: once the driver drops its
     /// own, the channel closes when the last writer has written out (see [`FLUSH_WAIT`]).
     alive: Option<mpsc::Sender<()>>,
+    /// `--fsync always`: a backup fsyncs on the loop itself (see [`Driver::act`]).
+    always: bool,
 }
 
 /// Runs a node on an already-bound listener until `shutdown` is cancelled.
@@ -308,6 +310,7 @@ pub async fn run_on(
         tls_failures: 0,
         kicked: 0,
         alive: Some(alive),
+        always: cfg.fsync == crate::log::Fsync::Always,
         max_connections: cfg.max_connections,
     };
     let (scrape_tx, mut scrapes) = mpsc::channel::<tokio::sync::oneshot::Sender<String>>(16);
@@ -435,6 +438,12 @@ impl Driver {
     /// log once for all of them (group commit): on a blocking thread, so that the loop goes on
     /// reading (and the replication frames just queued go out) during the fsync; what it
     /// releases is acted on when it reports back ([`Done::Synced`]).
+    ///
+    /// A backup under `--fsync always` fsyncs on the loop instead: each of its `STORED`s waits
+    /// for the fsync anyway, and what arrives meanwhile is read after it, into the next group
+    /// commit. That saves two thread hand-offs per sync on the path of every `ACK` (measured:
+    /// the 64-deep figure 0.89x -> 0.91x Redis, one at a time 1.59x -> 1.50x its p50; medians of
+    /// 3 alternating rounds).
     fn act(&mut self) {
         let mut sync = false;
         loop {
@@ -450,6 +459,12 @@ impl Driver {
             }
             let now = self.clock.now();
             if let Some(job) = self.core.begin_sync(now) {
+                if self.always && self.core.role() == Role::Backup {
+                    let r = job.run();
+                    let now = self.clock.now();
+                    self.core.handle_synced(job, r, now);
+                    continue;
+                }
                 let tx = self.done_tx.clone();
                 tokio::task::spawn_blocking(move || {
                     let r = job.run();
