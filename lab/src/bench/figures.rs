@@ -59,9 +59,14 @@ pub(super) async fn subscribe_via(
     addr: &str,
     topic: &str,
 ) -> anyhow::Result<SubConn> {
+    subscribe_line(dialer, addr, &format!("SUB|{topic}")).await
+}
+
+/// A subscriber connection that has sent `line` (`SUB|…` or the seed's `SUBSCRIBE|…`) and been
+/// registered (checked with a `PING`).
+async fn subscribe_line(dialer: &Dialer, addr: &str, line: &str) -> anyhow::Result<SubConn> {
     let (r, mut w) = dialer.dial(addr).await?;
-    w.write_all(format!("SUB|{topic}\nPING\n").as_bytes())
-        .await?;
+    w.write_all(format!("{line}\nPING\n").as_bytes()).await?;
     let mut r = BufReader::new(r);
     let mut line = String::new();
     r.read_line(&mut line).await?;
@@ -83,13 +88,26 @@ pub(super) fn payload(seq: u64) -> String {
 
 /// Sends `n` messages as fast as a window of `window` unacknowledged messages allows; returns
 /// delivered msg/s measured from the first send to the last delivery, and how many arrived.
+///
+/// `window` 0: not windowed, as NATS core's publisher (which gets no acknowledgement) and
+/// `peerbench`'s: every message is written as fast as the socket takes it, and the `ACK`s are
+/// read and counted meanwhile; a run that does not get all `n` of them fails.
+///
+/// `seed`: in the seed's dialect (`PUBLISH|bench|payload`, `SUBSCRIBE|bench`, deliveries as
+/// bare payload lines), as `peerbench` speaks it; otherwise identified (`PUB` with publisher,
+/// seq and send time; deliveries as `MSG` lines with their stamps).
 pub(super) async fn throughput(
     dialer: &Dialer,
     addr: &str,
     n: u64,
     window: u64,
+    seed: bool,
 ) -> anyhow::Result<(f64, u64)> {
-    let mut sub = subscribe_via(dialer, addr, "bench").await?;
+    let mut sub = if seed {
+        subscribe_line(dialer, addr, "SUBSCRIBE|bench").await?
+    } else {
+        subscribe_via(dialer, addr, "bench").await?
+    };
     let counter = tokio::spawn(async move {
         let mut buf = Vec::with_capacity(64 * 1024);
         let mut got = 0u64;
@@ -133,7 +151,12 @@ pub(super) async fn throughput(
     let mut out = Vec::with_capacity(256 * 1024);
     while seq < n {
         let acked = *acked_rx.borrow();
-        let room = (acked + window).saturating_sub(seq).min(n - seq);
+        let room = if window == 0 {
+            // Unwindowed: 64 KiB of lines per write.
+            (n - seq).min(600)
+        } else {
+            (acked + window).saturating_sub(seq).min(n - seq)
+        };
         if room == 0 {
             if acked_rx.changed().await.is_err() {
                 break;
@@ -143,13 +166,25 @@ pub(super) async fn throughput(
         out.clear();
         for _ in 0..room {
             seq += 1;
-            out.extend_from_slice(
-                format!("PUB|bench|b|{seq}|{sent_us}|{}\n", payload(seq)).as_bytes(),
-            );
+            let line = if seed {
+                format!("PUBLISH|bench|{}\n", payload(seq))
+            } else {
+                format!("PUB|bench|b|{seq}|{sent_us}|{}\n", payload(seq))
+            };
+            out.extend_from_slice(line.as_bytes());
         }
         w.write_all(&out).await?;
     }
     let (got, last) = counter.await?;
+    if window == 0 {
+        // Every message acknowledged, or the figure is not one of a broker doing its job.
+        let all = tokio::time::timeout(Duration::from_secs(5), acked_rx.wait_for(|a| *a >= n));
+        if !matches!(all.await, Ok(Ok(_))) {
+            let acked = *acked_rx.borrow();
+            acker.abort();
+            bail!("unwindowed publisher: {acked} of {n} messages acknowledged");
+        }
+    }
     acker.abort();
     let secs = last.duration_since(start).as_secs_f64().max(1e-9);
     Ok((got as f64 / secs, got))
