@@ -49,6 +49,16 @@ fn seed_frames_parse_as_the_seed_writes_them() {
     assert_eq!(parse("PING||").ok(), Some(Frame::Ping));
     assert_eq!(parse("PONG").ok(), Some(Frame::Pong));
     assert_eq!(parse("ACK").ok(), Some(Frame::Ack { id: None }));
+    // Fields are cut at each `|` byte: names and payloads beyond ASCII come through whole, and
+    // the payload keeps every `|` after the topic's.
+    assert_eq!(
+        parse("PUBLISH|données/é|a|b|ü").ok(),
+        Some(Frame::Publish {
+            topic: "données/é".into(),
+            payload: "a|b|ü".into()
+        })
+    );
+    assert!(parse("PUBLISH|données").is_err());
 }
 
 #[test]

@@ -32,7 +32,15 @@ pub fn bad_topic(topic: &str, max_len: usize) -> Option<String> {
             topic.len()
         ));
     }
-    if let Some(c) = topic.chars().find(|c| c.is_control()) {
+    // The usual topic is ASCII, tested a byte at a time; only other names are walked a
+    // character at a time (C1 controls are not ASCII).
+    let maybe = !topic.is_ascii() || topic.bytes().any(|b| b.is_ascii_control());
+    let found = if maybe {
+        topic.chars().find(|c| c.is_control())
+    } else {
+        None
+    };
+    if let Some(c) = found {
         return Some(format!(
             "topic '{}' holds the control character {c:?}: not allowed in a topic name",
             topic.escape_debug()
@@ -149,5 +157,8 @@ mod tests {
         assert!(bad_topic(&long, 255).is_some_and(|e| e.contains("256 bytes")));
         assert!(bad_topic("a\u{1b}[31m", 255).is_some_and(|e| e.contains("control")));
         assert!(bad_topic("tab\there", 255).is_some());
+        assert!(bad_topic("del\u{7f}", 255).is_some());
+        // C1 controls are not ASCII: found by the character walk.
+        assert!(bad_topic("données\u{85}", 255).is_some_and(|e| e.contains("control")));
     }
 }

@@ -22,7 +22,7 @@ impl Decoder for FrameCodec {
     type Error = ProtocolError;
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
-        match buf[self.scanned..].iter().position(|b| *b == b'\n') {
+        match memchr::memchr(b'\n', &buf[self.scanned..]) {
             Some(i) => {
                 let end = self.scanned + i;
                 self.scanned = 0;
