@@ -37,15 +37,24 @@ impl LineArena {
 
     /// `bytes` as a line cut from the block.
     pub(super) fn copy(&mut self, bytes: &[u8]) -> Bytes {
-        if bytes.len() > ARENA_BLOCK / 4 {
+        self.join(&[bytes])
+    }
+
+    /// `parts` one after the other as a line cut from the block: written there directly, with
+    /// no pass through the scratch buffer (a seed subscriber's payload and its newline).
+    pub(super) fn join(&mut self, parts: &[&[u8]]) -> Bytes {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > ARENA_BLOCK / 4 {
             // Big lines (a chunk of a replay, a long payload) get their own buffer.
-            return Bytes::copy_from_slice(bytes);
+            return Bytes::from(parts.concat());
         }
-        if self.block.capacity() - self.block.len() < bytes.len() {
+        if self.block.capacity() - self.block.len() < len {
             // The lines cut from the old block keep it alive until they are written.
             self.block = bytes::BytesMut::with_capacity(ARENA_BLOCK);
         }
-        self.block.extend_from_slice(bytes);
+        for p in parts {
+            self.block.extend_from_slice(p);
+        }
         self.block.split().freeze()
     }
 }

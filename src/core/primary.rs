@@ -136,10 +136,14 @@ impl Broker {
             }
             _ => return,
         };
-        // Encoded now, while the identity is at hand (it moves into the entry below).
-        let ack = self
-            .lines
-            .line(|b| crate::protocol::write_ack((!legacy).then_some(&id), b));
+        // Encoded now, while the identity is at hand (it moves into the entry below); the
+        // seed's bare `ACK` is one static line, with no copy or count per message.
+        let ack = if legacy {
+            Bytes::from_static(b"ACK\n")
+        } else {
+            self.lines
+                .line(|b| crate::protocol::write_ack(Some(&id), b))
+        };
         let resend = !id.is_anonymous() && self.seen.contains(&id.publisher, id.seq);
         let wait = if resend {
             // Every earlier message went down the link (and into the log) before this point, so
@@ -464,12 +468,7 @@ impl Broker {
             let lines = &mut self.lines;
             let line = if s.legacy {
                 bare_line
-                    .get_or_insert_with(|| {
-                        lines.line(|b| {
-                            b.extend_from_slice(m.payload.as_bytes());
-                            b.push(b'\n');
-                        })
-                    })
+                    .get_or_insert_with(|| lines.join(&[m.payload.as_bytes(), b"\n"]))
                     .clone()
             } else {
                 msg_line
