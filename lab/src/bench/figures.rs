@@ -318,6 +318,19 @@ pub(super) async fn fanout(
         }));
     }
     let drain = publish_paced(&Dialer::default(), addr, "fan", rate, n).await?;
+    let spread = spread_p99(tasks, n, subs).await;
+    drain.abort();
+    spread
+}
+
+/// What the subscriber tasks of a fan-out run saw (each a list of `(seq, arrival µs)`): the
+/// p99 of each message's first-to-last arrival spread (ms), and how many of `n` messages to
+/// each of `subs` subscribers did not arrive.
+pub(super) async fn spread_p99(
+    tasks: Vec<tokio::task::JoinHandle<Vec<(u64, u64)>>>,
+    n: u64,
+    subs: usize,
+) -> anyhow::Result<(f64, u64)> {
     let mut first_last: std::collections::HashMap<u64, (u64, u64, usize)> = Default::default();
     for t in tasks {
         for (seq, at) in t.await? {
@@ -327,7 +340,6 @@ pub(super) async fn fanout(
             e.2 += 1;
         }
     }
-    drain.abort();
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut delivered = 0u64;
     for (_, (a, b, c)) in first_last {

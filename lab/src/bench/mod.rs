@@ -578,27 +578,33 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
     // older, tighter spread target.
     let spread_target = if o.fanout > 1000 { "<= 20" } else { "<= 10" };
     if want("fanout") {
+        // Ours and NATS core in turn (when installed), the same client on the same cores: how
+        // much of the spread is the machine's (a million socket writes and reads a second at
+        // 10,000 subscribers) rather than the broker's.
+        let nats_fan = nats::available(&o.nats_server).await;
         let (mut spread, mut lost) = (vec![], vec![]);
+        let (mut n_spread, mut n_lost) = (vec![], vec![]);
         for _ in 0..o.runs {
             let b = start_nodes(&bin_dir, false, "0", None, o.broker_threads, &many).await?;
             let (s, l) = fanout(&b[0].addr, o.fanout, 100, Duration::from_secs(5)).await?;
             spread.push(s);
             lost.push(l as f64);
+            drop(b);
+            if nats_fan {
+                let b = nats::start(&o.nats_server).await?;
+                let (s, l) = nats::fanout(&b.addr, o.fanout, 100, Duration::from_secs(5)).await?;
+                n_spread.push(s);
+                n_lost.push(l as f64);
+            }
         }
-        push(
-            &format!("fan-out {} spread p99", o.fanout),
-            "solo",
-            spread,
-            "ms",
-            spread_target,
-        );
-        push(
-            &format!("fan-out {} lost", o.fanout),
-            "solo",
-            lost,
-            "msgs",
-            "0",
-        );
+        let spread_name = format!("fan-out {} spread p99", o.fanout);
+        let lost_name = format!("fan-out {} lost", o.fanout);
+        push(&spread_name, "solo", spread, "ms", spread_target);
+        push(&lost_name, "solo", lost, "msgs", "0");
+        if nats_fan {
+            push(&spread_name, "nats core", n_spread, "ms", "-");
+            push(&lost_name, "nats core", n_lost, "msgs", "-");
+        }
     }
     if want("rss") {
         let mut runs = Vec::new();

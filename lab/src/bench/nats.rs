@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use edgepair::clock::now_us;
 
-use super::figures::payload;
+use super::figures::{payload, spread_p99};
 use super::Broker;
 use crate::procs::free_port;
 
@@ -189,4 +189,51 @@ pub(super) async fn paced_latency(
             .await?;
     }
     reader.await?.context("histogram")
+}
+
+/// The fan-out figure against NATS core, as [`super::figures::fanout`] measures ours: `subs`
+/// subscribers on their own connections, `rate` msg/s published for `dur`, each subscriber
+/// noting when each message arrived; the p99 of the first-to-last spread (ms) and how many
+/// deliveries did not arrive.
+pub(super) async fn fanout(
+    addr: &str,
+    subs: usize,
+    rate: u64,
+    dur: Duration,
+) -> anyhow::Result<(f64, u64)> {
+    let n = (rate as f64 * dur.as_secs_f64()) as u64;
+    let mut readers = Vec::with_capacity(subs);
+    for _ in 0..subs {
+        readers.push(subscribe(addr, "fan").await?);
+    }
+    let give_up = dur + Duration::from_secs(5);
+    let mut tasks = Vec::with_capacity(readers.len());
+    for mut sub in readers {
+        tasks.push(tokio::spawn(async move {
+            let mut got: Vec<(u64, u64)> = Vec::with_capacity(n as usize);
+            let _ = tokio::time::timeout(give_up, async {
+                while (got.len() as u64) < n && sub.next_payload().await {
+                    let at = now_us();
+                    let seq = std::str::from_utf8(sub.line.get(..20).unwrap_or_default())
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok());
+                    if let Some(seq) = seq {
+                        got.push((seq, at));
+                    }
+                }
+            })
+            .await;
+            got
+        }));
+    }
+    let (_pr, mut pw) = connect(addr).await?;
+    let period = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let start = Instant::now();
+    for seq in 1..=n {
+        tokio::time::sleep_until(start + period.mul_f64(seq as f64)).await;
+        let p = payload(seq);
+        pw.write_all(format!("PUB fan {}\r\n{p}\r\n", p.len()).as_bytes())
+            .await?;
+    }
+    spread_p99(tasks, n, subs).await
 }
