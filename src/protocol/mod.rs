@@ -98,12 +98,29 @@ impl Stamps {
     }
 
     fn parse(s: &str) -> Result<Self, ProtocolError> {
+        let bad = || ProtocolError::BadField("stamps");
         let mut st = Stamps::default();
-        for pair in s.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = pair
-                .split_once('=')
-                .ok_or(ProtocolError::BadField("stamps"))?;
-            let v: u64 = v.parse().map_err(|_| ProtocolError::BadField("stamps"))?;
+        // Cut at `,` and `=` with a byte search, as the frame's fields are (both ASCII, so
+        // every piece is whole UTF-8).
+        let mut rest = s;
+        while !rest.is_empty() {
+            let (pair, tail) = match memchr::memchr(b',', rest.as_bytes()) {
+                Some(i) => (
+                    rest.get(..i).ok_or_else(bad)?,
+                    rest.get(i + 1..).ok_or_else(bad)?,
+                ),
+                None => (rest, ""),
+            };
+            rest = tail;
+            if pair.is_empty() {
+                continue;
+            }
+            let i = memchr::memchr(b'=', pair.as_bytes()).ok_or_else(bad)?;
+            let (k, v) = (
+                pair.get(..i).ok_or_else(bad)?,
+                pair.get(i + 1..).ok_or_else(bad)?,
+            );
+            let v = frame::number(v, "stamps")?;
             match k {
                 "e" => st.epoch = v,
                 "rx" => st.received_us = v,
