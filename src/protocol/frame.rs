@@ -240,7 +240,7 @@ fn epoch_starts(list: &str) -> Result<Vec<(u64, u64)>, ProtocolError> {
     for item in list.split(',') {
         let (e, o) = item
             .split_once('@')
-            .ok_or_else(|| ProtocolError::BadField("epoch start"))?;
+            .ok_or(ProtocolError::BadField("epoch start"))?;
         let (e, o) = (number(e, "epoch")?, number(o, "epoch start")?);
         if out.last().is_some_and(|(pe, po)| e <= *pe || o <= *po) {
             return Err(ProtocolError::BadField("epoch starts (not rising)"));
@@ -257,12 +257,12 @@ fn fields<'a, const N: usize>(
     let mut out = [""; N];
     let mut rest = split_bar(line)
         .map(|(_, r)| r)
-        .ok_or_else(|| ProtocolError::MissingFields(verb, N))?;
+        .ok_or(ProtocolError::MissingFields(verb, N))?;
     for (i, slot) in out.iter_mut().enumerate() {
         if i + 1 == N {
             *slot = rest;
         } else {
-            let (f, r) = split_bar(rest).ok_or_else(|| ProtocolError::MissingFields(verb, N))?;
+            let (f, r) = split_bar(rest).ok_or(ProtocolError::MissingFields(verb, N))?;
             *slot = f;
             rest = r;
         }
