@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use edgepair::clock::now_us;
 
-use super::figures::{payload, spread_p99};
+use super::figures::{count_lines, payload, push_payload, spread_p99, PAYLOAD_LEN};
 use super::Broker;
 use crate::procs::free_port;
 
@@ -128,25 +128,22 @@ impl Sub {
 /// `n` messages of 64 bytes published on one connection as fast as it writes, counted on
 /// another: delivered msg/s (first send to last delivery) and how many arrived.
 pub(super) async fn throughput(addr: &str, n: u64) -> anyhow::Result<(f64, u64)> {
-    let mut sub = subscribe(addr, "bench").await?;
-    let counter = tokio::spawn(async move {
-        let (mut got, mut last) = (0u64, Instant::now());
-        while got < n && sub.next_payload().await {
-            got += 1;
-            last = Instant::now();
-        }
-        (got, last)
-    });
+    let sub = subscribe(addr, "bench").await?;
+    let (r, _keep) = (sub.r, sub._w);
+    // Two lines a delivery: `MSG bench 1 64` and the payload.
+    let counter = tokio::spawn(count_lines(r, n, 2));
     let (_pr, mut pw) = connect(addr).await?;
     let start = Instant::now();
     let mut out = Vec::with_capacity(128 * 1024);
     let mut seq = 0u64;
+    let head = format!("PUB bench {PAYLOAD_LEN}\r\n");
     while seq < n {
         out.clear();
         while seq < n && out.len() < 64 * 1024 {
             seq += 1;
-            let p = payload(seq);
-            out.extend_from_slice(format!("PUB bench {}\r\n{p}\r\n", p.len()).as_bytes());
+            out.extend_from_slice(head.as_bytes());
+            push_payload(&mut out, seq);
+            out.extend_from_slice(b"\r\n");
         }
         pw.write_all(&out).await?;
     }
