@@ -274,7 +274,7 @@ fn fields<'a, const N: usize>(
 /// the line a character at a time (~6 % of a relay's profile), and a SIMD search costs more
 /// than it saves on fields this short (the payload, the long one, is never searched). `|` is
 /// ASCII, so both sides are still whole UTF-8.
-pub(crate) fn split_bar(s: &str) -> Option<(&str, &str)> {
+fn split_bar(s: &str) -> Option<(&str, &str)> {
     split_at_byte(s, b'|')
 }
 

@@ -100,26 +100,16 @@ impl Stamps {
     fn parse(s: &str) -> Result<Self, ProtocolError> {
         let bad = || ProtocolError::BadField("stamps");
         let mut st = Stamps::default();
-        // Cut at `,` and `=` with a byte search, as the frame's fields are (both ASCII, so
-        // every piece is whole UTF-8).
+        // Cut at `,` and `=` with a plain byte search, as the frame's fields are (both ASCII,
+        // so every piece is whole UTF-8).
         let mut rest = s;
         while !rest.is_empty() {
-            let (pair, tail) = match memchr::memchr(b',', rest.as_bytes()) {
-                Some(i) => (
-                    rest.get(..i).ok_or_else(bad)?,
-                    rest.get(i + 1..).ok_or_else(bad)?,
-                ),
-                None => (rest, ""),
-            };
+            let (pair, tail) = frame::split_at_byte(rest, b',').unwrap_or((rest, ""));
             rest = tail;
             if pair.is_empty() {
                 continue;
             }
-            let i = memchr::memchr(b'=', pair.as_bytes()).ok_or_else(bad)?;
-            let (k, v) = (
-                pair.get(..i).ok_or_else(bad)?,
-                pair.get(i + 1..).ok_or_else(bad)?,
-            );
+            let (k, v) = frame::split_at_byte(pair, b'=').ok_or_else(bad)?;
             let v = frame::number(v, "stamps")?;
             match k {
                 "e" => st.epoch = v,
