@@ -164,21 +164,8 @@ fn a_frame_timeout_under_100ms_is_refused_at_start() {
 /// A primary started with `--max-connections 1000` under open-file limits of `soft`/`hard`
 /// (set before exec), and its address once it serves.
 fn primary_with_fd_limits(soft: u64, hard: u64) -> (ChildGuard, String) {
-    use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("primary"));
-    // SAFETY: between fork and exec the closure only calls setrlimit and allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            let lim = libc::rlimit {
-                rlim_cur: soft,
-                rlim_max: hard,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    limit_at_exec(&mut cmd, libc::RLIMIT_NOFILE, soft, hard);
     let (pp, dead) = (free_port(), free_port());
     let (port, dead) = (pp.to_string(), addr(dead));
     let args = [&port, &dead, "--compute", "0", "--max-connections", "1000"];

@@ -45,22 +45,36 @@ pub fn spawn_bin_capture(name: &str, args: &[&str]) -> ChildGuard {
 pub fn spawn_bin_file_limit(name: &str, args: &[&str], max_file_bytes: u64) -> ChildGuard {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(assert_cmd::cargo::cargo_bin(name));
-    // SAFETY: between fork and exec the closure only calls async-signal-safe functions
-    // (signal, setrlimit) and allocates nothing.
+    // SAFETY: between fork and exec the closure only calls signal (async-signal-safe) and
+    // allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    limit_at_exec(&mut cmd, libc::RLIMIT_FSIZE, max_file_bytes, max_file_bytes);
+    spawn_cmd(cmd, name, args, true)
+}
+
+/// Sets the child's `resource` limit to `soft`/`hard` between fork and exec, so the process
+/// starts under it (a failed `setrlimit` fails the spawn).
+pub fn limit_at_exec(cmd: &mut Command, resource: libc::__rlimit_resource_t, soft: u64, hard: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure only calls setrlimit (async-signal-safe) and
+    // allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
             let lim = libc::rlimit {
-                rlim_cur: max_file_bytes,
-                rlim_max: max_file_bytes,
+                rlim_cur: soft,
+                rlim_max: hard,
             };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+            if libc::setrlimit(resource, &lim) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    spawn_cmd(cmd, name, args, true)
 }
 
 fn collect<R: std::io::Read + Send + 'static>(
