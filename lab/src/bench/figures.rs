@@ -325,43 +325,74 @@ pub(super) async fn fanout(
     let n = (rate as f64 * dur.as_secs_f64()) as u64;
     let mut readers = Vec::with_capacity(subs);
     for _ in 0..subs {
-        readers.push(subscribe(addr, "fan").await?);
+        let c = subscribe(addr, "fan").await?;
+        readers.push(FanConn {
+            c,
+            line: String::new(),
+        });
     }
-    // Each subscriber keeps its own arrival times and hands them over at the end: at 10,000
-    // subscribers a timer per read and a channel send per line were this client's own
-    // bottleneck (a million of each a second, on the cores the broker runs on), and its lag
-    // counted as the broker's spread.
-    let give_up = dur + Duration::from_secs(5);
-    let mut tasks = Vec::with_capacity(readers.len());
-    for r in readers {
-        tasks.push(tokio::spawn(async move {
-            // Move the whole connection in (not just its reader): dropping the write half
-            // would close the subscription.
-            let mut r = r;
-            let mut line = String::new();
-            let mut got: Vec<(u64, u64)> = Vec::with_capacity(n as usize);
-            let _ = tokio::time::timeout(give_up, async {
-                while (got.len() as u64) < n {
-                    line.clear();
-                    match r.r.read_line(&mut line).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {
-                            let at = now_us();
-                            if let Some(seq) = line.split('|').nth(3).and_then(|s| s.parse().ok()) {
-                                got.push((seq, at));
-                            }
-                        }
-                    }
-                }
-            })
-            .await;
-            got
-        }));
-    }
+    let tasks = arrivals(readers, n, dur + Duration::from_secs(5));
     let drain = publish_paced(&Dialer::default(), addr, "fan", rate, n).await?;
     let spread = spread_p99(tasks, n, subs).await;
     drain.abort();
     spread
+}
+
+/// A subscriber of a fan-out run, ours or a peer's.
+pub(super) trait FanSub: Send + 'static {
+    /// The seq of the next line read (`Some(None)`: a line carrying none); `None` once the
+    /// connection ends.
+    fn next_seq(&mut self) -> impl std::future::Future<Output = Option<Option<u64>>> + Send;
+}
+
+/// Our subscriber connection (the whole of it: dropping the write half would close the
+/// subscription) with its line buffer.
+struct FanConn {
+    c: SubConn,
+    line: String,
+}
+
+impl FanSub for FanConn {
+    async fn next_seq(&mut self) -> Option<Option<u64>> {
+        self.line.clear();
+        match self.c.r.read_line(&mut self.line).await {
+            Ok(0) | Err(_) => None,
+            // `MSG|topic|publisher|seq|…`
+            Ok(_) => Some(self.line.split('|').nth(3).and_then(|s| s.parse().ok())),
+        }
+    }
+}
+
+/// One task per subscriber noting the seq and arrival time (µs) of each delivery, up to `n` of
+/// them or until `give_up`. Each keeps its own list and hands it over at the end: at 10,000
+/// subscribers a timer per read and a channel send per line were the client's own bottleneck
+/// (a million of each a second, on the cores the broker runs on), and its lag counted as the
+/// broker's spread.
+pub(super) fn arrivals<S: FanSub>(
+    subs: Vec<S>,
+    n: u64,
+    give_up: Duration,
+) -> Vec<tokio::task::JoinHandle<Vec<(u64, u64)>>> {
+    subs.into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let mut got: Vec<(u64, u64)> = Vec::with_capacity(n as usize);
+                let _ = tokio::time::timeout(give_up, async {
+                    while (got.len() as u64) < n {
+                        let Some(seq) = s.next_seq().await else {
+                            break;
+                        };
+                        let at = now_us();
+                        if let Some(seq) = seq {
+                            got.push((seq, at));
+                        }
+                    }
+                })
+                .await;
+                got
+            })
+        })
+        .collect()
 }
 
 /// What the subscriber tasks of a fan-out run saw (each a list of `(seq, arrival µs)`): the

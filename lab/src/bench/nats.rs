@@ -18,7 +18,9 @@ use tokio::time::Instant;
 
 use edgepair::clock::now_us;
 
-use super::figures::{count_lines, payload, push_payload, spread_p99, PAYLOAD_LEN};
+use super::figures::{
+    arrivals, count_lines, payload, push_payload, spread_p99, FanSub, PAYLOAD_LEN,
+};
 use super::Broker;
 use crate::procs::free_port;
 
@@ -125,6 +127,17 @@ impl Sub {
     }
 }
 
+impl FanSub for Sub {
+    async fn next_seq(&mut self) -> Option<Option<u64>> {
+        if !self.next_payload().await {
+            return None;
+        }
+        // The payload starts with the seq, 20 digits.
+        let seq = std::str::from_utf8(self.line.get(..20).unwrap_or_default()).ok();
+        Some(seq.and_then(|s| s.parse().ok()))
+    }
+}
+
 /// `n` messages of 64 bytes published on one connection as fast as it writes, counted on
 /// another: delivered msg/s (first send to last delivery) and how many arrived.
 pub(super) async fn throughput(addr: &str, n: u64) -> anyhow::Result<(f64, u64)> {
@@ -203,26 +216,7 @@ pub(super) async fn fanout(
     for _ in 0..subs {
         readers.push(subscribe(addr, "fan").await?);
     }
-    let give_up = dur + Duration::from_secs(5);
-    let mut tasks = Vec::with_capacity(readers.len());
-    for mut sub in readers {
-        tasks.push(tokio::spawn(async move {
-            let mut got: Vec<(u64, u64)> = Vec::with_capacity(n as usize);
-            let _ = tokio::time::timeout(give_up, async {
-                while (got.len() as u64) < n && sub.next_payload().await {
-                    let at = now_us();
-                    let seq = std::str::from_utf8(sub.line.get(..20).unwrap_or_default())
-                        .ok()
-                        .and_then(|s| s.parse::<u64>().ok());
-                    if let Some(seq) = seq {
-                        got.push((seq, at));
-                    }
-                }
-            })
-            .await;
-            got
-        }));
-    }
+    let tasks = arrivals(readers, n, dur + Duration::from_secs(5));
     let (_pr, mut pw) = connect(addr).await?;
     let period = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let start = Instant::now();
