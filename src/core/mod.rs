@@ -437,22 +437,17 @@ impl Broker {
     }
 
     fn on_frame(&mut self, conn: ConnId, frame: Frame) {
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        if matches!(c.kind, Kind::InLink)
-            && matches!(frame, Frame::StatusQuery)
-            && !self.grant_lease()
-        {
-            // A backup about to take over lets its primary's lease run out.
-            let reason = format!("{LEASE_REFUSED}: taking over");
-            self.reply(conn, Frame::Err { reason });
-            return;
-        }
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
         if matches!(c.kind, Kind::InLink) {
+            if matches!(frame, Frame::StatusQuery) && !self.grant_lease() {
+                // A backup about to take over lets its primary's lease run out.
+                let reason = format!("{LEASE_REFUSED}: taking over");
+                self.reply(conn, Frame::Err { reason });
+                return;
+            }
+            // The primary spoke on its link (see `poll_failed`).
             let now = self.now.mono;
             if let Some(b) = self.backup() {
                 b.heard_at = now;
