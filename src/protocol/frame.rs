@@ -1,5 +1,7 @@
 //! One frame of either dialect: the `Frame` enum, its parser and its encoder.
 
+use bytes::BufMut;
+
 use super::{AuthStep, GroupOp, MsgId, ProtocolError, Role, Stamps, Start};
 
 /// One protocol frame, either dialect.
@@ -536,13 +538,13 @@ impl Frame {
     /// Appends the frame, newline included, to a byte buffer (a connection's write buffer).
     /// The frames sent once per message or batch (`ACK`, `STORED`) are written without
     /// `core::fmt`, whose integer formatting was the largest single cost of the relay path.
-    pub fn encode_into_bytes(&self, out: &mut Vec<u8>) {
+    pub fn encode_into_bytes(&self, out: &mut impl BufMut) {
         match self {
             Frame::Ack { id } => write_ack(id.as_ref(), out),
             Frame::Stored { mid } => {
-                out.extend_from_slice(b"STORED|");
+                out.put_slice(b"STORED|");
                 push_u64(out, *mid);
-                out.push(b'\n');
+                out.put_u8(b'\n');
             }
             _ => self.write_to(&mut ByteWriter(out)),
         }
@@ -667,11 +669,11 @@ impl Frame {
 
 /// `fmt::Write` into a byte buffer, so that frames are formatted straight into a connection's
 /// write buffer.
-struct ByteWriter<'a>(&'a mut Vec<u8>);
+struct ByteWriter<'a, B: BufMut>(&'a mut B);
 
-impl std::fmt::Write for ByteWriter<'_> {
+impl<B: BufMut> std::fmt::Write for ByteWriter<'_, B> {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.extend_from_slice(s.as_bytes());
+        self.0.put_slice(s.as_bytes());
         Ok(())
     }
 }
@@ -701,51 +703,51 @@ pub fn msg_line(topic: &str, id: &MsgId, sent_us: u64, stamps: &Stamps, payload:
 /// one buffer. The same bytes as [`Frame::encode`] of a [`Frame::Msg`], written without
 /// `core::fmt` (its integer formatting was most of a replay's time).
 pub fn msg_line_into(
-    out: &mut Vec<u8>,
+    out: &mut impl BufMut,
     topic: &str,
     id: &MsgId,
     sent_us: u64,
     stamps: &Stamps,
     payload: &str,
 ) {
-    out.extend_from_slice(b"MSG|");
+    out.put_slice(b"MSG|");
     push_origin(out, topic, id, sent_us);
-    out.extend_from_slice(b"e=");
+    out.put_slice(b"e=");
     push_u64(out, stamps.epoch);
-    out.extend_from_slice(b",rx=");
+    out.put_slice(b",rx=");
     push_u64(out, stamps.received_us);
-    out.extend_from_slice(b",cs=");
+    out.put_slice(b",cs=");
     push_u64(out, stamps.compute_start_us);
-    out.extend_from_slice(b",ce=");
+    out.put_slice(b",ce=");
     push_u64(out, stamps.compute_end_us);
-    out.extend_from_slice(b",o=");
+    out.put_slice(b",o=");
     push_u64(out, stamps.offset);
     push_payload(out, payload);
 }
 
 /// Appends `topic|publisher|seq|sent_us|`: the fields `MSG` and `REPL` share, in their order.
-fn push_origin(out: &mut Vec<u8>, topic: &str, id: &MsgId, sent_us: u64) {
-    out.extend_from_slice(topic.as_bytes());
-    out.push(b'|');
-    out.extend_from_slice(id.publisher.as_bytes());
-    out.push(b'|');
+fn push_origin(out: &mut impl BufMut, topic: &str, id: &MsgId, sent_us: u64) {
+    out.put_slice(topic.as_bytes());
+    out.put_u8(b'|');
+    out.put_slice(id.publisher.as_bytes());
+    out.put_u8(b'|');
     push_u64(out, id.seq);
-    out.push(b'|');
+    out.put_u8(b'|');
     push_u64(out, sent_us);
-    out.push(b'|');
+    out.put_u8(b'|');
 }
 
 /// Appends `|payload` and the newline that end `MSG` and `REPL`.
-fn push_payload(out: &mut Vec<u8>, payload: &str) {
-    out.push(b'|');
-    out.extend_from_slice(payload.as_bytes());
-    out.push(b'\n');
+fn push_payload(out: &mut impl BufMut, payload: &str) {
+    out.put_u8(b'|');
+    out.put_slice(payload.as_bytes());
+    out.put_u8(b'\n');
 }
 
 /// Appends `v` in decimal (itoa: two digits per step from a table, where a division per
 /// digit was ~5 % of the primary's profile with a backup, six numbers per `REPL`).
-fn push_u64(out: &mut Vec<u8>, v: u64) {
-    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+fn push_u64(out: &mut impl BufMut, v: u64) {
+    out.put_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
 /// The `REPL` line for one message, written from borrowed parts (no [`Frame`], no copies of the
@@ -758,16 +760,16 @@ pub fn repl_line(mid: u64, topic: &str, e: &crate::log::Entry) -> Vec<u8> {
 }
 
 /// Appends the line of [`repl_line`] to `out`.
-pub fn repl_line_into(out: &mut Vec<u8>, mid: u64, topic: &str, e: &crate::log::Entry) {
-    out.extend_from_slice(b"REPL|");
+pub fn repl_line_into(out: &mut impl BufMut, mid: u64, topic: &str, e: &crate::log::Entry) {
+    out.put_slice(b"REPL|");
     push_u64(out, mid);
-    out.push(b'|');
+    out.put_u8(b'|');
     push_origin(out, topic, &e.id, e.sent_us);
-    out.extend_from_slice(b"o=");
+    out.put_slice(b"o=");
     push_u64(out, e.offset);
-    out.extend_from_slice(b",e=");
+    out.put_slice(b",e=");
     push_u64(out, e.epoch);
-    out.extend_from_slice(b",rx=");
+    out.put_slice(b",rx=");
     push_u64(out, e.received_us);
     push_payload(out, &e.payload);
 }
@@ -799,15 +801,15 @@ fn write_ack_fields<W: std::fmt::Write>(out: &mut W, id: Option<&MsgId>) -> std:
 
 /// Appends the `ACK` for a publish (`ACK|publisher|seq`, or the seed's bare `ACK` when it came
 /// without an identity) to a write buffer, without `core::fmt`.
-pub fn write_ack(id: Option<&MsgId>, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"ACK");
+pub fn write_ack(id: Option<&MsgId>, out: &mut impl BufMut) {
+    out.put_slice(b"ACK");
     if let Some(id) = id {
-        out.push(b'|');
-        out.extend_from_slice(id.publisher.as_bytes());
-        out.push(b'|');
+        out.put_u8(b'|');
+        out.put_slice(id.publisher.as_bytes());
+        out.put_u8(b'|');
         push_u64(out, id.seq);
     }
-    out.push(b'\n');
+    out.put_u8(b'\n');
 }
 
 #[cfg(test)]
