@@ -15,7 +15,7 @@ pub const DEFAULT_RETAIN_ENTRIES: usize = 100_000;
 #[derive(Debug, Default)]
 struct Topic {
     first: u64,
-    entries: VecDeque<Arc<Entry>>,
+    entries: Packed,
     delivered: u64,
     /// Entries below this offset survive a crash of a simulated disk.
     synced: u64,
@@ -24,6 +24,175 @@ struct Topic {
 impl Topic {
     fn next(&self) -> u64 {
         self.first + self.entries.len() as u64
+    }
+}
+
+/// Bytes of each chunk of a [`Packed`] log (an entry bigger than that has a chunk of its own).
+const CHUNK: usize = 64 * 1024;
+
+/// Bytes of an entry's record before its publisher id: epoch, seq, sent and received times,
+/// and the publisher id's length.
+const HEAD: usize = 8 * 4 + 4;
+
+/// A topic's entries packed back to back into large chunks, rather than one allocation per
+/// entry kept: a node without a data directory keeps 100,000 entries per topic, and with each
+/// in its own `Arc<Entry>` every new message was written into memory freed by an entry long
+/// out of the cache (the solo relay ~8 % slower than with 1,000 kept). Appending writes one
+/// chunk front to back; reading decodes entries back (catch-up and replay, not the relay path).
+#[derive(Debug, Default)]
+struct Packed {
+    chunks: VecDeque<Chunk>,
+    /// Entries removed from the front of the first chunk.
+    skip: usize,
+    /// Entries kept.
+    len: usize,
+    /// A chunk emptied at the front, kept for the next one at the back.
+    spare: Option<Chunk>,
+}
+
+/// Records back to back, and where each one ends.
+#[derive(Debug, Default)]
+struct Chunk {
+    data: Vec<u8>,
+    ends: Vec<u32>,
+}
+
+impl Chunk {
+    fn start(&self, i: usize) -> usize {
+        if i == 0 {
+            0
+        } else {
+            self.ends[i - 1] as usize
+        }
+    }
+}
+
+impl Packed {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push_back(&mut self, e: &Entry) {
+        let size = HEAD + e.id.publisher.len() + e.payload.len();
+        let fits = self
+            .chunks
+            .back()
+            .is_some_and(|c| c.data.len() + size <= CHUNK.max(c.data.capacity()));
+        if !fits {
+            let mut c = self.spare.take().unwrap_or_default();
+            c.data.clear();
+            c.ends.clear();
+            c.data.reserve(CHUNK.max(size));
+            self.chunks.push_back(c);
+        }
+        let Some(c) = self.chunks.back_mut() else {
+            return;
+        };
+        for v in [e.epoch, e.id.seq, e.sent_us, e.received_us] {
+            c.data.extend_from_slice(&v.to_le_bytes());
+        }
+        c.data
+            .extend_from_slice(&(e.id.publisher.len() as u32).to_le_bytes());
+        c.data.extend_from_slice(e.id.publisher.as_bytes());
+        c.data.extend_from_slice(e.payload.as_bytes());
+        c.ends.push(c.data.len() as u32);
+        self.len += 1;
+    }
+
+    fn pop_front(&mut self) {
+        let Some(front) = self.chunks.front() else {
+            return;
+        };
+        self.skip += 1;
+        self.len -= 1;
+        if self.skip == front.ends.len() {
+            self.skip = 0;
+            self.spare = self.chunks.pop_front();
+        }
+    }
+
+    /// Keeps the first `keep` entries.
+    fn truncate(&mut self, keep: usize) {
+        while self.len > keep {
+            let first = if self.chunks.len() == 1 { self.skip } else { 0 };
+            let Some(back) = self.chunks.back_mut() else {
+                break;
+            };
+            let here = back.ends.len() - first;
+            let cut = self.len - keep;
+            if cut >= here {
+                self.chunks.pop_back();
+                self.len -= here;
+                if self.chunks.is_empty() {
+                    self.skip = 0;
+                }
+            } else {
+                let left = back.ends.len() - cut;
+                back.data.truncate(back.start(left));
+                back.ends.truncate(left);
+                self.len -= cut;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Up to `max` entries from the `skip`-th kept one on, whose offset is `offset`.
+    fn read(&self, skip: usize, max: usize, mut offset: u64) -> Vec<Arc<Entry>> {
+        let mut out = Vec::new();
+        let mut at = skip + self.skip;
+        for c in &self.chunks {
+            if out.len() >= max {
+                break;
+            }
+            if at >= c.ends.len() {
+                at -= c.ends.len();
+                continue;
+            }
+            for i in at..c.ends.len() {
+                if out.len() >= max {
+                    break;
+                }
+                out.push(Arc::new(decode(
+                    &c.data[c.start(i)..c.ends[i] as usize],
+                    offset,
+                )));
+                offset += 1;
+            }
+            at = 0;
+        }
+        out
+    }
+}
+
+/// An entry back from the record [`Packed::push_back`] wrote (ours, so whole: the text in it
+/// was a `String`'s).
+fn decode(r: &[u8], offset: u64) -> Entry {
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&r[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(w)
+    };
+    let mut n = [0u8; 4];
+    n.copy_from_slice(&r[32..HEAD]);
+    let publisher_end = HEAD + u32::from_le_bytes(n) as usize;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    Entry {
+        offset,
+        epoch: word(0),
+        id: crate::protocol::MsgId {
+            publisher: text(&r[HEAD..publisher_end]),
+            seq: word(1),
+        },
+        sent_us: word(2),
+        received_us: word(3),
+        payload: text(&r[publisher_end..]),
     }
 }
 
@@ -116,7 +285,7 @@ impl Storage for MemLog {
                 got: e.offset,
             });
         }
-        t.entries.push_back(e.clone());
+        t.entries.push_back(e);
         // Retention: only entries already delivered (and synced, for a disk) may go.
         let floor = if self.disk {
             t.delivered.min(t.synced)
@@ -193,7 +362,7 @@ impl Storage for MemLog {
             return Ok(Vec::new());
         };
         let skip = from.saturating_sub(t.first) as usize;
-        Ok(t.entries.iter().skip(skip).take(max).cloned().collect())
+        Ok(t.entries.read(skip, max, t.first + skip as u64))
     }
 
     fn hold(&mut self, topic: &str, from: Option<u64>) {
@@ -240,6 +409,77 @@ mod tests {
     /// The entry at `offset` that `edgepair-log fill` writes (seq = offset + 1).
     fn entry(offset: u64) -> Arc<Entry> {
         Arc::new(fill_entry(offset, 8))
+    }
+
+    /// The packed entries behave as a queue of whole entries would, under a long random mix
+    /// of appends (small, empty and bigger than a chunk), removals from the front, cuts from
+    /// the back and reads from anywhere.
+    #[test]
+    fn packed_entries_read_back_as_a_plain_queue_would() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let mut packed = Packed::default();
+        let mut model: VecDeque<Entry> = VecDeque::new();
+        let mut first = 0u64;
+        for step in 0..20_000u64 {
+            match next(100) {
+                0..=59 => {
+                    let size = match next(50) {
+                        0 => CHUNK + 10,
+                        1 => 0,
+                        _ => next(300) as usize,
+                    };
+                    let e = Entry {
+                        offset: first + model.len() as u64,
+                        epoch: next(5),
+                        id: crate::protocol::MsgId {
+                            publisher: "p".repeat(next(3) as usize * 7),
+                            seq: step,
+                        },
+                        sent_us: next(u64::MAX),
+                        received_us: step * 3,
+                        payload: "é".repeat(size / 2),
+                    };
+                    packed.push_back(&e);
+                    model.push_back(e);
+                }
+                60..=84 => {
+                    if !model.is_empty() {
+                        packed.pop_front();
+                        model.pop_front();
+                        first += 1;
+                    }
+                }
+                85..=89 => {
+                    let keep = next(model.len() as u64 + 1) as usize;
+                    packed.truncate(keep);
+                    model.truncate(keep);
+                }
+                90 => {
+                    packed.clear();
+                    first += model.len() as u64;
+                    model.clear();
+                }
+                _ => {
+                    let skip = next(model.len() as u64 + 2) as usize;
+                    let max = next(40) as usize;
+                    let got: Vec<Entry> = packed
+                        .read(skip, max, first + skip as u64)
+                        .into_iter()
+                        .map(|e| (*e).clone())
+                        .collect();
+                    let want: Vec<Entry> = model.iter().skip(skip).take(max).cloned().collect();
+                    assert_eq!(got, want, "step {step}");
+                }
+            }
+            assert_eq!(packed.len(), model.len(), "step {step}");
+            assert_eq!(packed.is_empty(), model.is_empty());
+        }
     }
 
     #[test]
