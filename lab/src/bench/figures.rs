@@ -258,6 +258,59 @@ pub(super) async fn publish_paced(
     Ok(drain)
 }
 
+/// Sends `PING` at a fixed rate for `dur` on one connection and returns the histogram of the
+/// round trips to the `PONG` (µs): what one exchange with a second process costs on this
+/// machine, the price the replicated pair pays before each delivery (the primary's `REPL`
+/// and the backup's `STORED`), measured in the same session as the latency figures.
+pub(super) async fn paced_round_trip(
+    addr: &str,
+    rate: u64,
+    dur: Duration,
+) -> anyhow::Result<Histogram<u64>> {
+    let (r, mut w) = Dialer::default().dial(addr).await?;
+    let n = (rate as f64 * dur.as_secs_f64()) as u64;
+    // The `PONG`s come back in the order of the `PING`s: the reader takes send times in turn.
+    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let reader = tokio::spawn(async move {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
+        let mut r = BufReader::new(r);
+        let mut line = Vec::new();
+        let mut got = 0;
+        while got < n {
+            line.clear();
+            match tokio::time::timeout(Duration::from_secs(5), r.read_until(b'\n', &mut line)).await
+            {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(_)) => {
+                    let now = now_us();
+                    if line.starts_with(b"PONG") {
+                        got += 1;
+                        let Some(sent) = sent_rx.recv().await else {
+                            break;
+                        };
+                        if let Some(h) = h.as_mut() {
+                            let _ = h.record(now.saturating_sub(sent).max(1));
+                        }
+                    }
+                }
+            }
+        }
+        (h, got)
+    });
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    for i in 1..=n {
+        tokio::time::sleep_until(start + period.mul_f64(i as f64)).await;
+        let _ = sent_tx.send(now_us());
+        w.write_all(b"PING\n").await?;
+    }
+    let (h, got) = reader.await?;
+    if got < n {
+        bail!("round trip: {got} of {n} PINGs answered");
+    }
+    h.context("histogram")
+}
+
 /// Sends at a fixed rate for `dur` and returns the publish→deliver latency histogram (µs), and
 /// the histogram of the same latency less the message's compute time as its `MSG` stamps say
 /// (`ce - cs`): what the broker and the network added.

@@ -33,8 +33,11 @@ pub struct BenchOpts {
     /// Runs per figure; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Messages for the throughput figure.
-    #[arg(long, default_value_t = 200_000)]
+    /// Messages for the throughput figure, each run on fresh nodes. A million: a fresh node's
+    /// first hundred thousand messages fill its in-memory history, and the page faults of that
+    /// memory (~2,500, several µs each on this kind of machine) were a fifth of a 200,000-message
+    /// run; issue #15's `peerbench` figures were taken on a broker already warm from earlier runs.
+    #[arg(long, default_value_t = 1_000_000)]
     pub messages: u64,
     /// Publisher window: unacknowledged messages in flight (the windowed throughput figure,
     /// the TLS figure and the durable figures' windowed client; the throughput ratios to NATS
@@ -451,12 +454,19 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         if nats_ok {
             series.push(("nats core", Default::default()));
         }
+        // And one exchange with a second process at the same pace: `PING` to a solo node,
+        // `PONG` back. The pair pays one more of those (`REPL`, `STORED`) before it delivers.
+        series.push(("round trip", Default::default()));
         for _ in 0..o.runs {
             for (setup, v) in series.iter_mut() {
                 let h = match *setup {
                     "nats core" => {
                         let b = nats::start(&o.nats_server).await?;
                         nats::paced_latency(&b.addr, o.paced_rate, o.paced_for).await?
+                    }
+                    "round trip" => {
+                        let b = start(&bin_dir, false, "0", None, o.broker_threads).await?;
+                        paced_round_trip(&b[0].addr, o.paced_rate, o.paced_for).await?
                     }
                     s => {
                         let replicated = s == "replicated";
@@ -473,6 +483,10 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
             }
         }
         let name = format!("latency @{}/s", o.paced_rate);
+        let rtt_p50 = series
+            .iter()
+            .find(|(s, _)| *s == "round trip")
+            .map(|(_, v)| median(v[0].clone()));
         let nats_p99 = series
             .iter()
             .find(|(s, _)| *s == "nats core")
@@ -491,6 +505,20 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
             if let (Some(n), "solo" | "replicated") = (nats_p99, setup) {
                 println!("  p99 {setup} / NATS core: {:.2}x", m99 / n.max(1.0));
             }
+        }
+        let p50_of = |name: &str| {
+            series
+                .iter()
+                .find(|(s, _)| *s == name)
+                .map(|(_, v)| median(v[0].clone()))
+        };
+        if let (Some(rtt), Some(solo), Some(pair)) = (rtt_p50, p50_of("solo"), p50_of("replicated"))
+        {
+            println!(
+                "  p50: replicated {pair:.0} us = solo {solo:.0} us + {:.0} us; one PING/PONG \
+                 round trip to a second process here: {rtt:.0} us",
+                pair - solo
+            );
         }
     }
     if want("tls") {
