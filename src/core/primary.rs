@@ -460,26 +460,37 @@ impl Broker {
         };
         let mut msg_line: Option<Bytes> = None;
         let mut bare_line: Option<Bytes> = None;
-        for s in subs {
+        let count = subs.len();
+        for (i, s) in subs.iter().enumerate() {
             if s.replaying || m.offset < s.from {
                 // Its replay sends this one (or it had it already).
                 continue;
             }
-            let lines = &mut self.lines;
-            let line = if s.legacy {
-                bare_line
-                    .get_or_insert_with(|| lines.join(&[m.payload.as_bytes(), b"\n"]))
-                    .clone()
+            let slot = if s.legacy {
+                &mut bare_line
             } else {
-                msg_line
-                    .get_or_insert_with(|| {
-                        lines.line(|b| {
-                            crate::protocol::msg_line_into(
-                                b, &m.topic, &m.id, m.sent_us, &stamps, &m.payload,
-                            )
-                        })
+                &mut msg_line
+            };
+            if slot.is_none() {
+                *slot = Some(if s.legacy {
+                    self.lines.join(&[m.payload.as_bytes(), b"\n"])
+                } else {
+                    self.lines.line(|b| {
+                        crate::protocol::msg_line_into(
+                            b, &m.topic, &m.id, m.sent_us, &stamps, &m.payload,
+                        )
                     })
-                    .clone()
+                });
+            }
+            // The last subscriber takes the line itself: no reference count raised and
+            // dropped again (with one subscriber, two atomic operations per message).
+            let line = if i + 1 == count {
+                slot.take()
+            } else {
+                slot.clone()
+            };
+            let Some(line) = line else {
+                continue;
             };
             match self.conns.get_mut(&s.conn) {
                 Some(c) if !c.replies.is_empty() => c.replies.push_back(Reply::Ready(line)),
