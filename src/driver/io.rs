@@ -62,9 +62,9 @@ struct Backlog {
     queued: AtomicUsize,
     /// Bytes in the outbox (appended, not yet taken by the writer task).
     queued_bytes: AtomicUsize,
-    /// The driver appends each line here, the writer task takes it all at once: one copy into
-    /// a buffer per line, one wake-up of the writer per batch (a channel of lines cost a node,
-    /// a push, a pop and a wake-up per line).
+    /// The driver hands its pending lines here once per batch, the writer task takes it all at
+    /// once: one wake-up of the writer per batch (a channel of lines cost a node, a push, a pop
+    /// and a wake-up per line).
     outbox: std::sync::Mutex<Outbox>,
     /// Wakes the writer task when the outbox turns non-empty (or is closed).
     ready: tokio::sync::Notify,
@@ -79,6 +79,12 @@ struct Backlog {
 /// The sending half of a connection, owned by the driver.
 pub struct Writer {
     conn: ConnId,
+    /// Lines sent since the last [`Writer::flush`]: gathered here, with no lock and no shared
+    /// counter touched per line, and handed to the writer task once per batch (per line, the
+    /// lock and the two counters were four atomic operations, two lines per message).
+    pending: Vec<u8>,
+    /// How many lines `pending` holds.
+    pending_lines: usize,
     /// Where to say that the writer drained, when asked (see [`Writer::notify_drained`]).
     drained: mpsc::UnboundedSender<ConnId>,
     backlog: Arc<Backlog>,
@@ -92,22 +98,45 @@ impl Writer {
     /// Bytes appended and not yet taken by the writer task: what a socket that does not drain
     /// leaves in memory.
     pub fn queued_bytes(&self) -> usize {
-        self.backlog.queued_bytes.load(Ordering::Relaxed)
+        self.backlog.queued_bytes.load(Ordering::Relaxed) + self.pending.len()
     }
 
-    /// Queues a line (copied into the connection's outbox).
-    pub fn send(&self, line: &[u8]) {
-        self.backlog.queued.fetch_add(1, Ordering::Relaxed);
-        self.backlog
-            .queued_bytes
-            .fetch_add(line.len(), Ordering::Relaxed);
+    /// Queues a line (copied into the connection's pending lines; [`Writer::flush`] hands them
+    /// to the writer task). Returns whether the pending lines were empty before: the driver
+    /// then notes the connection, to flush it at the end of the batch.
+    pub fn send(&mut self, line: &[u8]) -> bool {
+        let first = self.pending.is_empty();
+        self.pending.extend_from_slice(line);
+        self.pending_lines += 1;
+        first
+    }
+
+    /// Hands the pending lines to the writer task: one lock, one update of the counters, one
+    /// wake-up at most. When the writer task has taken everything before (the usual case),
+    /// the buffers are swapped rather than copied.
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let (n, len) = (std::mem::take(&mut self.pending_lines), self.pending.len());
+        self.backlog.queued.fetch_add(n, Ordering::Relaxed);
+        self.backlog.queued_bytes.fetch_add(len, Ordering::Relaxed);
         let was_empty = {
             let mut o = lock(&self.backlog.outbox);
             let was_empty = o.bytes.is_empty();
-            o.bytes.extend_from_slice(line);
-            o.lines += 1;
+            if was_empty {
+                std::mem::swap(&mut o.bytes, &mut self.pending);
+            } else {
+                o.bytes.extend_from_slice(&self.pending);
+            }
+            o.lines += n;
             was_empty
         };
+        self.pending.clear();
+        if self.pending.capacity() > 256 * 1024 {
+            // A burst grew it: do not keep that much per connection for good.
+            self.pending = Vec::new();
+        }
         if was_empty {
             // Otherwise the writer has been told already and has not taken the outbox yet.
             self.backlog.ready.notify_one();
@@ -116,7 +145,8 @@ impl Writer {
 
     /// Sends this connection's id on the drained channel once nothing is queued any more (at
     /// once if nothing is): the core's `Output::Writable`.
-    pub fn notify_drained(&self) {
+    pub fn notify_drained(&mut self) {
+        self.flush();
         self.backlog.want_writable.store(true, Ordering::Release);
         // The writer may have emptied the queue before the flag was up: check here too.
         if self.backlog.queued.load(Ordering::Acquire) == 0
@@ -128,7 +158,8 @@ impl Writer {
 
     /// Ends the connection: the reader stops (and reports it closed), the writer writes what is
     /// queued and then shuts the socket (dropping the writer does the same).
-    pub fn close(self) {
+    pub fn close(mut self) {
+        self.flush();
         self.stop.cancel();
     }
 
@@ -142,7 +173,8 @@ impl Writer {
 
     /// Ends the connection of a subscriber too far behind: like [`Writer::close`], but cut after
     /// [`KICK_GRACE`] if it still has not taken what was queued (it may never read again).
-    pub fn kick(self) {
+    pub fn kick(mut self) {
+        self.flush();
         self.kill.cancel();
         self.stop.cancel();
     }
@@ -151,6 +183,7 @@ impl Writer {
 impl Drop for Writer {
     /// The writer task writes what is queued and shuts the socket.
     fn drop(&mut self) {
+        self.flush();
         lock(&self.backlog.outbox).closed = true;
         self.backlog.ready.notify_one();
     }
@@ -385,6 +418,8 @@ pub fn split(
     });
     let writer = Writer {
         conn,
+        pending: Vec::new(),
+        pending_lines: 0,
         drained,
         backlog,
         stop,
