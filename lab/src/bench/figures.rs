@@ -231,6 +231,33 @@ pub(super) async fn throughput(
     Ok((got as f64 / secs, got))
 }
 
+/// A fixed send rate for the paced figures (latency, round trip, fan-out, ours and NATS's):
+/// send `i` is due `i` periods after the start, so a late wake-up does not shift the rest.
+pub(super) struct Pacer {
+    start: Instant,
+    period: Duration,
+}
+
+impl Pacer {
+    /// Starts now, at `rate` sends a second.
+    pub(super) fn new(rate: u64) -> Self {
+        Pacer {
+            start: Instant::now(),
+            period: Duration::from_secs_f64(1.0 / rate.max(1) as f64),
+        }
+    }
+
+    /// How many sends `dur` holds at `rate`.
+    pub(super) fn sends(rate: u64, dur: Duration) -> u64 {
+        (rate as f64 * dur.as_secs_f64()) as u64
+    }
+
+    /// Waits until send `i` (from 1) is due.
+    pub(super) async fn wait(&self, i: u64) {
+        tokio::time::sleep_until(self.start + self.period.mul_f64(i as f64)).await;
+    }
+}
+
 /// Publishes `n` messages on `topic` at `rate` msg/s on one pipelined connection (each stamped
 /// with its send time) and returns the task that reads, and ignores, the broker's `ACK`s.
 pub(super) async fn publish_paced(
@@ -248,10 +275,9 @@ pub(super) async fn publish_paced(
             line.clear();
         }
     });
-    let period = Duration::from_secs_f64(1.0 / rate as f64);
-    let start = Instant::now();
+    let pace = Pacer::new(rate);
     for seq in 1..=n {
-        tokio::time::sleep_until(start + period.mul_f64(seq as f64)).await;
+        pace.wait(seq).await;
         let line = format!("PUB|{topic}|p|{seq}|{}|{}\n", now_us(), payload(seq));
         w.write_all(line.as_bytes()).await?;
     }
@@ -268,7 +294,7 @@ pub(super) async fn paced_round_trip(
     dur: Duration,
 ) -> anyhow::Result<Histogram<u64>> {
     let (r, mut w) = Dialer::default().dial(addr).await?;
-    let n = (rate as f64 * dur.as_secs_f64()) as u64;
+    let n = Pacer::sends(rate, dur);
     // The `PONG`s come back in the order of the `PING`s: the reader takes send times in turn.
     let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let reader = tokio::spawn(async move {
@@ -297,10 +323,9 @@ pub(super) async fn paced_round_trip(
         }
         (h, got)
     });
-    let period = Duration::from_secs_f64(1.0 / rate as f64);
-    let start = Instant::now();
+    let pace = Pacer::new(rate);
     for i in 1..=n {
-        tokio::time::sleep_until(start + period.mul_f64(i as f64)).await;
+        pace.wait(i).await;
         let _ = sent_tx.send(now_us());
         w.write_all(b"PING\n").await?;
     }
@@ -321,7 +346,7 @@ pub(super) async fn paced_latency(
     dur: Duration,
 ) -> anyhow::Result<(Histogram<u64>, Histogram<u64>)> {
     let mut sub = subscribe_via(dialer, addr, "lat").await?;
-    let n = (rate as f64 * dur.as_secs_f64()) as u64;
+    let n = Pacer::sends(rate, dur);
     let reader = tokio::spawn(async move {
         let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
         let mut over = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
@@ -375,7 +400,7 @@ pub(super) async fn fanout(
     rate: u64,
     dur: Duration,
 ) -> anyhow::Result<(f64, u64)> {
-    let n = (rate as f64 * dur.as_secs_f64()) as u64;
+    let n = Pacer::sends(rate, dur);
     let mut readers = Vec::with_capacity(subs);
     for _ in 0..subs {
         let c = subscribe(addr, "fan").await?;

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use edgepair::clock::now_us;
 
 use super::figures::{
-    arrivals, count_lines, payload, push_payload, spread_p99, FanSub, PAYLOAD_LEN,
+    arrivals, count_lines, payload, push_payload, spread_p99, FanSub, Pacer, PAYLOAD_LEN,
 };
 use super::Broker;
 use crate::procs::free_port;
@@ -172,7 +172,7 @@ pub(super) async fn paced_latency(
     rate: u64,
     dur: Duration,
 ) -> anyhow::Result<hdrhistogram::Histogram<u64>> {
-    let n = (rate as f64 * dur.as_secs_f64()) as u64;
+    let n = Pacer::sends(rate, dur);
     let mut sub = subscribe(addr, "lat").await?;
     let reader = tokio::spawn(async move {
         let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
@@ -190,10 +190,9 @@ pub(super) async fn paced_latency(
         h
     });
     let (_pr, mut pw) = connect(addr).await?;
-    let period = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-    let start = Instant::now();
+    let pace = Pacer::new(rate);
     for seq in 1..=n {
-        tokio::time::sleep_until(start + period.mul_f64(seq as f64)).await;
+        pace.wait(seq).await;
         let p = payload(now_us());
         pw.write_all(format!("PUB lat {}\r\n{p}\r\n", p.len()).as_bytes())
             .await?;
@@ -211,17 +210,16 @@ pub(super) async fn fanout(
     rate: u64,
     dur: Duration,
 ) -> anyhow::Result<(f64, u64)> {
-    let n = (rate as f64 * dur.as_secs_f64()) as u64;
+    let n = Pacer::sends(rate, dur);
     let mut readers = Vec::with_capacity(subs);
     for _ in 0..subs {
         readers.push(subscribe(addr, "fan").await?);
     }
     let tasks = arrivals(readers, n, dur + Duration::from_secs(5));
     let (_pr, mut pw) = connect(addr).await?;
-    let period = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-    let start = Instant::now();
+    let pace = Pacer::new(rate);
     for seq in 1..=n {
-        tokio::time::sleep_until(start + period.mul_f64(seq as f64)).await;
+        pace.wait(seq).await;
         let p = payload(seq);
         pw.write_all(format!("PUB fan {}\r\n{p}\r\n", p.len()).as_bytes())
             .await?;
