@@ -132,11 +132,7 @@ impl Writer {
             o.lines += n;
             was_empty
         };
-        self.pending.clear();
-        if self.pending.capacity() > 256 * 1024 {
-            // A burst grew it: do not keep that much per connection for good.
-            self.pending = Vec::new();
-        }
+        emptied(&mut self.pending);
         if was_empty {
             // Otherwise the writer has been told already and has not taken the outbox yet.
             self.backlog.ready.notify_one();
@@ -186,6 +182,18 @@ impl Drop for Writer {
         self.flush();
         lock(&self.backlog.outbox).closed = true;
         self.backlog.ready.notify_one();
+    }
+}
+
+/// Most of a connection's write buffer kept once it has been written out.
+const KEEP_BUFFER: usize = 256 * 1024;
+
+/// Empties a connection's write buffer for reuse, keeping its room unless a burst grew it past
+/// [`KEEP_BUFFER`]: that much is not kept per connection for good.
+fn emptied(buf: &mut Vec<u8>) {
+    buf.clear();
+    if buf.capacity() > KEEP_BUFFER {
+        *buf = Vec::new();
     }
 }
 
@@ -476,11 +484,7 @@ async fn write_loop(
             if written.is_err() {
                 return;
             }
-            buf.clear();
-            if buf.capacity() > 256 * 1024 {
-                // A burst grew it: do not keep that much per connection for good.
-                buf = Vec::new();
-            }
+            emptied(&mut buf);
         }
     }
 }
