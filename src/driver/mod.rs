@@ -438,16 +438,8 @@ fn open_log(cfg: &NodeConfig) -> anyhow::Result<Box<dyn crate::log::Storage>> {
 }
 
 impl Driver {
-    /// Acts on every output of the core, in order; then, if the core asked for it, syncs the
-    /// log once for all of them (group commit): on a blocking thread, so that the loop goes on
-    /// reading (and the replication frames just queued go out) during the fsync; what it
-    /// releases is acted on when it reports back ([`Done::Synced`]).
-    ///
-    /// A backup under `--fsync always` fsyncs on the loop instead: each of its `STORED`s waits
-    /// for the fsync anyway, and what arrives meanwhile is read after it, into the next group
-    /// commit. That saves two thread hand-offs per sync on the path of every `ACK` (measured:
-    /// the 64-deep figure 0.89x -> 0.91x Redis, one at a time 1.59x -> 1.50x its p50; medians of
-    /// 3 alternating rounds).
+    /// Acts on every output of the core (see [`Driver::act_unflushed`]), then hands each
+    /// connection's lines to its writer task, once per connection.
     fn act(&mut self) {
         self.act_unflushed();
         self.flush_writers();
@@ -462,6 +454,16 @@ impl Driver {
         }
     }
 
+    /// Acts on every output of the core, in order; then, if the core asked for it, syncs the
+    /// log once for all of them (group commit): on a blocking thread, so that the loop goes on
+    /// reading (and the replication frames just queued go out) during the fsync; what it
+    /// releases is acted on when it reports back ([`Done::Synced`]).
+    ///
+    /// A backup under `--fsync always` fsyncs on the loop instead: each of its `STORED`s waits
+    /// for the fsync anyway, and what arrives meanwhile is read after it, into the next group
+    /// commit. That saves two thread hand-offs per sync on the path of every `ACK` (measured:
+    /// the 64-deep figure 0.89x -> 0.91x Redis, one at a time 1.59x -> 1.50x its p50; medians of
+    /// 3 alternating rounds).
     fn act_unflushed(&mut self) {
         let mut sync = false;
         loop {
