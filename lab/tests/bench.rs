@@ -47,3 +47,35 @@ fn a_throughput_run_fails_with_the_reason_when_the_broker_refuses_its_publishes(
         "{stderr}"
     );
 }
+
+/// The fan-out figure prints the machine's floor beside the broker's: a writer process with no
+/// broker logic, whose every line must reach every subscriber (a floor that lost lines, or
+/// that did not run, would excuse a broker's spread with nothing).
+#[test]
+fn the_fan_out_figure_measures_the_floor_beside_the_broker() {
+    let out = Command::new(assert_cmd::cargo::cargo_bin("bench"))
+        .args(["--only", "fanout", "--quick", "--fanout", "20"])
+        .args(["--nats-server", "/nonexistent"])
+        .arg("--out")
+        .arg(tempfile::tempdir().expect("tempdir").path())
+        .output()
+        .expect("run bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = |what: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("fan-out 20 {what}")) && l.contains("floor"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_else(|| panic!("no floor row for {what}:\n{stdout}"))
+    };
+    let lost = row("lost");
+    assert_eq!(lost[lost.len() - 6], "0.0", "the floor lost lines:\n{stdout}");
+    let spread = row("spread");
+    let ms: f64 = spread[spread.len() - 6].parse().expect("a spread in ms");
+    assert!(ms > 0.0, "{stdout}");
+}

@@ -416,6 +416,119 @@ pub(super) async fn fanout(
     spread
 }
 
+/// The fan-out floor of this machine, measured as [`fanout`] measures a broker but with no
+/// broker at all: a process of its own ([`serve_floor`], this binary again) holds the `subs`
+/// connections and writes each paced line (the 64-byte payload and a newline) to every one of
+/// them, one `write` each, the least any relay must do. The p99 of the first-to-last spread
+/// (ms) and how many deliveries did not arrive: what a broker's spread has above it is the
+/// broker's.
+pub(super) async fn fanout_floor(
+    subs: usize,
+    rate: u64,
+    dur: Duration,
+) -> anyhow::Result<(f64, u64)> {
+    let n = Pacer::sends(rate, dur);
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("--floor-serve")
+        .arg(subs.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the fan-out floor's writer")?;
+    let (Some(mut to), Some(from)) = (child.stdin.take(), child.stdout.take()) else {
+        bail!("the fan-out floor's writer has no pipes");
+    };
+    let mut port = String::new();
+    BufReader::new(from).read_line(&mut port).await?;
+    let addr = format!("127.0.0.1:{}", port.trim());
+    let mut readers = Vec::with_capacity(subs);
+    for _ in 0..subs {
+        let s = TcpStream::connect(&addr)
+            .await
+            .with_context(|| format!("the fan-out floor's writer on {addr}"))?;
+        s.set_nodelay(true)?;
+        readers.push(FloorConn {
+            r: BufReader::new(s),
+            line: Vec::with_capacity(PAYLOAD_LEN + 1),
+        });
+    }
+    let tasks = arrivals(readers, n, dur + Duration::from_secs(5));
+    let pace = Pacer::new(rate);
+    for seq in 1..=n {
+        pace.wait(seq).await;
+        to.write_all(format!("{seq}\n").as_bytes()).await?;
+    }
+    drop(to);
+    let spread = spread_p99(tasks, n, subs).await;
+    let status = child.wait().await?;
+    anyhow::ensure!(status.success(), "the fan-out floor's writer: {status}");
+    spread
+}
+
+/// The fan-out floor's writer (`bench --floor-serve N`): listens on a free loopback port and
+/// prints it, takes `subs` connections, then writes the line of each seq read from standard
+/// input to every connection, until standard input ends. The seqs that came in while it was
+/// writing go out together, one `write` per connection, as a relay that batches sends them.
+pub fn serve_floor(subs: usize) -> anyhow::Result<()> {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    println!("{}", listener.local_addr()?.port());
+    std::io::stdout().flush()?;
+    let mut socks = Vec::with_capacity(subs);
+    for _ in 0..subs {
+        let (s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        socks.push(s);
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<u64>>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let seq = line.map_err(anyhow::Error::from).and_then(|l| {
+                l.trim()
+                    .parse()
+                    .context("the fan-out floor's writer takes one seq a line")
+            });
+            if tx.send(seq).is_err() {
+                return;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    while let Ok(first) = rx.recv() {
+        lines.clear();
+        for seq in std::iter::once(first).chain(rx.try_iter()) {
+            push_payload(&mut lines, seq?);
+            lines.push(b'\n');
+        }
+        for s in &mut socks {
+            // A subscriber that gave up has closed its end: the others go on.
+            let _ = s.write_all(&lines);
+        }
+    }
+    Ok(())
+}
+
+/// A connection of the fan-out floor: bare lines, each starting with its seq (20 digits).
+struct FloorConn {
+    r: BufReader<TcpStream>,
+    line: Vec<u8>,
+}
+
+impl FanSub for FloorConn {
+    async fn next_seq(&mut self) -> Option<Option<u64>> {
+        self.line.clear();
+        match self.r.read_until(b'\n', &mut self.line).await {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(
+                std::str::from_utf8(self.line.get(..20).unwrap_or_default())
+                    .ok()
+                    .and_then(|s| s.parse().ok()),
+            ),
+        }
+    }
+}
+
 /// A subscriber of a fan-out run, ours or a peer's.
 pub(super) trait FanSub: Send + 'static {
     /// The seq of the next line read (`Some(None)`: a line carrying none); `None` once the

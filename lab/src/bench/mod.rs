@@ -74,6 +74,10 @@ pub struct BenchOpts {
     /// bench's own folder).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
+    /// Internal: run as the fan-out floor's writer for this many connections (see
+    /// `figures::serve_floor`).
+    #[arg(long, hide = true)]
+    pub floor_serve: Option<usize>,
     /// Durable figures: requests per figure written `--durable-depth` at a time.
     #[arg(long, default_value_t = 100_000)]
     pub durable_messages: u64,
@@ -319,6 +323,11 @@ pub struct Figure {
 
 /// Runs the benchmarks, prints each figure as it comes, and writes the CSV.
 pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
+    if let Some(subs) = o.floor_serve {
+        edgepair::net::raise_fd_limit(subs as u64 + 64)?;
+        tokio::task::block_in_place(|| serve_floor(subs))?;
+        return Ok(Vec::new());
+    }
     if o.quick {
         o.runs = 1;
         o.messages = o.messages.min(50_000);
@@ -612,6 +621,7 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         let nats_fan = nats::available(&o.nats_server).await;
         let (mut spread, mut lost) = (vec![], vec![]);
         let (mut n_spread, mut n_lost) = (vec![], vec![]);
+        let (mut f_spread, mut f_lost) = (vec![], vec![]);
         for _ in 0..o.runs {
             let b = start_nodes(&bin_dir, false, "0", None, o.broker_threads, &many).await?;
             let (s, l) = fanout(&b[0].addr, o.fanout, 100, Duration::from_secs(5)).await?;
@@ -624,6 +634,9 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
                 n_spread.push(s);
                 n_lost.push(l as f64);
             }
+            let (s, l) = fanout_floor(o.fanout, 100, Duration::from_secs(5)).await?;
+            f_spread.push(s);
+            f_lost.push(l as f64);
         }
         let spread_name = format!("fan-out {} spread p99", o.fanout);
         let lost_name = format!("fan-out {} lost", o.fanout);
@@ -633,6 +646,8 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
             push(&spread_name, "nats core", n_spread, "ms", "-");
             push(&lost_name, "nats core", n_lost, "msgs", "-");
         }
+        push(&spread_name, "floor (no broker)", f_spread, "ms", "-");
+        push(&lost_name, "floor (no broker)", f_lost, "msgs", "-");
     }
     if want("rss") {
         let mut runs = Vec::new();
