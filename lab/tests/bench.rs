@@ -74,7 +74,11 @@ fn the_fan_out_figure_measures_the_floor_beside_the_broker() {
             .unwrap_or_else(|| panic!("no floor row for {what}:\n{stdout}"))
     };
     let lost = row("lost");
-    assert_eq!(lost[lost.len() - 6], "0.0", "the floor lost lines:\n{stdout}");
+    assert_eq!(
+        lost[lost.len() - 6],
+        "0.0",
+        "the floor lost lines:\n{stdout}"
+    );
     let spread = row("spread");
     let ms: f64 = spread[spread.len() - 6].parse().expect("a spread in ms");
     assert!(ms > 0.0, "{stdout}");
