@@ -191,7 +191,7 @@ impl Broker {
                 Arc::new(Message {
                     mid: 0,
                     topic,
-                    entry,
+                    entry: Arc::unwrap_or_clone(entry),
                     quiet: false,
                 })
             })

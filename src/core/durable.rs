@@ -57,7 +57,7 @@ impl Broker {
     }
 
     /// Appends a new entry to `topic`; asks for the sync the policy wants.
-    pub(super) fn append(&mut self, topic: &str, entry: &Arc<Entry>) -> Result<(), LogError> {
+    pub(super) fn append(&mut self, topic: &str, entry: &Entry) -> Result<(), LogError> {
         self.log.append(topic, entry)?;
         self.unflushed = true;
         self.after_append();
@@ -602,7 +602,7 @@ impl Broker {
                 Arc::new(Message {
                     mid: 0,
                     topic: topic.to_string(),
-                    entry,
+                    entry: Arc::unwrap_or_clone(entry),
                     quiet,
                 })
             })

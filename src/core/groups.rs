@@ -865,7 +865,7 @@ impl Broker {
     /// its offset.
     fn log_journal_entry(&mut self, mid: u64, payload: String) -> Result<u64, LogError> {
         let offset = self.log.next_offset(JOURNAL);
-        let entry = Arc::new(Entry {
+        let entry = Entry {
             offset,
             epoch: self.epoch,
             id: MsgId {
@@ -875,7 +875,7 @@ impl Broker {
             sent_us: self.now.wall_us,
             received_us: self.now.wall_us,
             payload,
-        });
+        };
         self.append(JOURNAL, &entry)?;
         self.log.set_delivered(JOURNAL, offset + 1);
         let msg = Message {
@@ -1514,7 +1514,7 @@ impl Broker {
             .map(|o| o.id.clone())
             .unwrap_or_else(MsgId::anonymous);
         if let Some(orig) = original {
-            let entry = Arc::new(Entry {
+            let entry = Entry {
                 offset: self.log.next_offset(&dead_topic),
                 epoch: self.epoch,
                 id: MsgId {
@@ -1527,7 +1527,7 @@ impl Broker {
                     "group={group} offset={offset} publisher={} seq={} reason={reason}: {}",
                     orig.id.publisher, orig.id.seq, orig.payload
                 ),
-            });
+            };
             if let Err(e) = self.append(&dead_topic, &entry) {
                 warn!("dead letter of '{topic}'@{offset} not stored: {e}");
                 return;

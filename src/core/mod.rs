@@ -57,7 +57,6 @@ pub mod time;
 
 use foldhash::{HashMap, HashMapExt};
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -209,11 +208,20 @@ pub const BACKLOG_HOLD: usize = 1024;
 struct Message {
     mid: u64,
     topic: String,
-    entry: Arc<Entry>,
+    /// Held here, not behind an `Arc` of its own: an allocation less per message (the log
+    /// copies what it keeps).
+    entry: Entry,
     /// For consumer groups only: the topic's subscribers had it already (an entry handed over
     /// from a diverged log so that a group still gets it; see `groups.rs`).
     quiet: bool,
 }
+
+/// A message as the primary's stages take it: owned (`Message`) while only the call at hand
+/// holds it, which is all a relay's publish ever needs, so it costs no allocation of its own;
+/// shared (`Arc<Message>`) once a stage keeps it, turned into one only then.
+trait Msg: std::borrow::Borrow<Message> + Into<std::sync::Arc<Message>> {}
+
+impl<T: std::borrow::Borrow<Message> + Into<std::sync::Arc<Message>>> Msg for T {}
 
 impl std::ops::Deref for Message {
     type Target = Entry;

@@ -317,14 +317,14 @@ impl Broker {
                     continue;
                 }
             }
-            let entry = Arc::new(Entry {
+            let entry = Entry {
                 offset: self.log.next_offset(&m.topic),
                 epoch: self.epoch,
                 id: m.id.clone(),
                 sent_us: m.sent_us,
                 received_us: m.received_us,
                 payload: m.payload.clone(),
-            });
+            };
             if let Err(e) = self.append(&m.topic, &entry) {
                 error!(
                     "topic '{}': cannot take back {}:{} from a hand-over: {e}",

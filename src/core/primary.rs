@@ -12,7 +12,7 @@ use super::conn::Reply;
 use super::link::{Link, LinkState, LINK_TIMEOUT};
 use super::peer::Purpose;
 use super::time::Time;
-use super::{Broker, ConnId, Message, Output, RoleState, STALL};
+use super::{Broker, ConnId, Message, Msg, Output, RoleState, STALL};
 use crate::log::Entry;
 use crate::protocol::{Frame, MsgId, Stamps};
 
@@ -152,14 +152,14 @@ impl Broker {
             let last = self.next_mid - 1;
             (last > self.ack_floor()).then_some(last)
         } else {
-            let entry = Arc::new(Entry {
+            let entry = Entry {
                 offset: self.log.next_offset(&topic),
                 epoch: self.epoch,
                 id,
                 sent_us,
                 received_us: self.now.wall_us,
                 payload,
-            });
+            };
             if let Err(e) = self.append(&topic, &entry) {
                 warn!("publish on '{topic}' refused: the log failed: {e}");
                 let reason = format!("not stored: {e}");
@@ -176,12 +176,12 @@ impl Broker {
                 entry.id.publisher, entry.id.seq, entry.offset
             );
             let mid = self.take_mid();
-            let msg = Arc::new(Message {
+            let msg = Message {
                 mid,
                 topic,
                 entry,
                 quiet,
-            });
+            };
             let repl = self.replicate(&msg);
             self.enqueue(msg, true);
             let local = self.log.is_durable();
@@ -240,23 +240,25 @@ impl Broker {
     /// Puts a message into the compute stage and its topic's delivery queue. `fresh`: just
     /// accepted (rather than taken up again from the log at a start or a takeover, which a
     /// relay must not deliver before subscribers had time to reconnect).
-    pub(super) fn enqueue(&mut self, msg: Arc<Message>, fresh: bool) {
-        if fresh && self.park(&msg) {
+    pub(super) fn enqueue<M: Msg>(&mut self, msg: M, fresh: bool) {
+        if fresh && self.backlogged(&msg.borrow().topic) {
             // Behind the topic's entries still in the log from before (`takeup.rs`).
+            self.park(&msg.into());
             return;
         }
         let compute_off = self.cfg.compute_off;
         let queued = self
             .primary()
-            .is_none_or(|p| p.order.contains_key(&msg.topic));
+            .is_none_or(|p| p.order.contains_key(&msg.borrow().topic));
         if compute_off && fresh && !queued && !self.stalled() && self.lease_held() {
             // Pure relay, nothing of this publisher waiting ahead of it, free to deliver: the
             // reorder stage and the in-flight map would hold it for no time at all.
             let now = self.now.wall_us;
-            let stamps = self.stamps(&msg, now, now);
+            let stamps = self.stamps(msg.borrow(), now, now);
             self.release(msg, stamps);
             return;
         }
+        let msg: Arc<Message> = msg.into();
         let Some(p) = self.primary() else {
             return;
         };
@@ -339,29 +341,32 @@ impl Broker {
     /// saw names the same entry on whichever node serves it next (the rule Kafka calls the high
     /// watermark), and a message the backup never got is never delivered by a primary about to
     /// die (its publisher, not acknowledged, resends it to the other node).
-    pub(super) fn release(&mut self, m: Arc<Message>, stamps: Stamps) {
+    pub(super) fn release<M: Msg>(&mut self, m: M, stamps: Stamps) {
         if !self.lease_held() {
             self.note_lease_lapsed();
             if let Some(p) = self.primary() {
+                let m: Arc<Message> = m.into();
                 p.inflight.entry(m.mid).or_insert_with(|| m.clone());
                 p.fenced.push((m, stamps));
             }
             return;
         }
         let written = self.written_floor();
+        let mid = m.borrow().mid;
         if let Some(p) = self.primary() {
             let waiting = !p.unstored.is_empty()
-                || matches!(p.link.up(), Some((_, false))) && m.mid > p.confirmed
-                || m.mid > written;
+                || matches!(p.link.up(), Some((_, false))) && mid > p.confirmed
+                || mid > written;
             if waiting {
                 // In flight until delivered (the relay's fast path skipped that): replayed to a
                 // backup that reconnects, handed over on a step-down.
-                p.inflight.entry(m.mid).or_insert_with(|| m.clone());
+                let m: Arc<Message> = m.into();
+                p.inflight.entry(mid).or_insert_with(|| m.clone());
                 p.unstored.push_back((m, stamps));
                 return;
             }
         }
-        self.deliver_now(m, stamps);
+        self.deliver_now(m.borrow(), stamps);
     }
 
     /// Every `mid` up to this one is written to this node's log (all of them for a log in
@@ -396,13 +401,13 @@ impl Broker {
                 return;
             }
             if let Some((m, stamps)) = p.unstored.pop_front() {
-                self.deliver_now(m, stamps);
+                self.deliver_now(&m, stamps);
             }
         }
     }
 
-    fn deliver_now(&mut self, m: Arc<Message>, stamps: Stamps) {
-        self.deliver(&m, stamps);
+    fn deliver_now(&mut self, m: &Message, stamps: Stamps) {
+        self.deliver(m, stamps);
         self.log.set_delivered(&m.topic, m.offset + 1);
         self.taken_delivered(&m.topic);
         if self.groups.on_topic(&m.topic) {

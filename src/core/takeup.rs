@@ -170,7 +170,7 @@ impl Broker {
             let msg = Arc::new(Message {
                 mid,
                 topic: topic.to_string(),
-                entry,
+                entry: Arc::unwrap_or_clone(entry),
                 quiet: false,
             });
             self.replicate(&msg);
@@ -179,6 +179,11 @@ impl Broker {
         for m in parked {
             self.enqueue(m, false);
         }
+    }
+
+    /// Whether `topic` has a backlog not all taken up, which a fresh message waits behind.
+    pub(super) fn backlogged(&self, topic: &str) -> bool {
+        matches!(&self.role, RoleState::Primary(p) if p.backlogs.contains_key(topic))
     }
 
     /// A fresh message on a topic whose backlog is not all taken up waits behind it; true if
@@ -326,7 +331,7 @@ impl Broker {
                             Arc::new(Message {
                                 mid: 0,
                                 topic: topic.clone(),
-                                entry,
+                                entry: Arc::unwrap_or_clone(entry),
                                 quiet: false,
                             })
                         }),

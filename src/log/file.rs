@@ -327,7 +327,11 @@ impl FileLog {
     }
 
     /// Appends several entries of `topic` with one write (a replicated batch, the bench).
-    pub fn append_batch(&mut self, topic: &str, entries: &[Arc<Entry>]) -> Result<(), LogError> {
+    pub fn append_batch<E: std::borrow::Borrow<Entry>>(
+        &mut self,
+        topic: &str,
+        entries: &[E],
+    ) -> Result<(), LogError> {
         self.check_writable()?;
         if !self.topics.contains_key(topic) {
             self.create_topic(topic)?;
@@ -551,7 +555,7 @@ impl Storage for FileLog {
         }
     }
 
-    fn append(&mut self, topic: &str, e: &Arc<Entry>) -> Result<(), LogError> {
+    fn append(&mut self, topic: &str, e: &Entry) -> Result<(), LogError> {
         self.append_batch(topic, std::slice::from_ref(e))
     }
 

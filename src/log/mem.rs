@@ -273,7 +273,7 @@ impl Storage for MemLog {
         self.topics.get(topic).map_or(0, |t| t.delivered)
     }
 
-    fn append(&mut self, topic: &str, e: &Arc<Entry>) -> Result<(), LogError> {
+    fn append(&mut self, topic: &str, e: &Entry) -> Result<(), LogError> {
         let t = match self.topics.get_mut(topic) {
             Some(t) => t,
             None => self.topics.entry(topic.to_string()).or_default(),

@@ -243,7 +243,7 @@ pub trait Storage: Send + std::fmt::Debug {
     }
     /// Appends `e` to `topic`; `e.offset` must be the topic's next offset. May stay in a
     /// buffer until [`Storage::sync`].
-    fn append(&mut self, topic: &str, e: &Arc<Entry>) -> Result<(), LogError>;
+    fn append(&mut self, topic: &str, e: &Entry) -> Result<(), LogError>;
     /// Removes the entries at `from` and after (a divergent tail); returns how many.
     fn truncate(&mut self, topic: &str, from: u64) -> Result<u64, LogError>;
     /// Drops every entry of `topic` and starts it again, empty, at `at`: a backup's copy that

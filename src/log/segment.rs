@@ -765,10 +765,14 @@ impl SegmentLog {
     /// Writes `entries` (dense from [`SegmentLog::next`]) to the active segment with one
     /// write, without fsync. An error may leave part of them in the file: the caller must
     /// stop appending until the log is reopened (which cuts it).
-    pub fn append(&mut self, topic: &str, entries: &[Arc<Entry>]) -> Result<(), LogError> {
+    pub fn append<E: std::borrow::Borrow<Entry>>(
+        &mut self,
+        topic: &str,
+        entries: &[E],
+    ) -> Result<(), LogError> {
         self.writable()?;
         let next = self.next();
-        for (i, e) in entries.iter().enumerate() {
+        for (i, e) in entries.iter().map(|e| e.borrow()).enumerate() {
             if e.offset != next + i as u64 {
                 return Err(LogError::NotDense {
                     topic: topic.to_string(),
@@ -777,7 +781,7 @@ impl SegmentLog {
                 });
             }
         }
-        let Some(last_e) = entries.last() else {
+        let Some(last_e) = entries.last().map(|e| e.borrow()) else {
             return Ok(());
         };
         if self.last().size >= self.segment_bytes {
@@ -788,7 +792,7 @@ impl SegmentLog {
         let written = {
             let mut buf = self.unflushed.borrow_mut();
             let start = buf.len();
-            for e in entries {
+            for e in entries.iter().map(|e| e.borrow()) {
                 if self.since_index >= INDEX_EVERY {
                     points.push((e.offset, size + (buf.len() - start) as u64));
                     self.since_index = 0;

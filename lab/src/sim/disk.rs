@@ -120,11 +120,13 @@ impl Storage for SimDisk {
         self.lock().log.next_offset(topic)
     }
 
-    fn append(&mut self, topic: &str, e: &Arc<Entry>) -> Result<(), LogError> {
+    fn append(&mut self, topic: &str, e: &Entry) -> Result<(), LogError> {
         let mut g = self.lock();
         g.log.append(topic, e)?;
-        g.unsynced
-            .insert((topic.to_string(), e.offset), (e.clone(), sim_now()));
+        g.unsynced.insert(
+            (topic.to_string(), e.offset),
+            (Arc::new(e.clone()), sim_now()),
+        );
         Ok(())
     }
 
