@@ -26,7 +26,6 @@
 
 use foldhash::{HashMap, HashMapExt};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use tracing::{info, warn};
 
@@ -1534,12 +1533,12 @@ impl Broker {
             }
             self.seen.record(&entry.id.publisher, entry.id.seq);
             let mid = self.take_mid();
-            let msg = Arc::new(Message {
+            let msg = Message {
                 mid,
                 topic: dead_topic.clone(),
                 entry,
                 quiet: false,
-            });
+            };
             self.replicate(&msg);
             self.enqueue(msg, true);
         }

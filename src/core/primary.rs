@@ -243,7 +243,8 @@ impl Broker {
     pub(super) fn enqueue<M: Msg>(&mut self, msg: M, fresh: bool) {
         if fresh && self.backlogged(&msg.borrow().topic) {
             // Behind the topic's entries still in the log from before (`takeup.rs`).
-            self.park(&msg.into());
+            let parked = self.park(&msg.into());
+            debug_assert!(parked, "a backlogged topic parks");
             return;
         }
         let compute_off = self.cfg.compute_off;

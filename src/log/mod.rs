@@ -27,8 +27,9 @@ pub use file::{decode_topic, encode_topic, FileLog, Recovery};
 pub use mem::{MemLog, DEFAULT_RETAIN_ENTRIES};
 pub use segment::{CutReason, Damage, DEFAULT_SEGMENT_BYTES};
 
-/// One entry of a topic's log. Immutable once appended; shared by the core's in-flight
-/// message, the in-memory log and deliveries without copying.
+/// One entry of a topic's log. Immutable once appended. The core's message holds it in place;
+/// a log copies what it keeps (the in-memory log packs it into its chunks, a file log encodes
+/// it), and a read hands out fresh ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// Position in the topic: dense, from 0.

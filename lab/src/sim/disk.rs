@@ -20,7 +20,7 @@ struct Inner {
     log: MemLog,
     /// Entries appended since the last sync, by (topic, offset), with the simulated time of
     /// their append: what a power loss drops.
-    unsynced: BTreeMap<(String, u64), (Arc<Entry>, Duration)>,
+    unsynced: BTreeMap<(String, u64), (MsgId, Duration)>,
 }
 
 /// A node's simulated disk, shared by the node (as its [`Storage`]) and the simulation.
@@ -76,12 +76,12 @@ impl SimDisk {
         g.log.crash();
         let unsynced = std::mem::take(&mut g.unsynced);
         let mut loss = PowerLoss::default();
-        for ((topic, offset), (entry, at)) in unsynced {
+        for ((topic, offset), (id, at)) in unsynced {
             // What the crash kept was synced after all (a truncate can leave such entries).
             if offset < g.log.topic(&topic).next {
                 continue;
             }
-            loss.dropped.push(entry.id.clone());
+            loss.dropped.push(id);
             loss.oldest_unsynced = loss.oldest_unsynced.max(now.saturating_sub(at));
         }
         loss
@@ -123,10 +123,8 @@ impl Storage for SimDisk {
     fn append(&mut self, topic: &str, e: &Entry) -> Result<(), LogError> {
         let mut g = self.lock();
         g.log.append(topic, e)?;
-        g.unsynced.insert(
-            (topic.to_string(), e.offset),
-            (Arc::new(e.clone()), sim_now()),
-        );
+        g.unsynced
+            .insert((topic.to_string(), e.offset), (e.id.clone(), sim_now()));
         Ok(())
     }
 
