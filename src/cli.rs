@@ -108,7 +108,7 @@ pub struct BrokerOpts {
     pub data_dir: Option<std::path::PathBuf>,
     /// When a publish is acknowledged, as far as this node's disk goes: `always` = after its
     /// entry is fsync'd (one fsync per batch of publishes); `batch` = written at once, fsync'd
-    /// within 5 ms or 4,096 entries (a crash of the process loses nothing, a power cut at most
+    /// within 5 ms or 16,384 entries (a crash of the process loses nothing, a power cut at most
     /// that); `never` = written, fsync'd only at a clean stop. Needs `--data-dir`.
     #[arg(long, default_value_t = Fsync::Batch)]
     pub fsync: Fsync,
