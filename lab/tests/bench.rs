@@ -53,11 +53,13 @@ fn a_throughput_run_fails_with_the_reason_when_the_broker_refuses_its_publishes(
 /// that did not run, would excuse a broker's spread with nothing).
 #[test]
 fn the_fan_out_figure_measures_the_floor_beside_the_broker() {
+    // Kept until the run is done: the CSV goes there.
+    let results = tempfile::tempdir().expect("tempdir");
     let out = Command::new(assert_cmd::cargo::cargo_bin("bench"))
         .args(["--only", "fanout", "--quick", "--fanout", "20"])
         .args(["--nats-server", "/nonexistent"])
         .arg("--out")
-        .arg(tempfile::tempdir().expect("tempdir").path())
+        .arg(results.path())
         .output()
         .expect("run bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
