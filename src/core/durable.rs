@@ -888,53 +888,17 @@ impl Broker {
         self.send_frame(conn, &mark);
     }
 
-    /// Each epoch of our log of `topic` with the offset where it begins, in order. An entry
-    /// that cannot be read ends the list with epoch `u64::MAX` (which no log has, so a
-    /// primary comparing sees the logs part there).
+    /// Each epoch of our log of `topic` with the offset where it begins, in order (see
+    /// [`crate::log::Storage::epochs`]).
     fn epochs(&self, topic: &str) -> Vec<(u64, u64)> {
-        let t = self.log.topic(topic);
-        let mut out = Vec::new();
-        let mut at = t.first;
-        while at < t.next {
-            let epoch = self
-                .log
-                .read(topic, at, 1)
-                .ok()
-                .and_then(|v| v.first().map(|e| e.epoch));
-            let Some(epoch) = epoch.filter(|e| out.last().is_none_or(|(p, _)| e > p)) else {
-                out.push((u64::MAX, at));
-                break;
-            };
-            out.push((epoch, at));
-            let end = self.end_of_epoch(topic, epoch);
-            if end <= at {
-                out.push((u64::MAX, at + 1));
-                break;
-            }
-            at = end;
-        }
-        out
+        self.log.epochs(topic)
     }
 
     /// The first offset of `topic` whose entry is of a later epoch than `epoch` (entries of
     /// one epoch were all written by one primary, so up to there a backup's copy of that
-    /// epoch agrees with ours). Epochs never decrease along a log, so this is a binary search.
+    /// epoch agrees with ours).
     fn end_of_epoch(&self, topic: &str, epoch: u64) -> u64 {
-        let t = self.log.topic(topic);
-        let (mut lo, mut hi) = (t.first, t.next);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let e = self
-                .log
-                .read(topic, mid, 1)
-                .ok()
-                .and_then(|v| v.first().map(|e| e.epoch));
-            match e {
-                Some(e) if e <= epoch => lo = mid + 1,
-                _ => hi = mid,
-            }
-        }
-        lo
+        crate::log::end_of_epoch(&self.epochs(topic), self.log.next_offset(topic), epoch)
     }
 }
 

@@ -607,6 +607,12 @@ impl Storage for FileLog {
         }
     }
 
+    fn epochs(&self, topic: &str) -> Vec<(u64, u64)> {
+        self.topics
+            .get(topic)
+            .map_or_else(Vec::new, |t| t.log.epochs())
+    }
+
     fn set_delivered(&mut self, topic: &str, upto: u64) {
         if let Some(t) = self.topics.get_mut(topic) {
             t.delivered = t.delivered.max(upto.min(t.log.next()));
@@ -731,7 +737,7 @@ impl Storage for FileLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::segment::{encode_record, RUNWAY_BYTE};
+    use crate::log::segment::{encode_record, HEADER as HEADER_BYTES, RUNWAY_BYTE};
     use crate::log::CutReason;
     use crate::protocol::MsgId;
 
@@ -799,6 +805,113 @@ mod tests {
         let mut b = Vec::new();
         encode_record(&entry(offset), &mut b).expect("encode");
         b.len() as u64
+    }
+
+    /// Appends to `topic` runs of entries, one epoch each (epochs 1, 2, …): `runs[i]`
+    /// entries in epoch `i + 1`. Returns the epochs as `Storage::epochs` should list them.
+    fn fill_epochs(log: &mut FileLog, topic: &str, runs: &[u64]) -> Vec<(u64, u64)> {
+        let mut want = Vec::new();
+        let mut offset = log.next_offset(topic);
+        for (i, &n) in runs.iter().enumerate() {
+            let epoch = i as u64 + 1;
+            if n > 0 {
+                want.push((epoch, offset));
+            }
+            for _ in 0..n {
+                let mut e = Arc::unwrap_or_clone(entry(offset));
+                e.epoch = epoch;
+                log.append(topic, &e).expect("append");
+                offset += 1;
+            }
+        }
+        want
+    }
+
+    #[test]
+    fn epochs_are_found_from_the_index_as_a_search_over_entries_finds_them() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        // Small segments (one index point each) and larger ones (several points each).
+        for seg in [SEG, 64 << 10] {
+            for round in 0..12 {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let (mut log, _) = FileLog::open_with(dir.path(), seg).expect("open");
+                // Runs of one entry, of about a segment, of many segments; some epochs skipped.
+                let runs: Vec<u64> = (0..rng.gen_range(1..40))
+                    .map(|_| match rng.gen_range(0..6) {
+                        0 => 0,
+                        1 => 1,
+                        2 => rng.gen_range(2..10),
+                        3 => rng.gen_range(20..40),
+                        _ => rng.gen_range(50..900),
+                    })
+                    .collect();
+                let want = fill_epochs(&mut log, "t", &runs);
+                // Before a sync (index points in memory), after one, after a reopen.
+                assert_eq!(log.epochs("t"), want, "seg {seg} round {round}: {runs:?}");
+                assert_eq!(crate::log::epochs_by_search(&log, "t"), want);
+                log.sync().expect("sync");
+                drop(log);
+                let (log, _) = FileLog::open_with(dir.path(), seg).expect("reopen");
+                assert_eq!(log.epochs("t"), want, "seg {seg} round {round} reopened");
+                let next = log.next_offset("t");
+                for (e, start) in &want {
+                    let end = crate::log::end_of_epoch(&want, next, *e);
+                    assert!(end > *start);
+                    assert!(want.iter().all(|(x, s)| x <= e || *s >= end));
+                }
+            }
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, _) = FileLog::open_with(dir.path(), SEG).expect("open");
+        assert!(log.epochs("none").is_empty());
+    }
+
+    #[test]
+    fn epochs_start_at_the_oldest_kept_entry_and_stop_at_a_corrupt_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut log, _) = FileLog::open_with(dir.path(), SEG).expect("open");
+        let want = fill_epochs(&mut log, "t", &[100, 3, 200, 50]);
+        log.trim_front("t", 150).expect("trim");
+        let first = log.topic("t").first;
+        assert!(first > 100 && first <= 150, "first kept {first}");
+        let kept: Vec<(u64, u64)> = want.iter().copied().filter(|w| w.1 > first).collect();
+        let mut expect = vec![(3, first)];
+        expect.extend(kept);
+        assert_eq!(log.epochs("t"), expect);
+        log.sync().expect("sync");
+        drop(log);
+        // Flip a byte of epoch 4's first entry (offset 303), which a search must read.
+        let mut segs: Vec<PathBuf> = fs::read_dir(topic_dir(dir.path(), "t"))
+            .expect("list")
+            .map(|d| d.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        segs.sort();
+        let (hit, at) = segs
+            .iter()
+            .find_map(|p| {
+                let bytes = fs::read(p).expect("read");
+                let mut pos = 0;
+                while pos + HEADER_BYTES + 8 <= bytes.len() {
+                    let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().ok()?) as usize;
+                    let b = pos + HEADER_BYTES;
+                    if u64::from_le_bytes(bytes[b..b + 8].try_into().ok()?) == 303 {
+                        return Some((p.clone(), b + 12));
+                    }
+                    pos += HEADER_BYTES + len;
+                }
+                None
+            })
+            .expect("the record of offset 303");
+        let mut bytes = fs::read(&hit).expect("read");
+        bytes[at] ^= 0x55;
+        fs::write(&hit, bytes).expect("write");
+        // Opening finds the damage (the segment's last records are checked) and the segment
+        // ends before 303: the next one starts later. A search in memory meets the same gap.
+        let (log, rec) = FileLog::open_with(dir.path(), SEG).expect("reopen");
+        assert!(!rec.is_clean());
+        assert_eq!(log.epochs("t"), vec![(3, first), (u64::MAX, 303)]);
     }
 
     #[test]

@@ -4,7 +4,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -286,7 +285,7 @@ pub fn fill(dir: &Path, topic: &str, f: Fill, out: &mut dyn Write) -> Result<()>
     let sync_every = sync_every.max(1);
     let mut next = log.topic(topic).next;
     for i in 0..count {
-        log.append(topic, &Arc::new(fill_entry(next, payload)))?;
+        log.append(topic, &fill_entry(next, payload))?;
         next += 1;
         if (i + 1) % sync_every == 0 || i + 1 == count {
             log.sync()?;

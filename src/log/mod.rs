@@ -312,4 +312,56 @@ pub trait Storage: Send + std::fmt::Debug {
     }
     /// True when [`Storage::sync`] reaches a disk (false for [`MemLog`]).
     fn is_durable(&self) -> bool;
+    /// Each epoch of `topic`'s log with the offset where it begins, in order (empty for an
+    /// empty topic): what two nodes compare to find where their logs part. Epochs never
+    /// decrease along a log. An entry that cannot be read, or an epoch lower than the one
+    /// before it, ends the list with `(u64::MAX, offset)` (no log has that epoch, so a
+    /// comparison sees the logs part there at the latest).
+    ///
+    /// The default finds each epoch's end by a binary search over single-entry reads, fine
+    /// for a log in memory; a store on disk answers from its own layout (see
+    /// `SegmentLog::epochs`).
+    fn epochs(&self, topic: &str) -> Vec<(u64, u64)> {
+        epochs_by_search(self, topic)
+    }
+}
+
+/// [`Storage::epochs`] through [`Storage::read`]: from each epoch's first entry, a binary
+/// search for the first entry of a later one.
+pub fn epochs_by_search<S: Storage + ?Sized>(log: &S, topic: &str) -> Vec<(u64, u64)> {
+    let t = log.topic(topic);
+    let epoch_at = |at: u64| {
+        log.read(topic, at, 1)
+            .ok()
+            .and_then(|v| v.first().filter(|e| e.offset == at).map(|e| e.epoch))
+    };
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut at = t.first;
+    while at < t.next {
+        let epoch = epoch_at(at).filter(|e| out.last().is_none_or(|(p, _)| e > p));
+        let Some(epoch) = epoch else {
+            out.push((u64::MAX, at));
+            break;
+        };
+        out.push((epoch, at));
+        let (mut lo, mut hi) = (at + 1, t.next);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match epoch_at(mid) {
+                Some(e) if e <= epoch => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        at = lo;
+    }
+    out
+}
+
+/// Where `epoch` ends in a log whose epochs are `epochs` (as [`Storage::epochs`] lists them)
+/// and whose next offset is `next`: the first offset of a later epoch, or `next`.
+pub fn end_of_epoch(epochs: &[(u64, u64)], next: u64, epoch: u64) -> u64 {
+    epochs
+        .iter()
+        .find(|(e, _)| *e > epoch)
+        .map_or(next, |(_, start)| *start)
 }
