@@ -24,6 +24,7 @@ use edgepair::log::{FileLog, Storage};
 use super::figures::payload;
 use super::{start_nodes, Broker};
 use crate::procs::{free_port, status};
+use edgepair::protocol::Role;
 
 /// Who answers the requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -533,14 +534,29 @@ async fn wait_status(addr: &str, t: Instant) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts a solo primary on `data`: seconds until it answers `STATUS` and has acknowledged a
-/// `PUB` (on a topic of its own: the log's topic may still be delivering).
-async fn time_to_serve(bin_dir: &Path, o: &DurableOpts, data: &Path) -> anyhow::Result<f64> {
+/// Starts a pair on logs of its own each, as after a power loss (the backup first, then the
+/// primary): seconds from the spawns until the primary has acknowledged a `PUB` (on a topic of
+/// its own: the log's topic may still be delivering). A primary restarted on a log holds
+/// publishes until its backup's log is compared with its own (see `core/settle.rs`), so this
+/// is the time to serve again with both logs reconciled. Fails if the backup took over
+/// meanwhile: comparing the logs must not stall the primary past the backup's ping timeout.
+async fn time_to_serve(
+    bin_dir: &Path,
+    o: &DurableOpts,
+    primary: &Path,
+    backup: &Path,
+) -> anyhow::Result<f64> {
+    let (pp, bp) = (free_port()?, free_port()?);
+    let node = |name, port, peer, data: &Path| {
+        let extra = ["--data-dir".to_string(), data.display().to_string()];
+        super::spawn_node(bin_dir, name, port, peer, "0", None, o.threads, &extra)
+    };
     let t = Instant::now();
-    let mut b = spawn_on(bin_dir, o, data)?;
+    let mut b = node("backup", bp, pp, backup)?;
+    let mut p = node("primary", pp, bp, primary)?;
     let served = async {
-        wait_status(&b.addr, t).await?;
-        let (mut r, mut w) = connect(&b.addr).await?;
+        wait_status(&p.addr, t).await?;
+        let (mut r, mut w) = connect(&p.addr).await?;
         let mut line = Vec::new();
         w.write_all(format!("PUB|probe|restart|1|{}|x\n", now_us()).as_bytes())
             .await?;
@@ -550,9 +566,14 @@ async fn time_to_serve(bin_dir: &Path, o: &DurableOpts, data: &Path) -> anyhow::
         )
         .await
         .context("no ACK within 60 s")??;
-        anyhow::Ok(t.elapsed().as_secs_f64())
+        let secs = t.elapsed().as_secs_f64();
+        match status(&b.addr).await {
+            Some(st) if st.role == Role::Backup => anyhow::Ok(secs),
+            other => bail!("the backup did not stay backup while the pair restarted: {other:?}"),
+        }
     }
     .await;
+    p.proc.stop(Duration::from_secs(10)).await;
     b.proc.stop(Duration::from_secs(10)).await;
     served
 }
@@ -637,9 +658,10 @@ async fn read_msgs(
     }
 }
 
-/// On logs of `entries` entries (written by `edgepair-log fill`): seconds until a primary
-/// started on them answers `STATUS` and acknowledges a `PUB`, when every entry was delivered
-/// and when none was (it takes them up again, a chunk at a time); seconds until a subscriber
+/// On logs of `entries` entries in a thousand epochs (written by `edgepair-log fill`, one
+/// copy per node): seconds until a pair restarted on them serves a publish, when every entry
+/// was delivered and when none was (the primary takes them up again, a chunk at a time);
+/// seconds until a subscriber
 /// of a node started on the undelivered log has all of it (`None` if that failed: a node that
 /// sends faster than the subscriber reads disconnects it); and the entries read back from the
 /// log per second (from offset 0, in chunks of 4,096, page cache warm), as a catching-up reader
@@ -651,8 +673,18 @@ pub(super) async fn restart(
 ) -> anyhow::Result<([f64; 3], Option<f64>)> {
     let dir = tempfile::tempdir_in(&o.data_root)?;
     let (done, undone) = (dir.path().join("delivered"), dir.path().join("undelivered"));
-    fill(bin_dir, &done, entries, true).await?;
-    fill(bin_dir, &undone, entries, false).await?;
+    let (done_b, undone_b) = (
+        dir.path().join("delivered-b"),
+        dir.path().join("undelivered-b"),
+    );
+    for (data, delivered) in [
+        (&done, true),
+        (&undone, false),
+        (&done_b, true),
+        (&undone_b, false),
+    ] {
+        fill(bin_dir, data, entries, delivered).await?;
+    }
     let t = Instant::now();
     let (log, _) = FileLog::inspect(&done)?;
     let mut from = 0;
@@ -670,8 +702,8 @@ pub(super) async fn restart(
         bail!("read back {read} of {entries} entries");
     }
     drop(log);
-    let up_done = time_to_serve(bin_dir, o, &done).await?;
-    let up_undone = time_to_serve(bin_dir, o, &undone).await?;
+    let up_done = time_to_serve(bin_dir, o, &done, &done_b).await?;
+    let up_undone = time_to_serve(bin_dir, o, &undone, &undone_b).await?;
     // The first node acknowledged a publish on a topic of its own and may have delivered part
     // of the log: a fresh copy for the drain.
     let again = dir.path().join("undelivered-again");

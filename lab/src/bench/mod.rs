@@ -722,21 +722,21 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         let n = o.restart_entries;
         push(
             &format!("restart on {n} entries"),
-            "all delivered",
+            "pair, all delivered",
             done,
             "ms",
             "<= 1000",
         );
         push(
             &format!("restart on {n} entries"),
-            "none delivered",
+            "pair, none delivered",
             undone,
             "ms",
             "<= 1000",
         );
         push(
             &format!("restart on {n}, all to a sub"),
-            "none delivered",
+            "solo, none delivered",
             drain,
             "ms",
             "-",
