@@ -11,7 +11,7 @@ fn parse(s: &str) -> Result<Frame, ProtocolError> {
 
 fn id(p: &str, s: u64) -> MsgId {
     MsgId {
-        publisher: p.into(),
+        publisher: p.to_string().into(),
         seq: s,
     }
 }

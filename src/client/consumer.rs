@@ -207,7 +207,7 @@ pub async fn run_consumer(
                     group,
                     offset,
                     attempt,
-                    publisher: id.publisher,
+                    publisher: id.publisher.into_owned(),
                     seq: id.seq,
                     sent_at_us: sent_us,
                     acked_at_us: 0,

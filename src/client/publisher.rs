@@ -116,7 +116,7 @@ pub async fn run_publisher(
     let frame = |seq: u64, payload: &str, sent_us: u64| Frame::Pub {
         topic: cfg.topic.clone(),
         id: MsgId {
-            publisher: cfg.id.clone(),
+            publisher: cfg.id.clone().into(),
             seq,
         },
         sent_us,

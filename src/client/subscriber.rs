@@ -197,7 +197,7 @@ pub async fn run_subscriber(
                     received_at_us,
                     source: broker_name(src).to_string(),
                     topic,
-                    publisher: id.publisher,
+                    publisher: id.publisher.into_owned(),
                     seq: id.seq,
                     sent_at_us: sent_us,
                     latency_us: received_at_us as i64 - sent_us as i64,

@@ -749,7 +749,7 @@ mod tests {
             offset,
             epoch: 1 + offset / 100,
             id: MsgId {
-                publisher: format!("p{}", offset % 3),
+                publisher: format!("p{}", offset % 3).into(),
                 seq: offset + 1,
             },
             sent_us: 1_000 + offset,

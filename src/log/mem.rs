@@ -187,7 +187,7 @@ fn decode(r: &[u8], offset: u64) -> Entry {
         offset,
         epoch: word(0),
         id: crate::protocol::MsgId {
-            publisher: text(&r[HEAD..publisher_end]),
+            publisher: text(&r[HEAD..publisher_end]).into(),
             seq: word(1),
         },
         sent_us: word(2),
@@ -438,7 +438,7 @@ mod tests {
                         offset: first + model.len() as u64,
                         epoch: next(5),
                         id: crate::protocol::MsgId {
-                            publisher: "p".repeat(next(3) as usize * 7),
+                            publisher: "p".repeat(next(3) as usize * 7).into(),
                             seq: step,
                         },
                         sent_us: next(u64::MAX),

@@ -154,7 +154,7 @@ fn decode_body(body: &[u8]) -> Result<Entry, String> {
         offset: u64_at(body, 0),
         epoch: u64_at(body, 8),
         id: MsgId {
-            publisher: publisher.to_string(),
+            publisher: MsgId::publisher_of(publisher),
             seq: u64_at(body, 16),
         },
         sent_us: u64_at(body, 24),

@@ -467,7 +467,7 @@ impl GroupOp {
                     offset: num(f[2], "GROUP offset")?,
                     attempt: num(f[3], "GROUP attempt")?.min(u32::MAX as u64) as u32,
                     id: MsgId {
-                        publisher: f[4].to_string(),
+                        publisher: MsgId::publisher_of(f[4]),
                         seq: num(f[5], "GROUP seq")?,
                     },
                     sent_us: num(f[6], "GROUP sent")?,
@@ -506,7 +506,7 @@ impl GroupOp {
                 GroupOp::Requeue {
                     topic: f[0].to_string(),
                     id: MsgId {
-                        publisher: f[1].to_string(),
+                        publisher: MsgId::publisher_of(f[1]),
                         seq: num(f[2], "GROUP seq")?,
                     },
                     sent_us: num(f[3], "GROUP sent")?,

@@ -21,6 +21,8 @@ mod codec;
 mod frame;
 mod group;
 
+use std::borrow::Cow;
+
 use thiserror::Error;
 
 pub use codec::{FrameCodec, LenientCodec};
@@ -46,8 +48,9 @@ pub const PROTOCOL_VERSION: &str = "edgepair/1";
 /// is recognised as the same message rather than a new one with an equal payload.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MsgId {
-    /// Publisher id: unique per publisher process (see `client::new_publisher_id`).
-    pub publisher: String,
+    /// Publisher id: unique per publisher process (see `client::new_publisher_id`). Borrowed
+    /// for [`ANONYMOUS`]: a seed-dialect publish then allocates no identity of its own.
+    pub publisher: Cow<'static, str>,
     /// Position in the publisher's sequence, starting at 1; 0 for anonymous messages.
     pub seq: u64,
 }
@@ -56,8 +59,17 @@ impl MsgId {
     /// The identity given to a seed-dialect message, which has none of its own.
     pub fn anonymous() -> Self {
         MsgId {
-            publisher: ANONYMOUS.to_string(),
+            publisher: Cow::Borrowed(ANONYMOUS),
             seq: 0,
+        }
+    }
+
+    /// A publisher id read from the wire or a log: [`ANONYMOUS`] borrowed, any other copied.
+    pub fn publisher_of(s: &str) -> Cow<'static, str> {
+        if s == ANONYMOUS {
+            Cow::Borrowed(ANONYMOUS)
+        } else {
+            Cow::Owned(s.to_string())
         }
     }
 

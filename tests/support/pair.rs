@@ -285,7 +285,9 @@ impl Pair {
             .lines
             .iter()
             .filter_map(|l| match Frame::parse(l.as_bytes()) {
-                Ok(Frame::Msg { id, stamps, .. }) => Some((id.publisher, id.seq, stamps)),
+                Ok(Frame::Msg { id, stamps, .. }) => {
+                    Some((id.publisher.into_owned(), id.seq, stamps))
+                }
                 _ => None,
             })
             .collect()

@@ -20,6 +20,7 @@ use edgepair::clock::now_us;
 mod durable;
 mod figures;
 mod groups;
+mod in_process;
 mod nats;
 mod tls;
 
@@ -59,8 +60,8 @@ pub struct BenchOpts {
     /// Shorter everything (1 run, 50,000 messages, 2 s paced, 10 s compute) for a quick look.
     #[arg(long)]
     pub quick: bool,
-    /// Only these figures (comma-separated: throughput,latency,tls,fanout,rss,compute,durable,
-    /// restart,catchup,groups).
+    /// Only these figures (comma-separated: core,throughput,latency,tls,fanout,rss,compute,
+    /// durable,restart,catchup,groups).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where the CSV goes.
@@ -378,6 +379,20 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         println!(
             "  ({} not found: NATS left out of the relay figures; apt-get install -y nats-server)",
             o.nats_server.display()
+        );
+    }
+    if want("core") {
+        // First, while nothing else of the bench runs: the relay path in this process alone.
+        let mut runs = Vec::new();
+        for _ in 0..o.runs {
+            runs.push(in_process::relay_cost(o.messages)?);
+        }
+        push(
+            "core relay cost (codec + core, in-process)",
+            "solo, seed dialect",
+            runs,
+            "ns/msg",
+            "-",
         );
     }
     if want("throughput") {

@@ -231,7 +231,7 @@ pub fn lost_by_policy(
         .copied()
         .filter(|&seq| {
             let id = MsgId {
-                publisher: publisher.to_string(),
+                publisher: publisher.to_string().into(),
                 seq,
             };
             power.iter().any(|p| p.gone.contains(&id))

@@ -26,7 +26,7 @@ fn to_broker(e: &Entry) -> Result<Arc<edgepair::log::Entry>> {
         offset: e.offset,
         epoch: e.epoch,
         id: MsgId {
-            publisher: e.publisher.clone(),
+            publisher: e.publisher.clone().into(),
             seq: e.seq,
         },
         sent_us: e.timestamp,
@@ -40,7 +40,7 @@ fn from_broker(e: &edgepair::log::Entry) -> Entry {
     Entry {
         offset: e.offset,
         epoch: e.epoch,
-        publisher: e.id.publisher.clone(),
+        publisher: e.id.publisher.to_string(),
         seq: e.id.seq,
         timestamp: e.sent_us,
         payload: e.payload.as_bytes().to_vec(),
