@@ -32,9 +32,10 @@ pub fn bad_topic(topic: &str, max_len: usize) -> Option<String> {
             topic.len()
         ));
     }
-    // The usual topic is ASCII, tested a byte at a time; only other names are walked a
-    // character at a time (C1 controls are not ASCII).
-    let maybe = !topic.is_ascii() || topic.bytes().any(|b| b.is_ascii_control());
+    // The usual topic is printable ASCII, tested in one pass a byte at a time; only other
+    // names (an ASCII control, or anything not ASCII: C1 controls are not) are walked a
+    // character at a time.
+    let maybe = topic.bytes().any(|b| !(0x20..0x7f).contains(&b));
     let found = if maybe {
         topic.chars().find(|c| c.is_control())
     } else {
