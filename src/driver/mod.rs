@@ -126,6 +126,37 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// The core's settings for this node: what the driver starts it with, a fresh
+    /// incarnation (the time now) and nonce seed (random, unless `nonce_seed` is set) each
+    /// call.
+    pub fn core_config(&self) -> Config {
+        Config {
+            born: self.role,
+            peer: self.peer.clone(),
+            compute_off: self.compute.range().is_off(),
+            ping_interval: self.ping_interval,
+            ping_timeout: self.ping_timeout,
+            repl_timeout: self.repl_timeout,
+            forward_timeout: self.forward_timeout,
+            incarnation: now_us().max(1),
+            fsync: self.fsync,
+            lease: self.lease,
+            peer_key: self.peer_key.clone(),
+            allow_seed_replicate: self.allow_seed_replicate,
+            seed_backup: self.seed_backup,
+            nonce_seed: self.nonce_seed.unwrap_or_else(|| {
+                let mut s = [0u8; 32];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut s);
+                s
+            }),
+            max_unacked: self.max_unacked.max(1),
+            max_subscriptions: self.max_subscriptions,
+            max_topic_len: self.max_topic_len,
+            journal_compact: self.journal_compact,
+            require_client_cert: self.tls.is_some(),
+        }
+    }
+
     /// Defaults of the seed scenario for a node in `role` whose peer is `peer`.
     pub fn new(role: Role, peer: Option<String>, compute: Compute) -> Self {
         NodeConfig {
@@ -261,31 +292,7 @@ pub async fn run_on(
     let clock = Clock {
         origin: tokio::time::Instant::now(),
     };
-    let core_cfg = Config {
-        born: cfg.role,
-        peer: cfg.peer.clone(),
-        compute_off: cfg.compute.range().is_off(),
-        ping_interval: cfg.ping_interval,
-        ping_timeout: cfg.ping_timeout,
-        repl_timeout: cfg.repl_timeout,
-        forward_timeout: cfg.forward_timeout,
-        incarnation: now_us().max(1),
-        fsync: cfg.fsync,
-        lease: cfg.lease,
-        peer_key: cfg.peer_key.clone(),
-        allow_seed_replicate: cfg.allow_seed_replicate,
-        seed_backup: cfg.seed_backup,
-        nonce_seed: cfg.nonce_seed.unwrap_or_else(|| {
-            let mut s = [0u8; 32];
-            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut s);
-            s
-        }),
-        max_unacked: cfg.max_unacked.max(1),
-        max_subscriptions: cfg.max_subscriptions,
-        max_topic_len: cfg.max_topic_len,
-        journal_compact: cfg.journal_compact,
-        require_client_cert: cfg.tls.is_some(),
-    };
+    let core_cfg = cfg.core_config();
     info!(
         "{} listening on {addr} (compute {} ms, peer {})",
         cfg.role.as_str(),

@@ -509,17 +509,20 @@ async fn fill(bin_dir: &Path, data: &Path, entries: u64, delivered: bool) -> any
 
 /// Starts a solo primary (`--compute 0`) on `data`.
 fn spawn_on(bin_dir: &Path, o: &DurableOpts, data: &Path) -> anyhow::Result<Broker> {
+    spawn_as(bin_dir, o, "primary", (free_port()?, free_port()?), data)
+}
+
+/// Starts the node `name` (`primary` or `backup`) on `port`, its peer on `peer`, with
+/// `--compute 0` and `data` as its data directory.
+fn spawn_as(
+    bin_dir: &Path,
+    o: &DurableOpts,
+    name: &'static str,
+    (port, peer): (u16, u16),
+    data: &Path,
+) -> anyhow::Result<Broker> {
     let extra = ["--data-dir".to_string(), data.display().to_string()];
-    super::spawn_node(
-        bin_dir,
-        "primary",
-        free_port()?,
-        free_port()?,
-        "0",
-        None,
-        o.threads,
-        &extra,
-    )
+    super::spawn_node(bin_dir, name, port, peer, "0", None, o.threads, &extra)
 }
 
 /// Waits (up to 60 s after `t`) until the node at `addr` answers `STATUS`.
@@ -547,13 +550,9 @@ async fn time_to_serve(
     backup: &Path,
 ) -> anyhow::Result<f64> {
     let (pp, bp) = (free_port()?, free_port()?);
-    let node = |name, port, peer, data: &Path| {
-        let extra = ["--data-dir".to_string(), data.display().to_string()];
-        super::spawn_node(bin_dir, name, port, peer, "0", None, o.threads, &extra)
-    };
     let t = Instant::now();
-    let mut b = node("backup", bp, pp, backup)?;
-    let mut p = node("primary", pp, bp, primary)?;
+    let mut b = spawn_as(bin_dir, o, "backup", (bp, pp), backup)?;
+    let mut p = spawn_as(bin_dir, o, "primary", (pp, bp), primary)?;
     let served = async {
         wait_status(&p.addr, t).await?;
         let (mut r, mut w) = connect(&p.addr).await?;

@@ -12,8 +12,10 @@ use anyhow::bail;
 use tokio_util::bytes::BytesMut;
 use tokio_util::codec::Decoder;
 
-use edgepair::core::{Broker, Config, ConnId, Now, Output, Time};
-use edgepair::log::{Fsync, MemLog, DEFAULT_RETAIN_ENTRIES};
+use edgepair::compute::{Compute, ComputeMode};
+use edgepair::core::{Broker, ConnId, Now, Output, Time};
+use edgepair::driver::NodeConfig;
+use edgepair::log::{MemLog, DEFAULT_RETAIN_ENTRIES};
 use edgepair::protocol::{Frame, LenientCodec, Role};
 
 /// Bytes handed to the codec at a time: a pipelining publisher's read (`driver/io.rs`).
@@ -21,29 +23,13 @@ const READ: usize = 64 * 1024;
 /// Frames handed to the core per event, as the driver does.
 const BATCH: usize = 256;
 
-/// The core as the `primary` binary makes it with `--compute 0` and no backup.
+/// The core as the `primary` binary makes it with `--compute 0` and no backup (the driver's
+/// own settings, [`NodeConfig::core_config`]), on the in-memory log it gets without a data
+/// directory.
 fn solo_primary(now: Now) -> Broker {
-    let cfg = Config {
-        born: Role::Primary,
-        peer: None,
-        compute_off: true,
-        ping_interval: Duration::from_secs(1),
-        ping_timeout: Duration::from_millis(300),
-        repl_timeout: Duration::from_millis(250),
-        forward_timeout: Duration::from_secs(1),
-        incarnation: 1,
-        fsync: Fsync::default(),
-        lease: None,
-        peer_key: None,
-        allow_seed_replicate: false,
-        seed_backup: false,
-        nonce_seed: [7; 32],
-        max_unacked: edgepair::core::MAX_UNACKED,
-        max_subscriptions: edgepair::core::MAX_SUBSCRIPTIONS,
-        max_topic_len: edgepair::core::MAX_TOPIC_LEN,
-        journal_compact: edgepair::core::JOURNAL_COMPACT,
-        require_client_cert: false,
-    };
+    let off = "0".parse().expect("0 is a compute range");
+    let compute = Compute::new(off, ComputeMode::Sleep, None, 0);
+    let cfg = NodeConfig::new(Role::Primary, None, compute).core_config();
     let log = Box::new(MemLog::new(DEFAULT_RETAIN_ENTRIES));
     Broker::with_log(cfg, log, now)
 }
@@ -104,8 +90,9 @@ pub(super) fn relay_cost(n: u64) -> anyhow::Result<f64> {
     sink.drain(&mut b, sub, publ, now)?;
 
     let mut wire = Vec::with_capacity(n as usize * 80);
+    let pad = "x".repeat(48);
     for i in 0..n {
-        wire.extend_from_slice(format!("PUBLISH|bench|{i:016}{}\n", "x".repeat(48)).as_bytes());
+        wire.extend_from_slice(format!("PUBLISH|bench|{i:016}{pad}\n").as_bytes());
     }
     let t = Instant::now();
     pump(&mut b, &mut sink, &wire, (sub, publ), now)?;
