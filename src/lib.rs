@@ -11,6 +11,7 @@ pub mod core;
 pub mod driver;
 pub mod log;
 pub mod metrics;
+pub mod named;
 pub mod net;
 pub mod protocol;
 pub mod secret;

@@ -64,6 +64,14 @@ impl Broker {
         Ok(())
     }
 
+    /// [`Broker::append`] at the topic's next offset, written into `entry` (a fresh publish).
+    pub(super) fn append_next(&mut self, topic: &str, entry: &mut Entry) -> Result<(), LogError> {
+        self.log.append_next(topic, entry)?;
+        self.unflushed = true;
+        self.after_append();
+        Ok(())
+    }
+
     fn after_append(&mut self) {
         if !self.log.is_durable() {
             return;

@@ -86,7 +86,7 @@ impl Broker {
             }
             _ => start,
         };
-        self.topics.entry(topic.clone()).or_default().push(Sub {
+        self.topics.get_or_default(&topic).push(Sub {
             conn,
             legacy: false,
             replaying: true,

@@ -63,6 +63,7 @@ use bytes::Bytes;
 use tracing::{info, warn};
 
 use crate::log::{Entry, Fsync, MemLog, Storage, DEFAULT_RETAIN_ENTRIES};
+use crate::named::Named;
 use crate::protocol::{Frame, ProtocolError, Role};
 pub use auth::{PeerKey, AUTH_FAILED, NOT_A_PEER};
 pub use groups::{JOURNAL, JOURNAL_COMPACT};
@@ -267,7 +268,7 @@ pub struct Broker {
     next_mid: u64,
     next_conn: ConnId,
     conns: HashMap<ConnId, Conn>,
-    topics: HashMap<String, Vec<Sub>>,
+    topics: Named<Vec<Sub>>,
     /// Identities accepted (primary) or stored (backup), per publisher.
     seen: SeenMap,
     /// The peer introduced itself with `HELLO`, so it answers `STATUS` (a seed primary only
@@ -361,7 +362,7 @@ impl Broker {
             epoch: 1,
             next_conn: 0,
             conns: HashMap::new(),
-            topics: HashMap::new(),
+            topics: Named::new(),
             seen: SeenMap::default(),
             peer_speaks_status: false,
             following: 0,
@@ -823,7 +824,7 @@ impl Broker {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.topics.push(topic.clone());
         }
-        self.topics.entry(topic).or_default().push(Sub {
+        self.topics.get_or_default(&topic).push(Sub {
             conn,
             legacy,
             replaying: false,

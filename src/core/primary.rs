@@ -152,15 +152,16 @@ impl Broker {
             let last = self.next_mid - 1;
             (last > self.ack_floor()).then_some(last)
         } else {
-            let entry = Entry {
-                offset: self.log.next_offset(&topic),
+            let mut entry = Entry {
+                // Set by `append_next`.
+                offset: 0,
                 epoch: self.epoch,
                 id,
                 sent_us,
                 received_us: self.now.wall_us,
                 payload,
             };
-            if let Err(e) = self.append(&topic, &entry) {
+            if let Err(e) = self.append_next(&topic, &mut entry) {
                 warn!("publish on '{topic}' refused: the log failed: {e}");
                 let reason = format!("not stored: {e}");
                 self.counters.refused += 1;

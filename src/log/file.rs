@@ -333,11 +333,16 @@ impl FileLog {
         entries: &[E],
     ) -> Result<(), LogError> {
         self.check_writable()?;
-        if !self.topics.contains_key(topic) {
-            self.create_topic(topic)?;
-        }
-        let Some(t) = self.topics.get_mut(topic) else {
-            return Err(LogError::Failed(format!("topic '{topic}' not created")));
+        // One lookup by name once the topic exists.
+        let t = match self.topics.get_mut(topic) {
+            Some(t) => t,
+            None => {
+                self.create_topic(topic)?;
+                match self.topics.get_mut(topic) {
+                    Some(t) => t,
+                    None => return Err(LogError::Failed(format!("topic '{topic}' not created"))),
+                }
+            }
         };
         match t.log.append(topic, entries) {
             Ok(()) => {

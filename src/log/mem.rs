@@ -1,7 +1,7 @@
 //! The log in memory: for nodes run without a data directory, the pair tests and the
 //! simulation, which uses it as a model of a disk (what was not synced is lost in a crash).
 
-use foldhash::{HashMap, HashMapExt};
+use crate::named::Named;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -199,7 +199,7 @@ fn decode(r: &[u8], offset: u64) -> Entry {
 /// Every topic's log in memory.
 #[derive(Debug)]
 pub struct MemLog {
-    topics: HashMap<String, Topic>,
+    topics: Named<Topic>,
     retain: usize,
     /// Behaves as a disk: `sync` is what makes entries survive [`MemLog::crash`].
     disk: bool,
@@ -214,7 +214,7 @@ impl MemLog {
     /// A memory-only log keeping at most `retain` delivered entries per topic.
     pub fn new(retain: usize) -> MemLog {
         MemLog {
-            topics: HashMap::new(),
+            topics: Named::new(),
             retain: retain.max(1),
             disk: false,
             unsynced: 0,
@@ -239,6 +239,45 @@ impl MemLog {
             t.delivered = t.delivered.min(t.next());
         }
         self.unsynced = 0;
+    }
+
+    /// Appends `e` at the end of `topic` and applies retention; returns the offset it got.
+    /// `dense`: `e.offset` must be that offset (else it is ignored: the caller sets it).
+    fn push(&mut self, topic: &str, e: &Entry, dense: bool) -> Result<u64, LogError> {
+        let held = if topic.starts_with('$') {
+            // Nor the node's own topics (the groups' journal is their state).
+            0
+        } else {
+            self.holds.from(topic)
+        };
+        let t = self.topics.get_or_default(topic);
+        let offset = t.next();
+        if dense && e.offset != offset {
+            return Err(LogError::NotDense {
+                topic: topic.to_string(),
+                want: offset,
+                got: e.offset,
+            });
+        }
+        t.entries.push_back(e);
+        // Retention: only entries already delivered (and synced, for a disk) may go, nor what
+        // a group has not finished.
+        let floor = if self.disk {
+            t.delivered.min(t.synced)
+        } else {
+            t.delivered
+        };
+        let floor = floor.min(held);
+        while t.entries.len() > self.retain && t.first < floor {
+            t.entries.pop_front();
+            t.first += 1;
+        }
+        if self.disk {
+            self.unsynced += 1;
+        } else {
+            t.synced = t.next();
+        }
+        Ok(offset)
     }
 
     fn state(name: &str, t: &Topic) -> TopicState {
@@ -274,40 +313,11 @@ impl Storage for MemLog {
     }
 
     fn append(&mut self, topic: &str, e: &Entry) -> Result<(), LogError> {
-        let t = match self.topics.get_mut(topic) {
-            Some(t) => t,
-            None => self.topics.entry(topic.to_string()).or_default(),
-        };
-        if e.offset != t.next() {
-            return Err(LogError::NotDense {
-                topic: topic.to_string(),
-                want: t.next(),
-                got: e.offset,
-            });
-        }
-        t.entries.push_back(e);
-        // Retention: only entries already delivered (and synced, for a disk) may go.
-        let floor = if self.disk {
-            t.delivered.min(t.synced)
-        } else {
-            t.delivered
-        };
-        // Nor what a group has not finished, nor the node's own topics (the groups' journal
-        // is their state).
-        let floor = if topic.starts_with('$') {
-            0
-        } else {
-            floor.min(self.holds.from(topic))
-        };
-        while t.entries.len() > self.retain && t.first < floor {
-            t.entries.pop_front();
-            t.first += 1;
-        }
-        if self.disk {
-            self.unsynced += 1;
-        } else {
-            t.synced = t.next();
-        }
+        self.push(topic, e, true).map(|_| ())
+    }
+
+    fn append_next(&mut self, topic: &str, e: &mut Entry) -> Result<(), LogError> {
+        e.offset = self.push(topic, e, false)?;
         Ok(())
     }
 
@@ -344,7 +354,7 @@ impl Storage for MemLog {
     }
 
     fn restart_at(&mut self, topic: &str, at: u64) -> Result<u64, LogError> {
-        let t = self.topics.entry(topic.to_string()).or_default();
+        let t = self.topics.get_or_default(topic);
         let gone = t.entries.len() as u64;
         if self.disk {
             self.unsynced = self

@@ -247,6 +247,14 @@ pub trait Storage: Send + std::fmt::Debug {
     /// Appends `e` to `topic`; `e.offset` must be the topic's next offset. May stay in a
     /// buffer until [`Storage::sync`].
     fn append(&mut self, topic: &str, e: &Entry) -> Result<(), LogError>;
+    /// Appends `e` at the topic's next offset, which it writes into `e.offset`: a fresh
+    /// publish, whose offset is whatever comes next. One call, so a store can find the topic
+    /// once (the relay path's [`Storage::next_offset`] and [`Storage::append`] were two
+    /// lookups by name per message).
+    fn append_next(&mut self, topic: &str, e: &mut Entry) -> Result<(), LogError> {
+        e.offset = self.next_offset(topic);
+        self.append(topic, e)
+    }
     /// Removes the entries at `from` and after (a divergent tail); returns how many.
     fn truncate(&mut self, topic: &str, from: u64) -> Result<u64, LogError>;
     /// Drops every entry of `topic` and starts it again, empty, at `at`: a backup's copy that
