@@ -85,3 +85,43 @@ fn the_fan_out_figure_measures_the_floor_beside_the_broker() {
     let ms: f64 = spread[spread.len() - 6].parse().expect("a spread in ms");
     assert!(ms > 0.0, "{stdout}");
 }
+
+/// The restart figure is the time until a restarted *pair* serves again with the primary
+/// still primary (the run fails if the backup took over meanwhile): each row is there with a
+/// figure, from one run on a small log (the figure's target is the bench's to judge).
+#[test]
+fn a_restart_run_times_the_pair_serving_again() {
+    let results = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(assert_cmd::cargo::cargo_bin("bench"))
+        .args([
+            "--only",
+            "restart",
+            "--runs",
+            "1",
+            "--restart-entries",
+            "2000",
+        ])
+        .arg("--out")
+        .arg(results.path())
+        .output()
+        .expect("run bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for what in ["pair, all delivered", "pair, none delivered"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with("restart on 2000 entries") && l.contains(what))
+            .unwrap_or_else(|| panic!("no row for {what}:\n{stdout}"));
+        let ms: f64 = row
+            .split(what)
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no figure in {row}"));
+        assert!(ms.is_finite() && ms > 0.0, "{row}");
+    }
+}
