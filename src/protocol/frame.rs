@@ -874,6 +874,54 @@ mod tests {
         assert!(Stamps::parse("e=x").is_err());
     }
 
+    /// The one-pass stamps parser agrees with cutting at `,` and `=` and parsing each number
+    /// with the standard library, on well-formed and broken fields alike.
+    #[test]
+    fn stamps_parse_as_cut_and_parsed_pairs_would() {
+        fn model(s: &str) -> Option<Stamps> {
+            let mut st = Stamps::default();
+            for pair in s.split(',').filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=')?;
+                let v: u64 = v.parse().ok()?;
+                match k {
+                    "e" => st.epoch = v,
+                    "rx" => st.received_us = v,
+                    "cs" => st.compute_start_us = v,
+                    "ce" => st.compute_end_us = v,
+                    "o" => st.offset = v,
+                    _ => {}
+                }
+            }
+            Some(st)
+        }
+        for s in [
+            "",
+            ",",
+            ",,",
+            "o=1,e=2,rx=1735689600000000",
+            "e=1,rx=2,cs=3,ce=4,o=5",
+            "o=18446744073709551615,e=0",
+            "o=18446744073709551616",
+            "o=99999999999999999999",
+            "o=",
+            "=5",
+            "o=5,",
+            ",o=5",
+            "o=5,,e=6",
+            "o",
+            "o=5,e",
+            "o=1=2",
+            "o=+1",
+            "o=-1",
+            "o=١",
+            "x=ü,o=3",
+            "zz=7,o=3",
+            "o=0042",
+        ] {
+            assert_eq!(Stamps::parse(s).ok(), model(s), "{s:?}");
+        }
+    }
+
     /// The byte encoders written without `core::fmt` give exactly what the frame's own
     /// encoding (through `core::fmt`) gives.
     #[test]

@@ -394,6 +394,17 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
             "ns/msg",
             "-",
         );
+        let mut runs = Vec::new();
+        for _ in 0..o.runs {
+            runs.push(in_process::pair_relay_cost(o.messages)?);
+        }
+        push(
+            "core relay cost (codec + core, in-process)",
+            "pair, seed dialect",
+            runs,
+            "ns/msg",
+            "-",
+        );
     }
     if want("throughput") {
         // Ours solo, ours replicated and NATS core in turn, round after round. The ratios
