@@ -200,7 +200,7 @@ impl Broker {
                         .collect();
                     p.unstored.retain(|(m, _)| m.mid <= written);
                     for mid in dropped {
-                        p.inflight.remove(&mid);
+                        p.inflight.remove(mid);
                     }
                 }
                 self.unpark_unwritten(written);

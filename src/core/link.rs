@@ -317,7 +317,7 @@ impl Broker {
         // Questions asked on an earlier link are never answered.
         p.lease_asks.clear();
         // Everything below the oldest message in flight was delivered already.
-        p.confirmed = p.inflight.keys().next().map_or(next_mid - 1, |m| m - 1);
+        p.confirmed = p.inflight.first_key().map_or(next_mid - 1, |m| m - 1);
         info!(
             "replication link to backup {peer} up{}; {} message(s) in flight sent",
             if p.link.ever_up { " again" } else { "" },

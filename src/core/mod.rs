@@ -42,6 +42,7 @@ mod durable;
 pub mod failover;
 mod groups;
 mod history;
+mod inflight;
 mod lease;
 mod limits;
 mod link;
@@ -237,6 +238,9 @@ const SEEN_REBUILD: u64 = 10_000;
 
 /// The state only one role has lives in that role's variant, so no field is "only meaningful
 /// when…".
+// One per node, swapped only when the role changes; a `Box` would put a pointer chase in front
+// of the primary's state on every publish.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum RoleState {
     Primary(Primary),

@@ -2,13 +2,14 @@
 //! backup up.
 
 use foldhash::{HashMap, HashMapExt};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use tracing::{debug, warn};
 
 use super::conn::Reply;
+use super::inflight::Inflight;
 use super::link::{Link, LinkState, LINK_TIMEOUT};
 use super::peer::Purpose;
 use super::time::Time;
@@ -21,7 +22,7 @@ use crate::protocol::{Frame, MsgId, Stamps};
 pub(super) struct Primary {
     pub link: Link,
     /// Accepted and not yet delivered; replayed to a backup that (re)connects.
-    pub inflight: BTreeMap<u64, Arc<Message>>,
+    pub inflight: Inflight<Arc<Message>>,
     /// Delivery queues per publisher: the reorder stage.
     order: HashMap<String, VecDeque<Slot>>,
     /// Publishes whose `ACK` waits for the backup's `STORED`, in `mid` order.
@@ -83,7 +84,7 @@ impl Primary {
     pub fn new(has_peer: bool, now: Time) -> Primary {
         Primary {
             link: Link::new(has_peer),
-            inflight: BTreeMap::new(),
+            inflight: Inflight::default(),
             order: HashMap::new(),
             acks: VecDeque::new(),
             confirmed: 0,
@@ -297,7 +298,7 @@ impl Broker {
 
     /// A compute task ended (a node that stepped down meanwhile has forgotten it).
     pub(super) fn computed(&mut self, mid: u64, cs: u64, ce: u64) {
-        let msg = self.primary().and_then(|p| p.inflight.get(&mid).cloned());
+        let msg = self.primary().and_then(|p| p.inflight.get(mid).cloned());
         if let Some(msg) = msg {
             self.finish(msg, cs, ce);
         }
@@ -348,7 +349,7 @@ impl Broker {
             self.note_lease_lapsed();
             if let Some(p) = self.primary() {
                 let m: Arc<Message> = m.into();
-                p.inflight.entry(m.mid).or_insert_with(|| m.clone());
+                p.inflight.insert_if_absent(m.mid, || m.clone());
                 p.fenced.push((m, stamps));
             }
             return;
@@ -363,7 +364,7 @@ impl Broker {
                 // In flight until delivered (the relay's fast path skipped that): replayed to a
                 // backup that reconnects, handed over on a step-down.
                 let m: Arc<Message> = m.into();
-                p.inflight.entry(mid).or_insert_with(|| m.clone());
+                p.inflight.insert_if_absent(mid, || m.clone());
                 p.unstored.push_back((m, stamps));
                 return;
             }
@@ -418,7 +419,7 @@ impl Broker {
         let Some(p) = self.primary() else {
             return;
         };
-        p.inflight.remove(&m.mid);
+        p.inflight.remove(m.mid);
         match p.link.up() {
             Some((conn, true)) => {
                 // A seed backup clears by topic and payload, one message at a time.

@@ -208,7 +208,7 @@ impl Broker {
         };
         for bl in p.backlogs.values_mut() {
             for m in bl.parked.iter().filter(|m| m.mid > written) {
-                p.inflight.remove(&m.mid);
+                p.inflight.remove(m.mid);
             }
             bl.parked.retain(|m| m.mid <= written);
         }

@@ -52,6 +52,7 @@ struct Sink {
 
 impl Sink {
     /// Counts the lines of `line`, sent to `conn`.
+    #[inline(always)]
     fn count(&mut self, conn: ConnId, line: &[u8], (sub, publ): (ConnId, ConnId)) {
         let lines = memchr::memchr_iter(b'\n', line).count() as u64;
         if conn == sub {
