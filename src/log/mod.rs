@@ -236,7 +236,7 @@ pub trait Storage: Send + std::fmt::Debug {
     fn topics(&self) -> Vec<TopicState>;
     /// The state of one topic (`first == next == delivered == 0` for a topic never written).
     fn topic(&self, topic: &str) -> TopicState;
-    /// The offset the next entry of `topic` gets (the relay path asks once per message).
+    /// The offset the next entry of `topic` gets.
     fn next_offset(&self, topic: &str) -> u64 {
         self.topic(topic).next
     }
@@ -248,9 +248,9 @@ pub trait Storage: Send + std::fmt::Debug {
     /// buffer until [`Storage::sync`].
     fn append(&mut self, topic: &str, e: &Entry) -> Result<(), LogError>;
     /// Appends `e` at the topic's next offset, which it writes into `e.offset`: a fresh
-    /// publish, whose offset is whatever comes next. One call, so a store can find the topic
-    /// once (the relay path's [`Storage::next_offset`] and [`Storage::append`] were two
-    /// lookups by name per message).
+    /// publish, whose offset is whatever comes next. One call, so that a store may find the
+    /// topic once ([`MemLog`] does; the relay path's [`Storage::next_offset`] then
+    /// [`Storage::append`] were two lookups by name per message). The default does just that.
     fn append_next(&mut self, topic: &str, e: &mut Entry) -> Result<(), LogError> {
         e.offset = self.next_offset(topic);
         self.append(topic, e)
