@@ -125,19 +125,15 @@ impl<T> Named<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
     use std::collections::HashMap as Model;
 
     /// A long random mix of inserts, changes, removals and lookups (the same name in a row
     /// often, as the relay path does) agrees with a plain hash map at every step.
     #[test]
     fn behaves_as_a_plain_map() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % n
-        };
+        let mut rng = StdRng::seed_from_u64(0x2545_f491_4f6c_dd1du64);
+        let mut next = move |n: u64| rng.gen_range(0..n);
         let mut named: Named<u64> = Named::new();
         let mut model: Model<String, u64> = Model::new();
         for step in 0..20_000u64 {

@@ -3,6 +3,26 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
+/// Runs `bench` with `args`, its CSV in a folder of its own, and asserts that it passed;
+/// returns what it printed.
+fn bench_passes(args: &[&str]) -> String {
+    // Kept until the run is done: the CSV goes there.
+    let results = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(assert_cmd::cargo::cargo_bin("bench"))
+        .args(args)
+        .arg("--out")
+        .arg(results.path())
+        .output()
+        .expect("run bench");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// A primary whose log cannot take the bench's topic answers every publish `ERR|not stored:
 /// …` in place of an `ACK`: the throughput run must fail and say why, not count the refusals
 /// as acknowledgements and print a rate.
@@ -53,21 +73,15 @@ fn a_throughput_run_fails_with_the_reason_when_the_broker_refuses_its_publishes(
 /// that did not run, would excuse a broker's spread with nothing).
 #[test]
 fn the_fan_out_figure_measures_the_floor_beside_the_broker() {
-    // Kept until the run is done: the CSV goes there.
-    let results = tempfile::tempdir().expect("tempdir");
-    let out = Command::new(assert_cmd::cargo::cargo_bin("bench"))
-        .args(["--only", "fanout", "--quick", "--fanout", "20"])
-        .args(["--nats-server", "/nonexistent"])
-        .arg("--out")
-        .arg(results.path())
-        .output()
-        .expect("run bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = bench_passes(&[
+        "--only",
+        "fanout",
+        "--quick",
+        "--fanout",
+        "20",
+        "--nats-server",
+        "/nonexistent",
+    ]);
     let row = |what: &str| {
         stdout
             .lines()
@@ -91,26 +105,14 @@ fn the_fan_out_figure_measures_the_floor_beside_the_broker() {
 /// figure, from one run on a small log (the figure's target is the bench's to judge).
 #[test]
 fn a_restart_run_times_the_pair_serving_again() {
-    let results = tempfile::tempdir().expect("tempdir");
-    let out = Command::new(assert_cmd::cargo::cargo_bin("bench"))
-        .args([
-            "--only",
-            "restart",
-            "--runs",
-            "1",
-            "--restart-entries",
-            "2000",
-        ])
-        .arg("--out")
-        .arg(results.path())
-        .output()
-        .expect("run bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = bench_passes(&[
+        "--only",
+        "restart",
+        "--runs",
+        "1",
+        "--restart-entries",
+        "2000",
+    ]);
     for what in ["pair, all delivered", "pair, none delivered"] {
         let row = stdout
             .lines()

@@ -59,7 +59,6 @@ impl Broker {
     /// Appends a new entry to `topic`; asks for the sync the policy wants.
     pub(super) fn append(&mut self, topic: &str, entry: &Entry) -> Result<(), LogError> {
         self.log.append(topic, entry)?;
-        self.unflushed = true;
         self.after_append();
         Ok(())
     }
@@ -67,12 +66,12 @@ impl Broker {
     /// [`Broker::append`] at the topic's next offset, written into `entry` (a fresh publish).
     pub(super) fn append_next(&mut self, topic: &str, entry: &mut Entry) -> Result<(), LogError> {
         self.log.append_next(topic, entry)?;
-        self.unflushed = true;
         self.after_append();
         Ok(())
     }
 
     fn after_append(&mut self) {
+        self.unflushed = true;
         if !self.log.is_durable() {
             return;
         }

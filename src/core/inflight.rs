@@ -170,6 +170,7 @@ impl<T> Inflight<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
 
     /// A long random mix of inserts (mostly the next key, some older or far ahead), removals
     /// (mostly the oldest) and lookups agrees with a `BTreeMap` at every step, including the
@@ -177,13 +178,8 @@ mod tests {
     #[test]
     fn behaves_as_an_ordered_map() {
         for span in [16, SPAN] {
-            let mut state = 0x9e37_79b9_7f4a_7c15u64;
-            let mut next = move |n: u64| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state % n
-            };
+            let mut rng = StdRng::seed_from_u64(0x9e37_79b9_7f4a_7c15u64);
+            let mut next = move |n: u64| rng.gen_range(0..n);
             let mut map: Inflight<u64> = Inflight::with_span(span);
             let mut model: BTreeMap<u64, u64> = BTreeMap::new();
             let mut mid = 1_000u64;

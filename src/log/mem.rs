@@ -415,6 +415,7 @@ impl Storage for MemLog {
 mod tests {
     use super::*;
     use crate::log::inspect::fill_entry;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
 
     /// The entry at `offset` that `edgepair-log fill` writes (seq = offset + 1).
     fn entry(offset: u64) -> Arc<Entry> {
@@ -426,13 +427,8 @@ mod tests {
     /// the back and reads from anywhere.
     #[test]
     fn packed_entries_read_back_as_a_plain_queue_would() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % n
-        };
+        let mut rng = StdRng::seed_from_u64(0x9e37_79b9_7f4a_7c15u64);
+        let mut next = move |n: u64| rng.gen_range(0..n);
         let mut packed = Packed::default();
         let mut model: VecDeque<Entry> = VecDeque::new();
         let mut first = 0u64;

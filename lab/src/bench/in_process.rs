@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use tokio_util::bytes::BytesMut;
 use tokio_util::codec::Decoder;
 
@@ -122,6 +122,26 @@ pub(super) fn relay_cost(n: u64) -> anyhow::Result<f64> {
     Ok(ns)
 }
 
+/// Cuts up to [`BATCH`] frames from `buf` and hands each to `handle`, as the driver does with
+/// one event's worth; returns how many (fewer: `buf` holds no more whole frames).
+#[inline(always)]
+fn decode_batch(
+    codec: &mut LenientCodec,
+    buf: &mut BytesMut,
+    mut handle: impl FnMut(Frame),
+) -> anyhow::Result<usize> {
+    let mut handled = 0;
+    while handled < BATCH {
+        match codec.decode(buf)? {
+            Some(Ok(f)) => handle(f),
+            Some(Err(e)) => bail!(e),
+            None => break,
+        }
+        handled += 1;
+    }
+    Ok(handled)
+}
+
 /// `n` seed-dialect publishes on topic `bench`, 64-byte payloads.
 fn seed_publishes(n: u64) -> Vec<u8> {
     let mut wire = Vec::with_capacity(n as usize * 80);
@@ -148,15 +168,8 @@ fn pump(
     for read in wire.chunks(READ) {
         buf.extend_from_slice(read);
         loop {
-            let mut handled = 0;
-            while handled < BATCH {
-                match codec.decode(&mut buf)? {
-                    Some(Ok(f)) => b.handle_frame(publ, f, now),
-                    Some(Err(e)) => bail!("a bench line did not parse: {e}"),
-                    None => break,
-                }
-                handled += 1;
-            }
+            let handled = decode_batch(&mut codec, &mut buf, |f| b.handle_frame(publ, f, now))
+                .context("a bench line did not parse")?;
             // One clock reading per batch, as the driver takes it.
             now.mono = now.mono + Duration::from_micros(20);
             now.wall_us += 20;
@@ -253,15 +266,12 @@ impl Pair {
                     continue;
                 };
                 let (n, conn) = end.at;
-                let mut handled = 0;
-                while handled < BATCH {
-                    match end.codec.decode(&mut end.inbound)? {
-                        Some(Ok(f)) => self.nodes[n].handle_frame(conn, f, self.now),
-                        Some(Err(e)) => bail!("a line between the nodes did not parse: {e}"),
-                        None => break,
-                    }
-                    handled += 1;
-                }
+                let node = &mut self.nodes[n];
+                let now = self.now;
+                let handled = decode_batch(&mut end.codec, &mut end.inbound, |f| {
+                    node.handle_frame(conn, f, now)
+                })
+                .context("a line between the nodes did not parse")?;
                 if handled == BATCH {
                     self.due.push(i);
                 }
@@ -388,15 +398,9 @@ fn pump_pair(
     for read in wire.chunks(READ) {
         buf.extend_from_slice(read);
         loop {
-            let mut handled = 0;
-            while handled < BATCH {
-                match codec.decode(&mut buf)? {
-                    Some(Ok(f)) => pair.nodes[0].handle_frame(publ, f, pair.now),
-                    Some(Err(e)) => bail!("a bench line did not parse: {e}"),
-                    None => break,
-                }
-                handled += 1;
-            }
+            let (node, now) = (&mut pair.nodes[0], pair.now);
+            let handled = decode_batch(&mut codec, &mut buf, |f| node.handle_frame(publ, f, now))
+                .context("a bench line did not parse")?;
             pair.now.mono = pair.now.mono + Duration::from_micros(20);
             pair.now.wall_us += 20;
             pair.settle(sink, (sub, publ))?;

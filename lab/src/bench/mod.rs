@@ -383,28 +383,23 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
     }
     if want("core") {
         // First, while nothing else of the bench runs: the relay path in this process alone.
-        let mut runs = Vec::new();
-        for _ in 0..o.runs {
-            runs.push(in_process::relay_cost(o.messages)?);
+        type Cost = fn(u64) -> anyhow::Result<f64>;
+        let costs: [(&str, Cost); 2] = [
+            ("solo, seed dialect", in_process::relay_cost),
+            ("pair, seed dialect", in_process::pair_relay_cost),
+        ];
+        for (setup, cost) in costs {
+            let runs = (0..o.runs)
+                .map(|_| cost(o.messages))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            push(
+                "core relay cost (codec + core, in-process)",
+                setup,
+                runs,
+                "ns/msg",
+                "-",
+            );
         }
-        push(
-            "core relay cost (codec + core, in-process)",
-            "solo, seed dialect",
-            runs,
-            "ns/msg",
-            "-",
-        );
-        let mut runs = Vec::new();
-        for _ in 0..o.runs {
-            runs.push(in_process::pair_relay_cost(o.messages)?);
-        }
-        push(
-            "core relay cost (codec + core, in-process)",
-            "pair, seed dialect",
-            runs,
-            "ns/msg",
-            "-",
-        );
     }
     if want("throughput") {
         // Ours solo, ours replicated and NATS core in turn, round after round. The ratios
