@@ -424,6 +424,18 @@ mod tests {
         assert!(ns.is_finite() && ns > 0.0, "{ns}");
     }
 
+    /// A refusal to the publisher is counted as one, so a run whose publishes were refused
+    /// gives no figure even though a line came back for each.
+    #[test]
+    fn an_err_to_the_publisher_is_counted_as_a_refusal() {
+        let (sub, publ) = (1, 2);
+        let mut sink = Sink::default();
+        sink.count(publ, b"ACK\n", (sub, publ));
+        sink.count(publ, b"ERR|not stored: disk full\n", (sub, publ));
+        sink.count(sub, b"payload\n", (sub, publ));
+        assert_eq!((sink.acks, sink.refused, sink.delivered), (2, 1, 1));
+    }
+
     /// Through the pair too: the backup's `STORED`s release the `ACK`s and the deliveries, so
     /// a figure means the link carried every message both ways.
     #[test]
