@@ -98,6 +98,27 @@ fn the_fan_out_figure_measures_the_floor_beside_the_broker() {
     let spread = row("spread");
     let ms: f64 = spread[spread.len() - 6].parse().expect("a spread in ms");
     assert!(ms > 0.0, "{stdout}");
+    // The writes-only floor (kernel receive stamps; the run fails on a line missing, out of
+    // place or unstamped): one writer thread, and one per core where there are more.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut writers = vec![1];
+    if cores > 1 {
+        writers.push(cores);
+    }
+    for threads in writers {
+        let setup = format!("floor, writes only, {threads} thread(s)");
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with("fan-out 20 spread") && l.contains(&setup))
+            .unwrap_or_else(|| panic!("no row for {setup}:\n{stdout}"));
+        let ms: f64 = row
+            .split(&setup)
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no figure in {row}"));
+        assert!(ms > 0.0, "{row}");
+    }
 }
 
 /// The restart figure is the time until a restarted *pair* serves again with the primary

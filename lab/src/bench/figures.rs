@@ -466,11 +466,12 @@ pub(super) async fn fanout_floor(
     spread
 }
 
-/// The fan-out floor's writer (`bench --floor-serve N`): listens on a free loopback port and
-/// prints it, takes `subs` connections, then writes the line of each seq read from standard
-/// input to every connection, until standard input ends. The seqs that came in while it was
-/// writing go out together, one `write` per connection, as a relay that batches sends them.
-pub fn serve_floor(subs: usize) -> anyhow::Result<()> {
+/// The fan-out floor's writer (`bench --floor-serve N [--floor-threads T]`): listens on a free
+/// loopback port and prints it, takes `subs` connections, then writes the line of each seq read
+/// from standard input to every connection, until standard input ends. The seqs that came in
+/// while it was writing go out together, one `write` per connection, as a relay that batches
+/// sends them. With `threads` > 1 each pass splits the connections among that many threads.
+pub fn serve_floor(subs: usize, threads: usize) -> anyhow::Result<()> {
     use std::io::{BufRead, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     println!("{}", listener.local_addr()?.port());
@@ -494,6 +495,13 @@ pub fn serve_floor(subs: usize) -> anyhow::Result<()> {
             }
         }
     });
+    // A subscriber that gave up has closed its end: the others go on.
+    let write_all = |socks: &mut [std::net::TcpStream], lines: &[u8]| {
+        for s in socks {
+            let _ = s.write_all(lines);
+        }
+    };
+    let share = subs.div_ceil(threads.max(1)).max(1);
     let mut lines = Vec::new();
     while let Ok(first) = rx.recv() {
         lines.clear();
@@ -501,12 +509,107 @@ pub fn serve_floor(subs: usize) -> anyhow::Result<()> {
             push_payload(&mut lines, seq?);
             lines.push(b'\n');
         }
-        for s in &mut socks {
-            // A subscriber that gave up has closed its end: the others go on.
-            let _ = s.write_all(&lines);
+        if threads <= 1 {
+            write_all(&mut socks, &lines);
+        } else {
+            std::thread::scope(|sc| {
+                for part in socks.chunks_mut(share) {
+                    sc.spawn(|| write_all(part, &lines));
+                }
+            });
         }
     }
     Ok(())
+}
+
+/// The fan-out floor with the reading side taken out (`bench --only fanout`'s "writes only"
+/// rows): [`serve_floor`]'s writer, with `threads` threads, writes each line to `subs`
+/// connections; every receiving socket has `SO_TIMESTAMPNS` on, so each line carries the time
+/// the kernel put it in that socket, whenever this side reads it. One line at a time, the next
+/// once every connection has read the last (and no sooner than 10 ms after it, the figure's 100
+/// msg/s), so no read holds two lines and the spread is the writer's alone. The p99 of the first-to-last
+/// spread of the kernel's stamps (ms): what the machine's TCP sends alone cost a relay, with no
+/// broker and no reader on the cores.
+pub(super) fn fanout_floor_stamped(
+    subs: usize,
+    threads: usize,
+    messages: u64,
+) -> anyhow::Result<f64> {
+    use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
+    use std::io::{BufRead, Write};
+    use std::os::fd::AsRawFd;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["--floor-serve", &subs.to_string()])
+        .args(["--floor-threads", &threads.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot start the fan-out floor's writer")?;
+    let result = (|| {
+        let (Some(to), Some(from)) = (child.stdin.as_mut(), child.stdout.take()) else {
+            bail!("the fan-out floor's writer has no pipes");
+        };
+        let mut port = String::new();
+        std::io::BufReader::new(from).read_line(&mut port)?;
+        let addr = format!("127.0.0.1:{}", port.trim());
+        let mut conns = Vec::with_capacity(subs);
+        for _ in 0..subs {
+            let s = std::net::TcpStream::connect(&addr)
+                .with_context(|| format!("the fan-out floor's writer on {addr}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            setsockopt(&s, sockopt::ReceiveTimestampns, &true)
+                .context("SO_TIMESTAMPNS on a floor connection")?;
+            conns.push(s);
+        }
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let mut buf = [0u8; 256];
+        let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+        for seq in 1..=messages {
+            let sent = std::time::Instant::now();
+            writeln!(to, "{seq}")?;
+            to.flush()?;
+            let (mut first, mut last) = (u64::MAX, 0u64);
+            for s in &conns {
+                let (mut got, mut stamp) = (0usize, None);
+                while got == 0 || buf[got - 1] != b'\n' {
+                    let mut iov = [std::io::IoSliceMut::new(&mut buf[got..])];
+                    let r =
+                        recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
+                            .context("a floor connection's read (10 s without its line?)")?;
+                    if r.bytes == 0 {
+                        bail!("a floor connection closed before line {seq}");
+                    }
+                    for c in r.cmsgs()? {
+                        if let ControlMessageOwned::ScmTimestampns(t) = c {
+                            stamp = Some(t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000);
+                        }
+                    }
+                    got += r.bytes;
+                    anyhow::ensure!(
+                        got < buf.len(),
+                        "a floor line longer than {} bytes",
+                        buf.len()
+                    );
+                }
+                let line = std::str::from_utf8(buf.get(..20).unwrap_or_default()).ok();
+                anyhow::ensure!(
+                    line.and_then(|l| l.parse::<u64>().ok()) == Some(seq),
+                    "a floor connection read {line:?} where line {seq} was due"
+                );
+                let at = stamp.context("a floor line without the kernel's receive stamp")?;
+                first = first.min(at);
+                last = last.max(at);
+            }
+            h.record((last - first).max(1))?;
+            std::thread::sleep(Duration::from_millis(10).saturating_sub(sent.elapsed()));
+        }
+        Ok(h.value_at_quantile(0.99) as f64 / 1000.0)
+    })();
+    drop(child.stdin.take());
+    let status = child.wait()?;
+    let spread = result?;
+    anyhow::ensure!(status.success(), "the fan-out floor's writer: {status}");
+    Ok(spread)
 }
 
 /// A connection of the fan-out floor: bare lines, each starting with its seq (20 digits).

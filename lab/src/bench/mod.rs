@@ -79,6 +79,9 @@ pub struct BenchOpts {
     /// `figures::serve_floor`).
     #[arg(long, hide = true)]
     pub floor_serve: Option<usize>,
+    /// Internal: the fan-out floor's writer splits each pass among this many threads.
+    #[arg(long, hide = true, default_value_t = 1)]
+    pub floor_threads: usize,
     /// Durable figures: requests per figure written `--durable-depth` at a time.
     #[arg(long, default_value_t = 100_000)]
     pub durable_messages: u64,
@@ -326,7 +329,7 @@ pub struct Figure {
 pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
     if let Some(subs) = o.floor_serve {
         edgepair::net::raise_fd_limit(subs as u64 + 64)?;
-        tokio::task::block_in_place(|| serve_floor(subs))?;
+        tokio::task::block_in_place(|| serve_floor(subs, o.floor_threads))?;
         return Ok(Vec::new());
     }
     if o.quick {
@@ -669,6 +672,27 @@ pub async fn run(mut o: BenchOpts) -> anyhow::Result<Vec<Figure>> {
         }
         push(&spread_name, "floor (no broker)", f_spread, "ms", "-");
         push(&lost_name, "floor (no broker)", f_lost, "msgs", "-");
+        // The floor again with the reading side taken out (kernel receive stamps, one line at
+        // a time): one writer thread, then one per core. Below it no relay on this machine
+        // can go, however it is built.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut writers = vec![1];
+        if cores > 1 {
+            writers.push(cores);
+        }
+        let lines = if o.quick { 20 } else { 50 };
+        for threads in writers {
+            let mut runs = vec![];
+            for _ in 0..o.runs {
+                let subs = o.fanout;
+                runs.push(
+                    tokio::task::spawn_blocking(move || fanout_floor_stamped(subs, threads, lines))
+                        .await??,
+                );
+            }
+            let setup = format!("floor, writes only, {threads} thread(s)");
+            push(&spread_name, &setup, runs, "ms", "-");
+        }
     }
     if want("rss") {
         let mut runs = Vec::new();
