@@ -699,3 +699,52 @@ fn a_lost_ping_is_no_hang_while_the_primary_goes_on_replicating() {
         assert_eq!(p.role(P), Role::Primary);
     }
 }
+
+/// A topic with many subscribers of both dialects (its deliveries go out as one batch per
+/// dialect, `Output::Deliver`): each gets every message once, in order, in its own dialect; a
+/// subscriber that also publishes, whose `ACK`s are still owed when the deliveries go, gets
+/// each `ACK` before the delivery of the same message, as with a few subscribers.
+#[test]
+fn many_subscribers_of_both_dialects_each_get_every_message_in_order() {
+    let (mut p, sp, _) = linked(steady);
+    let ids: Vec<usize> = (0..12).map(|_| p.client(P)).collect();
+    let seeds: Vec<usize> = (0..12).map(|_| p.client(P)).collect();
+    for &c in &ids {
+        p.send(c, "SUB|t");
+    }
+    for &c in &seeds {
+        p.send(c, "SUBSCRIBE|t");
+    }
+    let both = p.client(P);
+    p.send(both, "SUB|t");
+    publish(&mut p, both, 1..=5);
+    p.run_until(ms(2_000), |p| {
+        seeds.iter().all(|&c| p.count(c, "m") == 5) && seqs(p, both).len() == 5
+    });
+    p.run_for(ms(500));
+    for c in ids.iter().copied().chain([sp, both]) {
+        assert_eq!(seqs(&p, c), [1, 2, 3, 4, 5], "client {c}");
+    }
+    let want: Vec<String> = (1..=5).map(|s| format!("m{s}")).collect();
+    for &c in &seeds {
+        assert_eq!(p.clients[c].lines, want, "seed subscriber {c}");
+    }
+    // Each ACK comes before the MSG of its message.
+    let order: Vec<String> = p.clients[both]
+        .lines
+        .iter()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('|').collect();
+            match f[..] {
+                ["ACK", _, seq] => Some(format!("a{seq}")),
+                ["MSG", _, _, seq, ..] => Some(format!("m{seq}")),
+                _ => None,
+            }
+        })
+        .collect();
+    for s in 1..=5 {
+        let a = order.iter().position(|x| *x == format!("a{s}"));
+        let m = order.iter().position(|x| *x == format!("m{s}"));
+        assert!(a.is_some() && a < m, "ACK {s} before MSG {s}: {order:?}");
+    }
+}

@@ -17,6 +17,11 @@ use super::{Broker, ConnId, Message, Msg, Output, RoleState, STALL};
 use crate::log::Entry;
 use crate::protocol::{Frame, MsgId, Stamps};
 
+/// From this many subscribers on a topic, a message's deliveries go out as one
+/// [`Output::Deliver`] per dialect rather than an [`Output::Send`] each. Below it the vector
+/// of connections would cost more than it saves (the relay's usual case is one subscriber).
+const DELIVER_BATCH: usize = 16;
+
 /// State only a primary has.
 #[derive(Debug)]
 pub(super) struct Primary {
@@ -469,15 +474,18 @@ impl Broker {
         let mut msg_line: Option<Bytes> = None;
         let mut bare_line: Option<Bytes> = None;
         let count = subs.len();
+        // Many subscribers: one `Output::Deliver` per dialect for those with no reply waiting.
+        let batch = count >= DELIVER_BATCH;
+        let (mut msg_conns, mut bare_conns) = (Vec::new(), Vec::new());
         for (i, s) in subs.iter().enumerate() {
             if s.replaying || m.offset < s.from {
                 // Its replay sends this one (or it had it already).
                 continue;
             }
-            let slot = if s.legacy {
-                &mut bare_line
+            let (slot, conns) = if s.legacy {
+                (&mut bare_line, &mut bare_conns)
             } else {
-                &mut msg_line
+                (&mut msg_line, &mut msg_conns)
             };
             if slot.is_none() {
                 *slot = Some(if s.legacy {
@@ -490,9 +498,19 @@ impl Broker {
                     })
                 });
             }
+            let Some(c) = self.conns.get_mut(&s.conn) else {
+                continue;
+            };
+            if batch && c.replies.is_empty() {
+                if conns.capacity() == 0 {
+                    conns.reserve_exact(count - i);
+                }
+                conns.push(s.conn);
+                continue;
+            }
             // The last subscriber takes the line itself: no reference count raised and
             // dropped again (with one subscriber, two atomic operations per message).
-            let line = if i + 1 == count {
+            let line = if i + 1 == count && !batch {
                 slot.take()
             } else {
                 slot.clone()
@@ -500,14 +518,19 @@ impl Broker {
             let Some(line) = line else {
                 continue;
             };
-            match self.conns.get_mut(&s.conn) {
-                Some(c) if !c.replies.is_empty() => c.replies.push_back(Reply::Ready(line)),
-                Some(_) => self.out.push_back(Output::Send {
+            if c.replies.is_empty() {
+                self.out.push_back(Output::Send {
                     conn: s.conn,
                     line,
                     delivery: true,
-                }),
-                None => {}
+                });
+            } else {
+                c.replies.push_back(Reply::Ready(line));
+            }
+        }
+        for (conns, line) in [(msg_conns, msg_line), (bare_conns, bare_line)] {
+            if let (false, Some(line)) = (conns.is_empty(), line) {
+                self.out.push_back(Output::Deliver { conns, line });
             }
         }
     }

@@ -510,7 +510,12 @@ impl Driver {
                 conn,
                 line,
                 delivery,
-            } => self.send(conn, line, delivery),
+            } => self.send(conn, &line, delivery),
+            Output::Deliver { conns, line } => {
+                for conn in conns {
+                    self.send(conn, &line, true);
+                }
+            }
             Output::Close { conn } => {
                 if let Some(w) = self.writers.remove(&conn) {
                     w.close();
@@ -553,7 +558,7 @@ impl Driver {
     }
 
     /// Queues `line` for `conn`; a subscriber too far behind is disconnected instead.
-    fn send(&mut self, conn: ConnId, line: bytes::Bytes, delivery: bool) {
+    fn send(&mut self, conn: ConnId, line: &[u8], delivery: bool) {
         let Some(w) = self.writers.get_mut(&conn) else {
             return;
         };
@@ -571,7 +576,7 @@ impl Driver {
             self.core.handle_closed(conn, now);
             return;
         }
-        if w.send(&line) {
+        if w.send(line) {
             self.dirty.push(conn);
         }
     }

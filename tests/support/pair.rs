@@ -413,6 +413,11 @@ impl Pair {
             };
             match o {
                 Output::Send { conn, line, .. } => self.carry(n, conn, &line),
+                Output::Deliver { conns, line } => {
+                    for conn in conns {
+                        self.carry(n, conn, &line);
+                    }
+                }
                 Output::Close { conn } => {
                     if let Some(end) = self.wires.remove(&(n, conn)) {
                         self.hang_up(end);

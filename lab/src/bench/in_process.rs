@@ -71,6 +71,11 @@ impl Sink {
         while let Some(o) = b.poll_output() {
             match o {
                 Output::Send { conn, line, .. } => self.count(conn, &line, (sub, publ)),
+                Output::Deliver { conns, line } => {
+                    for conn in conns {
+                        self.count(conn, &line, (sub, publ));
+                    }
+                }
                 Output::Writable { conn } => b.handle_writable(conn, now),
                 Output::Close { conn } => bail!("the core closed connection {conn}"),
                 _ => {}
@@ -311,6 +316,17 @@ impl Pair {
                 None if n == 0 => sink.count(conn, &line, (sub, publ)),
                 None => {}
             },
+            Output::Deliver { conns, line } => {
+                for conn in conns {
+                    let line = line.clone();
+                    let send = Output::Send {
+                        conn,
+                        line,
+                        delivery: true,
+                    };
+                    self.act(n, send, sink, (sub, publ))?;
+                }
+            }
             Output::Connect { conn, .. } => {
                 let m = 1 - n;
                 let mc = self.nodes[m].handle_accepted(self.now);
