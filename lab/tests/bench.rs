@@ -23,6 +23,20 @@ fn bench_passes(args: &[&str]) -> String {
     stdout
 }
 
+/// The figure printed right after `setup` on the row of `stdout` that starts with `name` and
+/// names that setup; panics if there is no such row or no number there.
+fn figure(stdout: &str, name: &str, setup: &str) -> f64 {
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with(name) && l.contains(setup))
+        .unwrap_or_else(|| panic!("no row for {name} / {setup}:\n{stdout}"));
+    row.split(setup)
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no figure in {row}"))
+}
+
 /// A primary whose log cannot take the bench's topic answers every publish `ERR|not stored:
 /// …` in place of an `ACK`: the throughput run must fail and say why, not count the refusals
 /// as acknowledgements and print a rate.
@@ -107,17 +121,8 @@ fn the_fan_out_figure_measures_the_floor_beside_the_broker() {
     }
     for threads in writers {
         let setup = format!("floor, writes only, {threads} thread(s)");
-        let row = stdout
-            .lines()
-            .find(|l| l.starts_with("fan-out 20 spread") && l.contains(&setup))
-            .unwrap_or_else(|| panic!("no row for {setup}:\n{stdout}"));
-        let ms: f64 = row
-            .split(&setup)
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no figure in {row}"));
-        assert!(ms > 0.0, "{row}");
+        let ms = figure(&stdout, "fan-out 20 spread", &setup);
+        assert!(ms > 0.0, "{setup}: {ms}");
     }
 }
 
@@ -135,16 +140,7 @@ fn a_restart_run_times_the_pair_serving_again() {
         "2000",
     ]);
     for what in ["pair, all delivered", "pair, none delivered"] {
-        let row = stdout
-            .lines()
-            .find(|l| l.starts_with("restart on 2000 entries") && l.contains(what))
-            .unwrap_or_else(|| panic!("no row for {what}:\n{stdout}"));
-        let ms: f64 = row
-            .split(what)
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no figure in {row}"));
-        assert!(ms.is_finite() && ms > 0.0, "{row}");
+        let ms = figure(&stdout, "restart on 2000 entries", what);
+        assert!(ms.is_finite() && ms > 0.0, "{what}: {ms}");
     }
 }

@@ -591,10 +591,10 @@ pub(super) fn fanout_floor_stamped(
                         buf.len()
                     );
                 }
-                let line = std::str::from_utf8(buf.get(..20).unwrap_or_default()).ok();
                 anyhow::ensure!(
-                    line.and_then(|l| l.parse::<u64>().ok()) == Some(seq),
-                    "a floor connection read {line:?} where line {seq} was due"
+                    floor_seq(&buf[..got]) == Some(seq),
+                    "a floor connection read {:?} where line {seq} was due",
+                    String::from_utf8_lossy(&buf[..got])
                 );
                 let at = stamp.context("a floor line without the kernel's receive stamp")?;
                 first = first.min(at);
@@ -605,11 +605,20 @@ pub(super) fn fanout_floor_stamped(
         }
         Ok(h.value_at_quantile(0.99) as f64 / 1000.0)
     })();
+    if result.is_err() {
+        // It may still wait in `accept` for connections that will not come.
+        let _ = child.kill();
+    }
     drop(child.stdin.take());
     let status = child.wait()?;
     let spread = result?;
     anyhow::ensure!(status.success(), "the fan-out floor's writer: {status}");
     Ok(spread)
+}
+
+/// The seq a fan-out floor line starts with (20 digits), if it does.
+fn floor_seq(line: &[u8]) -> Option<u64> {
+    std::str::from_utf8(line.get(..20)?).ok()?.parse().ok()
 }
 
 /// A connection of the fan-out floor: bare lines, each starting with its seq (20 digits).
@@ -623,11 +632,7 @@ impl FanSub for FloorConn {
         self.line.clear();
         match self.r.read_until(b'\n', &mut self.line).await {
             Ok(0) | Err(_) => None,
-            Ok(_) => Some(
-                std::str::from_utf8(self.line.get(..20).unwrap_or_default())
-                    .ok()
-                    .and_then(|s| s.parse().ok()),
-            ),
+            Ok(_) => Some(floor_seq(&self.line)),
         }
     }
 }

@@ -295,6 +295,31 @@ impl Pair {
         self.ends.iter().position(|e| e.at == at)
     }
 
+    /// Bytes node `n` wrote to `conn`: to the other node's end of a link, or counted by the
+    /// sink if they are the primary's to a client.
+    fn carry(
+        &mut self,
+        n: usize,
+        conn: ConnId,
+        line: &[u8],
+        sink: &mut Sink,
+        (sub, publ): (ConnId, ConnId),
+    ) {
+        match self.end_of((n, conn)) {
+            Some(i) => {
+                let peer = self.ends[i].peer;
+                if let Some(j) = self.end_of(peer) {
+                    self.ends[j].inbound.extend_from_slice(line);
+                    if !self.due.contains(&j) {
+                        self.due.push(j);
+                    }
+                }
+            }
+            None if n == 0 => sink.count(conn, line, (sub, publ)),
+            None => {}
+        }
+    }
+
     fn act(
         &mut self,
         n: usize,
@@ -303,28 +328,10 @@ impl Pair {
         (sub, publ): (ConnId, ConnId),
     ) -> anyhow::Result<()> {
         match o {
-            Output::Send { conn, line, .. } => match self.end_of((n, conn)) {
-                Some(i) => {
-                    let peer = self.ends[i].peer;
-                    if let Some(j) = self.end_of(peer) {
-                        self.ends[j].inbound.extend_from_slice(&line);
-                        if !self.due.contains(&j) {
-                            self.due.push(j);
-                        }
-                    }
-                }
-                None if n == 0 => sink.count(conn, &line, (sub, publ)),
-                None => {}
-            },
+            Output::Send { conn, line, .. } => self.carry(n, conn, &line, sink, (sub, publ)),
             Output::Deliver { conns, line } => {
                 for conn in conns {
-                    let line = line.clone();
-                    let send = Output::Send {
-                        conn,
-                        line,
-                        delivery: true,
-                    };
-                    self.act(n, send, sink, (sub, publ))?;
+                    self.carry(n, conn, &line, sink, (sub, publ));
                 }
             }
             Output::Connect { conn, .. } => {
