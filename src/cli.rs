@@ -26,27 +26,37 @@ pub fn init_tracing() {
 }
 
 /// A token cancelled on Ctrl-C or SIGTERM, so every binary stops the same clean way.
+///
+/// The handlers are registered before this returns (not in the spawned task, nor on a future's
+/// first poll): a signal that comes right after a binary's first log line must still stop it
+/// cleanly rather than kill it with the default action.
 pub fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            match signal(SignalKind::terminate()) {
-                Ok(mut term) => tokio::select! {
-                    _ = tokio::signal::ctrl_c() => info!("Ctrl-C: stopping"),
-                    _ = term.recv() => info!("SIGTERM: stopping"),
-                },
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = int.recv() => info!("Ctrl-C: stopping"),
+                        _ = term.recv() => info!("SIGTERM: stopping"),
+                    }
+                    t.cancel();
+                });
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                error!("cannot handle signals ({e}); Ctrl-C and SIGTERM will end this process abruptly");
             }
         }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
         t.cancel();
     });
     token
