@@ -144,3 +144,31 @@ fn a_restart_run_times_the_pair_serving_again() {
         assert!(ms.is_finite() && ms > 0.0, "{what}: {ms}");
     }
 }
+
+/// The durable figures measure the disk's own floor beside the brokers: a synced write's p50
+/// alone and with two writers at once, each row with a figure.
+#[test]
+fn the_durable_figures_measure_the_disks_synced_write_beside_the_pair() {
+    let stdout = bench_passes(&[
+        "--only",
+        "durable",
+        "--runs",
+        "1",
+        "--durable-settings",
+        "always,memory",
+        "--durable-messages",
+        "2000",
+        "--durable-single",
+        "100",
+    ]);
+    for setup in ["disk, 1 writer", "disk, 2 writers at once"] {
+        let us = figure(&stdout, "durable synced write p50", setup);
+        assert!(us.is_finite() && us > 0.0, "{setup}: {us}");
+    }
+    let p50 = figure(&stdout, "durable 1-at-a-time p50", "pair fsync always");
+    assert!(p50 > 0.0, "{p50}");
+    assert!(
+        stdout.contains("its parts here: pair no data dir"),
+        "no floor line:\n{stdout}"
+    );
+}

@@ -327,6 +327,64 @@ async fn redis_ping(addr: &str) -> bool {
     )
 }
 
+/// Synced writes the floor measures per writer.
+const FLOOR_WRITES: u64 = 300;
+/// Bytes per synced write of the floor: about one entry of a 64-byte payload.
+const FLOOR_WRITE: usize = 110;
+
+/// The disk's own floor for an answer that waits for it: the p50 of a `FLOOR_WRITE`-byte
+/// write and `fdatasync` into a preallocated file (what the log does under `--fsync always`),
+/// with one writer and with two at once. Two at once is the pair's case on one machine: the
+/// primary and the backup each sync their own log, on the same disk. No answer under `always`
+/// can come sooner than its node's synced write, so this is what the one-at-a-time p50 and the
+/// sync-bound throughput are to be read against when the disk's pace moves between runs.
+fn disk_floor(root: &Path, writers: usize) -> anyhow::Result<f64> {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir_in(root)
+        .with_context(|| format!("disk floor: a folder in {}", root.display()))?;
+    let len = FLOOR_WRITES * FLOOR_WRITE as u64;
+    let mut files = Vec::new();
+    for i in 0..writers {
+        let path = dir.path().join(format!("floor-{i}"));
+        let f = std::fs::File::create(&path)
+            .with_context(|| format!("disk floor: {}", path.display()))?;
+        // Written and synced ahead, as the log's preallocated runway is: each timed sync then
+        // carries data only, not the file's growth.
+        f.write_all_at(&vec![0u8; len as usize], 0)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("disk floor: {}", path.display()))?;
+        files.push(f);
+    }
+    let each = std::thread::scope(|sc| {
+        let handles: Vec<_> = files
+            .iter()
+            .map(|f| {
+                sc.spawn(move || -> std::io::Result<Vec<u64>> {
+                    let buf = [b'x'; FLOOR_WRITE];
+                    let mut took = Vec::with_capacity(FLOOR_WRITES as usize);
+                    for n in 0..FLOOR_WRITES {
+                        let t = std::time::Instant::now();
+                        f.write_all_at(&buf, n * FLOOR_WRITE as u64)?;
+                        f.sync_data()?;
+                        took.push(t.elapsed().as_micros() as u64);
+                    }
+                    Ok(took)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("a floor writer panicked")))
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+    })
+    .context("disk floor: a synced write")?;
+    let all: Vec<f64> = each.into_iter().flatten().map(|us| us as f64).collect();
+    Ok(super::median(all))
+}
+
 /// Figures of one setting over the runs.
 #[derive(Default)]
 struct Series {
@@ -380,7 +438,19 @@ pub(super) async fn durable(bin_dir: &Path, o: &DurableOpts) -> anyhow::Result<V
     if wanted(Setting::Ours("memory")) {
         series.push((Setting::Ours("memory"), Series::default()));
     }
+    let floor_wanted = !series.is_empty();
+    let (mut floor_one, mut floor_two) = (Vec::new(), Vec::new());
     for _ in 0..o.runs {
+        if floor_wanted {
+            let root = o.data_root.clone();
+            let (one, two) = tokio::task::spawn_blocking(move || {
+                anyhow::Ok((disk_floor(&root, 1)?, disk_floor(&root, 2)?))
+            })
+            .await
+            .context("disk floor")??;
+            floor_one.push(one);
+            floor_two.push(two);
+        }
         for (s, fig) in series.iter_mut() {
             let run = start_setting(bin_dir, o, *s).await?;
             let rate = pipelined(&run.addr, run.proto, o.messages, o.depth).await;
@@ -446,6 +516,20 @@ pub(super) async fn durable(bin_dir: &Path, o: &DurableOpts) -> anyhow::Result<V
             "-".into(),
         ));
     }
+    if floor_wanted {
+        for (setup, runs) in [
+            ("disk, 1 writer", &floor_one),
+            ("disk, 2 writers at once", &floor_two),
+        ] {
+            lines.push((
+                "durable synced write p50".into(),
+                setup.into(),
+                runs.clone(),
+                "us",
+                "-".into(),
+            ));
+        }
+    }
     // Ratios of the medians, ours over Redis's counterpart, and batch over never.
     let med = |name: &str| {
         series.iter().find(|(s, _)| s.name() == name).map(|(_, f)| {
@@ -466,6 +550,27 @@ pub(super) async fn durable(bin_dir: &Path, o: &DurableOpts) -> anyhow::Result<V
                 ra / rb,
                 wa / wb,
                 la / lb
+            );
+        }
+    }
+    if floor_wanted {
+        let (one, two) = (
+            super::median(floor_one.clone()),
+            super::median(floor_two.clone()),
+        );
+        println!(
+            "    the disk's synced write p50: {one:.0} us alone, {two:.0} us with two at once"
+        );
+        // An `ACK` under `always` waits for the relay's round trips and, on the way, for the
+        // backup's synced write while the primary makes its own: no sooner than the pair
+        // without a disk plus two writers' synced write.
+        if let (Some((_, p50, _)), Some((_, relay, _))) =
+            (med("pair fsync always"), med("pair no data dir"))
+        {
+            println!(
+                "    pair fsync always 1-at-a-time p50 {p50:.0} us; its parts here: pair no data dir {relay:.0} + two writers' synced write {two:.0} = {:.0} us ({:.2}x)",
+                relay + two,
+                p50 / (relay + two)
             );
         }
     }
